@@ -1,0 +1,946 @@
+//! Export: the merged tree streamed into one deterministic layer tar, wrapped as a
+//! docker-archive, OCI archive, OCI layout directory, or written bare as a rootfs tar.
+//! Digests are computed while writing; output goes to a temp file that is renamed on success.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::blob::{BlobReader, Compression, Decoder, HashWriter, open_decoded, sha256_of};
+use crate::error::{Error, Result};
+use crate::layer::Meta;
+use crate::source::{Family, Image};
+use crate::tree::{Extent, NodeId, NodeKind, Tree, Xattr};
+
+/// Output container format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `docker save` layout, for `docker load` / `podman load`.
+    DockerArchive,
+    /// A tar of an OCI image layout.
+    OciArchive,
+    /// An OCI image layout directory.
+    Oci,
+    /// Only the merged tree as a plain tar (what `docker export` gives).
+    Rootfs,
+}
+
+/// Compression of the output layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutCompression {
+    /// gzip (`tar+gzip`).
+    Gzip,
+    /// zstd (`tar+zstd`).
+    Zstd,
+    /// Plain tar.
+    None,
+}
+
+/// What the user asked for.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Output format; default from the input's family.
+    pub format: Option<Format>,
+    /// Layer compression; default gzip, but none for docker-archive and rootfs.
+    pub compression: Option<OutCompression>,
+    /// `NAME:TAG` for the output; default the input's tag.
+    pub tag: Option<String>,
+    /// `SOURCE_DATE_EPOCH`: clamps mtimes and sets `created`.
+    pub source_date_epoch: Option<i64>,
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Format written.
+    pub format: Format,
+    /// sha256 of the uncompressed layer tar.
+    pub diff_id: String,
+    /// sha256 of the layer blob as stored.
+    pub layer_digest: String,
+    /// Size of the layer blob.
+    pub layer_size: u64,
+    /// Manifest digest (not for rootfs).
+    pub manifest_digest: Option<String>,
+    /// Names (nodes) written.
+    pub entries: u64,
+}
+
+const BLOCK: usize = 512;
+
+/// Writes the merged tree of `image` to `out` (`-` for stdout).
+pub fn export(image: &Image, tree: &Tree, out: &str, opts: &Options) -> Result<Report> {
+    let format = opts.format.unwrap_or(match image.family {
+        Family::Docker => Format::DockerArchive,
+        Family::Oci => Format::OciArchive,
+    });
+    let compression = opts.compression.unwrap_or(match format {
+        Format::DockerArchive | Format::Rootfs => OutCompression::None,
+        Format::OciArchive | Format::Oci => OutCompression::Gzip,
+    });
+    if format == Format::Oci && out == "-" {
+        return Err(Error::invalid(
+            "-o -",
+            "an OCI layout directory cannot be written to stdout",
+        ));
+    }
+    let out_dir = match out {
+        "-" => std::env::temp_dir(),
+        path => parent_dir(Path::new(path)),
+    };
+
+    if format == Format::Rootfs {
+        let mut dest = Dest::open(out)?;
+        let (layer, entries) = write_layer(
+            image,
+            tree,
+            dest.writer(),
+            compression,
+            opts.source_date_epoch,
+            &out_dir,
+        )?;
+        dest.commit()?;
+        return Ok(Report {
+            format,
+            diff_id: layer.diff_id,
+            layer_digest: layer.digest,
+            layer_size: layer.size,
+            manifest_digest: None,
+            entries,
+        });
+    }
+
+    // The layer goes to a spool first: its digest names it and its size heads its tar member.
+    let mut spool = tempfile::tempfile_in(&out_dir).map_err(|e| Error::io(out_dir.display(), e))?;
+    let (layer, entries) = write_layer(
+        image,
+        tree,
+        BufWriter::with_capacity(1 << 20, &mut spool),
+        compression,
+        opts.source_date_epoch,
+        &out_dir,
+    )?;
+    spool.rewind().map_err(|e| Error::io("layer spool", e))?;
+
+    let config = new_config(image, &layer.diff_id, opts.source_date_epoch);
+    let config_bytes = serde_json::to_vec(&config).map_err(|e| Error::Json {
+        what: "new config".into(),
+        source: e,
+    })?;
+    let config_digest = sha256_of(&config_bytes);
+    let layer_media_type = match compression {
+        OutCompression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+        OutCompression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        OutCompression::None => "application/vnd.oci.image.layer.v1.tar",
+    };
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest,
+            "size": config_bytes.len(),
+        },
+        "layers": [{
+            "mediaType": layer_media_type,
+            "digest": layer.digest,
+            "size": layer.size,
+        }],
+    });
+    let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Json {
+        what: "new manifest".into(),
+        source: e,
+    })?;
+    let manifest_digest = sha256_of(&manifest_bytes);
+    let tag = opts.tag.clone().or_else(|| image.tags.first().cloned());
+
+    let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
+    let mut files: Vec<(String, Member)> = Vec::new();
+    match format {
+        Format::DockerArchive => {
+            let tags: Vec<String> = tag.iter().map(|t| docker_tag(t)).collect();
+            let docker_manifest = json!([{
+                "Config": format!("{}.json", hex(&config_digest)),
+                "RepoTags": if tags.is_empty() { Value::Null } else { json!(tags) },
+                "Layers": [format!("{}/layer.tar", hex(&layer.digest))],
+            }]);
+            files.push((format!("{}/layer.tar", hex(&layer.digest)), Member::Spool));
+            files.push((
+                format!("{}.json", hex(&config_digest)),
+                Member::Bytes(config_bytes),
+            ));
+            files.push((
+                "manifest.json".into(),
+                Member::Bytes(to_json(&docker_manifest)?),
+            ));
+        }
+        Format::OciArchive | Format::Oci => {
+            let mut annotations = serde_json::Map::new();
+            let full = tag.as_deref().map(docker_tag);
+            let reference = full
+                .as_deref()
+                .and_then(|t| t.rsplit_once(':').map(|(_, r)| r.to_string()))
+                .unwrap_or_else(|| "latest".to_string());
+            annotations.insert("org.opencontainers.image.ref.name".into(), json!(reference));
+            if let Some(full) = full {
+                annotations.insert("io.containerd.image.name".into(), json!(full));
+            }
+            let index = json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "manifests": [{
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": manifest_digest,
+                    "size": manifest_bytes.len(),
+                    "annotations": annotations,
+                }],
+            });
+            files.push((
+                "oci-layout".into(),
+                Member::Bytes(br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()),
+            ));
+            files.push((
+                format!("blobs/sha256/{}", hex(&layer.digest)),
+                Member::Spool,
+            ));
+            files.push((
+                format!("blobs/sha256/{}", hex(&config_digest)),
+                Member::Bytes(config_bytes),
+            ));
+            files.push((
+                format!("blobs/sha256/{}", hex(&manifest_digest)),
+                Member::Bytes(manifest_bytes),
+            ));
+            files.push(("index.json".into(), Member::Bytes(to_json(&index)?)));
+        }
+        Format::Rootfs => unreachable!("handled above"),
+    }
+
+    if format == Format::Oci {
+        write_layout_dir(Path::new(out), &files, &mut spool)?;
+    } else {
+        let mut dest = Dest::open(out)?;
+        write_archive(dest.writer(), &files, &mut spool, layer.size)?;
+        dest.commit()?;
+    }
+    Ok(Report {
+        format,
+        diff_id: layer.diff_id,
+        layer_digest: layer.digest,
+        layer_size: layer.size,
+        manifest_digest: Some(manifest_digest),
+        entries,
+    })
+}
+
+fn to_json(v: &Value) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| Error::Json {
+        what: "output JSON".into(),
+        source: e,
+    })
+}
+
+/// `NAME` becomes `NAME:latest`, as docker does for an untagged name.
+fn docker_tag(t: &str) -> String {
+    let last = t.rsplit('/').next().unwrap_or(t);
+    if last.contains(':') || t.contains('@') {
+        t.to_string()
+    } else {
+        format!("{t}:latest")
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+enum Member {
+    Bytes(Vec<u8>),
+    Spool,
+}
+
+fn write_archive(
+    w: &mut dyn Write,
+    files: &[(String, Member)],
+    spool: &mut File,
+    spool_len: u64,
+) -> Result<()> {
+    let mut builder = tar::Builder::new(w);
+    for (name, member) in files {
+        let mut header = tar::Header::new_ustar();
+        header.set_mode(0o644);
+        header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_entry_type(tar::EntryType::Regular);
+        let res = match member {
+            Member::Bytes(b) => {
+                header.set_size(b.len() as u64);
+                builder.append_data(&mut header, name, &b[..])
+            }
+            Member::Spool => {
+                header.set_size(spool_len);
+                spool.rewind().map_err(|e| Error::io("layer spool", e))?;
+                builder.append_data(
+                    &mut header,
+                    name,
+                    BufReader::with_capacity(1 << 20, &mut *spool),
+                )
+            }
+        };
+        res.map_err(|e| Error::io(name, e))?;
+    }
+    // Builder swallows errors in Drop: finish explicitly.
+    builder.finish().map_err(|e| Error::io("output", e))?;
+    Ok(())
+}
+
+fn write_layout_dir(out: &Path, files: &[(String, Member)], spool: &mut File) -> Result<()> {
+    if let Ok(meta) = fs::symlink_metadata(out) {
+        let empty_dir = meta.is_dir()
+            && fs::read_dir(out)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+        if !empty_dir {
+            return Err(Error::invalid(
+                out.display(),
+                "already exists (an OCI layout is written only to a new or empty directory)",
+            ));
+        }
+    }
+    let parent = parent_dir(out);
+    let tmp = tempfile::Builder::new()
+        .prefix(".flatfs-")
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(parent.display(), e))?;
+    for (name, member) in files {
+        let path = tmp.path().join(name);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
+        }
+        let mut f = File::create(&path).map_err(|e| Error::io(path.display(), e))?;
+        match member {
+            Member::Bytes(b) => f.write_all(b),
+            Member::Spool => spool
+                .rewind()
+                .and_then(|()| io::copy(spool, &mut f).map(|_| ())),
+        }
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io(path.display(), e))?;
+    }
+    if out.is_dir() {
+        fs::remove_dir(out).map_err(|e| Error::io(out.display(), e))?;
+    }
+    let kept = tmp.keep();
+    fs::rename(&kept, out).map_err(|e| {
+        let _ = fs::remove_dir_all(&kept);
+        Error::io(out.display(), e)
+    })?;
+    Ok(())
+}
+
+/// The output: stdout, or a temp file beside OUT renamed over it on success.
+enum Dest {
+    Stdout(BufWriter<io::Stdout>),
+    File {
+        tmp: BufWriter<tempfile::NamedTempFile>,
+        path: PathBuf,
+    },
+}
+
+impl Dest {
+    fn open(out: &str) -> Result<Self> {
+        if out == "-" {
+            return Ok(Dest::Stdout(BufWriter::with_capacity(
+                1 << 20,
+                io::stdout(),
+            )));
+        }
+        let path = PathBuf::from(out);
+        if path.is_dir() {
+            return Err(Error::invalid(out, "is a directory"));
+        }
+        let parent = parent_dir(&path);
+        let tmp = tempfile::Builder::new()
+            .prefix(".flatfs-")
+            .tempfile_in(&parent)
+            .map_err(|e| Error::io(parent.display(), e))?;
+        Ok(Dest::File {
+            tmp: BufWriter::with_capacity(1 << 20, tmp),
+            path,
+        })
+    }
+
+    fn writer(&mut self) -> &mut dyn Write {
+        match self {
+            Dest::Stdout(w) => w,
+            Dest::File { tmp, .. } => tmp,
+        }
+    }
+
+    fn commit(self) -> Result<()> {
+        match self {
+            Dest::Stdout(mut w) => w.flush().map_err(|e| Error::io("stdout", e)),
+            Dest::File { tmp, path } => {
+                let tmp = tmp
+                    .into_inner()
+                    .map_err(|e| Error::io(path.display(), e.into_error()))?;
+                tmp.as_file()
+                    .sync_all()
+                    .map_err(|e| Error::io(path.display(), e))?;
+                tmp.persist(&path)
+                    .map_err(|e| Error::io(path.display(), e.error))?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The new config: the old one with one diff_id and the squash recorded in history.
+fn new_config(image: &Image, diff_id: &str, epoch: Option<i64>) -> Value {
+    let mut config = image.config.clone();
+    let obj = config
+        .as_object_mut()
+        .expect("config was checked to be an object");
+    obj.insert(
+        "rootfs".into(),
+        json!({"type": "layers", "diff_ids": [diff_id]}),
+    );
+    let mut history: Vec<Value> = obj
+        .get("history")
+        .and_then(|h| h.as_array())
+        .cloned()
+        .unwrap_or_default();
+    for h in &mut history {
+        if let Some(h) = h.as_object_mut() {
+            h.insert("empty_layer".into(), Value::Bool(true));
+        }
+    }
+    let created = match epoch {
+        Some(e) => Some(Value::String(rfc3339(e))),
+        None => obj.get("created").cloned(),
+    };
+    if let Some(c) = &created {
+        obj.insert("created".into(), c.clone());
+    }
+    let mut entry = serde_json::Map::new();
+    if let Some(c) = created {
+        entry.insert("created".into(), c);
+    }
+    entry.insert(
+        "created_by".into(),
+        json!(format!(
+            "flatfs export: flattened {} layers of {}",
+            image.layers.len(),
+            image.manifest_digest
+        )),
+    );
+    entry.insert(
+        "comment".into(),
+        json!(format!("flatfs {}", env!("CARGO_PKG_VERSION"))),
+    );
+    history.push(Value::Object(entry));
+    obj.insert("history".into(), Value::Array(history));
+    config
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (proleptic Gregorian, UTC).
+pub fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The written layer's digests and size.
+struct LayerOut {
+    diff_id: String,
+    digest: String,
+    size: u64,
+}
+
+enum Compressor<W: Write> {
+    None(W),
+    Gzip(flate2::write::GzEncoder<W>),
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+}
+
+impl<W: Write> Compressor<W> {
+    fn new(w: W, c: OutCompression) -> io::Result<Self> {
+        Ok(match c {
+            OutCompression::None => Compressor::None(w),
+            OutCompression::Gzip => Compressor::Gzip(flate2::write::GzEncoder::new(
+                w,
+                flate2::Compression::new(6),
+            )),
+            OutCompression::Zstd => Compressor::Zstd(zstd::stream::write::Encoder::new(w, 3)?),
+        })
+    }
+
+    fn finish(self) -> io::Result<W> {
+        match self {
+            Compressor::None(w) => Ok(w),
+            Compressor::Gzip(e) => e.finish(),
+            Compressor::Zstd(e) => e.finish(),
+        }
+    }
+}
+
+impl<W: Write> Write for Compressor<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Compressor::None(w) => w.write(buf),
+            Compressor::Gzip(e) => e.write(buf),
+            Compressor::Zstd(e) => e.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Compressor::None(w) => w.flush(),
+            Compressor::Gzip(e) => e.flush(),
+            Compressor::Zstd(e) => e.flush(),
+        }
+    }
+}
+
+/// Writes the merged tree as one tar through `compression` into `w`.
+fn write_layer<W: Write>(
+    image: &Image,
+    tree: &Tree,
+    w: W,
+    compression: OutCompression,
+    epoch: Option<i64>,
+    spill_dir: &Path,
+) -> Result<(LayerOut, u64)> {
+    let outer = HashWriter::new(w);
+    let compressor = Compressor::new(outer, compression).map_err(|e| Error::io("compressor", e))?;
+    let mut tar = HashWriter::new(compressor);
+    let mut contents = LayerPasses::new(image, tree, spill_dir)?;
+    let mut first_name: HashMap<NodeId, Vec<u8>> = HashMap::new();
+    let mut entries = 0u64;
+    let out_err = |e: io::Error| Error::io("output", e);
+    tree.walk(|path, id, first| {
+        entries += 1;
+        let node = tree.node(id);
+        let mut meta = node.meta;
+        if let Some(e) = epoch
+            && meta.mtime > e
+        {
+            meta.mtime = e;
+            meta.mtime_nsec = 0;
+        }
+        let mut name = if path.is_empty() {
+            b".".to_vec()
+        } else {
+            path.to_vec()
+        };
+        if !first {
+            let target = &first_name[&id];
+            let h = Header {
+                path: &name,
+                kind: tar::EntryType::Link,
+                meta: &meta,
+                size: 0,
+                link: target,
+                dev: (0, 0),
+                xattrs: &[],
+            };
+            return h.write(&mut tar).map_err(out_err);
+        }
+        if node.nlink > 1 && !node.is_dir() {
+            first_name.insert(id, name.clone());
+        }
+        let (kind, size, link, dev): (_, u64, &[u8], _) = match &node.kind {
+            NodeKind::Dir(_) => {
+                name.push(b'/');
+                (tar::EntryType::Directory, 0, &[], (0, 0))
+            }
+            NodeKind::File(e) => (tar::EntryType::Regular, e.size, &[], (0, 0)),
+            NodeKind::Symlink(t) => (tar::EntryType::Symlink, 0, t, (0, 0)),
+            NodeKind::Char(a, b) => (tar::EntryType::Char, 0, &[], (*a, *b)),
+            NodeKind::Block(a, b) => (tar::EntryType::Block, 0, &[], (*a, *b)),
+            NodeKind::Fifo => (tar::EntryType::Fifo, 0, &[], (0, 0)),
+        };
+        let h = Header {
+            path: &name,
+            kind,
+            meta: &meta,
+            size,
+            link,
+            dev,
+            xattrs: &node.xattrs,
+        };
+        h.write(&mut tar).map_err(out_err)?;
+        if let NodeKind::File(extent) = &node.kind {
+            contents.copy(id, extent, &mut tar)?;
+            pad(&mut tar, extent.size).map_err(out_err)?;
+        }
+        Ok(())
+    })?;
+    // End of archive: two zero blocks.
+    tar.write_all(&[0; 2 * BLOCK]).map_err(out_err)?;
+    let (diff_id, _, compressor) = tar.finish();
+    let outer = compressor.finish().map_err(out_err)?;
+    let (digest, size, mut w) = outer.finish();
+    w.flush().map_err(out_err)?;
+    Ok((
+        LayerOut {
+            diff_id,
+            digest,
+            size,
+        },
+        entries,
+    ))
+}
+
+fn pad(w: &mut impl Write, size: u64) -> io::Result<()> {
+    let rem = (size % BLOCK as u64) as usize;
+    if rem != 0 {
+        w.write_all(&[0; BLOCK][..BLOCK - rem])?;
+    }
+    Ok(())
+}
+
+/// One tar member's header (plus a PAX header for what ustar cannot hold).
+struct Header<'a> {
+    path: &'a [u8],
+    kind: tar::EntryType,
+    meta: &'a Meta,
+    size: u64,
+    link: &'a [u8],
+    dev: (u32, u32),
+    xattrs: &'a [Xattr],
+}
+
+const MAX_OCTAL_7: u64 = 0o7777777;
+const MAX_OCTAL_11: u64 = 0o77777777777;
+
+impl Header<'_> {
+    fn write(&self, w: &mut impl Write) -> io::Result<()> {
+        let mut pax: Vec<u8> = Vec::new();
+        let m = self.meta;
+        if self.path.len() > 100 {
+            pax_record(&mut pax, b"path", self.path);
+        }
+        if self.link.len() > 100 {
+            pax_record(&mut pax, b"linkpath", self.link);
+        }
+        if m.uid > MAX_OCTAL_7 {
+            pax_record(&mut pax, b"uid", m.uid.to_string().as_bytes());
+        }
+        if m.gid > MAX_OCTAL_7 {
+            pax_record(&mut pax, b"gid", m.gid.to_string().as_bytes());
+        }
+        if self.size > MAX_OCTAL_11 {
+            pax_record(&mut pax, b"size", self.size.to_string().as_bytes());
+        }
+        if m.mtime_nsec != 0 || m.mtime < 0 || m.mtime as u64 > MAX_OCTAL_11 {
+            pax_record(
+                &mut pax,
+                b"mtime",
+                pax_time(m.mtime, m.mtime_nsec).as_bytes(),
+            );
+        }
+        for (k, v) in self.xattrs {
+            let mut key = b"SCHILY.xattr.".to_vec();
+            key.extend_from_slice(k);
+            pax_record(&mut pax, &key, v);
+        }
+        if self.dev.0 as u64 > MAX_OCTAL_7 || self.dev.1 as u64 > MAX_OCTAL_7 {
+            return Err(io::Error::other(format!(
+                "{}: device number too large for a tar header",
+                String::from_utf8_lossy(self.path)
+            )));
+        }
+        if !pax.is_empty() {
+            let mut h = tar::Header::new_ustar();
+            set_name(&mut h, b"././@PaxHeader");
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_size(pax.len() as u64);
+            h.set_entry_type(tar::EntryType::XHeader);
+            h.set_cksum();
+            w.write_all(h.as_bytes())?;
+            w.write_all(&pax)?;
+            pad(w, pax.len() as u64)?;
+        }
+        let mut h = tar::Header::new_ustar();
+        set_name(&mut h, self.path);
+        let link = &self.link[..self.link.len().min(100)];
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+        h.set_mode(m.mode);
+        h.set_uid(m.uid.min(MAX_OCTAL_7));
+        h.set_gid(m.gid.min(MAX_OCTAL_7));
+        h.set_mtime((m.mtime.max(0) as u64).min(MAX_OCTAL_11));
+        h.set_size(self.size.min(MAX_OCTAL_11));
+        h.set_entry_type(self.kind);
+        if matches!(self.kind, tar::EntryType::Char | tar::EntryType::Block) {
+            h.set_device_major(self.dev.0)?;
+            h.set_device_minor(self.dev.1)?;
+        }
+        h.set_cksum();
+        w.write_all(h.as_bytes())
+    }
+}
+
+/// Puts up to 100 bytes of `name` in the name field (PAX `path` carries the rest).
+fn set_name(h: &mut tar::Header, name: &[u8]) {
+    let n = &name[..name.len().min(100)];
+    h.as_old_mut().name[..n.len()].copy_from_slice(n);
+}
+
+/// Appends `"%d %s=%s\n"`, where the length counts itself.
+fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    let rest = 1 + key.len() + 1 + value.len() + 1; // ' ' key '=' value '\n'
+    let mut len = rest + 1;
+    while len != rest + len.to_string().len() {
+        len = rest + len.to_string().len();
+    }
+    out.extend_from_slice(len.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(key);
+    out.push(b'=');
+    out.extend_from_slice(value);
+    out.push(b'\n');
+}
+
+fn pax_time(secs: i64, nsec: u32) -> String {
+    if nsec == 0 {
+        return secs.to_string();
+    }
+    // PAX times are sign + magnitude: -2 s + 0.75 s is written -1.25.
+    let (sign, whole, frac) = if secs < 0 {
+        ("-", -(secs + 1), 1_000_000_000 - nsec)
+    } else {
+        ("", secs, nsec)
+    };
+    let frac = format!("{frac:09}");
+    format!("{sign}{whole}.{}", frac.trim_end_matches('0'))
+}
+
+/// Reads each layer once, forward only, in the order export needs file contents. Contents
+/// needed later than they pass by (when the merged order differs from a layer's tar order) are
+/// spilled to an anonymous temp file, so memory stays bounded and no layer is decompressed twice.
+struct LayerPasses<'a> {
+    image: &'a Image,
+    passes: Vec<Option<Pass>>,
+    /// Per layer: the files it still has to deliver, by offset.
+    wanted: Vec<Vec<(u64, u64, NodeId)>>,
+    next: Vec<usize>,
+    spill: Option<File>,
+    spill_dir: PathBuf,
+    spill_len: u64,
+    spilled: HashMap<NodeId, u64>,
+}
+
+struct Pass {
+    decoder: Decoder<BufReader<BlobReader>>,
+    pos: u64,
+}
+
+impl<'a> LayerPasses<'a> {
+    fn new(image: &'a Image, tree: &Tree, spill_dir: &Path) -> Result<Self> {
+        let mut wanted = vec![Vec::new(); image.layers.len()];
+        tree.walk(|_, id, first| {
+            if first && let NodeKind::File(e) = &tree.node(id).kind {
+                wanted[e.layer as usize].push((e.offset, e.size, id));
+            }
+            Ok(())
+        })?;
+        for w in &mut wanted {
+            w.sort_unstable();
+        }
+        Ok(LayerPasses {
+            image,
+            passes: image.layers.iter().map(|_| None).collect(),
+            next: vec![0; wanted.len()],
+            wanted,
+            spill: None,
+            spill_dir: spill_dir.to_path_buf(),
+            spill_len: 0,
+            spilled: HashMap::new(),
+        })
+    }
+
+    /// Copies the content of file `id` into `w`.
+    fn copy(&mut self, id: NodeId, extent: &Extent, w: &mut impl Write) -> Result<()> {
+        let li = extent.layer as usize;
+        let layer = &self.image.layers[li];
+        let layer_err = |e: io::Error| Error::Layer {
+            layer: layer.label(),
+            source: e,
+        };
+        if let Some(&at) = self.spilled.get(&id) {
+            let spill = self.spill.as_ref().expect("spilled implies a spill file");
+            return copy_range(|buf, pos| spill.read_at(buf, pos), at, extent.size, w)
+                .map_err(|e| Error::io("spill file", e));
+        }
+        if layer.compression == Compression::None {
+            // Random access is free: read in place.
+            let blob = &layer.blob;
+            return copy_range(
+                |buf, pos| blob.read_at(buf, pos),
+                extent.offset,
+                extent.size,
+                w,
+            )
+            .map_err(layer_err);
+        }
+        // Everything this layer delivers before our offset is wanted later: spill it.
+        while let Some(&(off, size, other)) = self.wanted[li].get(self.next[li]) {
+            self.next[li] += 1;
+            if other == id {
+                break;
+            }
+            if self.spill.is_none() {
+                self.spill = Some(
+                    tempfile::tempfile_in(&self.spill_dir)
+                        .map_err(|e| Error::io(self.spill_dir.display(), e))?,
+                );
+            }
+            let at = self.spill_len;
+            let spill = self.spill.as_mut().expect("created above");
+            let pass = pass_for(&mut self.passes[li], layer).map_err(layer_err)?;
+            pass.read_to(
+                off,
+                size,
+                &mut SpillWriter {
+                    file: spill,
+                    pos: at,
+                },
+            )
+            .map_err(layer_err)?;
+            self.spill_len += size;
+            self.spilled.insert(other, at);
+        }
+        let pass = pass_for(&mut self.passes[li], layer).map_err(layer_err)?;
+        pass.read_to(extent.offset, extent.size, w)
+            .map_err(layer_err)
+    }
+}
+
+fn pass_for<'p>(
+    slot: &'p mut Option<Pass>,
+    layer: &crate::source::Layer,
+) -> io::Result<&'p mut Pass> {
+    if slot.is_none() {
+        *slot = Some(Pass {
+            decoder: open_decoded(&layer.blob, layer.compression)?,
+            pos: 0,
+        });
+    }
+    Ok(slot.as_mut().expect("set above"))
+}
+
+impl Pass {
+    /// Skips to `offset` and copies `size` bytes to `w`.
+    fn read_to(&mut self, offset: u64, size: u64, w: &mut impl Write) -> io::Result<()> {
+        debug_assert!(offset >= self.pos, "passes only move forward");
+        let skip = offset - self.pos;
+        let skipped = io::copy(&mut (&mut self.decoder).take(skip), &mut io::sink())?;
+        let copied = io::copy(&mut (&mut self.decoder).take(size), w)?;
+        self.pos += skipped + copied;
+        if skipped + copied < skip + size {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "layer ends inside a file",
+            ));
+        }
+        Ok(())
+    }
+}
+
+struct SpillWriter<'f> {
+    file: &'f mut File,
+    pos: u64,
+}
+
+impl Write for SpillWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Copies `len` bytes read by positioned reads from `start` into `w`.
+fn copy_range(
+    read_at: impl Fn(&mut [u8], u64) -> io::Result<usize>,
+    start: u64,
+    len: u64,
+    w: &mut impl Write,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let want = (len - done).min(buf.len() as u64) as usize;
+        let n = read_at(&mut buf[..want], start + done)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "blob ends inside a file",
+            ));
+        }
+        w.write_all(&buf[..n])?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_record_length_counts_itself() {
+        let mut v = Vec::new();
+        pax_record(&mut v, b"path", b"a");
+        assert_eq!(v, b"9 path=a\n");
+        let mut v = Vec::new();
+        pax_record(&mut v, b"k", &[b'x'; 95]);
+        // 1 + 1 + 95 + 3 = 100 bytes + "100" would be 103; the length must equal the record.
+        assert_eq!(v.len().to_string(), String::from_utf8_lossy(&v[..3]));
+    }
+
+    #[test]
+    fn pax_times_round_trip_sign() {
+        assert_eq!(pax_time(5, 0), "5");
+        assert_eq!(pax_time(5, 500_000_000), "5.5");
+        assert_eq!(pax_time(-2, 750_000_000), "-1.25");
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+}

@@ -1,0 +1,92 @@
+//! flatfs makes a multi-layer container image behave like one filesystem.
+//!
+//! ```text
+//! image source  ->  manifest + config  ->  layer index (per layer)  ->  merged tree  ->  consumers
+//! (docker-archive,   (source/)             (layer/: headers, offsets,   (tree.rs: overlay   fs.rs: FUSE, lazy reads
+//!  OCI layout,                              whiteouts, xattrs; never     rules, hardlinks,  export.rs: single-layer
+//!  OCI archive)                             file data)                   frozen arena)      image or rootfs tar
+//! ```
+//! File bytes are never held in memory: a tree node points at a range of one layer's
+//! decompressed tar, read on demand by `content.rs` (FUSE) or streamed by `export.rs`.
+
+pub mod blob;
+pub mod cli;
+pub mod content;
+pub mod error;
+pub mod export;
+pub mod layer;
+pub mod source;
+pub mod tree;
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub use error::{Error, Result};
+
+use layer::LayerIndex;
+use source::Image;
+
+/// Indexes the first `limit` layers (all if `None`), in parallel, bottom layer first.
+pub fn index_layers(image: &Image, limit: Option<usize>) -> Result<Vec<LayerIndex>> {
+    let layers = &image.layers[..limit.unwrap_or(image.layers.len()).min(image.layers.len())];
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(layers.len())
+        .max(1);
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<LayerIndex>>>> =
+        Mutex::new(layers.iter().map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(layer) = layers.get(i) else { break };
+                    let r = layer::index_layer(layer);
+                    let failed = r.is_err();
+                    results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
+                    if failed {
+                        // Stop handing out work: the first error (by layer order) is reported.
+                        next.store(layers.len(), Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let mut out = Vec::with_capacity(layers.len());
+    for r in results.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        match r {
+            Some(r) => out.push(r?),
+            // Skipped after an earlier failure, reported below.
+            None => continue,
+        }
+    }
+    if out.len() != layers.len() {
+        return Err(Error::invalid(&image.name, "layer indexing stopped early"));
+    }
+    Ok(out)
+}
+
+/// Opens an image and builds its merged tree from the first `layers` layers (all if `None`).
+pub fn open_merged(
+    spec: &str,
+    platform: Option<&source::Platform>,
+    layers: Option<usize>,
+) -> Result<(Image, tree::Tree)> {
+    let image = source::open(spec, platform)?;
+    if let Some(n) = layers
+        && (n == 0 || n > image.layers.len())
+    {
+        return Err(Error::invalid(
+            spec,
+            format!(
+                "has {} layers; --layers must be 1..={}",
+                image.layers.len(),
+                image.layers.len()
+            ),
+        ));
+    }
+    let indexes = index_layers(&image, layers)?;
+    let tree = tree::merge(&indexes)?;
+    Ok((image, tree))
+}

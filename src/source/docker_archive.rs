@@ -1,0 +1,103 @@
+//! `docker save` archives: `manifest.json` lists the config and layer members, both in the
+//! classic layout (`<id>/layer.tar`) and the Docker ≥ 25 one (`blobs/sha256/<hex>`).
+
+use serde::Deserialize;
+
+use super::{Family, Image, Store, diff_ids, make_layer, read_config};
+use crate::error::{Error, Result};
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Entry {
+    config: String,
+    #[serde(default)]
+    repo_tags: Option<Vec<String>>,
+    layers: Vec<String>,
+}
+
+/// The digest a member name implies: `blobs/sha256/<hex>` or `<hex>.json`.
+fn digest_from_name(name: &str) -> Option<String> {
+    let name = name.trim_start_matches("./");
+    let hex = name
+        .strip_prefix("blobs/sha256/")
+        .or_else(|| name.strip_suffix(".json"))?;
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+    .then(|| format!("sha256:{hex}"))
+}
+
+pub(super) fn open(store: Store, name: &str, reference: Option<&str>) -> Result<Image> {
+    let entries: Vec<Entry> = store.json(name, "manifest.json")?;
+    let entry = match (reference, entries.len()) {
+        (_, 0) => return Err(Error::invalid("manifest.json", "lists no image")),
+        (None, 1) => &entries[0],
+        (None, _) => {
+            let tags: Vec<String> = entries
+                .iter()
+                .flat_map(|e| e.repo_tags.clone().unwrap_or_default())
+                .collect();
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "holds {} images; pick one with IMAGE:TAG ({})",
+                    entries.len(),
+                    tags.join(", ")
+                ),
+            ));
+        }
+        (Some(r), _) => entries
+            .iter()
+            .find(|e| {
+                e.repo_tags
+                    .iter()
+                    .flatten()
+                    .any(|t| t == r || t.rsplit_once(':').is_some_and(|(_, tag)| tag == r))
+            })
+            .ok_or_else(|| Error::invalid(name, format!("no image tagged {r}")))?,
+    };
+
+    let config_digest = digest_from_name(&entry.config);
+    let config_blob = store.need(name, &entry.config)?;
+    let config = read_config(&config_blob, config_digest.as_deref(), &entry.config)?;
+    let config_digest = match config_digest {
+        Some(d) => d,
+        None => {
+            let bytes = config_blob
+                .read_all(super::MAX_JSON)
+                .map_err(|e| Error::io(&entry.config, e))?;
+            crate::blob::sha256_of(&bytes)
+        }
+    };
+    let ids = diff_ids(&config, &entry.config)?;
+    if ids.len() != entry.layers.len() {
+        return Err(Error::invalid(
+            name,
+            format!(
+                "manifest.json lists {} layers but the config has {} diff_ids",
+                entry.layers.len(),
+                ids.len()
+            ),
+        ));
+    }
+    let mut layers = Vec::with_capacity(ids.len());
+    for (i, (member, diff_id)) in entry.layers.iter().zip(ids).enumerate() {
+        let blob = store.need(name, member)?;
+        layers.push(make_layer(
+            i + 1,
+            blob,
+            digest_from_name(member),
+            Some(diff_id),
+        )?);
+    }
+    Ok(Image {
+        name: name.to_string(),
+        family: Family::Docker,
+        manifest_digest: config_digest,
+        config,
+        layers,
+        tags: entry.repo_tags.clone().unwrap_or_default(),
+        _spool: None,
+    })
+}

@@ -1,0 +1,360 @@
+//! Image sources: find the manifest, the config and the layer blobs of a docker-archive, an OCI
+//! layout directory or an OCI archive, without extracting anything.
+
+mod docker_archive;
+mod oci;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::blob::{Blob, Compression};
+use crate::error::{Error, Result};
+
+/// Largest JSON document (index, manifest, config) read into memory.
+pub const MAX_JSON: u64 = 64 * 1024 * 1024;
+
+/// Which family of tools produced the image; decides the default output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `docker save` output.
+    Docker,
+    /// OCI layout or archive.
+    Oci,
+}
+
+/// One layer of an image: where its blob is and what the image says about it.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// 1-based position, bottom layer first.
+    pub number: usize,
+    /// The compressed (or plain) layer blob.
+    pub blob: Blob,
+    /// Compression, sniffed from the blob.
+    pub compression: Compression,
+    /// The digest the manifest records for the blob, checked while reading.
+    pub digest: Option<String>,
+    /// The config's diff_id for the uncompressed tar, checked while reading.
+    pub diff_id: Option<String>,
+}
+
+impl Layer {
+    /// "N (sha256:abcdef012345)" for messages.
+    pub fn label(&self) -> String {
+        match self.digest.as_ref().or(self.diff_id.as_ref()) {
+            Some(d) => format!("{} ({})", self.number, short_digest(d)),
+            None => format!("{} ({})", self.number, self.blob.name()),
+        }
+    }
+}
+
+/// `sha256:` and the first 12 hex digits.
+pub fn short_digest(d: &str) -> &str {
+    let end = d.find(':').map_or(12, |i| i + 13).min(d.len());
+    &d[..end]
+}
+
+/// An image opened for reading: config, layers and where they came from.
+#[derive(Debug)]
+pub struct Image {
+    /// The name the user gave, for messages and the fsname.
+    pub name: String,
+    /// docker or OCI.
+    pub family: Family,
+    /// Digest of the manifest the layers come from (computed for docker archives).
+    pub manifest_digest: String,
+    /// The image config, kept as JSON so that no field is lost on export.
+    pub config: serde_json::Value,
+    /// Layers, bottom first.
+    pub layers: Vec<Layer>,
+    /// Tags the image carried (`RepoTags`, or OCI ref names / `io.containerd.image.name`).
+    pub tags: Vec<String>,
+    // Keeps a spooled stdin alive as long as the blobs that point into it.
+    _spool: Option<tempfile::TempPath>,
+}
+
+/// A wanted platform, `os/arch[/variant]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    /// e.g. `linux`.
+    pub os: String,
+    /// e.g. `amd64`.
+    pub arch: String,
+    /// e.g. `v8`.
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// The platform of the running host, in OCI's names.
+    pub fn host() -> Self {
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "powerpc64" => "ppc64le",
+            "loongarch64" => "loong64",
+            other => other,
+        };
+        Platform {
+            os: std::env::consts::OS.to_string(),
+            arch: arch.to_string(),
+            variant: None,
+        }
+    }
+}
+
+impl std::str::FromStr for Platform {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let parts: Vec<&str> = s.split('/').collect();
+        match parts[..] {
+            [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Platform {
+                os: os.into(),
+                arch: arch.into(),
+                variant: None,
+            }),
+            [os, arch, variant] if !os.is_empty() && !arch.is_empty() && !variant.is_empty() => {
+                Ok(Platform {
+                    os: os.into(),
+                    arch: arch.into(),
+                    variant: Some(variant.into()),
+                })
+            }
+            _ => Err(format!("{s:?} is not OS/ARCH[/VARIANT], e.g. linux/amd64")),
+        }
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.arch)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the image's files live: a directory, or members of one tar file read in place.
+enum Store {
+    Dir(PathBuf),
+    Tar {
+        file: Arc<File>,
+        members: HashMap<Vec<u8>, (u64, u64)>,
+    },
+}
+
+impl Store {
+    /// Indexes the members of a tar archive by reading headers only.
+    fn open_tar(path: &Path, display: &str) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(display, e))?;
+        let mut members = HashMap::new();
+        let mut archive = tar::Archive::new(&file);
+        let entries = archive
+            .entries_with_seek()
+            .map_err(|e| Error::io(display, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(display, e))?;
+            let kind = entry.header().entry_type();
+            if !(kind.is_file() || kind == tar::EntryType::Continuous) {
+                continue;
+            }
+            let name = normalise_member(&entry.path_bytes());
+            members.insert(name, (entry.raw_file_position(), entry.size()));
+        }
+        if members.is_empty() {
+            return Err(Error::UnknownFormat(display.to_string()));
+        }
+        Ok(Store::Tar {
+            file: Arc::new(file),
+            members,
+        })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        match self {
+            Store::Dir(dir) => dir.join(name).is_file(),
+            Store::Tar { members, .. } => members.contains_key(&normalise_member(name.as_bytes())),
+        }
+    }
+
+    /// The blob stored under `name`, or `None` if there is no such member/file.
+    fn blob(&self, name: &str) -> Result<Option<Blob>> {
+        match self {
+            Store::Dir(dir) => {
+                // Names come from image JSON: never let one climb out of the layout.
+                if name.split('/').any(|c| c == "..") || name.starts_with('/') {
+                    return Err(Error::invalid(name, "blob path leaves the image"));
+                }
+                let path = dir.join(name);
+                let file = match File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(Error::io(path.display(), e)),
+                };
+                let meta = file.metadata().map_err(|e| Error::io(path.display(), e))?;
+                if !meta.is_file() {
+                    return Ok(None);
+                }
+                Ok(Some(Blob::new(
+                    Arc::new(file),
+                    0,
+                    meta.len(),
+                    &path.display().to_string(),
+                )))
+            }
+            Store::Tar { file, members } => Ok(members
+                .get(&normalise_member(name.as_bytes()))
+                .map(|&(off, len)| Blob::new(file.clone(), off, len, name))),
+        }
+    }
+
+    /// Like [`Store::blob`], but a missing blob is an error.
+    fn need(&self, image: &str, name: &str) -> Result<Blob> {
+        self.blob(name)?.ok_or_else(|| Error::MissingBlob {
+            image: image.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    /// Reads and parses a small JSON member.
+    fn json<T: serde::de::DeserializeOwned>(&self, image: &str, name: &str) -> Result<T> {
+        let blob = self.need(image, name)?;
+        let bytes = blob.read_all(MAX_JSON).map_err(|e| Error::io(name, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+            what: name.to_string(),
+            source: e,
+        })
+    }
+}
+
+fn normalise_member(name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len());
+    for comp in name.split(|&b| b == b'/') {
+        if comp.is_empty() || comp == b"." {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push(b'/');
+        }
+        out.extend_from_slice(comp);
+    }
+    out
+}
+
+/// Opens IMAGE as the CLI takes it: a path, `DIR:REF`, or `-` for a tar on stdin.
+pub fn open(spec: &str, platform: Option<&Platform>) -> Result<Image> {
+    let host = Platform::host();
+    let platform = platform.unwrap_or(&host);
+    if spec == "-" {
+        let mut spool = tempfile::NamedTempFile::new().map_err(|e| Error::io("stdin spool", e))?;
+        let n = io::copy(&mut io::stdin().lock(), spool.as_file_mut())
+            .map_err(|e| Error::io("stdin", e))?;
+        if n == 0 {
+            return Err(Error::invalid("stdin", "no image on standard input"));
+        }
+        let path = spool.into_temp_path();
+        let store = Store::open_tar(&path, "stdin")?;
+        let mut image = open_store(store, "stdin", None, platform)?;
+        image._spool = Some(path);
+        return Ok(image);
+    }
+    let (path, reference) = split_reference(spec);
+    let meta = std::fs::metadata(&path).map_err(|e| Error::io(path.display(), e))?;
+    let store = if meta.is_dir() {
+        Store::Dir(path)
+    } else if meta.len() == 0 {
+        return Err(Error::invalid(spec, "empty file"));
+    } else {
+        Store::open_tar(&path, spec)?
+    };
+    open_store(store, spec, reference.as_deref(), platform)
+}
+
+/// Splits `DIR:REF` when the whole string is not itself an existing path.
+fn split_reference(spec: &str) -> (PathBuf, Option<String>) {
+    if !Path::new(spec).exists()
+        && let Some((dir, reference)) = spec.rsplit_once(':')
+        && !dir.is_empty()
+        && Path::new(dir).is_dir()
+    {
+        return (PathBuf::from(dir), Some(reference.to_string()));
+    }
+    (PathBuf::from(spec), None)
+}
+
+fn open_store(
+    store: Store,
+    name: &str,
+    reference: Option<&str>,
+    platform: &Platform,
+) -> Result<Image> {
+    // docker save (classic and >= 25) always writes manifest.json; Docker 25 also writes an OCI
+    // index, but manifest.json is the one that carries RepoTags and the classic layer paths.
+    if store.has("manifest.json") {
+        return docker_archive::open(store, name, reference);
+    }
+    if store.has("index.json") {
+        return oci::open(store, name, reference, platform);
+    }
+    Err(Error::UnknownFormat(name.to_string()))
+}
+
+/// Builds the list of layers once blob, digest and diff_id are known.
+fn make_layer(
+    number: usize,
+    blob: Blob,
+    digest: Option<String>,
+    diff_id: Option<String>,
+) -> Result<Layer> {
+    let compression = Compression::detect(&blob).map_err(|e| Error::io(blob.name(), e))?;
+    Ok(Layer {
+        number,
+        blob,
+        compression,
+        digest,
+        diff_id,
+    })
+}
+
+/// The config's `rootfs.diff_ids`, checked to be a list of strings.
+fn diff_ids(config: &serde_json::Value, what: &str) -> Result<Vec<String>> {
+    let ids = config
+        .get("rootfs")
+        .and_then(|r| r.get("diff_ids"))
+        .and_then(|d| d.as_array())
+        .ok_or_else(|| Error::invalid(what, "config has no rootfs.diff_ids"))?;
+    ids.iter()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| Error::invalid(what, "rootfs.diff_ids holds a non-string"))
+        })
+        .collect()
+}
+
+/// Parses and checks a config blob against its digest.
+fn read_config(blob: &Blob, expected: Option<&str>, what: &str) -> Result<serde_json::Value> {
+    let bytes = blob.read_all(MAX_JSON).map_err(|e| Error::io(what, e))?;
+    if let Some(expected) = expected {
+        let found = crate::blob::sha256_of(&bytes);
+        if found != expected {
+            return Err(Error::DigestMismatch {
+                what: what.to_string(),
+                expected: expected.to_string(),
+                found,
+            });
+        }
+    }
+    let config: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+        what: what.to_string(),
+        source: e,
+    })?;
+    if !config.is_object() {
+        return Err(Error::invalid(what, "config is not a JSON object"));
+    }
+    Ok(config)
+}

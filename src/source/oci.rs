@@ -1,0 +1,305 @@
+//! OCI image layouts, as directories or archives: `index.json` → (nested indexes) → the
+//! manifest for the wanted platform → config and layers.
+//! See: <https://github.com/opencontainers/image-spec/blob/main/image-layout.md>
+
+use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
+
+use super::{Family, Image, Platform, Store, diff_ids, make_layer, read_config};
+use crate::blob::sha256_of;
+use crate::error::{Error, Result};
+
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+const CONTAINERD_NAME: &str = "io.containerd.image.name";
+/// How deep nested indexes may go before we call it a loop.
+const MAX_NESTING: usize = 8;
+
+fn blob_path(desc: &Descriptor) -> String {
+    let d = desc.digest();
+    format!("blobs/{}/{}", d.algorithm(), d.digest())
+}
+
+/// Reads a blob named by a descriptor, checking its size and (sha256) digest.
+fn read_checked(store: &Store, image: &str, desc: &Descriptor, what: &str) -> Result<Vec<u8>> {
+    let path = blob_path(desc);
+    let blob = store.need(image, &path)?;
+    if blob.len() != desc.size() {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "blob {path} is {} bytes, the descriptor says {}",
+                blob.len(),
+                desc.size()
+            ),
+        ));
+    }
+    let bytes = blob
+        .read_all(super::MAX_JSON)
+        .map_err(|e| Error::io(&path, e))?;
+    check_digest(desc, &bytes, what)?;
+    Ok(bytes)
+}
+
+fn check_digest(desc: &Descriptor, bytes: &[u8], what: &str) -> Result<()> {
+    let expected = desc.digest().to_string();
+    if desc.digest().algorithm().as_ref() != "sha256" {
+        return Err(Error::invalid(
+            what,
+            format!("unsupported digest algorithm in {expected}"),
+        ));
+    }
+    let found = sha256_of(bytes);
+    if found != expected {
+        return Err(Error::DigestMismatch {
+            what: what.to_string(),
+            expected,
+            found,
+        });
+    }
+    Ok(())
+}
+
+fn is_index(mt: &MediaType) -> bool {
+    matches!(mt, MediaType::ImageIndex)
+        || mt.to_string() == "application/vnd.docker.distribution.manifest.list.v2+json"
+}
+
+fn is_manifest(mt: &MediaType) -> bool {
+    matches!(mt, MediaType::ImageManifest)
+        || mt.to_string() == "application/vnd.docker.distribution.manifest.v2+json"
+}
+
+fn platform_string(desc: &Descriptor) -> String {
+    match desc.platform() {
+        Some(p) => {
+            let mut s = format!("{}/{}", p.os(), p.architecture());
+            if let Some(v) = p.variant() {
+                s = format!("{s}/{v}");
+            }
+            s
+        }
+        None => "unspecified".to_string(),
+    }
+}
+
+/// Attestation manifests (BuildKit provenance/SBOM) say `unknown/unknown`: never an image.
+fn is_attestation(desc: &Descriptor) -> bool {
+    desc.platform().as_ref().is_some_and(|p| {
+        p.os().to_string() == "unknown" && p.architecture().to_string() == "unknown"
+    })
+}
+
+fn platform_matches(desc: &Descriptor, want: &Platform) -> bool {
+    match desc.platform() {
+        // A single-image layout often has no platform on its descriptor: take it.
+        None => true,
+        Some(p) => {
+            p.os().to_string() == want.os
+                && p.architecture().to_string() == want.arch
+                && want
+                    .variant
+                    .as_ref()
+                    .is_none_or(|v| p.variant().as_deref() == Some(v.as_str()))
+        }
+    }
+}
+
+/// Walks indexes down to one image manifest descriptor for `platform`.
+fn pick_manifest(
+    store: &Store,
+    image: &str,
+    candidates: Vec<Descriptor>,
+    platform: &Platform,
+    depth: usize,
+) -> Result<Descriptor> {
+    if depth > MAX_NESTING {
+        return Err(Error::invalid(image, "image indexes nest too deeply"));
+    }
+    let mut seen = Vec::new();
+    for desc in &candidates {
+        if is_attestation(desc) {
+            continue;
+        }
+        seen.push(platform_string(desc));
+        if !platform_matches(desc, platform) {
+            continue;
+        }
+        if is_manifest(desc.media_type()) {
+            return Ok(desc.clone());
+        }
+        if is_index(desc.media_type()) {
+            let what = format!("index {}", desc.digest());
+            let bytes = read_checked(store, image, desc, &what)?;
+            let index =
+                ImageIndex::from_reader(&bytes[..]).map_err(|e| Error::invalid(&what, e))?;
+            match pick_manifest(store, image, index.manifests().clone(), platform, depth + 1) {
+                Ok(d) => return Ok(d),
+                Err(Error::NoPlatform { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    Err(Error::NoPlatform {
+        image: image.to_string(),
+        wanted: platform.to_string(),
+        available: if seen.is_empty() {
+            "none".into()
+        } else {
+            seen.join(", ")
+        },
+    })
+}
+
+pub(super) fn open(
+    store: Store,
+    name: &str,
+    reference: Option<&str>,
+    platform: &Platform,
+) -> Result<Image> {
+    if !store.has("oci-layout") {
+        return Err(Error::invalid(
+            name,
+            "OCI layout without an oci-layout file",
+        ));
+    }
+    let index_blob = store.need(name, "index.json")?;
+    let bytes = index_blob
+        .read_all(super::MAX_JSON)
+        .map_err(|e| Error::io("index.json", e))?;
+    let index = ImageIndex::from_reader(&bytes[..]).map_err(|e| Error::invalid("index.json", e))?;
+
+    let annotation = |d: &Descriptor, key: &str| -> Option<String> {
+        d.annotations().as_ref().and_then(|a| a.get(key)).cloned()
+    };
+    let mut top: Vec<Descriptor> = index.manifests().clone();
+    if let Some(r) = reference {
+        top.retain(|d| {
+            annotation(d, REF_NAME).as_deref() == Some(r)
+                || annotation(d, CONTAINERD_NAME).as_deref() == Some(r)
+        });
+        if top.is_empty() {
+            return Err(Error::invalid(
+                name,
+                format!("index.json has no manifest named {r:?}"),
+            ));
+        }
+    } else {
+        let mut refs: Vec<String> = top.iter().filter_map(|d| annotation(d, REF_NAME)).collect();
+        refs.sort();
+        refs.dedup();
+        if refs.len() > 1 {
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "holds several images; pick one with {name}:REF ({})",
+                    refs.join(", ")
+                ),
+            ));
+        }
+    }
+    let tags = top
+        .iter()
+        .find_map(|d| {
+            annotation(d, CONTAINERD_NAME)
+                .or_else(|| annotation(d, REF_NAME).map(|r| full_name(name, &r)))
+        })
+        .into_iter()
+        .collect();
+
+    let desc = pick_manifest(&store, name, top, platform, 0)?;
+    let what = format!("manifest {}", desc.digest());
+    let bytes = read_checked(&store, name, &desc, &what)?;
+    let manifest = ImageManifest::from_reader(&bytes[..]).map_err(|e| Error::invalid(&what, e))?;
+
+    let config_desc = manifest.config();
+    let config_path = blob_path(config_desc);
+    let config_blob = store.need(name, &config_path)?;
+    let config = read_config(&config_blob, Some(config_desc.digest().as_ref()), "config")?;
+    let ids = diff_ids(&config, "config")?;
+    if ids.len() != manifest.layers().len() {
+        return Err(Error::invalid(
+            &what,
+            format!(
+                "lists {} layers but the config has {} diff_ids",
+                manifest.layers().len(),
+                ids.len()
+            ),
+        ));
+    }
+    let mut layers = Vec::with_capacity(ids.len());
+    for (i, (layer, diff_id)) in manifest.layers().iter().zip(ids).enumerate() {
+        check_layer_media_type(layer, i + 1)?;
+        if layer.digest().algorithm().as_ref() != "sha256" {
+            return Err(Error::invalid(
+                format!("layer {}", i + 1),
+                format!("unsupported digest algorithm in {}", layer.digest()),
+            ));
+        }
+        let path = blob_path(layer);
+        let blob = store.need(name, &path)?;
+        if blob.len() != layer.size() {
+            return Err(Error::invalid(
+                format!("layer {} ({})", i + 1, layer.digest()),
+                format!(
+                    "blob is {} bytes, the manifest says {}",
+                    blob.len(),
+                    layer.size()
+                ),
+            ));
+        }
+        layers.push(make_layer(
+            i + 1,
+            blob,
+            Some(layer.digest().to_string()),
+            Some(diff_id),
+        )?);
+    }
+    Ok(Image {
+        name: name.to_string(),
+        family: Family::Oci,
+        manifest_digest: desc.digest().to_string(),
+        config,
+        layers,
+        tags,
+        _spool: None,
+    })
+}
+
+/// A ref name like `latest` becomes `<image file stem>:latest`; a full name stays as it is.
+fn full_name(image: &str, reference: &str) -> String {
+    if reference.contains(':') || reference.contains('/') {
+        return reference.to_string();
+    }
+    let base = std::path::Path::new(image.trim_end_matches('/'))
+        .file_name()
+        .and_then(|s| s.to_str())
+        .unwrap_or("image");
+    let stem = base
+        .split('.')
+        .next()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("image");
+    format!("{}:{reference}", stem.to_ascii_lowercase())
+}
+
+/// Accepts the tar layer types of OCI and Docker; refuses the rest by name.
+fn check_layer_media_type(desc: &Descriptor, number: usize) -> Result<()> {
+    let mt = desc.media_type().to_string();
+    let ok = matches!(
+        mt.as_str(),
+        "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar.zstd"
+    );
+    if ok {
+        return Ok(());
+    }
+    Err(Error::UnsupportedMediaType {
+        layer: format!("{} ({})", number, desc.digest()),
+        media_type: mt,
+    })
+}

@@ -1,0 +1,504 @@
+//! The merged tree: layer indexes applied bottom to top by the OCI overlay rules, then frozen
+//! into an arena that FUSE and export share (node id = index, inode = id + 1, root = 0).
+//! See: <https://github.com/opencontainers/image-spec/blob/main/layer.md>
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+use crate::layer::path::{join, split_parent};
+use crate::layer::{Entry, Kind, LayerIndex, Meta};
+
+/// Index of a node in the arena.
+pub type NodeId = u32;
+/// The root directory's id.
+pub const ROOT: NodeId = 0;
+
+/// Metadata of a directory that no layer describes (OCI leaves it to the implementation).
+const IMPLICIT_DIR: Meta = Meta {
+    mode: 0o755,
+    uid: 0,
+    gid: 0,
+    mtime: 0,
+    mtime_nsec: 0,
+};
+
+/// Extended attributes of a node: (name, value) pairs, byte-exact.
+pub type Xattrs = Box<[Xattr]>;
+/// One extended attribute: name and value.
+pub type Xattr = (Box<[u8]>, Box<[u8]>);
+
+/// Where a regular file's bytes are: a range of one layer's decompressed tar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// 0-based index of the layer.
+    pub layer: u32,
+    /// Offset in the decompressed layer tar.
+    pub offset: u64,
+    /// Length.
+    pub size: u64,
+}
+
+/// The type of a node, with its type-specific data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeKind {
+    /// Children sorted by name bytes.
+    Dir(Vec<(Box<[u8]>, NodeId)>),
+    /// Regular file.
+    File(Extent),
+    /// Symlink target, raw.
+    Symlink(Box<[u8]>),
+    /// Character device.
+    Char(u32, u32),
+    /// Block device.
+    Block(u32, u32),
+    /// Named pipe.
+    Fifo,
+}
+
+/// One inode of the merged tree; hardlinked names share it.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Type and data.
+    pub kind: NodeKind,
+    /// Mode, owner, mtime.
+    pub meta: Meta,
+    /// xattrs, byte-exact.
+    pub xattrs: Xattrs,
+    /// Link count: names for files, 2 + subdirectories for directories.
+    pub nlink: u32,
+    /// Parent directory (the first name's, for hardlinks; the root is its own parent).
+    pub parent: NodeId,
+    /// 1-based layer the node came from; 0 for an implicit directory.
+    pub layer: u32,
+}
+
+impl Node {
+    /// Content length for files, target length for symlinks, 0 otherwise.
+    pub fn size(&self) -> u64 {
+        match &self.kind {
+            NodeKind::File(e) => e.size,
+            NodeKind::Symlink(t) => t.len() as u64,
+            _ => 0,
+        }
+    }
+
+    /// True for directories.
+    pub fn is_dir(&self) -> bool {
+        matches!(self.kind, NodeKind::Dir(_))
+    }
+}
+
+/// The frozen merged tree.
+#[derive(Debug)]
+pub struct Tree {
+    nodes: Vec<Node>,
+}
+
+impl Tree {
+    /// Number of nodes (inodes).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Always false: there is at least the root.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The node with this id.
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[id as usize]
+    }
+
+    /// The node with this id, if it exists.
+    pub fn get(&self, id: NodeId) -> Option<&Node> {
+        self.nodes.get(id as usize)
+    }
+
+    /// Children of a directory, sorted by name; empty for other nodes.
+    pub fn children(&self, id: NodeId) -> &[(Box<[u8]>, NodeId)] {
+        match &self.node(id).kind {
+            NodeKind::Dir(c) => c,
+            _ => &[],
+        }
+    }
+
+    /// Looks a name up in a directory.
+    pub fn lookup(&self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
+        let children = self.children(dir);
+        children
+            .binary_search_by(|(n, _)| (**n).cmp(name))
+            .ok()
+            .map(|i| children[i].1)
+    }
+
+    /// Resolves a normalised path without following symlinks.
+    pub fn resolve(&self, path: &[u8]) -> Option<NodeId> {
+        let mut id = ROOT;
+        for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+            id = self.lookup(id, comp)?;
+        }
+        Some(id)
+    }
+
+    /// Visits every name depth-first, children in name order, parents before children; `first` is
+    /// true on the first name of each node (later names of a node are its hardlinks).
+    pub fn walk(&self, mut visit: impl FnMut(&[u8], NodeId, bool) -> Result<()>) -> Result<()> {
+        let mut seen = vec![false; self.nodes.len()];
+        let mut path: Vec<u8> = Vec::new();
+        // (dir, next child index, path length before this dir's name)
+        let mut stack: Vec<(NodeId, usize, usize)> = vec![(ROOT, 0, 0)];
+        seen[ROOT as usize] = true;
+        visit(b"", ROOT, true)?;
+        while let Some(top) = stack.last_mut() {
+            let (dir, i, _) = *top;
+            let children = self.children(dir);
+            if i == children.len() {
+                let (_, _, len) = stack.pop().expect("stack is not empty");
+                path.truncate(len);
+                continue;
+            }
+            top.1 += 1;
+            let (name, child) = &children[i];
+            let len = path.len();
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(name);
+            let first = !std::mem::replace(&mut seen[*child as usize], true);
+            visit(&path, *child, first)?;
+            if self.node(*child).is_dir() {
+                stack.push((*child, 0, len));
+            } else {
+                path.truncate(len);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A node while layers are being applied.
+struct BNode {
+    kind: BKind,
+    meta: Meta,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    layer: u32,
+}
+
+enum BKind {
+    Dir(BTreeMap<Vec<u8>, usize>),
+    File(Extent),
+    Symlink(Vec<u8>),
+    Char(u32, u32),
+    Block(u32, u32),
+    Fifo,
+}
+
+struct Builder {
+    nodes: Vec<BNode>,
+}
+
+impl Builder {
+    fn new() -> Self {
+        Builder {
+            nodes: vec![BNode {
+                kind: BKind::Dir(BTreeMap::new()),
+                meta: IMPLICIT_DIR,
+                xattrs: Vec::new(),
+                layer: 0,
+            }],
+        }
+    }
+
+    fn dir_children(&mut self, id: usize) -> Option<&mut BTreeMap<Vec<u8>, usize>> {
+        match &mut self.nodes[id].kind {
+            BKind::Dir(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Finds a path without following symlinks: `(parent, node)`, or `None` if a component is
+    /// missing or not a directory.
+    fn find(&self, path: &[u8]) -> Option<(usize, usize)> {
+        let (mut parent, mut id) = (0, 0);
+        for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+            let BKind::Dir(children) = &self.nodes[id].kind else {
+                return None;
+            };
+            parent = id;
+            id = *children.get(comp)?;
+        }
+        Some((parent, id))
+    }
+
+    /// `.wh.NAME`: unlink NAME (and so everything below it) if it exists as a real path.
+    fn whiteout(&mut self, path: &[u8]) {
+        if let Some((parent, id)) = self.find(path)
+            && id != 0
+        {
+            let (_, name) = split_parent(path);
+            self.dir_children(parent)
+                .expect("parent is a directory")
+                .remove(name);
+        }
+    }
+
+    /// `.wh..wh..opq`: empty the directory if it exists as a real directory.
+    fn opaque(&mut self, path: &[u8]) {
+        if let Some((_, id)) = self.find(path)
+            && let Some(children) = self.dir_children(id)
+        {
+            children.clear();
+        }
+    }
+
+    /// Walks to the parent of `path`, creating missing directories and replacing non-directories
+    /// with directories (never following a symlink), and returns its id.
+    fn make_parents(&mut self, path: &[u8], layer: u32) -> usize {
+        let (parent_path, _) = split_parent(path);
+        let mut id = 0;
+        for comp in parent_path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+            let existing = self
+                .dir_children(id)
+                .expect("walk stays on directories")
+                .get(comp)
+                .copied();
+            id = match existing {
+                Some(child) if matches!(self.nodes[child].kind, BKind::Dir(_)) => child,
+                _ => {
+                    let child = self.push(BNode {
+                        kind: BKind::Dir(BTreeMap::new()),
+                        meta: IMPLICIT_DIR,
+                        xattrs: Vec::new(),
+                        layer,
+                    });
+                    self.dir_children(id)
+                        .expect("directory")
+                        .insert(comp.to_vec(), child);
+                    child
+                }
+            };
+        }
+        id
+    }
+
+    fn push(&mut self, node: BNode) -> usize {
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    fn apply(&mut self, layer_no: u32, index: &LayerIndex) -> Result<()> {
+        // Whiteouts and opaque markers hide lower layers only, so they go first, whatever their
+        // place in the tar.
+        for path in &index.opaques {
+            self.opaque(path);
+        }
+        for path in &index.whiteouts {
+            self.whiteout(path);
+        }
+        for entry in &index.entries {
+            self.insert(layer_no, entry).map_err(|msg| Error::Entry {
+                layer: index.label.clone(),
+                entry: String::from_utf8_lossy(&entry.path).into_owned(),
+                msg,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, layer_no: u32, entry: &Entry) -> std::result::Result<(), String> {
+        if entry.path.is_empty() {
+            // The root: only its metadata can change.
+            let root = &mut self.nodes[0];
+            root.meta = entry.meta;
+            root.xattrs = entry.xattrs.clone();
+            root.layer = layer_no;
+            return Ok(());
+        }
+        let parent = self.make_parents(&entry.path, layer_no);
+        let (_, name) = split_parent(&entry.path);
+        let existing = self
+            .dir_children(parent)
+            .expect("directory")
+            .get(name)
+            .copied();
+        let kind = match &entry.kind {
+            Kind::Dir => {
+                if let Some(id) =
+                    existing.filter(|&id| matches!(self.nodes[id].kind, BKind::Dir(_)))
+                {
+                    // Directory over directory: metadata from above, children merge.
+                    let node = &mut self.nodes[id];
+                    node.meta = entry.meta;
+                    node.xattrs = entry.xattrs.clone();
+                    node.layer = layer_no;
+                    return Ok(());
+                }
+                BKind::Dir(BTreeMap::new())
+            }
+            Kind::Hardlink(target) => {
+                let (_, id) = self.find(target).ok_or_else(|| {
+                    format!(
+                        "hardlink target {:?} does not exist",
+                        String::from_utf8_lossy(target)
+                    )
+                })?;
+                if matches!(self.nodes[id].kind, BKind::Dir(_)) {
+                    return Err(format!(
+                        "hardlink target {:?} is a directory",
+                        String::from_utf8_lossy(target)
+                    ));
+                }
+                self.dir_children(parent)
+                    .expect("directory")
+                    .insert(name.to_vec(), id);
+                return Ok(());
+            }
+            Kind::File => BKind::File(Extent {
+                layer: layer_no - 1,
+                offset: entry.offset,
+                size: entry.size,
+            }),
+            Kind::Symlink(t) => BKind::Symlink(t.clone()),
+            Kind::Char(a, b) => BKind::Char(*a, *b),
+            Kind::Block(a, b) => BKind::Block(*a, *b),
+            Kind::Fifo => BKind::Fifo,
+        };
+        let id = self.push(BNode {
+            kind,
+            meta: entry.meta,
+            xattrs: entry.xattrs.clone(),
+            layer: layer_no,
+        });
+        self.dir_children(parent)
+            .expect("directory")
+            .insert(name.to_vec(), id);
+        Ok(())
+    }
+
+    /// Numbers reachable nodes depth-first in name order and builds the frozen arena.
+    fn freeze(self) -> Tree {
+        let mut new_id: Vec<Option<NodeId>> = vec![None; self.nodes.len()];
+        let mut order: Vec<(usize, NodeId)> = Vec::new(); // (old id, parent new id)
+        let mut nlink: Vec<u32> = Vec::new();
+        new_id[0] = Some(ROOT);
+        order.push((0, ROOT));
+        nlink.push(0);
+        // Explicit stack: paths can be thousands of components deep.
+        let mut stack: Vec<(usize, Vec<usize>)> = vec![(0, self.child_ids_rev(0))];
+        while let Some((dir, pending)) = stack.last_mut() {
+            let Some(child) = pending.pop() else {
+                stack.pop();
+                continue;
+            };
+            let parent_new = new_id[*dir].expect("visited");
+            match new_id[child] {
+                Some(id) => nlink[id as usize] += 1,
+                None => {
+                    let id = order.len() as NodeId;
+                    new_id[child] = Some(id);
+                    order.push((child, parent_new));
+                    nlink.push(1);
+                    if matches!(self.nodes[child].kind, BKind::Dir(_)) {
+                        nlink[parent_new as usize] += 1;
+                        let ids = self.child_ids_rev(child);
+                        stack.push((child, ids));
+                    }
+                }
+            }
+        }
+        let mut nodes = Vec::with_capacity(order.len());
+        let mut old_nodes: Vec<Option<BNode>> = self.nodes.into_iter().map(Some).collect();
+        for (i, &(old, parent)) in order.iter().enumerate() {
+            let b = old_nodes[old].take().expect("each node is numbered once");
+            let kind = match b.kind {
+                BKind::Dir(children) => NodeKind::Dir(
+                    children
+                        .into_iter()
+                        .map(|(name, c)| (name.into_boxed_slice(), new_id[c].expect("reachable")))
+                        .collect(),
+                ),
+                BKind::File(e) => NodeKind::File(e),
+                BKind::Symlink(t) => NodeKind::Symlink(t.into_boxed_slice()),
+                BKind::Char(a, c) => NodeKind::Char(a, c),
+                BKind::Block(a, c) => NodeKind::Block(a, c),
+                BKind::Fifo => NodeKind::Fifo,
+            };
+            let nlink = if matches!(kind, NodeKind::Dir(_)) {
+                nlink[i] + 2
+            } else {
+                nlink[i]
+            };
+            nodes.push(Node {
+                kind,
+                meta: b.meta,
+                xattrs: b
+                    .xattrs
+                    .into_iter()
+                    .map(|(k, v)| (k.into_boxed_slice(), v.into_boxed_slice()))
+                    .collect(),
+                nlink,
+                parent,
+                layer: b.layer,
+            });
+        }
+        Tree { nodes }
+    }
+
+    fn child_ids_rev(&self, id: usize) -> Vec<usize> {
+        match &self.nodes[id].kind {
+            BKind::Dir(c) => c.values().rev().copied().collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Merges layer indexes, bottom layer first, into the frozen tree.
+pub fn merge(layers: &[LayerIndex]) -> Result<Tree> {
+    let mut builder = Builder::new();
+    for (i, index) in layers.iter().enumerate() {
+        builder.apply(i as u32 + 1, index)?;
+    }
+    Ok(builder.freeze())
+}
+
+/// A one-line-per-name listing of a tree, for tests and debugging:
+/// `path type mode uid:gid size|target|dev [layer:offset] [=> first name]`.
+pub fn listing(tree: &Tree) -> String {
+    let mut out = String::new();
+    let mut first_name: Vec<Option<Vec<u8>>> = vec![None; tree.len()];
+    tree.walk(|path, id, first| {
+        let n = tree.node(id);
+        let p = if path.is_empty() {
+            ".".to_string()
+        } else {
+            String::from_utf8_lossy(path).into_owned()
+        };
+        let detail = match &n.kind {
+            NodeKind::Dir(_) => "d".to_string(),
+            NodeKind::File(e) => format!("f {}@{}:{}", e.size, e.layer + 1, e.offset),
+            NodeKind::Symlink(t) => format!("l {}", String::from_utf8_lossy(t)),
+            NodeKind::Char(a, b) => format!("c {a},{b}"),
+            NodeKind::Block(a, b) => format!("b {a},{b}"),
+            NodeKind::Fifo => "p".to_string(),
+        };
+        out.push_str(&format!(
+            "{p} {detail} {:04o} {}:{} n{}",
+            n.meta.mode, n.meta.uid, n.meta.gid, n.nlink
+        ));
+        if first {
+            first_name[id as usize] = Some(path.to_vec());
+        } else if let Some(f) = &first_name[id as usize] {
+            out.push_str(&format!(" => {}", String::from_utf8_lossy(f)));
+        }
+        out.push('\n');
+        Ok(())
+    })
+    .expect("listing never fails");
+    out
+}
+
+/// Joins a parent path and a child name (re-exported for consumers that build paths).
+pub fn child_path(parent: &[u8], name: &[u8]) -> Vec<u8> {
+    join(parent, name)
+}
