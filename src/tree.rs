@@ -398,8 +398,10 @@ impl Builder {
                     let id = order.len() as NodeId;
                     new_id[child] = Some(id);
                     order.push((child, parent_new));
-                    nlink.push(1);
-                    if matches!(self.nodes[child].kind, BKind::Dir(_)) {
+                    let is_dir = matches!(self.nodes[child].kind, BKind::Dir(_));
+                    // A directory's count is 2 + subdirectories, added below; a file counts names.
+                    nlink.push(if is_dir { 0 } else { 1 });
+                    if is_dir {
                         nlink[parent_new as usize] += 1;
                         let ids = self.child_ids_rev(child);
                         stack.push((child, ids));
@@ -501,4 +503,272 @@ pub fn listing(tree: &Tree) -> String {
 /// Joins a parent path and a child name (re-exported for consumers that build paths).
 pub fn child_path(parent: &[u8], name: &[u8]) -> Vec<u8> {
     join(parent, name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::path::{Class, classify};
+
+    /// A layer from lines: `f PATH [MODE]`, `d PATH [MODE]`, `l PATH TARGET`, `h PATH TARGET`,
+    /// `c PATH`, `p PATH`, and raw whiteout/opaque names like `d/.wh.x`, classified as the
+    /// indexer does. Files get offset = line number so the listing shows which entry won.
+    fn layer(n: usize, lines: &[&str]) -> LayerIndex {
+        let mut index = LayerIndex {
+            label: format!("{n}"),
+            ..LayerIndex::default()
+        };
+        for (i, line) in lines.iter().enumerate() {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            // A single token is a raw whiteout or opaque marker name.
+            let raw = parts[parts.len().min(2) - 1];
+            let path = match classify(raw.as_bytes()).expect("valid test path") {
+                Class::Entry(p) => p,
+                Class::Whiteout(p) => {
+                    index.whiteouts.push(p);
+                    continue;
+                }
+                Class::Opaque(p) => {
+                    index.opaques.push(p);
+                    continue;
+                }
+                Class::Skip => continue,
+            };
+            let arg = parts.get(2).copied().unwrap_or("");
+            let mode =
+                u32::from_str_radix(if arg.is_empty() { "644" } else { arg }, 8).unwrap_or(0o644);
+            let kind = match parts[0] {
+                "f" => Kind::File,
+                "d" => Kind::Dir,
+                "l" => Kind::Symlink(arg.as_bytes().to_vec()),
+                "h" => Kind::Hardlink(arg.as_bytes().to_vec()),
+                "c" => Kind::Char(1, 3),
+                "p" => Kind::Fifo,
+                other => panic!("bad test line kind {other}"),
+            };
+            index.entries.push(Entry {
+                path,
+                meta: Meta {
+                    mode: if matches!(kind, Kind::File | Kind::Dir) {
+                        mode
+                    } else {
+                        0o777
+                    },
+                    ..Meta::default()
+                },
+                size: if kind == Kind::File { 1 } else { 0 },
+                kind,
+                offset: i as u64,
+                xattrs: Vec::new(),
+            });
+        }
+        index
+    }
+
+    fn merged(layers: &[&[&str]]) -> String {
+        let indexes: Vec<LayerIndex> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| layer(i + 1, l))
+            .collect();
+        listing(&merge(&indexes).expect("merge succeeds"))
+    }
+
+    fn assert_tree(layers: &[&[&str]], expected: &str) {
+        let got = merged(layers);
+        let want: String = expected
+            .lines()
+            .map(|l| format!("{}\n", l.trim()))
+            .filter(|l| l != "\n")
+            .collect();
+        assert_eq!(got, want, "\n--- got ---\n{got}--- want ---\n{want}");
+    }
+
+    #[test]
+    fn whiteout_hides_lower_only_whatever_the_tar_order() {
+        // Layer 2 writes the whiteout after its own `a`, layer 3 before: `a` survives both.
+        assert_tree(
+            &[
+                &["f a", "f b"],
+                &["f a", ".wh.a", ".wh.b"],
+                &[".wh.a", "f a"],
+            ],
+            ". d 0755 0:0 n2
+             a f 1@3:1 0644 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn opaque_dir_hides_lower_children_before_or_after_its_entries() {
+        assert_tree(
+            &[
+                &["d d 755", "f d/x", "f d/y"],
+                &["f d/new", "d/.wh..wh..opq"],
+                &["d/.wh..wh..opq", "f d/z"],
+            ],
+            ". d 0755 0:0 n3
+             d d 0755 0:0 n2
+             d/z f 1@3:1 0644 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn whiteout_of_dir_hides_children_and_recreated_dir_is_empty() {
+        assert_tree(
+            &[&["d d 700", "f d/x"], &[".wh.d"], &["d d 755"]],
+            ". d 0755 0:0 n3
+             d d 0755 0:0 n2",
+        );
+    }
+
+    #[test]
+    fn dir_over_dir_merges_and_takes_upper_metadata() {
+        assert_tree(
+            &[&["d d 700", "f d/x"], &["d d 755", "f d/y"]],
+            ". d 0755 0:0 n3
+             d d 0755 0:0 n2
+             d/x f 1@1:1 0644 0:0 n1
+             d/y f 1@2:1 0644 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn file_replaced_by_dir_and_dir_by_symlink() {
+        assert_tree(
+            &[&["f a", "d b", "f b/x"], &["d a", "f a/y", "l b /etc"]],
+            ". d 0755 0:0 n3
+             a d 0644 0:0 n2
+             a/y f 1@2:1 0644 0:0 n1
+             b l /etc 0777 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn implicit_parent_keeps_lower_metadata_or_defaults() {
+        assert_tree(
+            &[&["d d 700"], &["f d/x", "f new/y"]],
+            ". d 0755 0:0 n4
+             d d 0700 0:0 n2
+             d/x f 1@2:0 0644 0:0 n1
+             new d 0755 0:0 n2
+             new/y f 1@2:1 0644 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn entry_through_lower_symlink_replaces_it_with_a_directory() {
+        assert_tree(
+            &[
+                &["d etc", "f etc/passwd", "l lib /etc"],
+                &["f lib/passwd", "lib/.wh.x"],
+            ],
+            ". d 0755 0:0 n4
+             etc d 0644 0:0 n2
+             etc/passwd f 1@1:1 0644 0:0 n1
+             lib d 0755 0:0 n2
+             lib/passwd f 1@2:0 0644 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn whiteout_under_lower_symlink_changes_nothing() {
+        assert_tree(
+            &[
+                &["d etc", "f etc/passwd", "l lib etc"],
+                &["lib/.wh.passwd", "lib/.wh..wh..opq"],
+            ],
+            ". d 0755 0:0 n3
+             etc d 0644 0:0 n2
+             etc/passwd f 1@1:1 0644 0:0 n1
+             lib l etc 0777 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn hardlink_survives_whiteout_of_its_target() {
+        assert_tree(
+            &[&["f a", "h b a", "h c a"], &[".wh.a"]],
+            ". d 0755 0:0 n2
+             b f 1@1:0 0644 0:0 n2
+             c f 1@1:0 0644 0:0 n2 => b",
+        );
+    }
+
+    #[test]
+    fn hardlink_keeps_old_content_when_its_name_source_is_overwritten() {
+        assert_tree(
+            &[&["f a", "h b a"], &["f a"]],
+            ". d 0755 0:0 n2
+             a f 1@2:0 0644 0:0 n1
+             b f 1@1:0 0644 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn hardlink_name_overwritten_later_leaves_target_alone() {
+        assert_tree(
+            &[&["f a", "h b a"], &["f b"]],
+            ". d 0755 0:0 n2
+             a f 1@1:0 0644 0:0 n1
+             b f 1@2:0 0644 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn hardlink_to_lower_layer_and_to_symlink() {
+        assert_tree(
+            &[&["f a", "l s a"], &["h b a", "h t s"]],
+            ". d 0755 0:0 n2
+             a f 1@1:0 0644 0:0 n2
+             b f 1@1:0 0644 0:0 n2 => a
+             s l a 0777 0:0 n2
+             t l a 0777 0:0 n2 => s",
+        );
+    }
+
+    #[test]
+    fn last_duplicate_in_a_layer_wins() {
+        assert_tree(
+            &[&["f a 600", "d a 700", "f a 640"]],
+            ". d 0755 0:0 n2
+             a f 1@1:2 0640 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn root_entry_sets_root_metadata() {
+        assert_tree(&[&["d . 711", "d ./x"]], ". d 0711 0:0 n3\nx d 0644 0:0 n2");
+    }
+
+    #[test]
+    fn dangling_hardlink_is_an_error_naming_layer_and_entry() {
+        let err = merge(&[layer(1, &["h b missing"])]).expect_err("dangling link");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("layer 1") && msg.contains("\"b\"") && msg.contains("missing"),
+            "{msg}"
+        );
+        let err = merge(&[layer(1, &["d d", "h b d"])]).expect_err("link to dir");
+        assert!(err.to_string().contains("directory"), "{err}");
+    }
+
+    #[test]
+    fn inode_numbers_follow_sorted_walk() {
+        let idx = [layer(1, &["f z", "d a", "f a/b", "h y z"])];
+        let tree = merge(&idx).expect("merge");
+        let order: Vec<(String, NodeId, bool)> = {
+            let mut v = Vec::new();
+            tree.walk(|p, id, first| {
+                v.push((String::from_utf8_lossy(p).into_owned(), id, first));
+                Ok(())
+            })
+            .expect("walk");
+            v
+        };
+        let names: Vec<&str> = order.iter().map(|(p, _, _)| p.as_str()).collect();
+        assert_eq!(names, ["", "a", "a/b", "y", "z"]);
+        assert_eq!(tree.resolve(b"y"), tree.resolve(b"z"));
+        assert_eq!(tree.resolve(b"a/b"), Some(2));
+        assert_eq!(tree.node(ROOT).nlink, 3);
+    }
 }
