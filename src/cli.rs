@@ -103,7 +103,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 "flatfs: flattened {} layers ({} entries) into {} ({})",
                 img.layers.len(),
                 report.entries,
-                output,
+                if output == "-" { "stdout" } else { &output },
                 report.manifest_digest.as_deref().unwrap_or(&report.diff_id)
             );
             Ok(())

@@ -246,7 +246,33 @@ fn normalise_member(name: &[u8]) -> Vec<u8> {
 }
 
 /// Opens IMAGE as the CLI takes it: a path, `DIR:REF`, or `-` for a tar on stdin.
-pub fn open(spec: &str, platform: Option<&Platform>) -> Result<Image> {
+pub fn open(spec: &str, wanted: Option<&Platform>) -> Result<Image> {
+    let image = open_any(spec, wanted)?;
+    // An index entry without a platform (or a docker archive) says nothing about its platform;
+    // the config does. Check it only when the user asked for one: by default the only image
+    // there is is the one wanted.
+    if let Some(want) = wanted {
+        let field = |k: &str| image.config.get(k).and_then(|v| v.as_str()).unwrap_or("");
+        let variant_ok = want
+            .variant
+            .as_deref()
+            .is_none_or(|v| field("variant").is_empty() || field("variant") == v);
+        if field("os") != want.os || field("architecture") != want.arch || !variant_ok {
+            let mut have = format!("{}/{}", field("os"), field("architecture"));
+            if !field("variant").is_empty() {
+                have = format!("{have}/{}", field("variant"));
+            }
+            return Err(Error::NoPlatform {
+                image: spec.to_string(),
+                wanted: want.to_string(),
+                available: have,
+            });
+        }
+    }
+    Ok(image)
+}
+
+fn open_any(spec: &str, platform: Option<&Platform>) -> Result<Image> {
     let host = Platform::host();
     let platform = platform.unwrap_or(&host);
     if spec == "-" {
