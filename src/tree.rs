@@ -457,11 +457,70 @@ impl Builder {
 
 /// Merges layer indexes, bottom layer first, into the frozen tree.
 pub fn merge(layers: &[LayerIndex]) -> Result<Tree> {
-    let mut builder = Builder::new();
-    for (i, index) in layers.iter().enumerate() {
-        builder.apply(i as u32 + 1, index)?;
+    let mut merger = Merger::new();
+    for index in layers {
+        merger.apply(index)?;
     }
-    Ok(builder.freeze())
+    Ok(merger.finish())
+}
+
+/// A merge in progress, for consumers that look at the tree between layers (inspect).
+pub struct Merger {
+    builder: Builder,
+    layers: u32,
+}
+
+impl Default for Merger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Merger {
+    /// An empty tree: just the root.
+    pub fn new() -> Self {
+        Merger {
+            builder: Builder::new(),
+            layers: 0,
+        }
+    }
+
+    /// Applies the next layer up.
+    pub fn apply(&mut self, index: &LayerIndex) -> Result<()> {
+        self.layers += 1;
+        self.builder.apply(self.layers, index)
+    }
+
+    /// Whether a path exists now (looked up without following symlinks).
+    pub fn exists(&self, path: &[u8]) -> bool {
+        self.builder.find(path).is_some()
+    }
+
+    /// Regular-file bytes under a path (the path itself if it is a file), counting each node once.
+    pub fn bytes_under(&self, path: &[u8]) -> u64 {
+        let Some((_, id)) = self.builder.find(path) else {
+            return 0;
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut stack = vec![id];
+        let mut total = 0;
+        while let Some(id) = stack.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            match &self.builder.nodes[id].kind {
+                BKind::Dir(children) => stack.extend(children.values().copied()),
+                BKind::File(e) => total += e.size,
+                _ => {}
+            }
+        }
+        total
+    }
+
+    /// Freezes the tree.
+    pub fn finish(self) -> Tree {
+        self.builder.freeze()
+    }
 }
 
 /// A one-line-per-name listing of a tree, for tests and debugging:

@@ -3,6 +3,7 @@
 use std::io::{self, BufReader, Read};
 
 use super::path::{self, Class};
+use super::tar::TarReader;
 use crate::blob::{Decoder, HashReader};
 use crate::error::{Error, Result};
 use crate::source::Layer;
@@ -84,11 +85,11 @@ pub fn index_layer(layer: &Layer) -> Result<LayerIndex> {
     };
     let compressed = HashReader::new(BufReader::with_capacity(256 * 1024, layer.blob.reader()));
     let decoder = Decoder::new(compressed, layer.compression).map_err(layer_err)?;
-    let mut archive = tar::Archive::new(HashReader::new(decoder));
-    let mut index = index_entries(&mut archive, &label)?;
+    let mut reader = TarReader::new(HashReader::new(decoder));
+    let mut index = index_entries(&mut reader, &label)?;
 
     // Hash what follows the end-of-archive marker too: the diff_id covers the whole stream.
-    let mut plain = archive.into_inner();
+    let mut plain = reader.into_inner();
     io::copy(&mut plain, &mut io::sink()).map_err(layer_err)?;
     let (diff_id, tar_size, decoder) = plain.finish();
     let mut compressed = decoder.into_inner();
@@ -120,32 +121,37 @@ pub fn index_layer(layer: &Layer) -> Result<LayerIndex> {
 
 /// Indexes an uncompressed layer tar from any reader (digests left empty).
 pub fn index_tar<R: Read>(reader: R, label: &str) -> Result<LayerIndex> {
-    index_entries(&mut tar::Archive::new(reader), label)
+    index_entries(&mut TarReader::new(reader), label)
 }
 
-fn index_entries<R: Read>(archive: &mut tar::Archive<R>, label: &str) -> Result<LayerIndex> {
-    let layer_err = |source: io::Error| Error::Layer {
-        layer: label.to_string(),
-        source,
-    };
+fn index_entries<R: Read>(reader: &mut TarReader<R>, label: &str) -> Result<LayerIndex> {
     let mut index = LayerIndex {
         label: label.to_string(),
         ..LayerIndex::default()
     };
-    for entry in archive.entries().map_err(layer_err)? {
-        let mut entry = entry.map_err(layer_err)?;
-        let raw_path = entry.path_bytes().into_owned();
+    loop {
+        let raw = match reader.next_entry() {
+            Ok(Some(raw)) => raw,
+            Ok(None) => break,
+            Err(source) => {
+                // Name the last entry read: it is where the stream went wrong.
+                let after = index
+                    .entries
+                    .last()
+                    .map(|e| format!(" (after entry {:?})", String::from_utf8_lossy(&e.path)))
+                    .unwrap_or_default();
+                return Err(Error::Layer {
+                    layer: format!("{label}{after}"),
+                    source,
+                });
+            }
+        };
         let entry_err = |msg: String| Error::Entry {
             layer: label.to_string(),
-            entry: String::from_utf8_lossy(&raw_path).into_owned(),
+            entry: String::from_utf8_lossy(&raw.path).into_owned(),
             msg,
         };
-        let etype = entry.header().entry_type();
-        if etype.is_pax_global_extensions() {
-            continue;
-        }
-        let class = path::classify(&raw_path).map_err(|m| entry_err(m.to_string()))?;
-        let path = match class {
+        let path = match path::classify(&raw.path).map_err(|m| entry_err(m.to_string()))? {
             Class::Skip => continue,
             Class::Whiteout(p) => {
                 index.whiteouts.push(p);
@@ -157,151 +163,51 @@ fn index_entries<R: Read>(archive: &mut tar::Archive<R>, label: &str) -> Result<
             }
             Class::Entry(p) => p,
         };
-
-        let header = entry.header();
-        let mut meta = Meta {
-            mode: header.mode().map_err(|e| entry_err(e.to_string()))? & 0o7777,
-            uid: header.uid().map_err(|e| entry_err(e.to_string()))?,
-            gid: header.gid().map_err(|e| entry_err(e.to_string()))?,
-            mtime: header.mtime().map_err(|e| entry_err(e.to_string()))? as i64,
-            mtime_nsec: 0,
-        };
-        let dev = || -> io::Result<(u32, u32)> {
-            Ok((
-                header.device_major()?.unwrap_or(0),
-                header.device_minor()?.unwrap_or(0),
-            ))
-        };
-        let link = entry.link_name_bytes().map(|l| l.into_owned());
-        let kind = match etype {
-            tar::EntryType::Regular | tar::EntryType::Continuous if raw_path.ends_with(b"/") => {
-                Kind::Dir
-            }
-            tar::EntryType::Regular | tar::EntryType::Continuous => Kind::File,
-            tar::EntryType::Directory => Kind::Dir,
-            tar::EntryType::Symlink => Kind::Symlink(link.unwrap_or_default()),
-            tar::EntryType::Link => {
-                let target = link.unwrap_or_default();
-                let target = path::normalise(&target)
+        if raw.sparse {
+            return Err(entry_err("sparse files are not supported".into()));
+        }
+        let kind = match raw.typeflag {
+            // Old (pre-POSIX) tars mark directories by a trailing slash on a regular entry.
+            b'0' | b'\0' | b'7' if raw.path.ends_with(b"/") => Kind::Dir,
+            b'0' | b'\0' | b'7' => Kind::File,
+            b'5' => Kind::Dir,
+            b'2' => Kind::Symlink(raw.link.clone()),
+            b'1' => {
+                let target = path::normalise(&raw.link)
                     .map_err(|m| entry_err(format!("hardlink target: {m}")))?;
                 if target.is_empty() {
                     return Err(entry_err("hardlink to the image root".into()));
                 }
                 Kind::Hardlink(target)
             }
-            tar::EntryType::Char => {
-                let (ma, mi) = dev().map_err(|e| entry_err(e.to_string()))?;
-                Kind::Char(ma, mi)
-            }
-            tar::EntryType::Block => {
-                let (ma, mi) = dev().map_err(|e| entry_err(e.to_string()))?;
-                Kind::Block(ma, mi)
-            }
-            tar::EntryType::Fifo => Kind::Fifo,
-            tar::EntryType::GNUSparse => {
-                return Err(entry_err("GNU sparse files are not supported".into()));
-            }
+            b'3' => Kind::Char(raw.devmajor, raw.devminor),
+            b'4' => Kind::Block(raw.devmajor, raw.devminor),
+            b'6' => Kind::Fifo,
             other => {
                 return Err(entry_err(format!(
                     "unsupported tar entry type {:?}",
-                    other.as_byte() as char
+                    char::from(other)
                 )));
             }
         };
-
-        let mut xattrs = Vec::new();
-        if let Some(exts) = entry.pax_extensions().map_err(layer_err)? {
-            for ext in exts {
-                let ext = ext.map_err(layer_err)?;
-                let key = ext.key_bytes();
-                let value = ext.value_bytes();
-                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    xattrs.push((name.to_vec(), value.to_vec()));
-                } else if key.starts_with(b"GNU.sparse.") {
-                    return Err(entry_err("PAX sparse files are not supported".into()));
-                } else {
-                    match key {
-                        b"mtime" => {
-                            (meta.mtime, meta.mtime_nsec) = parse_pax_time(value)
-                                .ok_or_else(|| entry_err("bad PAX mtime".into()))?;
-                        }
-                        b"uid" => {
-                            meta.uid = parse_pax_u64(value)
-                                .ok_or_else(|| entry_err("bad PAX uid".into()))?
-                        }
-                        b"gid" => {
-                            meta.gid = parse_pax_u64(value)
-                                .ok_or_else(|| entry_err("bad PAX gid".into()))?
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        }
         if path.is_empty() && kind != Kind::Dir {
             return Err(entry_err("the image root must be a directory".into()));
         }
-        let size = if kind == Kind::File { entry.size() } else { 0 };
+        let size = if kind == Kind::File { raw.size } else { 0 };
         index.entries.push(Entry {
             path,
             kind,
-            meta,
+            meta: Meta {
+                mode: raw.mode & 0o7777,
+                uid: raw.uid,
+                gid: raw.gid,
+                mtime: raw.mtime,
+                mtime_nsec: raw.mtime_nsec,
+            },
             size,
-            offset: entry.raw_file_position(),
-            xattrs,
+            offset: raw.offset,
+            xattrs: raw.xattrs,
         });
     }
     Ok(index)
-}
-
-fn parse_pax_u64(v: &[u8]) -> Option<u64> {
-    std::str::from_utf8(v).ok()?.trim().parse().ok()
-}
-
-/// Parses a PAX time, `[-]SECONDS[.FRACTION]`, keeping nanoseconds.
-fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
-    let s = std::str::from_utf8(v).ok()?.trim();
-    let (neg, s) = match s.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, s),
-    };
-    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
-    if secs.is_empty()
-        || !secs.bytes().all(|b| b.is_ascii_digit())
-        || !frac.bytes().all(|b| b.is_ascii_digit())
-    {
-        return None;
-    }
-    let secs: i64 = secs.parse().ok()?;
-    let mut nsec: u32 = 0;
-    for (i, d) in frac.bytes().take(9).enumerate() {
-        nsec += u32::from(d - b'0') * 10u32.pow(8 - i as u32);
-    }
-    if !neg {
-        return Some((secs, nsec));
-    }
-    // -1.25 means 1.25 s before the epoch: -2 s + 0.75 s.
-    if nsec == 0 {
-        Some((-secs, 0))
-    } else {
-        Some((-secs - 1, 1_000_000_000 - nsec))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pax_times() {
-        assert_eq!(parse_pax_time(b"1700000000"), Some((1700000000, 0)));
-        assert_eq!(
-            parse_pax_time(b"1700000000.5"),
-            Some((1700000000, 500_000_000))
-        );
-        assert_eq!(parse_pax_time(b"1.123456789123"), Some((1, 123_456_789)));
-        assert_eq!(parse_pax_time(b"-1.25"), Some((-2, 750_000_000)));
-        assert_eq!(parse_pax_time(b"x"), None);
-        assert_eq!(parse_pax_time(b""), None);
-    }
 }

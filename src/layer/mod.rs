@@ -3,5 +3,6 @@
 
 pub mod index;
 pub mod path;
+pub mod tar;
 
 pub use index::{Entry, Kind, LayerIndex, Meta, index_layer};
