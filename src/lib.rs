@@ -14,6 +14,7 @@ pub mod cli;
 pub mod content;
 pub mod error;
 pub mod export;
+pub mod inspect;
 pub mod layer;
 pub mod source;
 pub mod tree;

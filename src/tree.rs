@@ -2,7 +2,7 @@
 //! into an arena that FUSE and export share (node id = index, inode = id + 1, root = 0).
 //! See: <https://github.com/opencontainers/image-spec/blob/main/layer.md>
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::error::{Error, Result};
 use crate::layer::path::{join, split_parent};
@@ -515,6 +515,27 @@ impl Merger {
             }
         }
         total
+    }
+
+    /// Every reachable regular file's content, `(layer, offset) -> size`: content identity, so
+    /// hardlinked names count once.
+    pub fn file_extents(&self) -> HashMap<(u32, u64), u64> {
+        let mut out = HashMap::new();
+        let mut stack = vec![0usize];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(id) = stack.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            match &self.builder.nodes[id].kind {
+                BKind::Dir(children) => stack.extend(children.values().copied()),
+                BKind::File(e) => {
+                    out.insert((e.layer, e.offset), e.size);
+                }
+                _ => {}
+            }
+        }
+        out
     }
 
     /// Freezes the tree.

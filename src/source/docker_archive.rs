@@ -28,7 +28,7 @@ fn digest_from_name(name: &str) -> Option<String> {
     .then(|| format!("sha256:{hex}"))
 }
 
-pub(super) fn open(store: Store, name: &str, reference: Option<&str>) -> Result<Image> {
+pub(super) fn open(store: &Store, name: &str, reference: Option<&str>) -> Result<Image> {
     let entries: Vec<Entry> = store.json(name, "manifest.json")?;
     let entry = match (reference, entries.len()) {
         (_, 0) => return Err(Error::invalid("manifest.json", "lists no image")),
@@ -94,7 +94,9 @@ pub(super) fn open(store: Store, name: &str, reference: Option<&str>) -> Result<
     Ok(Image {
         name: name.to_string(),
         family: Family::Docker,
-        manifest_digest: config_digest,
+        archive: true,
+        manifest_digest: config_digest.clone(),
+        config_digest,
         config,
         layers,
         tags: entry.repo_tags.clone().unwrap_or_default(),

@@ -63,8 +63,13 @@ pub struct Image {
     pub name: String,
     /// docker or OCI.
     pub family: Family,
-    /// Digest of the manifest the layers come from (computed for docker archives).
+    /// True when read from an archive (tar file or stdin), false for a layout directory.
+    pub archive: bool,
+    /// Digest of the manifest the layers come from; for docker archives, which have no
+    /// manifest blob, the image ID (config digest).
     pub manifest_digest: String,
+    /// Digest of the config blob.
+    pub config_digest: String,
     /// The image config, kept as JSON so that no field is lost on export.
     pub config: serde_json::Value,
     /// Layers, bottom first.
@@ -314,6 +319,17 @@ fn split_reference(spec: &str) -> (PathBuf, Option<String>) {
 
 fn open_store(
     store: Store,
+    name: &str,
+    reference: Option<&str>,
+    platform: &Platform,
+) -> Result<Image> {
+    let mut image = open_family(&store, name, reference, platform)?;
+    image.archive = matches!(store, Store::Tar { .. });
+    Ok(image)
+}
+
+fn open_family(
+    store: &Store,
     name: &str,
     reference: Option<&str>,
     platform: &Platform,

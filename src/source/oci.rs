@@ -152,7 +152,7 @@ fn pick_manifest(
 }
 
 pub(super) fn open(
-    store: Store,
+    store: &Store,
     name: &str,
     reference: Option<&str>,
     platform: &Platform,
@@ -207,9 +207,9 @@ pub(super) fn open(
         .into_iter()
         .collect();
 
-    let desc = pick_manifest(&store, name, top, platform, 0)?;
+    let desc = pick_manifest(store, name, top, platform, 0)?;
     let what = format!("manifest {}", desc.digest());
-    let bytes = read_checked(&store, name, &desc, &what)?;
+    let bytes = read_checked(store, name, &desc, &what)?;
     let manifest = ImageManifest::from_reader(&bytes[..]).map_err(|e| Error::invalid(&what, e))?;
 
     let config_desc = manifest.config();
@@ -258,7 +258,9 @@ pub(super) fn open(
     Ok(Image {
         name: name.to_string(),
         family: Family::Oci,
+        archive: false,
         manifest_digest: desc.digest().to_string(),
+        config_digest: config_desc.digest().to_string(),
         config,
         layers,
         tags,
