@@ -7,6 +7,7 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::{Value, json};
 
@@ -71,6 +72,38 @@ pub struct Report {
 }
 
 const BLOCK: usize = 512;
+
+/// Set by SIGINT/SIGTERM (see [`catch_interrupts`]); export stops at the next entry or MiB and
+/// its temp files are removed as the error unwinds.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT and SIGTERM stop an export cleanly instead of killing the process mid-write.
+pub fn catch_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only performs an atomic store; sa_mask is initialised empty.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_interrupt as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+fn check_interrupt() -> io::Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        return Err(io::Error::new(
+            io::ErrorKind::Interrupted,
+            "interrupted by a signal",
+        ));
+    }
+    Ok(())
+}
 
 /// Writes the merged tree of `image` to `out` (`-` for stdout).
 pub fn export(image: &Image, tree: &Tree, out: &str, opts: &Options) -> Result<Report> {
@@ -542,6 +575,7 @@ fn write_layer<W: Write>(
     let mut entries = 0u64;
     let out_err = |e: io::Error| Error::io("output", e);
     tree.walk(|path, id, first| {
+        check_interrupt().map_err(out_err)?;
         entries += 1;
         let node = tree.node(id);
         let mut meta = node.meta;
@@ -901,6 +935,7 @@ fn copy_range(
     let mut buf = vec![0u8; len.min(1 << 20) as usize];
     let mut done = 0;
     while done < len {
+        check_interrupt()?;
         let want = (len - done).min(buf.len() as u64) as usize;
         let n = read_at(&mut buf[..want], start + done)?;
         if n == 0 {

@@ -27,8 +27,13 @@ pub use error::{Error, Result};
 use layer::LayerIndex;
 use source::Image;
 
-/// Indexes the first `limit` layers (all if `None`), in parallel, bottom layer first.
-pub fn index_layers(image: &Image, limit: Option<usize>) -> Result<Vec<LayerIndex>> {
+/// Indexes the first `limit` layers (all if `None`), in parallel, bottom layer first;
+/// `progress` hears of every blob byte read.
+pub fn index_layers(
+    image: &Image,
+    limit: Option<usize>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<LayerIndex>> {
     let layers = &image.layers[..limit.unwrap_or(image.layers.len()).min(image.layers.len())];
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -43,7 +48,7 @@ pub fn index_layers(image: &Image, limit: Option<usize>) -> Result<Vec<LayerInde
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(layer) = layers.get(i) else { break };
-                    let r = layer::index_layer(layer);
+                    let r = layer::index_layer(layer, progress);
                     let failed = r.is_err();
                     results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
                     if failed {
@@ -87,7 +92,7 @@ pub fn open_merged(
             ),
         ));
     }
-    let indexes = index_layers(&image, layers)?;
+    let indexes = index_layers(&image, layers, &|_| {})?;
     let tree = tree::merge(&indexes)?;
     Ok((image, tree))
 }

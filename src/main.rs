@@ -8,6 +8,10 @@ fn main() -> ExitCode {
     let cli = flatfs::cli::Cli::parse();
     match flatfs::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if broken_pipe(&err) => {
+            // The reader went away (`| head`): not our error to report, but not a success.
+            ExitCode::from(141)
+        }
         Err(err) => {
             let mut msg = format!("flatfs: {err}");
             for cause in err.chain().skip(1) {
@@ -21,4 +25,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            || c.downcast_ref::<flatfs::Error>().is_some_and(|e| {
+                matches!(e, flatfs::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
+            })
+    })
 }

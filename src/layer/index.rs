@@ -77,13 +77,18 @@ pub struct LayerIndex {
 }
 
 /// Reads a layer blob once: decompresses, indexes the tar, and checks blob digest and diff_id.
-pub fn index_layer(layer: &Layer) -> Result<LayerIndex> {
+/// `progress` is told how many blob bytes have been read, as they are.
+pub fn index_layer(layer: &Layer, progress: &(dyn Fn(u64) + Sync)) -> Result<LayerIndex> {
     let label = layer.label();
     let layer_err = |source: io::Error| Error::Layer {
         layer: label.clone(),
         source,
     };
-    let compressed = HashReader::new(BufReader::with_capacity(256 * 1024, layer.blob.reader()));
+    let blob = ProgressReader {
+        inner: layer.blob.reader(),
+        progress,
+    };
+    let compressed = HashReader::new(BufReader::with_capacity(256 * 1024, blob));
     let decoder = Decoder::new(compressed, layer.compression).map_err(layer_err)?;
     let mut reader = TarReader::new(HashReader::new(decoder));
     let mut index = index_entries(&mut reader, &label)?;
@@ -117,6 +122,19 @@ pub fn index_layer(layer: &Layer) -> Result<LayerIndex> {
     index.diff_id = diff_id;
     index.tar_size = tar_size;
     Ok(index)
+}
+
+struct ProgressReader<'p, R> {
+    inner: R,
+    progress: &'p (dyn Fn(u64) + Sync),
+}
+
+impl<R: Read> Read for ProgressReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.progress)(n as u64);
+        Ok(n)
+    }
 }
 
 /// Indexes an uncompressed layer tar from any reader (digests left empty).
