@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde_json::{Value, json};
 
 use crate::blob::{BlobReader, Compression, Decoder, HashWriter, open_decoded, sha256_of};
+use crate::compress::ParallelGzip;
 use crate::error::{Error, Result};
 use crate::layer::Meta;
 use crate::source::{Family, Image};
@@ -515,19 +516,23 @@ struct LayerOut {
 
 enum Compressor<W: Write> {
     None(W),
-    Gzip(flate2::write::GzEncoder<W>),
+    Gzip(ParallelGzip<W>),
     Zstd(zstd::stream::write::Encoder<'static, W>),
 }
 
 impl<W: Write> Compressor<W> {
     fn new(w: W, c: OutCompression) -> io::Result<Self> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(match c {
             OutCompression::None => Compressor::None(w),
-            OutCompression::Gzip => Compressor::Gzip(flate2::write::GzEncoder::new(
-                w,
-                flate2::Compression::new(6),
-            )),
-            OutCompression::Zstd => Compressor::Zstd(zstd::stream::write::Encoder::new(w, 3)?),
+            // Level 6, like gzip's and pigz's default.
+            OutCompression::Gzip => Compressor::Gzip(ParallelGzip::new(w, 6, threads)),
+            OutCompression::Zstd => {
+                let mut e = zstd::stream::write::Encoder::new(w, 3)?;
+                // zstd's output is the same for any worker count >= 1, so this stays reproducible.
+                e.multithread(threads as u32)?;
+                Compressor::Zstd(e)
+            }
         })
     }
 

@@ -11,6 +11,7 @@
 
 pub mod blob;
 pub mod cli;
+pub mod compress;
 pub mod content;
 pub mod error;
 pub mod export;
