@@ -34,6 +34,7 @@ pub fn index_layers(
     image: &Image,
     limit: Option<usize>,
     progress: &(dyn Fn(u64) + Sync),
+    spool_dir: Option<&std::path::Path>,
 ) -> Result<Vec<LayerIndex>> {
     let layers = &image.layers[..limit.unwrap_or(image.layers.len()).min(image.layers.len())];
     let threads = std::thread::available_parallelism()
@@ -49,7 +50,7 @@ pub fn index_layers(
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(layer) = layers.get(i) else { break };
-                    let r = layer::index_layer(layer, progress);
+                    let r = layer::index_layer(layer, progress, spool_dir);
                     let failed = r.is_err();
                     results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
                     if failed {
@@ -80,7 +81,20 @@ pub fn open_merged(
     platform: Option<&source::Platform>,
     layers: Option<usize>,
 ) -> Result<(Image, tree::Tree)> {
-    let image = source::open(spec, platform)?;
+    open_merged_with(spec, platform, layers, None, &|_| {})
+}
+
+/// [`open_merged`] with a progress hook (blob bytes read) and, for export, a directory in which
+/// compressed layers are kept decompressed as they are indexed: the returned image then reads
+/// those layers from the copies, so no layer is decompressed twice.
+pub fn open_merged_with(
+    spec: &str,
+    platform: Option<&source::Platform>,
+    layers: Option<usize>,
+    spool_dir: Option<&std::path::Path>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(Image, tree::Tree)> {
+    let mut image = source::open(spec, platform)?;
     if let Some(n) = layers
         && (n == 0 || n > image.layers.len())
     {
@@ -93,7 +107,13 @@ pub fn open_merged(
             ),
         ));
     }
-    let indexes = index_layers(&image, layers, &|_| {})?;
+    let mut indexes = index_layers(&image, layers, progress, spool_dir)?;
+    for (layer, index) in image.layers.iter_mut().zip(&mut indexes) {
+        if let Some(copy) = index.decompressed.take() {
+            layer.blob = copy;
+            layer.compression = blob::Compression::None;
+        }
+    }
     let tree = tree::merge(&indexes)?;
     Ok((image, tree))
 }

@@ -1,10 +1,13 @@
 //! One pass over a (decompressed) layer tar → [`LayerIndex`]; digests are checked on the way.
 
-use std::io::{self, BufReader, Read};
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
 
 use super::path::{self, Class};
 use super::tar::TarReader;
-use crate::blob::{Decoder, HashReader};
+use crate::blob::{Blob, Compression, Decoder, HashReader};
 use crate::error::{Error, Result};
 use crate::source::Layer;
 
@@ -74,11 +77,21 @@ pub struct LayerIndex {
     pub diff_id: String,
     /// Length of the uncompressed tar.
     pub tar_size: u64,
+    /// A decompressed copy of a compressed layer, when indexing was asked to keep one.
+    pub decompressed: Option<Blob>,
 }
 
 /// Reads a layer blob once: decompresses, indexes the tar, and checks blob digest and diff_id.
 /// `progress` is told how many blob bytes have been read, as they are.
-pub fn index_layer(layer: &Layer, progress: &(dyn Fn(u64) + Sync)) -> Result<LayerIndex> {
+///
+/// With `spool_dir`, a compressed layer's tar is also written, as it is decompressed, to an
+/// anonymous temp file there ([`LayerIndex::decompressed`]), so that export can read file
+/// contents in place instead of decompressing the layer a second time.
+pub fn index_layer(
+    layer: &Layer,
+    progress: &(dyn Fn(u64) + Sync),
+    spool_dir: Option<&Path>,
+) -> Result<LayerIndex> {
     let label = layer.label();
     let layer_err = |source: io::Error| Error::Layer {
         layer: label.clone(),
@@ -90,14 +103,36 @@ pub fn index_layer(layer: &Layer, progress: &(dyn Fn(u64) + Sync)) -> Result<Lay
     };
     let compressed = HashReader::new(BufReader::with_capacity(256 * 1024, blob));
     let decoder = Decoder::new(compressed, layer.compression).map_err(layer_err)?;
-    let mut reader = TarReader::new(HashReader::new(decoder));
+    let spool = match spool_dir {
+        Some(dir) if layer.compression != Compression::None => Some(BufWriter::with_capacity(
+            1 << 20,
+            tempfile::tempfile_in(dir).map_err(|e| Error::io(dir.display(), e))?,
+        )),
+        _ => None,
+    };
+    let tee = Tee {
+        inner: decoder,
+        copy: spool,
+    };
+    let mut reader = TarReader::new(HashReader::new(tee));
     let mut index = index_entries(&mut reader, &label)?;
 
     // Hash what follows the end-of-archive marker too: the diff_id covers the whole stream.
     let mut plain = reader.into_inner();
     io::copy(&mut plain, &mut io::sink()).map_err(layer_err)?;
-    let (diff_id, tar_size, decoder) = plain.finish();
-    let mut compressed = decoder.into_inner();
+    let (diff_id, tar_size, tee) = plain.finish();
+    if let Some(copy) = tee.copy {
+        let file = copy
+            .into_inner()
+            .map_err(|e| Error::io("layer spool", e.into_error()))?;
+        index.decompressed = Some(Blob::new(
+            Arc::new(file),
+            0,
+            tar_size,
+            &format!("{} (decompressed)", layer.blob.name()),
+        ));
+    }
+    let mut compressed = tee.inner.into_inner();
     io::copy(&mut compressed, &mut io::sink()).map_err(layer_err)?;
     let (digest, _, _) = compressed.finish();
 
@@ -122,6 +157,22 @@ pub fn index_layer(layer: &Layer, progress: &(dyn Fn(u64) + Sync)) -> Result<Lay
     index.diff_id = diff_id;
     index.tar_size = tar_size;
     Ok(index)
+}
+
+/// Copies everything read through it into `copy`.
+struct Tee<R> {
+    inner: R,
+    copy: Option<BufWriter<File>>,
+}
+
+impl<R: Read> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(copy) = &mut self.copy {
+            copy.write_all(&buf[..n])?;
+        }
+        Ok(n)
+    }
 }
 
 struct ProgressReader<'p, R> {
