@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -352,6 +352,8 @@ fn write_layout_dir(out: &Path, files: &[(String, Member)], spool: &mut File) ->
     let parent = parent_dir(out);
     let tmp = tempfile::Builder::new()
         .prefix(".flatfs-")
+        // The kernel applies the umask: the layout ends up as mkdir would make it.
+        .permissions(fs::Permissions::from_mode(0o777))
         .tempdir_in(&parent)
         .map_err(|e| Error::io(parent.display(), e))?;
     for (name, member) in files {
@@ -404,6 +406,8 @@ impl Dest {
         let parent = parent_dir(&path);
         let tmp = tempfile::Builder::new()
             .prefix(".flatfs-")
+            // The kernel applies the umask: OUT ends up as a plain `>` redirect would make it.
+            .permissions(fs::Permissions::from_mode(0o666))
             .tempfile_in(&parent)
             .map_err(|e| Error::io(parent.display(), e))?;
         Ok(Dest::File {

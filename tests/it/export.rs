@@ -1120,3 +1120,41 @@ fn usage_errors_exit_2() {
         assert!(!out.exists(), "usage error {args:?} wrote output");
     }
 }
+
+/// Regression: the temp file's 0600 used to survive the rename, so OUT was unreadable by others.
+#[test]
+fn output_modes_follow_the_umask_like_a_plain_redirect() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let image = tmp.path().join("in.tar");
+    write_docker_archive(&sample_layers(), &default_config(&sample_layers()), &image);
+    for (format, out) in [("docker-archive", "flat.tar"), ("oci", "layout")] {
+        let out = tmp.path().join(out);
+        let mut cmd = flatfs();
+        cmd.args([
+            "export",
+            image.to_str().expect("utf-8"),
+            "-o",
+            out.to_str().expect("utf-8"),
+            "--format",
+            format,
+        ]);
+        // SAFETY: umask is async-signal-safe and touches only the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(0o022);
+                Ok(())
+            });
+        }
+        let res = cmd.output().expect("run flatfs");
+        assert_success(&res);
+        let mode = std::fs::metadata(&out)
+            .expect("OUT exists")
+            .permissions()
+            .mode()
+            & 0o777;
+        let want = if format == "oci" { 0o755 } else { 0o644 };
+        assert_eq!(mode, want, "{format}: mode of {out:?}");
+    }
+}

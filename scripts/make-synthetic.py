@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""make-synthetic.py OUTDIR [FILES]: a deterministic benchmark image of many small files.
+
+Layer 1 holds FILES (default 200000) small files in 1000-file directories; layer 2 whites out
+every tenth file and rewrites another tenth. Writes OUTDIR/synthetic/ (OCI layout, gzip layers,
+tag latest) and OUTDIR/synthetic.oci.tar. Compression uses pigz when present (fast), else zlib.
+"""
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+
+MTIME = 1700000000
+
+
+def add(tf, name, data=None, kind="f", mode=0o644):
+    ti = tarfile.TarInfo(name)
+    ti.mtime, ti.uid, ti.gid = MTIME, 0, 0
+    if kind == "d":
+        ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+        tf.addfile(ti)
+    else:
+        ti.mode, ti.size = mode, len(data)
+        tf.addfile(ti, io.BytesIO(data))
+
+
+def content(rng, i, gen):
+    n = rng.randrange(0, 2048)
+    head = f"file {i} generation {gen}\n".encode()
+    return head + bytes(rng.getrandbits(8) if k % 4 == 0 else 97 + k % 26 for k in range(n))
+
+
+def layer_tar(path, build):
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        build(tf)
+
+
+def gzip_file(src, dst):
+    if shutil.which("pigz"):
+        with open(dst, "wb") as out:
+            subprocess.run(["pigz", "-6", "-n", "-c", src], stdout=out, check=True)
+    else:
+        import gzip
+        with open(src, "rb") as i, gzip.GzipFile(dst, "wb", mtime=0) as o:
+            shutil.copyfileobj(i, o, 1 << 20)
+
+
+def sha_file(p):
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return "sha256:" + h.hexdigest()
+
+
+def main():
+    out = sys.argv[1]
+    files = int(sys.argv[2]) if len(sys.argv) > 2 else 200000
+    root = os.path.join(out, "synthetic")
+    shutil.rmtree(root, ignore_errors=True)
+    blobs = os.path.join(root, "blobs", "sha256")
+    os.makedirs(blobs)
+    work = os.path.join(out, ".synthetic-work")
+    os.makedirs(work, exist_ok=True)
+
+    def base(tf):
+        rng = random.Random(1)
+        for i in range(files):
+            if i % 1000 == 0:
+                add(tf, f"d{i // 1000:04d}", kind="d")
+            add(tf, f"d{i // 1000:04d}/f{i:07d}", content(rng, i, 1))
+
+    def update(tf):
+        rng = random.Random(2)
+        for i in range(files):
+            d = f"d{i // 1000:04d}"
+            if i % 10 == 3:
+                add(tf, f"{d}/.wh.f{i:07d}", b"")
+            elif i % 10 == 7:
+                add(tf, f"{d}/f{i:07d}", content(rng, i, 2))
+
+    layers, diff_ids = [], []
+    for n, build in enumerate((base, update), 1):
+        raw = os.path.join(work, f"layer{n}.tar")
+        layer_tar(raw, build)
+        diff_ids.append(sha_file(raw))
+        gz = raw + ".gz"
+        gzip_file(raw, gz)
+        d = sha_file(gz)
+        size = os.path.getsize(gz)
+        os.replace(gz, os.path.join(blobs, d[7:]))
+        os.remove(raw)
+        layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": size})
+
+    def blob(obj):
+        b = json.dumps(obj, sort_keys=True).encode()
+        d = "sha256:" + hashlib.sha256(b).hexdigest()
+        with open(os.path.join(blobs, d[7:]), "wb") as f:
+            f.write(b)
+        return d, len(b)
+
+    config = {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/true"]},
+              "rootfs": {"type": "layers", "diff_ids": diff_ids},
+              "history": [{"created_by": f"synthetic layer {n}"} for n in (1, 2)]}
+    cd, cs = blob(config)
+    md, ms = blob({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                   "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+                   "layers": layers})
+    with open(os.path.join(root, "oci-layout"), "w") as f:
+        f.write('{"imageLayoutVersion":"1.0.0"}')
+    with open(os.path.join(root, "index.json"), "w") as f:
+        json.dump({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                   "digest": md, "size": ms, "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}, f)
+    shutil.rmtree(work)
+    with tarfile.open(os.path.join(out, "synthetic.oci.tar"), "w") as tf:
+        tf.add(root, arcname=".")
+
+
+if __name__ == "__main__":
+    main()
