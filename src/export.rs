@@ -368,7 +368,6 @@ fn write_layout_dir(out: &Path, files: &[(String, Member)], spool: &mut File) ->
                 .rewind()
                 .and_then(|()| io::copy(spool, &mut f).map(|_| ())),
         }
-        .and_then(|()| f.sync_all())
         .map_err(|e| Error::io(path.display(), e))?;
     }
     if out.is_dir() {
@@ -430,9 +429,9 @@ impl Dest {
                 let tmp = tmp
                     .into_inner()
                     .map_err(|e| Error::io(path.display(), e.into_error()))?;
-                tmp.as_file()
-                    .sync_all()
-                    .map_err(|e| Error::io(path.display(), e))?;
+                // No fsync: the rename makes OUT appear whole or not at all, which is the
+                // promise; durability across a power cut is the filesystem's (as for
+                // docker save and skopeo), and an fsync of a big image costs seconds.
                 tmp.persist(&path)
                     .map_err(|e| Error::io(path.display(), e.error))?;
                 Ok(())
