@@ -35,6 +35,16 @@ impl Blob {
         }
     }
 
+    /// Where the blob starts in its file.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The metadata of the file holding the blob.
+    pub fn metadata(&self) -> Option<std::fs::Metadata> {
+        self.file.metadata().ok()
+    }
+
     /// The blob's length in bytes.
     pub fn len(&self) -> u64 {
         self.len

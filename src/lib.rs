@@ -10,6 +10,7 @@
 //! decompressed tar, read on demand by `content.rs` (FUSE) or streamed by `export.rs`.
 
 pub mod blob;
+pub mod cache;
 pub mod cli;
 pub mod compress;
 pub mod content;
@@ -28,15 +29,28 @@ pub use error::{Error, Result};
 use layer::LayerIndex;
 use source::Image;
 
-/// Indexes the first `limit` layers (all if `None`), in parallel, bottom layer first;
-/// `progress` hears of every blob byte read.
-pub fn index_layers(
-    image: &Image,
-    limit: Option<usize>,
-    progress: &(dyn Fn(u64) + Sync),
-    spool_dir: Option<&std::path::Path>,
-) -> Result<Vec<LayerIndex>> {
-    let layers = &image.layers[..limit.unwrap_or(image.layers.len()).min(image.layers.len())];
+/// How to index an image's layers.
+#[derive(Default, Clone, Copy)]
+pub struct IndexOptions<'a> {
+    /// Only the first N layers (all if `None`).
+    pub layers: Option<usize>,
+    /// Keep decompressed copies of compressed layers here (for export; see
+    /// [`layer::index_layer`]).
+    pub spool_dir: Option<&'a std::path::Path>,
+    /// Load and save layer indexes here.
+    pub cache: Option<&'a cache::Cache>,
+    /// Told of every blob byte read (or skipped thanks to the cache).
+    pub progress: Option<&'a (dyn Fn(u64) + Sync)>,
+}
+
+/// Indexes layers in parallel, bottom layer first, using and filling the cache.
+pub fn index_layers(image: &Image, opts: &IndexOptions) -> Result<Vec<LayerIndex>> {
+    let limit = opts
+        .layers
+        .unwrap_or(image.layers.len())
+        .min(image.layers.len());
+    let layers = &image.layers[..limit];
+    let progress = opts.progress.unwrap_or(&|_| {});
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(layers.len())
@@ -44,13 +58,30 @@ pub fn index_layers(
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<LayerIndex>>>> =
         Mutex::new(layers.iter().map(|_| None).collect());
+    let index_one = |layer: &source::Layer| -> Result<LayerIndex> {
+        if let Some(cache) = opts.cache {
+            let expected = layer.digest.as_ref().or(layer.diff_id.as_ref());
+            let verify =
+                || Ok(expected.is_some_and(|d| cache::blob_digest(layer).is_ok_and(|f| f == *d)));
+            if let Some(index) = cache.load(layer, verify) {
+                progress(layer.blob.len());
+                return Ok(index);
+            }
+        }
+        let index = layer::index_layer(layer, progress, opts.spool_dir)?;
+        if let Some(cache) = opts.cache {
+            // The cache only saves time: failing to fill it is not the user's problem.
+            let _ = cache.store(layer, &index);
+        }
+        Ok(index)
+    };
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(layer) = layers.get(i) else { break };
-                    let r = layer::index_layer(layer, progress, spool_dir);
+                    let r = index_one(layer);
                     let failed = r.is_err();
                     results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
                     if failed {
@@ -81,21 +112,25 @@ pub fn open_merged(
     platform: Option<&source::Platform>,
     layers: Option<usize>,
 ) -> Result<(Image, tree::Tree)> {
-    open_merged_with(spec, platform, layers, None, &|_| {})
+    open_merged_with(
+        spec,
+        platform,
+        &IndexOptions {
+            layers,
+            ..IndexOptions::default()
+        },
+    )
 }
 
-/// [`open_merged`] with a progress hook (blob bytes read) and, for export, a directory in which
-/// compressed layers are kept decompressed as they are indexed: the returned image then reads
-/// those layers from the copies, so no layer is decompressed twice.
+/// [`open_merged`] with options. With a spool directory, the returned image reads compressed
+/// layers from their decompressed copies, so export decompresses no layer twice.
 pub fn open_merged_with(
     spec: &str,
     platform: Option<&source::Platform>,
-    layers: Option<usize>,
-    spool_dir: Option<&std::path::Path>,
-    progress: &(dyn Fn(u64) + Sync),
+    opts: &IndexOptions,
 ) -> Result<(Image, tree::Tree)> {
     let mut image = source::open(spec, platform)?;
-    if let Some(n) = layers
+    if let Some(n) = opts.layers
         && (n == 0 || n > image.layers.len())
     {
         return Err(Error::invalid(
@@ -107,7 +142,7 @@ pub fn open_merged_with(
             ),
         ));
     }
-    let mut indexes = index_layers(&image, layers, progress, spool_dir)?;
+    let mut indexes = index_layers(&image, opts)?;
     for (layer, index) in image.layers.iter_mut().zip(&mut indexes) {
         if let Some(copy) = index.decompressed.take() {
             layer.blob = copy;

@@ -1,0 +1,449 @@
+//! Persistent layer-index cache: a layer's index (entries, whiteouts, digests) saved under its
+//! digest, so a second mount, export or inspect of an image, or of another image sharing base
+//! layers, skips the indexing pass. Files are versioned, checksummed and written atomically;
+//! a corrupt, stale or foreign file is ignored and rebuilt, never trusted.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::layer::{Entry, Kind, LayerIndex, Meta};
+use crate::source::Layer;
+
+const MAGIC: &[u8; 8] = b"FLATFSIX";
+/// Bump when the encoding or the meaning of a field changes; old files are then ignored.
+const VERSION: u32 = 1;
+
+/// Where cache files live: `$FLATFS_CACHE_DIR`, else `$XDG_CACHE_HOME/flatfs`, else
+/// `~/.cache/flatfs`.
+pub fn default_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("FLATFS_CACHE_DIR").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(d).join("flatfs"));
+    }
+    std::env::var_os("HOME")
+        .filter(|d| !d.is_empty())
+        .map(|h| PathBuf::from(h).join(".cache/flatfs"))
+}
+
+/// A cache directory.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    dir: PathBuf,
+}
+
+/// One cache file, for `flatfs cache ls`.
+#[derive(Debug, Clone)]
+pub struct CacheEntry {
+    /// The layer digest it is keyed by.
+    pub digest: String,
+    /// File size in bytes.
+    pub size: u64,
+    /// Entries in the index, if the file is readable.
+    pub entries: Option<u64>,
+}
+
+/// The identity of the blob bytes an index was verified against: if the file is the same file,
+/// unchanged, the digest check done then still holds.
+fn stamp(layer: &Layer) -> [u64; 6] {
+    match layer.blob.metadata() {
+        Some(m) => [
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime() as u64,
+            m.mtime_nsec() as u64,
+            layer.blob.offset(),
+        ],
+        None => [0; 6],
+    }
+}
+
+impl Cache {
+    /// A cache rooted at `dir` (created on first store).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Cache { dir: dir.into() }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The key of a layer: its blob digest, else (docker archives) its diff_id.
+    fn key(layer: &Layer) -> Option<&str> {
+        layer.digest.as_deref().or(layer.diff_id.as_deref())
+    }
+
+    fn path_for(&self, key: &str) -> Option<PathBuf> {
+        let (alg, hex) = key.split_once(':')?;
+        // Digests come from image JSON: only accept plain hex so a key can't name another path.
+        if alg != "sha256" || hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        Some(self.dir.join(format!("{hex}.idx")))
+    }
+
+    /// The cached index of a layer, if there is a valid one for exactly these bytes.
+    /// `verify` re-checks the blob digest when the file is not the one the index was made from.
+    pub fn load(
+        &self,
+        layer: &Layer,
+        verify: impl FnOnce() -> io::Result<bool>,
+    ) -> Option<LayerIndex> {
+        let key = Self::key(layer)?;
+        let path = self.path_for(key)?;
+        let bytes = fs::read(&path).ok()?;
+        let (index, saved_stamp, saved_key) = decode(&bytes)?;
+        if saved_key != key || layer.diff_id.as_deref().is_some_and(|d| d != index.diff_id) {
+            return None;
+        }
+        if saved_stamp != stamp(layer) {
+            // Another copy of the same digest: the index fits it only if the bytes are right.
+            if !verify().unwrap_or(false) {
+                return None;
+            }
+            let _ = self.store(layer, &index);
+        }
+        let mut index = index;
+        index.label = layer.label();
+        Some(index)
+    }
+
+    /// Saves a layer's index (best effort is the caller's choice: errors are returned).
+    pub fn store(&self, layer: &Layer, index: &LayerIndex) -> io::Result<()> {
+        let Some(key) = Self::key(layer) else {
+            return Ok(());
+        };
+        let Some(path) = self.path_for(key) else {
+            return Ok(());
+        };
+        fs::create_dir_all(&self.dir)?;
+        let bytes = encode(index, stamp(layer), key);
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(&self.dir)?;
+        tmp.write_all(&bytes)?;
+        tmp.persist(&path).map_err(|e| e.error)?;
+        Ok(())
+    }
+
+    /// Every cache file.
+    pub fn list(&self) -> io::Result<Vec<CacheEntry>> {
+        let mut out = Vec::new();
+        let rd = match fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for e in rd {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(hex) = name.strip_suffix(".idx") else {
+                continue;
+            };
+            let size = e.metadata()?.len();
+            let entries = fs::read(e.path())
+                .ok()
+                .and_then(|b| decode(&b))
+                .map(|(i, _, _)| i.entries.len() as u64);
+            out.push(CacheEntry {
+                digest: format!("sha256:{hex}"),
+                size,
+                entries,
+            });
+        }
+        out.sort_by(|a, b| a.digest.cmp(&b.digest));
+        Ok(out)
+    }
+
+    /// Removes every cache file; returns how many bytes were freed.
+    pub fn clear(&self) -> io::Result<u64> {
+        let mut freed = 0;
+        for e in self.list()? {
+            if let Some(p) = self.path_for(&e.digest) {
+                fs::remove_file(&p)?;
+                freed += e.size;
+            }
+        }
+        // Leftover temp files from an interrupted store.
+        if let Ok(rd) = fs::read_dir(&self.dir) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                    freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(freed)
+    }
+}
+
+// ---- encoding: little-endian, length-prefixed byte strings, sha256 trailer ----
+
+struct Enc(Vec<u8>);
+
+impl Enc {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u64(b.len() as u64);
+        self.0.extend_from_slice(b);
+    }
+}
+
+fn encode(index: &LayerIndex, stamp: [u64; 6], key: &str) -> Vec<u8> {
+    let mut e = Enc(Vec::with_capacity(64 + index.entries.len() * 64));
+    e.0.extend_from_slice(MAGIC);
+    e.u32(VERSION);
+    e.bytes(key.as_bytes());
+    for s in stamp {
+        e.u64(s);
+    }
+    e.bytes(index.diff_id.as_bytes());
+    e.u64(index.tar_size);
+    e.u64(index.whiteouts.len() as u64);
+    for w in &index.whiteouts {
+        e.bytes(w);
+    }
+    e.u64(index.opaques.len() as u64);
+    for o in &index.opaques {
+        e.bytes(o);
+    }
+    e.u64(index.entries.len() as u64);
+    for en in &index.entries {
+        e.bytes(&en.path);
+        let (tag, a, b, link): (u8, u32, u32, &[u8]) = match &en.kind {
+            Kind::File => (0, 0, 0, &[]),
+            Kind::Dir => (1, 0, 0, &[]),
+            Kind::Symlink(t) => (2, 0, 0, t),
+            Kind::Hardlink(t) => (3, 0, 0, t),
+            Kind::Char(x, y) => (4, *x, *y, &[]),
+            Kind::Block(x, y) => (5, *x, *y, &[]),
+            Kind::Fifo => (6, 0, 0, &[]),
+        };
+        e.u8(tag);
+        e.u32(a);
+        e.u32(b);
+        e.bytes(link);
+        e.u32(en.meta.mode);
+        e.u64(en.meta.uid);
+        e.u64(en.meta.gid);
+        e.u64(en.meta.mtime as u64);
+        e.u32(en.meta.mtime_nsec);
+        e.u64(en.size);
+        e.u64(en.offset);
+        e.u64(en.xattrs.len() as u64);
+        for (k, v) in &en.xattrs {
+            e.bytes(k);
+            e.bytes(v);
+        }
+    }
+    let sum = Sha256::digest(&e.0);
+    e.0.extend_from_slice(&sum);
+    e.0
+}
+
+struct Dec<'a>(&'a [u8]);
+
+impl Dec<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn bytes(&mut self) -> Option<Vec<u8>> {
+        let n = usize::try_from(self.u64()?).ok()?;
+        Some(self.take(n)?.to_vec())
+    }
+    /// A count of items each at least `min` bytes long: bounded by what is left, so a corrupt
+    /// count cannot make us allocate more than the file holds.
+    fn count(&mut self, min: usize) -> Option<usize> {
+        let n = usize::try_from(self.u64()?).ok()?;
+        (n <= self.0.len() / min.max(1)).then_some(n)
+    }
+}
+
+fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
+    let (body, sum) = bytes.split_at(bytes.len().checked_sub(32)?);
+    if Sha256::digest(body).as_slice() != sum {
+        return None;
+    }
+    let mut d = Dec(body);
+    if d.take(8)? != MAGIC || d.u32()? != VERSION {
+        return None;
+    }
+    let key = String::from_utf8(d.bytes()?).ok()?;
+    let mut stamp = [0u64; 6];
+    for s in &mut stamp {
+        *s = d.u64()?;
+    }
+    let diff_id = String::from_utf8(d.bytes()?).ok()?;
+    let tar_size = d.u64()?;
+    let n = d.count(8)?;
+    let whiteouts = (0..n).map(|_| d.bytes()).collect::<Option<Vec<_>>>()?;
+    let n = d.count(8)?;
+    let opaques = (0..n).map(|_| d.bytes()).collect::<Option<Vec<_>>>()?;
+    let n = d.count(60)?;
+    let mut entries = Vec::with_capacity(n);
+    for _ in 0..n {
+        let path = d.bytes()?;
+        let (tag, a, b, link) = (d.u8()?, d.u32()?, d.u32()?, d.bytes()?);
+        let kind = match tag {
+            0 => Kind::File,
+            1 => Kind::Dir,
+            2 => Kind::Symlink(link),
+            3 => Kind::Hardlink(link),
+            4 => Kind::Char(a, b),
+            5 => Kind::Block(a, b),
+            6 => Kind::Fifo,
+            _ => return None,
+        };
+        let meta = Meta {
+            mode: d.u32()?,
+            uid: d.u64()?,
+            gid: d.u64()?,
+            mtime: d.u64()? as i64,
+            mtime_nsec: d.u32()?,
+        };
+        let size = d.u64()?;
+        let offset = d.u64()?;
+        let nx = d.count(16)?;
+        let xattrs = (0..nx)
+            .map(|_| Some((d.bytes()?, d.bytes()?)))
+            .collect::<Option<Vec<_>>>()?;
+        entries.push(Entry {
+            path,
+            kind,
+            meta,
+            size,
+            offset,
+            xattrs,
+        });
+    }
+    if !d.0.is_empty() {
+        return None;
+    }
+    Some((
+        LayerIndex {
+            label: String::new(),
+            entries,
+            whiteouts,
+            opaques,
+            diff_id,
+            tar_size,
+            decompressed: None,
+        },
+        stamp,
+        key,
+    ))
+}
+
+/// sha256 of a blob's bytes, for re-verifying a cached index against another copy.
+pub fn blob_digest(layer: &Layer) -> io::Result<String> {
+    let mut h = Sha256::new();
+    let mut r = layer.blob.reader();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(crate::blob::digest_string(h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> LayerIndex {
+        LayerIndex {
+            label: "1".into(),
+            entries: vec![
+                Entry {
+                    path: b"a/b\xff".to_vec(),
+                    kind: Kind::Symlink(b"/x".to_vec()),
+                    meta: Meta {
+                        mode: 0o4755,
+                        uid: 3_000_000,
+                        gid: 7,
+                        mtime: -5,
+                        mtime_nsec: 12,
+                    },
+                    size: 0,
+                    offset: 512,
+                    xattrs: vec![
+                        (b"security.capability".to_vec(), b"\x01\n\x00".to_vec()),
+                        (b"user.e".to_vec(), Vec::new()),
+                    ],
+                },
+                Entry {
+                    path: b"c".to_vec(),
+                    kind: Kind::Char(1, 3),
+                    meta: Meta::default(),
+                    size: 0,
+                    offset: 1024,
+                    xattrs: Vec::new(),
+                },
+            ],
+            whiteouts: vec![b"w".to_vec()],
+            opaques: vec![Vec::new()],
+            diff_id: "sha256:00".into(),
+            tar_size: 4096,
+            decompressed: None,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let bytes = encode(&sample(), [1, 2, 3, 4, 5, 6], "sha256:ab");
+        let (index, stamp, key) = decode(&bytes).expect("decodes");
+        assert_eq!(index.entries, sample().entries);
+        assert_eq!(index.whiteouts, sample().whiteouts);
+        assert_eq!(index.opaques, sample().opaques);
+        assert_eq!(
+            (index.diff_id.as_str(), index.tar_size),
+            ("sha256:00", 4096)
+        );
+        assert_eq!((stamp, key.as_str()), ([1, 2, 3, 4, 5, 6], "sha256:ab"));
+    }
+
+    #[test]
+    fn any_corruption_is_rejected() {
+        let bytes = encode(&sample(), [0; 6], "sha256:ab");
+        for i in (0..bytes.len()).step_by(7) {
+            let mut b = bytes.clone();
+            b[i] ^= 0x40;
+            assert!(decode(&b).is_none(), "flipped byte {i} accepted");
+        }
+        for n in [0, 1, 31, 32, bytes.len() - 1] {
+            assert!(decode(&bytes[..n]).is_none(), "truncated to {n} accepted");
+        }
+    }
+}
