@@ -16,8 +16,10 @@ pub mod compress;
 pub mod content;
 pub mod error;
 pub mod export;
+pub mod fs;
 pub mod inspect;
 pub mod layer;
+pub mod mount;
 pub mod source;
 pub mod tree;
 

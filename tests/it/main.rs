@@ -4,5 +4,6 @@
 mod export;
 mod harness;
 mod merge;
+mod mount;
 mod oracle;
 mod util;
