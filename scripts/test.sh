@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 umoci skopeo attr python3 tar gzip zstd)
+# (jq, libcap2-bin and busybox-static are for ../shared/tools/make-images.sh, which the oracle
+# tests run; installed here so that two of them never run apt-get at once.)
+packages=(fuse3 umoci skopeo attr python3 tar gzip zstd pigz jq libcap2-bin busybox-static)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -22,4 +24,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# A cache of the suite's own, started empty, so that runs do not depend on ~/.cache.
+export FLATFS_CACHE_DIR="${FLATFS_CACHE_DIR:-$PWD/target/test-cache}"
+rm -rf "$FLATFS_CACHE_DIR"
 exec cargo test --locked "$@"

@@ -108,6 +108,29 @@ fn check_interrupt() -> io::Result<()> {
 
 /// Writes the merged tree of `image` to `out` (`-` for stdout).
 pub fn export(image: &Image, tree: &Tree, out: &str, opts: &Options) -> Result<Report> {
+    export_with_progress(image, tree, out, opts, &|_| {})
+}
+
+/// Total bytes of file content an export writes: what `progress` counts up to.
+pub fn content_bytes(tree: &Tree) -> u64 {
+    let mut total = 0;
+    let _ = tree.walk(|_, id, first| {
+        if first && let NodeKind::File(e) = &tree.node(id).kind {
+            total += e.size;
+        }
+        Ok(())
+    });
+    total
+}
+
+/// [`export`], telling `progress` how many content bytes each file added.
+pub fn export_with_progress(
+    image: &Image,
+    tree: &Tree,
+    out: &str,
+    opts: &Options,
+    progress: &dyn Fn(u64),
+) -> Result<Report> {
     let format = opts.format.unwrap_or(match image.family {
         Family::Docker => Format::DockerArchive,
         Family::Oci => Format::OciArchive,
@@ -136,6 +159,7 @@ pub fn export(image: &Image, tree: &Tree, out: &str, opts: &Options) -> Result<R
             compression,
             opts.source_date_epoch,
             &out_dir,
+            progress,
         )?;
         dest.commit()?;
         return Ok(Report {
@@ -157,6 +181,7 @@ pub fn export(image: &Image, tree: &Tree, out: &str, opts: &Options) -> Result<R
         compression,
         opts.source_date_epoch,
         &out_dir,
+        progress,
     )?;
     spool.rewind().map_err(|e| Error::io("layer spool", e))?;
 
@@ -574,6 +599,7 @@ fn write_layer<W: Write>(
     compression: OutCompression,
     epoch: Option<i64>,
     spill_dir: &Path,
+    progress: &dyn Fn(u64),
 ) -> Result<(LayerOut, u64)> {
     let outer = HashWriter::new(w);
     let compressor = Compressor::new(outer, compression).map_err(|e| Error::io("compressor", e))?;
@@ -637,6 +663,7 @@ fn write_layer<W: Write>(
         h.write(&mut tar).map_err(out_err)?;
         if let NodeKind::File(extent) = &node.kind {
             contents.copy(id, extent, &mut tar)?;
+            progress(extent.size);
             pad(&mut tar, extent.size).map_err(out_err)?;
         }
         Ok(())

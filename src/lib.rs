@@ -66,14 +66,26 @@ pub fn index_layers(image: &Image, opts: &IndexOptions) -> Result<Vec<LayerIndex
             let verify =
                 || Ok(expected.is_some_and(|d| cache::blob_digest(layer).is_ok_and(|f| f == *d)));
             if let Some(index) = cache.load(layer, verify) {
+                log::info!("layer {}: index from cache", layer.label());
                 progress(layer.blob.len());
                 return Ok(index);
             }
         }
         let index = layer::index_layer(layer, progress, opts.spool_dir)?;
-        if let Some(cache) = opts.cache {
+        log::info!(
+            "layer {}: indexed {} entries",
+            layer.label(),
+            index.entries.len()
+        );
+        if let Some(cache) = opts.cache
+            && let Err(e) = cache.store(layer, &index)
+        {
             // The cache only saves time: failing to fill it is not the user's problem.
-            let _ = cache.store(layer, &index);
+            log::warn!(
+                "cannot save the index of layer {} in {}: {e}",
+                layer.label(),
+                cache.dir().display()
+            );
         }
         Ok(index)
     };

@@ -2,6 +2,7 @@
 //! what it writes with listings written down from the spec (issue 2).
 
 mod export;
+mod browse;
 mod harness;
 mod merge;
 mod mount;
