@@ -1,8 +1,8 @@
 //! Integration tests: build images in code, run the real `flatfs` binary, and compare
 //! what it writes with listings written down from the spec (issue 2).
 
-mod export;
 mod browse;
+mod export;
 mod harness;
 mod merge;
 mod mount;
