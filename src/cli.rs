@@ -593,7 +593,7 @@ impl Ui {
                 layer.compression = Compression::None;
             }
         }
-        let tree = tree::merge(&indexes)?;
+        let tree = tree::merge_owned(indexes)?;
         Ok((img, tree))
     }
 }

@@ -163,6 +163,6 @@ pub fn open_merged_with(
             layer.compression = blob::Compression::None;
         }
     }
-    let tree = tree::merge(&indexes)?;
+    let tree = tree::merge_owned(indexes)?;
     Ok((image, tree))
 }

@@ -287,7 +287,8 @@ impl Builder {
         self.nodes.len() - 1
     }
 
-    fn apply(&mut self, layer_no: u32, index: &LayerIndex) -> Result<()> {
+    /// Applies one layer, consuming its index so that its memory goes as the tree grows.
+    fn apply(&mut self, layer_no: u32, index: LayerIndex) -> Result<()> {
         // Whiteouts and opaque markers hide lower layers only, so they go first, whatever their
         // place in the tar.
         for path in &index.opaques {
@@ -296,22 +297,23 @@ impl Builder {
         for path in &index.whiteouts {
             self.whiteout(path);
         }
-        for entry in &index.entries {
+        for entry in index.entries {
+            let path = String::from_utf8_lossy(&entry.path).into_owned();
             self.insert(layer_no, entry).map_err(|msg| Error::Entry {
                 layer: index.label.clone(),
-                entry: String::from_utf8_lossy(&entry.path).into_owned(),
+                entry: path,
                 msg,
             })?;
         }
         Ok(())
     }
 
-    fn insert(&mut self, layer_no: u32, entry: &Entry) -> std::result::Result<(), String> {
+    fn insert(&mut self, layer_no: u32, entry: Entry) -> std::result::Result<(), String> {
         if entry.path.is_empty() {
             // The root: only its metadata can change.
             let root = &mut self.nodes[0];
             root.meta = entry.meta;
-            root.xattrs = entry.xattrs.clone();
+            root.xattrs = entry.xattrs;
             root.layer = layer_no;
             return Ok(());
         }
@@ -322,7 +324,7 @@ impl Builder {
             .expect("directory")
             .get(name)
             .copied();
-        let kind = match &entry.kind {
+        let kind = match entry.kind {
             Kind::Dir => {
                 if let Some(id) =
                     existing.filter(|&id| matches!(self.nodes[id].kind, BKind::Dir(_)))
@@ -330,23 +332,23 @@ impl Builder {
                     // Directory over directory: metadata from above, children merge.
                     let node = &mut self.nodes[id];
                     node.meta = entry.meta;
-                    node.xattrs = entry.xattrs.clone();
+                    node.xattrs = entry.xattrs;
                     node.layer = layer_no;
                     return Ok(());
                 }
                 BKind::Dir(BTreeMap::new())
             }
             Kind::Hardlink(target) => {
-                let (_, id) = self.find(target).ok_or_else(|| {
+                let (_, id) = self.find(&target).ok_or_else(|| {
                     format!(
                         "hardlink target {:?} does not exist",
-                        String::from_utf8_lossy(target)
+                        String::from_utf8_lossy(&target)
                     )
                 })?;
                 if matches!(self.nodes[id].kind, BKind::Dir(_)) {
                     return Err(format!(
                         "hardlink target {:?} is a directory",
-                        String::from_utf8_lossy(target)
+                        String::from_utf8_lossy(&target)
                     ));
                 }
                 self.dir_children(parent)
@@ -359,15 +361,15 @@ impl Builder {
                 offset: entry.offset,
                 size: entry.size,
             }),
-            Kind::Symlink(t) => BKind::Symlink(t.clone()),
-            Kind::Char(a, b) => BKind::Char(*a, *b),
-            Kind::Block(a, b) => BKind::Block(*a, *b),
+            Kind::Symlink(t) => BKind::Symlink(t),
+            Kind::Char(a, b) => BKind::Char(a, b),
+            Kind::Block(a, b) => BKind::Block(a, b),
             Kind::Fifo => BKind::Fifo,
         };
         let id = self.push(BNode {
             kind,
             meta: entry.meta,
-            xattrs: entry.xattrs.clone(),
+            xattrs: entry.xattrs,
             layer: layer_no,
         });
         self.dir_children(parent)
@@ -464,6 +466,16 @@ pub fn merge(layers: &[LayerIndex]) -> Result<Tree> {
     Ok(merger.finish())
 }
 
+/// [`merge`], consuming the indexes: each layer's index is freed once applied, which lowers the
+/// peak memory of opening a big image.
+pub fn merge_owned(layers: Vec<LayerIndex>) -> Result<Tree> {
+    let mut builder = Builder::new();
+    for (i, index) in layers.into_iter().enumerate() {
+        builder.apply(i as u32 + 1, index)?;
+    }
+    Ok(builder.freeze())
+}
+
 /// A merge in progress, for consumers that look at the tree between layers (inspect).
 pub struct Merger {
     builder: Builder,
@@ -488,7 +500,7 @@ impl Merger {
     /// Applies the next layer up.
     pub fn apply(&mut self, index: &LayerIndex) -> Result<()> {
         self.layers += 1;
-        self.builder.apply(self.layers, index)
+        self.builder.apply(self.layers, index.clone())
     }
 
     /// Whether a path exists now (looked up without following symlinks).
