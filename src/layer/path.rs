@@ -21,8 +21,14 @@ pub enum Class {
     Skip,
 }
 
+/// Longest normalised path accepted: Linux's PATH_MAX, so no runtime could extract a longer one.
+/// Every missing parent of an entry becomes a directory that export writes with its full path,
+/// so without a bound one 64 KiB name (32,768 levels) would export as a 1 GiB tar.
+pub const MAX_PATH: usize = 4096;
+
 /// Normalises a tar path: `./a`, `a/`, `/a` and `a//b/.` all name one path; `..` is refused
-/// because no entry may leave the root, and NUL cannot be in a name.
+/// because no entry may leave the root, NUL cannot be in a name, and paths over [`MAX_PATH`]
+/// are refused.
 pub fn normalise(raw: &[u8]) -> Result<Vec<u8>, &'static str> {
     if raw.contains(&0) {
         return Err("path contains a NUL byte");
@@ -39,6 +45,9 @@ pub fn normalise(raw: &[u8]) -> Result<Vec<u8>, &'static str> {
                 out.extend_from_slice(comp);
             }
         }
+    }
+    if out.len() > MAX_PATH {
+        return Err("path is longer than 4096 bytes (PATH_MAX)");
     }
     Ok(out)
 }
@@ -124,6 +133,23 @@ mod tests {
             assert!(normalise(raw.as_bytes()).is_err(), "{raw}");
         }
         assert!(normalise(b"a\0b").is_err());
+    }
+
+    #[test]
+    fn paths_up_to_path_max_are_kept() {
+        let at_limit = "d/".repeat(MAX_PATH / 2 - 1) + "ff";
+        assert_eq!(at_limit.len(), MAX_PATH);
+        assert_eq!(
+            normalise(at_limit.as_bytes()),
+            Ok(at_limit.clone().into_bytes())
+        );
+        // Spelling that normalisation removes does not count.
+        let spelled = "./".repeat(5000) + &at_limit;
+        assert_eq!(
+            normalise(spelled.as_bytes()),
+            Ok(at_limit.clone().into_bytes())
+        );
+        assert!(normalise((at_limit + "f").as_bytes()).is_err());
     }
 
     #[test]

@@ -159,10 +159,7 @@ impl<R: Read> TarReader<R> {
                 }
                 b'g' => {
                     // Global PAX headers set defaults nobody in the container world relies on.
-                    self.next = self
-                        .pos
-                        .checked_add(size.next_multiple_of(BLOCK))
-                        .ok_or_else(|| invalid("size overflow"))?;
+                    self.next = end_of_data(self.pos, size)?;
                     continue;
                 }
                 b'L' => {
@@ -233,13 +230,19 @@ impl<R: Read> TarReader<R> {
             } else {
                 e.size
             };
-            self.next = self
-                .pos
-                .checked_add(data.next_multiple_of(BLOCK))
-                .ok_or_else(|| invalid("entry size overflows"))?;
+            self.next = end_of_data(self.pos, data)?;
             return Ok(Some(e));
         }
     }
+}
+
+/// Where the next header starts after `size` bytes of data at `pos`. Rounding a size near
+/// 2^64 up to a whole block must fail, not wrap to 0 (which would read file data as headers)
+/// or panic.
+fn end_of_data(pos: u64, size: u64) -> io::Result<u64> {
+    size.checked_next_multiple_of(BLOCK)
+        .and_then(|padded| pos.checked_add(padded))
+        .ok_or_else(|| invalid(format!("entry size {size} is too large")))
 }
 
 fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
@@ -439,6 +442,38 @@ mod tests {
         );
         assert!(pax_records(b"99 path=a\n").is_err());
         assert!(pax_records(b"x path=a\n").is_err());
+    }
+
+    /// A header block for `name` with `size` in base-256, and a valid checksum.
+    fn header_with_size(name: &[u8], size: u64) -> [u8; 512] {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name);
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[124] = 0x80;
+        h[128..136].copy_from_slice(&size.to_be_bytes());
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        h
+    }
+
+    #[test]
+    fn size_that_overflows_when_rounded_to_a_block_is_an_error() {
+        for size in [u64::MAX, u64::MAX - 510] {
+            let mut tar = header_with_size(b"huge", size).to_vec();
+            tar.extend_from_slice(&header_with_size(b"after", 0));
+            let mut r = TarReader::new(&tar[..]);
+            let err = r.next_entry().expect_err("size overflows");
+            assert!(err.to_string().contains("too large"), "{err}");
+        }
+        // The largest size that fits after one header is read; the stream then ends inside it.
+        let size = u64::MAX - 1023;
+        let tar = header_with_size(b"big", size);
+        let mut r = TarReader::new(&tar[..]);
+        assert_eq!(r.next_entry().expect("header").expect("entry").size, size);
+        assert!(r.next_entry().is_err());
     }
 
     #[test]

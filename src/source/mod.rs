@@ -161,8 +161,24 @@ impl Store {
         let entries = archive
             .entries_with_seek()
             .map_err(|e| Error::io(display, e))?;
+        let mut last: Option<Vec<u8>> = None;
         for entry in entries {
-            let entry = entry.map_err(|e| Error::io(display, e))?;
+            let entry = match (entry, &last) {
+                (Ok(entry), _) => entry,
+                // Not even one header: not a tar (often a compressed `docker save`).
+                (Err(_), None) => return Err(not_a_tar(&file, display)),
+                (Err(e), Some(name)) => {
+                    return Err(Error::invalid(
+                        display,
+                        format!(
+                            "corrupt archive after member {:?}: {}",
+                            String::from_utf8_lossy(name),
+                            printable(&e.to_string())
+                        ),
+                    ));
+                }
+            };
+            last = Some(entry.path_bytes().into_owned());
             let kind = entry.header().entry_type();
             if !(kind.is_file() || kind == tar::EntryType::Continuous) {
                 continue;
@@ -233,6 +249,29 @@ impl Store {
             what: name.to_string(),
             source: e,
         })
+    }
+}
+
+/// The error for an archive whose first header does not parse, with a hint when it is compressed.
+fn not_a_tar(file: &File, display: &str) -> Error {
+    let mut magic = [0u8; 4];
+    let n = std::os::unix::fs::FileExt::read_at(file, &mut magic, 0).unwrap_or(0);
+    match &magic[..n] {
+        [0x1f, 0x8b, ..] | [0x28, 0xb5, 0x2f, 0xfd] => Error::invalid(
+            display,
+            "is compressed (gzip or zstd); flatfs reads image archives uncompressed, so \
+             decompress it first",
+        ),
+        _ => Error::UnknownFormat(display.to_string()),
+    }
+}
+
+/// Some tar crate errors quote raw header bytes; keep only the words before them.
+fn printable(msg: &str) -> &str {
+    if msg.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+        msg
+    } else {
+        msg.split(':').next().unwrap_or("unreadable header")
     }
 }
 

@@ -58,6 +58,15 @@ fn check_digest(desc: &Descriptor, bytes: &[u8], what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Parses an index or manifest. Straight through serde_json rather than oci-spec's
+/// `from_reader`, whose error says only "serde failed" and drops what and where.
+fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Json {
+        what: what.to_string(),
+        source: e,
+    })
+}
+
 fn is_index(mt: &MediaType) -> bool {
     matches!(mt, MediaType::ImageIndex)
         || mt.to_string() == "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -126,16 +135,23 @@ fn pick_manifest(
         if is_manifest(desc.media_type()) {
             return Ok(desc.clone());
         }
-        if is_index(desc.media_type()) {
-            let what = format!("index {}", desc.digest());
-            let bytes = read_checked(store, image, desc, &what)?;
-            let index =
-                ImageIndex::from_reader(&bytes[..]).map_err(|e| Error::invalid(&what, e))?;
-            match pick_manifest(store, image, index.manifests().clone(), platform, depth + 1) {
-                Ok(d) => return Ok(d),
-                Err(Error::NoPlatform { .. }) => continue,
-                Err(e) => return Err(e),
-            }
+        if !is_index(desc.media_type()) {
+            // Say why a matching entry was passed over, or the error blames the platform.
+            let last = seen.last_mut().expect("pushed above");
+            *last = format!(
+                "{last} ({} has unsupported media type {})",
+                desc.digest(),
+                desc.media_type()
+            );
+            continue;
+        }
+        let what = format!("index {}", desc.digest());
+        let bytes = read_checked(store, image, desc, &what)?;
+        let index: ImageIndex = parse(&bytes, &what)?;
+        match pick_manifest(store, image, index.manifests().clone(), platform, depth + 1) {
+            Ok(d) => return Ok(d),
+            Err(Error::NoPlatform { .. }) => continue,
+            Err(e) => return Err(e),
         }
     }
     seen.sort();
@@ -167,7 +183,7 @@ pub(super) fn open(
     let bytes = index_blob
         .read_all(super::MAX_JSON)
         .map_err(|e| Error::io("index.json", e))?;
-    let index = ImageIndex::from_reader(&bytes[..]).map_err(|e| Error::invalid("index.json", e))?;
+    let index: ImageIndex = parse(&bytes, "index.json")?;
 
     let annotation = |d: &Descriptor, key: &str| -> Option<String> {
         d.annotations().as_ref().and_then(|a| a.get(key)).cloned()
@@ -210,7 +226,7 @@ pub(super) fn open(
     let desc = pick_manifest(store, name, top, platform, 0)?;
     let what = format!("manifest {}", desc.digest());
     let bytes = read_checked(store, name, &desc, &what)?;
-    let manifest = ImageManifest::from_reader(&bytes[..]).map_err(|e| Error::invalid(&what, e))?;
+    let manifest: ImageManifest = parse(&bytes, &what)?;
 
     let config_desc = manifest.config();
     let config_path = blob_path(config_desc);
