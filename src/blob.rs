@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
+use crate::zran::{Checkpoint, GzipReader};
+
 /// A byte range of an open file: a whole blob file, or one member of an image archive.
 #[derive(Clone)]
 pub struct Blob {
@@ -165,6 +167,8 @@ pub enum Decoder<R: BufRead> {
     Plain(R),
     /// Multi-member gzip (pigz and concatenated streams).
     Gzip(flate2::bufread::MultiGzDecoder<R>),
+    /// Multi-member gzip that can record checkpoints or start at one (for random access).
+    GzipIndexed(GzipReader<R>),
     /// zstd, all frames.
     Zstd(zstd::stream::read::Decoder<'static, R>),
 }
@@ -184,7 +188,16 @@ impl<R: BufRead> Decoder<R> {
         match self {
             Decoder::Plain(r) => r,
             Decoder::Gzip(d) => d.into_inner(),
+            Decoder::GzipIndexed(d) => d.into_inner(),
             Decoder::Zstd(d) => d.finish(),
+        }
+    }
+
+    /// The checkpoints a recording [`Decoder::GzipIndexed`] made; `None` for other decoders.
+    pub fn take_checkpoints(&mut self) -> Option<Vec<Checkpoint>> {
+        match self {
+            Decoder::GzipIndexed(d) => Some(d.take_checkpoints()),
+            _ => None,
         }
     }
 }
@@ -194,6 +207,7 @@ impl<R: BufRead> Read for Decoder<R> {
         match self {
             Decoder::Plain(r) => r.read(buf),
             Decoder::Gzip(d) => d.read(buf),
+            Decoder::GzipIndexed(d) => d.read(buf),
             Decoder::Zstd(d) => d.read(buf),
         }
     }

@@ -1,4 +1,5 @@
-//! Persistent layer-index cache: a layer's index (entries, whiteouts, digests) saved under its
+//! Persistent layer-index cache: a layer's index (entries, whiteouts, digests, gzip checkpoints
+//! with their 32 KiB windows, about 3% of the layer's size) saved under its
 //! digest, so a second mount, export or inspect of an image, or of another image sharing base
 //! layers, skips the indexing pass. Files are versioned, checksummed and written atomically;
 //! a corrupt, stale or foreign file is ignored and rebuilt, never trusted.
@@ -7,15 +8,17 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
 use crate::layer::{Entry, Kind, LayerIndex, Meta};
 use crate::source::Layer;
+use crate::zran::{Checkpoint, Checkpoints};
 
 const MAGIC: &[u8; 8] = b"FLATFSIX";
 /// Bump when the encoding or the meaning of a field changes; old files are then ignored.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 /// Where cache files live: `$FLATFS_CACHE_DIR`, else `$XDG_CACHE_HOME/flatfs`, else
 /// `~/.cache/flatfs`.
@@ -205,7 +208,8 @@ impl Enc {
 }
 
 fn encode(index: &LayerIndex, stamp: [u64; 6], key: &str) -> Vec<u8> {
-    let mut e = Enc(Vec::with_capacity(64 + index.entries.len() * 64));
+    let windows = index.checkpoints.as_ref().map_or(0, |c| c.window_bytes());
+    let mut e = Enc(Vec::with_capacity(64 + index.entries.len() * 64 + windows));
     e.0.extend_from_slice(MAGIC);
     e.u32(VERSION);
     e.bytes(key.as_bytes());
@@ -249,6 +253,19 @@ fn encode(index: &LayerIndex, stamp: [u64; 6], key: &str) -> Vec<u8> {
         for (k, v) in &en.xattrs {
             e.bytes(k);
             e.bytes(v);
+        }
+    }
+    match &index.checkpoints {
+        None => e.u8(0),
+        Some(c) => {
+            e.u8(1);
+            e.u64(c.len() as u64);
+            for p in c.points() {
+                e.u64(p.input);
+                e.u8(p.bits);
+                e.u64(p.output);
+                e.bytes(&p.window);
+            }
         }
     }
     let sum = Sha256::digest(&e.0);
@@ -345,6 +362,24 @@ fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
             xattrs,
         });
     }
+    let checkpoints = match d.u8()? {
+        0 => None,
+        1 => {
+            let n = d.count(25)?;
+            let mut points = Vec::with_capacity(n);
+            for _ in 0..n {
+                points.push(Checkpoint {
+                    input: d.u64()?,
+                    bits: d.u8()?,
+                    output: d.u64()?,
+                    window: d.bytes()?.into_boxed_slice(),
+                });
+            }
+            // Checked like the rest: a checkpoint that lies would make reads return wrong data.
+            Some(Arc::new(Checkpoints::new(points, tar_size)?))
+        }
+        _ => return None,
+    };
     if !d.0.is_empty() {
         return None;
     }
@@ -357,6 +392,7 @@ fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
             diff_id,
             tar_size,
             decompressed: None,
+            checkpoints,
         },
         stamp,
         key,
@@ -417,7 +453,26 @@ mod tests {
             diff_id: "sha256:00".into(),
             tar_size: 4096,
             decompressed: None,
+            checkpoints: Some(Arc::new(sample_checkpoints(3))),
         }
+    }
+
+    fn sample_checkpoints(bits: u8) -> Checkpoints {
+        let points = vec![
+            Checkpoint {
+                input: 100,
+                bits,
+                output: 1500,
+                window: (0..1500).map(|i| i as u8).collect(),
+            },
+            Checkpoint {
+                input: 200,
+                bits: 0,
+                output: 4000,
+                window: Box::new([]),
+            },
+        ];
+        Checkpoints::new(points, 4096).expect("valid checkpoints")
     }
 
     #[test]
@@ -432,6 +487,39 @@ mod tests {
             ("sha256:00", 4096)
         );
         assert_eq!((stamp, key.as_str()), ([1, 2, 3, 4, 5, 6], "sha256:ab"));
+        assert_eq!(index.checkpoints, sample().checkpoints);
+
+        let plain = LayerIndex {
+            checkpoints: None,
+            ..sample()
+        };
+        let (index, _, _) = decode(&encode(&plain, [0; 6], "sha256:ab")).expect("decodes");
+        assert_eq!(index.checkpoints, None);
+    }
+
+    #[test]
+    fn lying_checkpoints_are_rejected_despite_a_good_checksum() {
+        // A file from a buggy writer has a valid checksum; its checkpoints are checked anyway.
+        let bytes = encode(&sample(), [0; 6], "sha256:ab");
+        let good = sample_checkpoints(3);
+        let body = &bytes[..bytes.len() - 32];
+        // The first checkpoint's `bits` byte follows its u64 input (100) in the tail section.
+        let needle: Vec<u8> = [&100u64.to_le_bytes()[..], &[3]].concat();
+        let at = body
+            .windows(needle.len())
+            .rposition(|w| w == needle)
+            .expect("checkpoint encoded")
+            + 8;
+        for bits in [8u8, 200] {
+            let mut bad = body.to_vec();
+            bad[at] = bits;
+            bad.extend_from_slice(&Sha256::digest(&bad));
+            assert!(decode(&bad).is_none(), "bits {bits} accepted");
+        }
+        let mut same = body.to_vec();
+        same.extend_from_slice(&Sha256::digest(&same));
+        let (index, _, _) = decode(&same).expect("unchanged file decodes");
+        assert_eq!(index.checkpoints.as_deref(), Some(&good));
     }
 
     #[test]

@@ -8,8 +8,6 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::IndexOptions;
-use crate::blob::Compression;
 use crate::cache::{self, Cache};
 use crate::content::Content;
 use crate::export::{self, Format, OutCompression};
@@ -19,6 +17,7 @@ use crate::layer::LayerIndex;
 use crate::mount;
 use crate::source::{self, Image, Platform};
 use crate::tree::{self, Node, NodeId, NodeKind, Tree};
+use crate::{IndexOptions, Opened};
 
 /// Flatten a multi-layer container image: mount it as one read-only filesystem, or export it as
 /// a single-layer image. No daemon, nothing extracted.
@@ -275,7 +274,9 @@ pub fn run(cli: Cli) -> Result<()> {
                     _ => PathBuf::from("."),
                 },
             };
-            let (img, tree) = ui.open(&image, platform.as_ref(), None, Some(&spool_dir))?;
+            let Opened {
+                image: img, tree, ..
+            } = ui.open(&image, platform.as_ref(), None, Some(&spool_dir))?;
             let started = Instant::now();
             let bar = ui.bar(export::content_bytes(&tree), "exporting");
             let report = export::export_with_progress(&img, &tree, &output, &opts, &|n| {
@@ -316,8 +317,12 @@ pub fn run(cli: Cli) -> Result<()> {
             // The cheap checks first: a mistyped mountpoint should not wait for a big image to
             // be indexed. Image errors still come before the fork, so both reach the terminal.
             let target = mount::Mountpoint::check(&mountpoint, &image, &opts)?;
-            let (img, tree) = ui.open(&image, platform.as_ref(), layers, None)?;
-            let fs = FlatFs::new(tree, Content::new(&img.layers));
+            let Opened {
+                image: img,
+                tree,
+                checkpoints,
+            } = ui.open(&image, platform.as_ref(), layers, None)?;
+            let fs = FlatFs::new(tree, Content::new(&img.layers, &checkpoints));
             // The blobs keep their files open. Dropping the image now removes a spooled stdin
             // from the temp dir, which the daemon, ending with exit(), never would.
             drop(img);
@@ -351,7 +356,7 @@ pub fn run(cli: Cli) -> Result<()> {
             platform,
             layers,
         } => {
-            let (_, tree) = ui.open(&image, platform.as_ref(), layers, None)?;
+            let tree = ui.open(&image, platform.as_ref(), layers, None)?.tree;
             let id = inspect::resolve_following(&tree, path.as_bytes())?;
             let mut out = io::BufWriter::new(io::stdout().lock());
             let show = |out: &mut dyn Write, name: &[u8], id: NodeId| -> io::Result<()> {
@@ -410,11 +415,11 @@ pub fn run(cli: Cli) -> Result<()> {
             paths,
             platform,
         } => {
-            let (img, tree) = ui.open(&image, platform.as_ref(), None, None)?;
-            let content = Content::new(&img.layers);
+            let opened = ui.open(&image, platform.as_ref(), None, None)?;
+            let content = opened.content();
             let mut out = io::stdout().lock();
             for p in paths {
-                inspect::cat(&tree, &content, p.as_bytes(), &mut out)?;
+                inspect::cat(&opened.tree, &content, p.as_bytes(), &mut out)?;
             }
             out.flush()?;
             Ok(())
@@ -575,7 +580,7 @@ impl Ui {
         platform: Option<&Platform>,
         layers: Option<usize>,
         spool_dir: Option<&Path>,
-    ) -> Result<(Image, Tree)> {
+    ) -> Result<Opened> {
         let mut img = source::open(spec, platform)?;
         if let Some(n) = layers
             && (n == 0 || n > img.layers.len())
@@ -587,14 +592,13 @@ impl Ui {
             );
         }
         let mut indexes = self.index(&img, layers, spool_dir)?;
-        for (layer, index) in img.layers.iter_mut().zip(&mut indexes) {
-            if let Some(copy) = index.decompressed.take() {
-                layer.blob = copy;
-                layer.compression = Compression::None;
-            }
-        }
+        let checkpoints = crate::take_read_aids(&mut img, &mut indexes);
         let tree = tree::merge_owned(indexes)?;
-        Ok((img, tree))
+        Ok(Opened {
+            image: img,
+            tree,
+            checkpoints,
+        })
     }
 }
 

@@ -1,19 +1,32 @@
 //! File contents on demand: `read_at(extent, offset, buf)` over the layer blobs, for the FUSE
-//! mount (export streams layers in one pass instead, see `export.rs`).
+//! mount and `flatfs cat` (export streams layers in one pass instead, see `export.rs`).
 //!
 //! Uncompressed layers are read in place with positioned reads. Compressed layers keep a few
-//! decompression cursors per layer: a read continues from the nearest cursor at or before its
-//! offset, else decompresses from the start of the layer. No lock is held while decompressing.
+//! decompression cursors per layer, and a read continues from the nearest cursor at or before
+//! its offset. Gzip layers also have the checkpoints their indexing pass recorded (`zran.rs`):
+//! when no cursor is closer, a read starts at the last checkpoint before its offset, so it
+//! decompresses about one span (1 MiB of output, more only where deflate blocks are longer)
+//! wherever it lands. zstd layers have no checkpoints: a read with no cursor behind it
+//! decompresses from the start of the layer (frames could serve, but the usual single-frame
+//! layer has only one).
+//!
+//! No lock is held while decompressing: a cursor is taken out of its layer's pool for the read
+//! and put back after, so readers of other layers, or of the same layer elsewhere, go on.
 
 use std::io::{self, BufReader, Read};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::blob::{Blob, BlobReader, Compression, Decoder, open_decoded};
 use crate::source::Layer;
 use crate::tree::Extent;
+use crate::zran::{Checkpoint, Checkpoints, GzipReader};
 
 /// Cursors kept per compressed layer.
 const CURSORS_PER_LAYER: usize = 4;
+
+/// Compressed bytes read ahead by a gzip cursor: about a quarter of a span, so a read from a
+/// checkpoint costs a few positioned reads and sequential reads few system calls.
+const GZIP_INPUT_BUF: usize = 128 * 1024;
 
 struct Cursor {
     decoder: Decoder<BufReader<BlobReader>>,
@@ -23,6 +36,7 @@ struct Cursor {
 struct LayerData {
     blob: Blob,
     compression: Compression,
+    checkpoints: Option<Arc<Checkpoints>>,
     cursors: Mutex<Vec<Cursor>>,
 }
 
@@ -32,14 +46,22 @@ pub struct Content {
 }
 
 impl Content {
-    /// Prepares readers for these layers (nothing is read yet).
-    pub fn new(layers: &[Layer]) -> Self {
+    /// Prepares readers for these layers (nothing is read yet). `checkpoints[i]`, when there,
+    /// are those recorded for gzip layer `i` ([`crate::layer::LayerIndex::checkpoints`]).
+    pub fn new(layers: &[Layer], checkpoints: &[Option<Arc<Checkpoints>>]) -> Self {
         Content {
             layers: layers
                 .iter()
-                .map(|l| LayerData {
+                .enumerate()
+                .map(|(i, l)| LayerData {
                     blob: l.blob.clone(),
                     compression: l.compression,
+                    // Checkpoints index a gzip stream: a layer read from a decompressed copy
+                    // (export's spool) has none.
+                    checkpoints: match l.compression {
+                        Compression::Gzip => checkpoints.get(i).cloned().flatten(),
+                        _ => None,
+                    },
                     cursors: Mutex::new(Vec::new()),
                 })
                 .collect(),
@@ -72,8 +94,11 @@ impl Content {
 }
 
 impl LayerData {
-    /// The cursor furthest along that is not past `pos`, or a fresh one.
+    /// The cursor furthest along that is not past `pos`, unless a checkpoint is closer: then a
+    /// fresh cursor there (or at the start of the layer when neither is behind `pos`).
     fn take_cursor(&self, pos: u64) -> io::Result<Cursor> {
+        let checkpoint = self.checkpoints.as_ref().and_then(|c| c.at_or_before(pos));
+        let start = checkpoint.map_or(0, |c| c.output);
         {
             let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
             let best = cursors
@@ -82,13 +107,32 @@ impl LayerData {
                 .filter(|(_, c)| c.pos <= pos)
                 .max_by_key(|(_, c)| c.pos)
                 .map(|(i, _)| i);
-            if let Some(i) = best {
+            if let Some(i) = best
+                && cursors[i].pos >= start
+            {
                 return Ok(cursors.swap_remove(i));
             }
         }
+        self.open_cursor(checkpoint)
+    }
+
+    /// A new cursor at `checkpoint`, or at the start of the layer.
+    fn open_cursor(&self, checkpoint: Option<&Checkpoint>) -> io::Result<Cursor> {
+        if self.compression != Compression::Gzip {
+            return Ok(Cursor {
+                decoder: open_decoded(&self.blob, self.compression)?,
+                pos: 0,
+            });
+        }
+        let from = checkpoint.map_or(0, |c| c.read_from());
+        let input = BufReader::with_capacity(GZIP_INPUT_BUF, self.blob.reader_from(from));
+        let reader = match checkpoint {
+            Some(c) => GzipReader::resume(input, c)?,
+            None => GzipReader::new(input)?,
+        };
         Ok(Cursor {
-            decoder: open_decoded(&self.blob, self.compression)?,
-            pos: 0,
+            pos: reader.position(),
+            decoder: Decoder::GzipIndexed(reader),
         })
     }
 
@@ -123,5 +167,158 @@ impl Cursor {
         self.decoder.read_exact(buf)?;
         self.pos += buf.len() as u64;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::fs::File;
+    use std::io::{Seek, Write};
+    use std::os::unix::fs::FileExt;
+    use std::thread;
+
+    use crate::zran::tests::{gzip, gzip_flushed, record, sample};
+
+    /// A one-layer image whose layer is `blob` (compressed as `compression`).
+    fn layer_of(blob: &[u8], compression: Compression) -> (Layer, File) {
+        let mut file = tempfile::tempfile().expect("temp file");
+        file.write_all(blob).expect("write blob");
+        file.rewind().expect("rewind");
+        let copy = file.try_clone().expect("dup");
+        let layer = Layer {
+            number: 1,
+            blob: Blob::new(Arc::new(file), 0, blob.len() as u64, "layer"),
+            compression,
+            digest: None,
+            diff_id: None,
+        };
+        (layer, copy)
+    }
+
+    /// A gzip layer of `plain` in several members, with checkpoints every ~`span` bytes.
+    fn gzip_layer(plain: &[u8], span: u64) -> (Content, Checkpoints, File) {
+        let mut gz = gzip_flushed(&plain[..plain.len() / 2], 4_999);
+        gz.extend(gzip_flushed(&plain[plain.len() / 2..], 7_001));
+        let (out, points) = record(&gz, span);
+        assert_eq!(out, plain);
+        let checkpoints = Checkpoints::new(points, plain.len() as u64).expect("valid");
+        let (layer, file) = layer_of(&gz, Compression::Gzip);
+        let content = Content::new(&[layer], &[Some(Arc::new(checkpoints.clone()))]);
+        (content, checkpoints, file)
+    }
+
+    fn read(content: &Content, plain: &[u8], offset: u64, len: usize) -> Vec<u8> {
+        let extent = Extent {
+            layer: 0,
+            offset: 0,
+            size: plain.len() as u64,
+        };
+        let mut buf = vec![0; len];
+        let n = content
+            .read_at(&extent, offset, &mut buf)
+            .unwrap_or_else(|e| panic!("read {len} at {offset}: {e}"));
+        buf.truncate(n);
+        buf
+    }
+
+    fn expect(plain: &[u8], offset: u64, len: usize) -> &[u8] {
+        let start = (offset as usize).min(plain.len());
+        &plain[start..(start + len).min(plain.len())]
+    }
+
+    #[test]
+    fn reads_around_every_checkpoint() {
+        let plain = sample(7, 900_000);
+        let (content, checkpoints, _) = gzip_layer(&plain, 40_000);
+        assert!(checkpoints.len() >= 15, "{checkpoints:?}");
+        assert!(checkpoints.points().iter().any(|p| p.output > 450_000));
+        // Backwards, so the cursors that earlier reads leave behind are never the way in.
+        for p in checkpoints.points().iter().rev() {
+            for offset in [p.output - 1, p.output, p.output + 1] {
+                for len in [1, 2, 4096] {
+                    assert_eq!(
+                        read(&content, &plain, offset, len),
+                        expect(&plain, offset, len),
+                        "{len} at {offset} ({p:?})"
+                    );
+                }
+            }
+        }
+        let last = plain.len() as u64 - 1;
+        assert_eq!(read(&content, &plain, last, 10), &plain[plain.len() - 1..]);
+        assert_eq!(read(&content, &plain, 0, 1), &plain[..1]);
+        assert_eq!(read(&content, &plain, 0, plain.len()), plain);
+    }
+
+    #[test]
+    fn a_read_starts_at_the_checkpoint_before_it() {
+        let plain = sample(8, 600_000);
+        let (content, checkpoints, file) = gzip_layer(&plain, 50_000);
+        let last = checkpoints.points().last().expect("checkpoints").clone();
+        // Wreck everything before the last checkpoint: a read after it must not need it.
+        file.write_all_at(&vec![0xff; last.read_from() as usize], 0)
+            .expect("overwrite");
+        let at = plain.len() as u64 - 100;
+        assert_eq!(read(&content, &plain, at, 100), &plain[at as usize..]);
+        assert_eq!(
+            read(&content, &plain, last.output, 10),
+            expect(&plain, last.output, 10)
+        );
+        // Before the last checkpoint the stream is broken: an error, never wrong bytes.
+        let extent = Extent {
+            layer: 0,
+            offset: 0,
+            size: plain.len() as u64,
+        };
+        let mut buf = [0; 10];
+        assert!(content.read_at(&extent, 5, &mut buf).is_err());
+    }
+
+    #[test]
+    fn concurrent_readers_of_one_span() {
+        let plain = sample(9, 700_000);
+        let (content, checkpoints, _) = gzip_layer(&plain, 100_000);
+        let p = &checkpoints.points()[checkpoints.len() / 2];
+        let (start, end) = (p.output - 30_000, p.output + 60_000);
+        thread::scope(|s| {
+            for t in 0..8u64 {
+                let (content, plain) = (&content, &plain);
+                s.spawn(move || {
+                    let mut x = t * 7919 + 1;
+                    for _ in 0..40 {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let offset = start + (x >> 33) % (end - start);
+                        let len = 1 + ((x >> 13) % 20_000) as usize;
+                        assert_eq!(
+                            read(content, plain, offset, len),
+                            expect(plain, offset, len),
+                            "thread {t}: {len} at {offset}"
+                        );
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn gzip_without_checkpoints_and_zstd_read_from_the_start() {
+        let plain = sample(10, 300_000);
+        let (gz, _) = layer_of(&gzip(&plain, 6), Compression::Gzip);
+        let zst = zstd::encode_all(&plain[..], 3).expect("zstd");
+        let (zst, _) = layer_of(&zst, Compression::Zstd);
+        let (raw, _) = layer_of(&plain, Compression::None);
+        for layer in [gz, zst, raw] {
+            let content = Content::new(&[layer], &[]);
+            for offset in [250_000, 10, 299_999, 0, 150_000] {
+                assert_eq!(
+                    read(&content, &plain, offset, 5000),
+                    expect(&plain, offset, 5000)
+                );
+            }
+        }
     }
 }

@@ -744,7 +744,7 @@ mod tests {
             entries,
             ..LayerIndex::default()
         };
-        FlatFs::new(merge(&[index]).expect("merge"), Content::new(&[]))
+        FlatFs::new(merge(&[index]).expect("merge"), Content::new(&[], &[]))
     }
 
     fn ino(fs: &FlatFs, path: &str) -> INodeNo {

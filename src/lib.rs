@@ -22,9 +22,10 @@ pub mod layer;
 pub mod mount;
 pub mod source;
 pub mod tree;
+pub mod zran;
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 pub use error::{Error, Result};
 
@@ -120,12 +121,29 @@ pub fn index_layers(image: &Image, opts: &IndexOptions) -> Result<Vec<LayerIndex
     Ok(out)
 }
 
+/// An opened image: its layers, their merged tree, and what reading file contents needs.
+pub struct Opened {
+    /// The image; compressed layers replaced by their decompressed copies when spooled.
+    pub image: Image,
+    /// The merged tree.
+    pub tree: tree::Tree,
+    /// Per layer, by position: where decompression can start inside a gzip layer.
+    pub checkpoints: Vec<Option<Arc<zran::Checkpoints>>>,
+}
+
+impl Opened {
+    /// A reader of file contents for this image's tree.
+    pub fn content(&self) -> content::Content {
+        content::Content::new(&self.image.layers, &self.checkpoints)
+    }
+}
+
 /// Opens an image and builds its merged tree from the first `layers` layers (all if `None`).
 pub fn open_merged(
     spec: &str,
     platform: Option<&source::Platform>,
     layers: Option<usize>,
-) -> Result<(Image, tree::Tree)> {
+) -> Result<Opened> {
     open_merged_with(
         spec,
         platform,
@@ -142,7 +160,7 @@ pub fn open_merged_with(
     spec: &str,
     platform: Option<&source::Platform>,
     opts: &IndexOptions,
-) -> Result<(Image, tree::Tree)> {
+) -> Result<Opened> {
     let mut image = source::open(spec, platform)?;
     if let Some(n) = opts.layers
         && (n == 0 || n > image.layers.len())
@@ -157,12 +175,36 @@ pub fn open_merged_with(
         ));
     }
     let mut indexes = index_layers(&image, opts)?;
-    for (layer, index) in image.layers.iter_mut().zip(&mut indexes) {
-        if let Some(copy) = index.decompressed.take() {
-            layer.blob = copy;
-            layer.compression = blob::Compression::None;
-        }
-    }
+    let checkpoints = take_read_aids(&mut image, &mut indexes);
     let tree = tree::merge_owned(indexes)?;
-    Ok((image, tree))
+    Ok(Opened {
+        image,
+        tree,
+        checkpoints,
+    })
+}
+
+/// Takes out of the indexes what reading file contents needs, before the merge consumes them:
+/// a spooled decompressed copy replaces its layer's blob, and each layer's checkpoints are
+/// returned by layer position (none for a layer now read from its copy).
+pub fn take_read_aids(
+    image: &mut Image,
+    indexes: &mut [LayerIndex],
+) -> Vec<Option<Arc<zran::Checkpoints>>> {
+    image
+        .layers
+        .iter_mut()
+        .zip(indexes)
+        .map(|(layer, index)| {
+            let checkpoints = index.checkpoints.take();
+            match index.decompressed.take() {
+                Some(copy) => {
+                    layer.blob = copy;
+                    layer.compression = blob::Compression::None;
+                    None
+                }
+                None => checkpoints,
+            }
+        })
+        .collect()
 }

@@ -79,6 +79,9 @@ pub struct LayerIndex {
     pub tar_size: u64,
     /// A decompressed copy of a compressed layer, when indexing was asked to keep one.
     pub decompressed: Option<Blob>,
+    /// Where decompression can start inside a gzip layer, for random access (`None` for other
+    /// compressions, whose reads start at the beginning of the layer).
+    pub checkpoints: Option<Arc<crate::zran::Checkpoints>>,
 }
 
 /// Reads a layer blob once: decompresses, indexes the tar, and checks blob digest and diff_id.
@@ -102,7 +105,15 @@ pub fn index_layer(
         progress,
     };
     let compressed = HashReader::new(BufReader::with_capacity(256 * 1024, blob));
-    let decoder = Decoder::new(compressed, layer.compression).map_err(layer_err)?;
+    let decoder = match layer.compression {
+        // This pass decompresses the whole layer anyway: note where later reads can start.
+        Compression::Gzip => {
+            use crate::zran::{GzipReader, SPAN};
+            GzipReader::recording(compressed, SPAN).map(Decoder::GzipIndexed)
+        }
+        other => Decoder::new(compressed, other),
+    }
+    .map_err(layer_err)?;
     let spool = match spool_dir {
         Some(dir) if layer.compression != Compression::None => Some(BufWriter::with_capacity(
             1 << 20,
@@ -132,7 +143,9 @@ pub fn index_layer(
             &format!("{} (decompressed)", layer.blob.name()),
         ));
     }
-    let mut compressed = tee.inner.into_inner();
+    let mut decoder = tee.inner;
+    let checkpoints = decoder.take_checkpoints();
+    let mut compressed = decoder.into_inner();
     io::copy(&mut compressed, &mut io::sink()).map_err(layer_err)?;
     let (digest, _, _) = compressed.finish();
 
@@ -156,6 +169,9 @@ pub fn index_layer(
     }
     index.diff_id = diff_id;
     index.tar_size = tar_size;
+    index.checkpoints = checkpoints
+        .and_then(|points| crate::zran::Checkpoints::new(points, tar_size))
+        .map(Arc::new);
     Ok(index)
 }
 
@@ -193,6 +209,20 @@ pub fn index_tar<R: Read>(reader: R, label: &str) -> Result<LayerIndex> {
     index_entries(&mut TarReader::new(reader), label)
 }
 
+/// An entry path for a message: a hostile one can be megabytes long, so keep both ends.
+fn shown(path: &[u8]) -> String {
+    const KEEP: usize = 120;
+    if path.len() <= 2 * KEEP {
+        return String::from_utf8_lossy(path).into_owned();
+    }
+    format!(
+        "{}…({} bytes)…{}",
+        String::from_utf8_lossy(&path[..KEEP]),
+        path.len(),
+        String::from_utf8_lossy(&path[path.len() - KEEP..])
+    )
+}
+
 fn index_entries<R: Read>(reader: &mut TarReader<R>, label: &str) -> Result<LayerIndex> {
     let mut index = LayerIndex {
         label: label.to_string(),
@@ -207,7 +237,7 @@ fn index_entries<R: Read>(reader: &mut TarReader<R>, label: &str) -> Result<Laye
                 let after = index
                     .entries
                     .last()
-                    .map(|e| format!(" (after entry {:?})", String::from_utf8_lossy(&e.path)))
+                    .map(|e| format!(" (after entry {:?})", shown(&e.path)))
                     .unwrap_or_default();
                 return Err(Error::Layer {
                     layer: format!("{label}{after}"),
@@ -217,7 +247,7 @@ fn index_entries<R: Read>(reader: &mut TarReader<R>, label: &str) -> Result<Laye
         };
         let entry_err = |msg: String| Error::Entry {
             layer: label.to_string(),
-            entry: String::from_utf8_lossy(&raw.path).into_owned(),
+            entry: shown(&raw.path),
             msg,
         };
         let path = match path::classify(&raw.path).map_err(|m| entry_err(m.to_string()))? {
@@ -240,6 +270,11 @@ fn index_entries<R: Read>(reader: &mut TarReader<R>, label: &str) -> Result<Laye
             b'0' | b'\0' | b'7' if raw.path.ends_with(b"/") => Kind::Dir,
             b'0' | b'\0' | b'7' => Kind::File,
             b'5' => Kind::Dir,
+            // A target is kept verbatim, but a NUL cannot be in one: no filesystem stores it,
+            // and a tar header field would cut the target there.
+            b'2' if raw.link.contains(&0) => {
+                return Err(entry_err("symlink target contains a NUL byte".into()));
+            }
             b'2' => Kind::Symlink(raw.link.clone()),
             b'1' => {
                 let target = path::normalise(&raw.link)

@@ -8,3 +8,4 @@ mod merge;
 mod mount;
 mod oracle;
 mod util;
+mod zran;

@@ -1,0 +1,434 @@
+//! Random access into gzip layers (issue 4): the checkpoints recorded while indexing a layer,
+//! kept in the index cache, let a read anywhere in a layer start near its offset. Every read is
+//! compared with the plainly decompressed layer; the mount test checks, through the server's
+//! I/O counters, that reading a file at the end of a big layer does not decompress all of it.
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use flatfs::cache::Cache;
+use flatfs::mount::is_mounted;
+use flatfs::tree::Extent;
+use flatfs::zran::{Checkpoints, SPAN};
+use flatfs::{IndexOptions, Opened};
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+
+use crate::util::*;
+
+/// Bytes that compress about 3:1, like a layer of programs and text: words with back-references
+/// mixed with runs of noise, so deflate blocks stay well under a span.
+fn filler(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: &[&[u8]] = &[
+        b"/usr/lib/",
+        b"x86_64-linux-gnu",
+        b"python3",
+        b"\n",
+        b" ",
+        b"libc.so.6",
+        b"ELF",
+        b"\0\0\0\0",
+        b"share/doc/",
+        b"copyright",
+        b"debian",
+        b"GLIBC_2.34",
+    ];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out = Vec::with_capacity(len + 64);
+    while out.len() < len {
+        let r = next();
+        if r % 3 == 0 {
+            out.extend((0..(r >> 8) % 40).map(|_| (next() >> 24) as u8));
+        } else {
+            out.extend_from_slice(WORDS[(r >> 8) as usize % WORDS.len()]);
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+/// Deterministic bytes that do not compress.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A one-layer image of `files` files of `size` bytes, its layer cut into `members` gzip
+/// members; returns the layer's tar and where each member starts in it.
+fn big_image(dir: &Path, files: usize, size: usize, members: usize) -> (PathBuf, Vec<u8>) {
+    let entries = (0..files).map(|i| file(format!("f{i:03}"), filler(i as u64, size)));
+    let layer = layer(entries).compression(Compression::GzipMembers(members));
+    let tar = layer.tar();
+    let path = dir.join("image");
+    write_oci_layout(
+        std::slice::from_ref(&layer),
+        &default_config(std::slice::from_ref(&layer)),
+        &path,
+        None,
+    );
+    (path, tar)
+}
+
+/// The decompressed offset where the test harness starts gzip member `k` (see `util.rs`).
+fn member_start(tar: &[u8], members: usize, k: usize) -> u64 {
+    (((tar.len() / members).max(1) | 1) * k) as u64
+}
+
+fn open(image: &Path, cache: &Cache) -> Opened {
+    flatfs::open_merged_with(
+        image.to_str().expect("utf-8 path"),
+        None,
+        &IndexOptions {
+            cache: Some(cache),
+            ..IndexOptions::default()
+        },
+    )
+    .expect("open image")
+}
+
+fn checkpoints(opened: &Opened) -> Arc<Checkpoints> {
+    opened.checkpoints[0]
+        .clone()
+        .expect("a gzip layer has checkpoints")
+}
+
+/// Reads `len` bytes of the layer's tar at `offset` through the image's content reader.
+fn read_tar(content: &flatfs::content::Content, tar_len: u64, offset: u64, len: usize) -> Vec<u8> {
+    let extent = Extent {
+        layer: 0,
+        offset: 0,
+        size: tar_len,
+    };
+    let mut buf = vec![0; len];
+    let n = content
+        .read_at(&extent, offset, &mut buf)
+        .unwrap_or_else(|e| panic!("read {len} at {offset}: {e}"));
+    buf.truncate(n);
+    buf
+}
+
+#[track_caller]
+fn assert_range(got: &[u8], tar: &[u8], offset: u64, len: usize) {
+    let start = (offset as usize).min(tar.len());
+    let want = &tar[start..(start + len).min(tar.len())];
+    if got != want {
+        let diff = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "{len} bytes at {offset}: got {} bytes, want {}; first difference at {diff:?}",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+#[test]
+fn reads_at_every_checkpoint_and_both_ends_of_a_multi_member_layer() {
+    let tmp = TempDir::new().expect("tempdir");
+    let (image, tar) = big_image(tmp.path(), 48, 130_000, 3);
+    let cache = Cache::new(tmp.path().join("cache"));
+    let opened = open(&image, &cache);
+    let points = checkpoints(&opened);
+    let tar_len = tar.len() as u64;
+    assert!(
+        points.len() as u64 >= tar_len / SPAN / 2,
+        "{} checkpoints for {tar_len} bytes",
+        points.len()
+    );
+    for later in [1, 2] {
+        let (start, end) = (
+            member_start(&tar, 3, later),
+            member_start(&tar, 3, later + 1).min(tar_len),
+        );
+        assert!(
+            points
+                .points()
+                .iter()
+                .any(|p| p.output > start && p.output < end),
+            "no checkpoint inside member {later} ({start}..{end}): {points:?}"
+        );
+    }
+    let content = opened.content();
+    // Backwards, so the cursors that earlier reads leave behind are never the way in.
+    for p in points.points().iter().rev() {
+        for offset in [p.output - 1, p.output, p.output + 1] {
+            for len in [1, 3, 70_000] {
+                assert_range(&read_tar(&content, tar_len, offset, len), &tar, offset, len);
+            }
+        }
+    }
+    for (offset, len) in [
+        (tar_len - 1, 1),
+        (tar_len - 1, 100),
+        (0, 1),
+        (tar_len - 5000, 5000),
+    ] {
+        assert_range(&read_tar(&content, tar_len, offset, len), &tar, offset, len);
+    }
+    // And once all the way through, in reads the size the kernel makes.
+    let mut offset = 0;
+    while offset < tar_len {
+        let got = read_tar(&content, tar_len, offset, 128 * 1024);
+        assert_range(&got, &tar, offset, 128 * 1024);
+        offset += got.len() as u64;
+    }
+}
+
+#[test]
+fn concurrent_readers_of_one_span_all_get_the_layer_bytes() {
+    let tmp = TempDir::new().expect("tempdir");
+    let (image, tar) = big_image(tmp.path(), 24, 130_000, 1);
+    let opened = open(&image, &Cache::new(tmp.path().join("cache")));
+    let points = checkpoints(&opened);
+    let p = &points.points()[points.len() / 2];
+    let (start, end) = (p.output - 200_000, p.output + 400_000);
+    let content = opened.content();
+    let tar_len = tar.len() as u64;
+    thread::scope(|s| {
+        for t in 0..8u64 {
+            let (content, tar) = (&content, &tar);
+            s.spawn(move || {
+                let mut x = t * 7919 + 1;
+                for _ in 0..30 {
+                    x = x
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    let offset = start + (x >> 33) % (end - start);
+                    let len = 1 + ((x >> 11) % 150_000) as usize;
+                    assert_range(&read_tar(content, tar_len, offset, len), tar, offset, len);
+                }
+            });
+        }
+    });
+}
+
+/// The one cache file of a single-layer image.
+fn cache_file(cache: &Cache) -> PathBuf {
+    let files: Vec<_> = fs::read_dir(cache.dir())
+        .expect("cache dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "idx"))
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    files[0].clone()
+}
+
+#[test]
+fn a_corrupt_or_stale_cache_file_is_rebuilt_with_the_same_checkpoints() {
+    let tmp = TempDir::new().expect("tempdir");
+    let (image, tar) = big_image(tmp.path(), 24, 130_000, 2);
+    let cache = Cache::new(tmp.path().join("cache"));
+    let first = checkpoints(&open(&image, &cache));
+    let path = cache_file(&cache);
+    let good = fs::read(&path).expect("cache file");
+    // The windows make up most of the file: flip a byte in the middle of one.
+    assert!(good.len() as u64 > first.window_bytes() as u64);
+
+    let mut flipped = good.clone();
+    let at = good.len() - first.points()[0].window.len() / 2 - 40;
+    flipped[at] ^= 0x01;
+    // A file of an older format, with a checksum that holds: ignored all the same.
+    let mut stale = good[..good.len() - 32].to_vec();
+    stale[8..12].copy_from_slice(&1u32.to_le_bytes());
+    stale.extend_from_slice(&Sha256::digest(&stale));
+    let truncated = good[..good.len() - 1000].to_vec();
+
+    for (what, bad) in [
+        ("flipped", flipped),
+        ("stale", stale),
+        ("truncated", truncated),
+    ] {
+        fs::write(&path, &bad).expect("write bad cache file");
+        let opened = open(&image, &cache);
+        assert_eq!(
+            checkpoints(&opened),
+            first,
+            "{what}: rebuilt checkpoints differ"
+        );
+        assert_eq!(
+            fs::read(&path).expect("cache file"),
+            good,
+            "{what}: the cache file was not rewritten"
+        );
+        let content = opened.content();
+        let tar_len = tar.len() as u64;
+        for p in first.points() {
+            assert_range(
+                &read_tar(&content, tar_len, p.output - 2, 4),
+                &tar,
+                p.output - 2,
+                4,
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Through a real mount
+
+/// True if FUSE tests can run; otherwise says why (a failure under `FLATFS_REQUIRE_FUSE=1`).
+fn fuse_available(test: &str) -> bool {
+    if Path::new("/dev/fuse").exists() {
+        return true;
+    }
+    let msg = format!("{test}: SKIPPED: /dev/fuse is missing");
+    assert!(
+        std::env::var("FLATFS_REQUIRE_FUSE").as_deref() != Ok("1"),
+        "{msg}, and FLATFS_REQUIRE_FUSE=1 says FUSE tests must run"
+    );
+    eprintln!("{msg}");
+    false
+}
+
+/// A foreground `flatfs mount -f`, unmounted and stopped on drop whatever the test did.
+struct Served {
+    mnt: PathBuf,
+    server: Child,
+}
+
+impl Served {
+    fn start(image: &Path, mnt: &Path, cache: &Path) -> Self {
+        let server = flatfs()
+            .env("FLATFS_CACHE_DIR", cache)
+            .args(["mount", "-f"])
+            .arg(image)
+            .arg(mnt)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn flatfs mount -f");
+        let served = Served {
+            mnt: mnt.to_path_buf(),
+            server,
+        };
+        let start = Instant::now();
+        while !is_mounted(mnt) {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "mount never appeared"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        served
+    }
+
+    /// Bytes the server has read with read(2)/pread(2) so far: blob reads, mostly. `None`
+    /// where the kernel keeps no I/O accounting.
+    fn bytes_read(&self) -> Option<u64> {
+        let io = fs::read_to_string(format!("/proc/{}/io", self.server.id())).ok()?;
+        io.lines()
+            .find_map(|l| l.strip_prefix("rchar: "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let _ = flatfs().arg("umount").arg(&self.mnt).output();
+        }
+        if is_mounted(&self.mnt) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.mnt)
+                .output();
+        }
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+fn read_file(path: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut out))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    out
+}
+
+#[test]
+fn reading_the_last_file_of_a_big_gzip_layer_does_not_decompress_the_layer() {
+    if !fuse_available("reading_the_last_file_of_a_big_gzip_layer_does_not_decompress_the_layer") {
+        return;
+    }
+    let tmp = TempDir::new().expect("tempdir");
+    // Incompressible, so the blob is as big as the layer and bytes read measure the work.
+    let big = noise(1, 8 << 20);
+    let last = b"the last file\n".repeat(10);
+    let layer = layer([file("big", &big), file("zz/last", &last)]).compression(Compression::Gzip);
+    let image = tmp.path().join("image");
+    let layers = std::slice::from_ref(&layer);
+    write_oci_layout(layers, &default_config(layers), &image, None);
+    let blob_len = layer.blob(Compression::Gzip).bytes.len() as u64;
+    let cache = tmp.path().join("cache");
+
+    // Cold: the mount builds the index; warm: it loads it, checkpoints included, from the cache.
+    for round in ["cold cache", "warm cache"] {
+        let mnt = tmp.path().join("mnt");
+        fs::create_dir_all(&mnt).expect("mountpoint");
+        let served = Served::start(&image, &mnt, &cache);
+        let before = served.bytes_read();
+        assert_eq!(read_file(&mnt.join("zz/last")), last, "{round}");
+        let after_one = served.bytes_read();
+        assert!(
+            read_file(&mnt.join("big")) == big,
+            "{round}: big file differs"
+        );
+        let after_all = served.bytes_read();
+        let (Some(before), Some(after_one), Some(after_all)) = (before, after_one, after_all)
+        else {
+            eprintln!("{round}: no /proc/PID/io here: contents checked, work not measured");
+            continue;
+        };
+        let (one_file, whole) = (after_one - before, after_all - after_one);
+        assert!(
+            whole >= blob_len * 9 / 10,
+            "{round}: {whole} bytes read for the big file"
+        );
+        assert!(
+            one_file * 4 < whole,
+            "{round}: reading the last file read {one_file} bytes; the whole layer is \
+             {blob_len} bytes and reading all of it read {whole}"
+        );
+        drop(served);
+    }
+}
+
+#[test]
+fn cat_reads_the_end_of_a_multi_member_layer() {
+    let tmp = TempDir::new().expect("tempdir");
+    let (image, tar) = big_image(tmp.path(), 24, 130_000, 4);
+    let out = flatfs()
+        .arg("--no-cache")
+        .args(["cat"])
+        .arg(&image)
+        .args(["f023", "f000", "f012"])
+        .output()
+        .expect("run flatfs cat");
+    assert_success(&out);
+    let files = tar_files(&tar);
+    let want: Vec<u8> = ["f023", "f000", "f012"]
+        .iter()
+        .flat_map(|f| files[*f].clone())
+        .collect();
+    assert!(out.stdout == want, "flatfs cat gave other bytes");
+}
