@@ -4,8 +4,10 @@
 mod browse;
 mod export;
 mod harness;
+mod hostile;
 mod merge;
 mod mount;
 mod oracle;
+mod props;
 mod util;
 mod zran;
