@@ -293,6 +293,12 @@ impl Dec<'_> {
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
+    /// A path, which must be in the indexer's normal form: whoever can write the cache directory
+    /// must not be able to place an entry outside the image root.
+    fn path(&mut self) -> Option<Vec<u8>> {
+        normalised(self.bytes()?)
+    }
+
     fn bytes(&mut self) -> Option<Vec<u8>> {
         let n = usize::try_from(self.u64()?).ok()?;
         Some(self.take(n)?.to_vec())
@@ -303,6 +309,10 @@ impl Dec<'_> {
         let n = usize::try_from(self.u64()?).ok()?;
         (n <= self.0.len() / min.max(1)).then_some(n)
     }
+}
+
+fn normalised(p: Vec<u8>) -> Option<Vec<u8>> {
+    (crate::layer::path::normalise(&p).ok()? == p).then_some(p)
 }
 
 fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
@@ -322,19 +332,19 @@ fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
     let diff_id = String::from_utf8(d.bytes()?).ok()?;
     let tar_size = d.u64()?;
     let n = d.count(8)?;
-    let whiteouts = (0..n).map(|_| d.bytes()).collect::<Option<Vec<_>>>()?;
+    let whiteouts = (0..n).map(|_| d.path()).collect::<Option<Vec<_>>>()?;
     let n = d.count(8)?;
-    let opaques = (0..n).map(|_| d.bytes()).collect::<Option<Vec<_>>>()?;
+    let opaques = (0..n).map(|_| d.path()).collect::<Option<Vec<_>>>()?;
     let n = d.count(60)?;
     let mut entries = Vec::with_capacity(n);
     for _ in 0..n {
-        let path = d.bytes()?;
+        let path = d.path()?;
         let (tag, a, b, link) = (d.u8()?, d.u32()?, d.u32()?, d.bytes()?);
         let kind = match tag {
             0 => Kind::File,
             1 => Kind::Dir,
             2 => Kind::Symlink(link),
-            3 => Kind::Hardlink(link),
+            3 => Kind::Hardlink(normalised(link)?),
             4 => Kind::Char(a, b),
             5 => Kind::Block(a, b),
             6 => Kind::Fifo,
@@ -532,6 +542,36 @@ mod tests {
         }
         for n in [0, 1, 31, 32, bytes.len() - 1] {
             assert!(decode(&bytes[..n]).is_none(), "truncated to {n} accepted");
+        }
+    }
+}
+
+#[cfg(test)]
+mod containment_tests {
+    use super::*;
+
+    /// Regression: a cache file is checksummed but not signed; one written by someone else must
+    /// still not put an entry outside the root.
+    #[test]
+    fn escaping_paths_in_a_well_formed_file_are_rejected() {
+        for bad in [b"../etc/passwd".as_slice(), b"/abs", b"a/../../b", b"a//b"] {
+            let index = LayerIndex {
+                entries: vec![Entry {
+                    path: bad.to_vec(),
+                    kind: Kind::File,
+                    meta: Meta::default(),
+                    size: 0,
+                    offset: 0,
+                    xattrs: Vec::new(),
+                }],
+                ..LayerIndex::default()
+            };
+            let bytes = encode(&index, [0; 6], "sha256:ab");
+            assert!(
+                decode(&bytes).is_none(),
+                "{:?} accepted",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

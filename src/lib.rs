@@ -78,7 +78,10 @@ pub fn index_layers(image: &Image, opts: &IndexOptions) -> Result<Vec<LayerIndex
             layer.label(),
             index.entries.len()
         );
-        if let Some(cache) = opts.cache
+        // A gzip layer indexed for export has no checkpoints (it is read from its spooled copy);
+        // cached like that, it would leave later mounts without random access.
+        let complete = opts.spool_dir.is_none() || layer.compression != blob::Compression::Gzip;
+        if let Some(cache) = opts.cache.filter(|_| complete)
             && let Err(e) = cache.store(layer, &index)
         {
             // The cache only saves time: failing to fill it is not the user's problem.

@@ -31,6 +31,9 @@ pub const SPAN: u64 = 1 << 20;
 
 /// Deflate's largest back-reference distance, so the most output a checkpoint must keep.
 pub const WINDOW: usize = 32 * 1024;
+/// Most checkpoints one layer keeps (their windows then take at most 32 MiB); past it the
+/// spacing doubles, so a read still decompresses at most one (wider) span.
+pub const MAX_POINTS: usize = 1024;
 
 /// `windowBits` for a gzip member: 15-bit window, gzip header and trailer checked by zlib.
 const GZIP_BITS: c_int = 15 + 16;
@@ -457,6 +460,16 @@ impl<R: BufRead> GzipReader<R> {
             output: self.output_pos,
             window,
         });
+        if recorder.points.len() > MAX_POINTS {
+            // A huge layer (or a gzip bomb) must not hold unbounded windows: keep every other
+            // checkpoint and space later ones twice as far apart.
+            let mut i = 0;
+            recorder.points.retain(|_| {
+                i += 1;
+                i % 2 == 1
+            });
+            recorder.span = recorder.span.saturating_mul(2);
+        }
         recorder.next = self.output_pos.saturating_add(recorder.span);
     }
 

@@ -106,6 +106,10 @@ pub fn index_layer(
     };
     let compressed = HashReader::new(BufReader::with_capacity(256 * 1024, blob));
     let decoder = match layer.compression {
+        // Export reads from the spooled copy: checkpoints would only cost memory.
+        Compression::Gzip if spool_dir.is_some() => {
+            crate::zran::GzipReader::new(compressed).map(Decoder::GzipIndexed)
+        }
         // This pass decompresses the whole layer anyway: note where later reads can start.
         Compression::Gzip => {
             use crate::zran::{GzipReader, SPAN};

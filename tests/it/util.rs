@@ -988,6 +988,13 @@ pub fn write_oci_archive(layers: &[Layer], config: &Value, path: &Path) -> Writt
 pub fn flatfs() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flatfs"));
     cmd.env_remove("SOURCE_DATE_EPOCH");
+    // Never the user's own cache: a test run must neither depend on it nor fill it.
+    if std::env::var_os("FLATFS_CACHE_DIR").is_none() {
+        cmd.env(
+            "FLATFS_CACHE_DIR",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-cache"),
+        );
+    }
     cmd
 }
 
