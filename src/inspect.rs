@@ -324,59 +324,58 @@ pub fn write_text(r: &Inspect, w: &mut impl Write) -> std::io::Result<()> {
         writeln!(w, "Env:       {e}")?;
     }
     writeln!(w)?;
-    writeln!(
-        w,
-        "{:>3}  {:<12}  {:>10}  {:>10}  {:>7}  {:>6}  {:>6}  {:>6}  {:>10}  CREATED BY",
-        "#", "DIGEST", "COMPRESSED", "SIZE", "ENTRIES", "ADDED", "CHANGED", "WHITED", "REMOVES"
-    )?;
-    for l in &r.layers {
-        for h in &l.empty_history_before {
-            writeln!(
-                w,
-                "{:>3}  {:<12}  {:>10}  {:>10}  {:>7}  {:>6}  {:>6}  {:>6}  {:>10}  {}",
-                "",
-                "",
-                "",
-                "",
-                "",
-                "",
-                "",
-                "",
-                "",
-                one_line(h)
-            )?;
-        }
-        let short = l.digest.split(':').nth(1).unwrap_or(&l.digest);
+    // One column layout for the header, the layer rows and the history-only rows.
+    let row = |w: &mut dyn Write, cells: [&str; 9], last: &str| {
         writeln!(
             w,
-            "{:>3}  {:<12}  {:>10}  {:>10}  {:>7}  {:>6}  {:>6}  {:>6}  {:>10}  {}",
-            l.number,
-            &short[..short.len().min(12)],
+            "{:>3}  {:<12}  {:>10}  {:>10}  {:>7}  {:>6}  {:>6}  {:>6}  {:>10}  {last}",
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            cells[5],
+            cells[6],
+            cells[7],
+            cells[8]
+        )
+    };
+    let header = [
+        "#",
+        "DIGEST",
+        "COMPRESSED",
+        "SIZE",
+        "ENTRIES",
+        "ADDED",
+        "CHANGED",
+        "WHITED",
+        "REMOVES",
+    ];
+    row(w, header, "CREATED BY")?;
+    for l in &r.layers {
+        for h in &l.empty_history_before {
+            row(w, [""; 9], &one_line(h))?;
+        }
+        let short = l.digest.split(':').nth(1).unwrap_or(&l.digest);
+        let cells = [
+            l.number.to_string(),
+            short[..short.len().min(12)].to_string(),
             human(l.compressed_size),
             human(l.uncompressed_size),
-            l.entries,
-            l.added,
-            l.changed,
-            l.whited_out,
+            l.entries.to_string(),
+            l.added.to_string(),
+            l.changed.to_string(),
+            l.whited_out.to_string(),
             human(l.removed_bytes),
-            one_line(l.created_by.as_deref().unwrap_or(""))
+        ];
+        row(
+            w,
+            cells.each_ref().map(String::as_str),
+            &one_line(l.created_by.as_deref().unwrap_or("")),
         )?;
     }
     for h in &r.trailing_history {
-        writeln!(
-            w,
-            "{:>3}  {:<12}  {:>10}  {:>10}  {:>7}  {:>6}  {:>6}  {:>6}  {:>10}  {}",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            one_line(h)
-        )?;
+        row(w, [""; 9], &one_line(h))?;
     }
     let t = &r.totals;
     writeln!(w)?;

@@ -120,23 +120,10 @@ fn base_layers() -> Vec<Layer> {
         layer([
             dir("etc"),
             file("etc/os-release", "ID=test\n"),
-            file("big", pseudo_random(64 * 1024, 1)),
+            file("big", noise(1, 64 * 1024)),
         ]),
         layer([file("app/run", "#!/bin/sh\necho hi\n"), whiteout("big")]),
     ]
-}
-
-/// Deterministic incompressible bytes: xorshift, so no extra dependency is needed.
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 fn gzip_bytes(data: &[u8]) -> Vec<u8> {
@@ -810,7 +797,7 @@ fn file_that_is_not_an_image() {
     let docker_gz = gzip_bytes(&docker_archive_bytes(&layers, &default_config(&layers)));
     let not_an_image = "not a docker-archive, OCI image layout or OCI archive";
     for (name, bytes, why) in [
-        ("random.bin", pseudo_random(10_000, 7), not_an_image),
+        ("random.bin", noise(7, 10_000), not_an_image),
         ("zeros.bin", vec![0; 4096], not_an_image),
         (
             "text.txt",
@@ -854,7 +841,7 @@ fn stdin_with_nothing_on_it() {
 
 #[test]
 fn stdin_with_garbage_on_it() {
-    let errors = fails_cleanly("-", Some(&pseudo_random(3000, 3)));
+    let errors = fails_cleanly("-", Some(&noise(3, 3000)));
     assert_all_mention(&errors, &["stdin", "not a docker-archive"]);
 }
 
@@ -1855,7 +1842,7 @@ impl Drop for SmallDisk {
 
 #[test]
 fn full_disk_gives_a_clear_error_and_leaves_nothing() {
-    let layers = vec![layer([file("big", pseudo_random(2 << 20, 9))])];
+    let layers = vec![layer([file("big", noise(9, 2 << 20))])];
     let (_tmp, image, _) = oci_image(&layers);
     let disk = SmallDisk::mount();
     let old = disk.path().join("old.tar");
@@ -1888,7 +1875,7 @@ fn full_disk_gives_a_clear_error_and_leaves_nothing() {
 #[test]
 fn closed_pipe_ends_quietly() {
     // More than a pipe holds, so that writing meets the closed end.
-    let layers = vec![layer([file("big", pseudo_random(1 << 20, 5))])];
+    let layers = vec![layer([file("big", noise(5, 1 << 20))])];
     let tmp = tempfile::tempdir().expect("tempdir");
     let docker = tmp.path().join("image.docker.tar");
     write_docker_archive(&layers, &default_config(&layers), &docker);

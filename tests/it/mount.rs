@@ -242,19 +242,6 @@ fn oci_image(m: &Mounted, layers: &[Layer]) -> PathBuf {
     path
 }
 
-/// Deterministic bytes that do not compress (xorshift), so layers have real sizes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 fn errno_of<T: std::fmt::Debug>(res: io::Result<T>) -> i32 {
     let err = res.expect_err("the operation must fail");
     err.raw_os_error()

@@ -1550,3 +1550,17 @@ pub fn assert_listing(actual: &str, expected_text: &str) {
         );
     }
 }
+
+/// Deterministic bytes that do not compress (xorshift: no extra dependency), so layers have
+/// real sizes.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}

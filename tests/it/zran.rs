@@ -58,19 +58,6 @@ fn filler(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
-/// Deterministic bytes that do not compress.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// A one-layer image of `files` files of `size` bytes, its layer cut into `members` gzip
 /// members; returns the layer's tar and where each member starts in it.
 fn big_image(dir: &Path, files: usize, size: usize, members: usize) -> (PathBuf, Vec<u8>) {
