@@ -581,24 +581,10 @@ impl Ui {
         layers: Option<usize>,
         spool_dir: Option<&Path>,
     ) -> Result<Opened> {
-        let mut img = source::open(spec, platform)?;
-        if let Some(n) = layers
-            && (n == 0 || n > img.layers.len())
-        {
-            anyhow::bail!(
-                "{spec} has {} layers; --layers must be 1..={}",
-                img.layers.len(),
-                img.layers.len()
-            );
-        }
-        let mut indexes = self.index(&img, layers, spool_dir)?;
-        let checkpoints = crate::take_read_aids(&mut img, &mut indexes);
-        let tree = tree::merge_owned(indexes)?;
-        Ok(Opened {
-            image: img,
-            tree,
-            checkpoints,
-        })
+        let img = source::open(spec, platform)?;
+        crate::check_layer_count(&img, layers)?;
+        let indexes = self.index(&img, layers, spool_dir)?;
+        Ok(crate::merge_image(img, indexes)?)
     }
 }
 

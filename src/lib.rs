@@ -164,20 +164,30 @@ pub fn open_merged_with(
     platform: Option<&source::Platform>,
     opts: &IndexOptions,
 ) -> Result<Opened> {
-    let mut image = source::open(spec, platform)?;
-    if let Some(n) = opts.layers
-        && (n == 0 || n > image.layers.len())
-    {
-        return Err(Error::invalid(
-            spec,
+    let image = source::open(spec, platform)?;
+    check_layer_count(&image, opts.layers)?;
+    let indexes = index_layers(&image, opts)?;
+    merge_image(image, indexes)
+}
+
+/// Refuses a `--layers N` the image cannot satisfy.
+pub fn check_layer_count(image: &Image, layers: Option<usize>) -> Result<()> {
+    match layers {
+        Some(n) if n == 0 || n > image.layers.len() => Err(Error::invalid(
+            &image.name,
             format!(
                 "has {} layers; --layers must be 1..={}",
                 image.layers.len(),
                 image.layers.len()
             ),
-        ));
+        )),
+        _ => Ok(()),
     }
-    let mut indexes = index_layers(&image, opts)?;
+}
+
+/// Merges an image's layer indexes (from [`index_layers`]) into its tree, keeping aside what
+/// reading file contents needs.
+pub fn merge_image(mut image: Image, mut indexes: Vec<LayerIndex>) -> Result<Opened> {
     let checkpoints = take_read_aids(&mut image, &mut indexes);
     let tree = tree::merge_owned(indexes)?;
     Ok(Opened {
@@ -190,7 +200,7 @@ pub fn open_merged_with(
 /// Takes out of the indexes what reading file contents needs, before the merge consumes them:
 /// a spooled decompressed copy replaces its layer's blob, and each layer's checkpoints are
 /// returned by layer position (none for a layer now read from its copy).
-pub fn take_read_aids(
+fn take_read_aids(
     image: &mut Image,
     indexes: &mut [LayerIndex],
 ) -> Vec<Option<Arc<zran::Checkpoints>>> {
