@@ -1,5 +1,6 @@
 //! The `flatfs` binary: parse arguments, run, print the error chain, map exit codes.
 
+use std::io::ErrorKind;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -8,9 +9,14 @@ fn main() -> ExitCode {
     let cli = flatfs::cli::Cli::parse();
     match flatfs::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) if broken_pipe(&err) => {
+        Err(err) if io_kind(&err) == Some(ErrorKind::BrokenPipe) => {
             // The reader went away (`| head`): not our error to report, but not a success.
             ExitCode::from(141)
+        }
+        Err(err) if io_kind(&err) == Some(ErrorKind::Interrupted) => {
+            // SIGINT/SIGTERM stopped an export; its temp files are gone. 128 + SIGINT, as shells say.
+            eprintln!("flatfs: interrupted");
+            ExitCode::from(130)
         }
         Err(err) => {
             let mut msg = format!("flatfs: {err}");
@@ -27,12 +33,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn broken_pipe(err: &anyhow::Error) -> bool {
-    err.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-            || c.downcast_ref::<flatfs::Error>().is_some_and(|e| {
-                matches!(e, flatfs::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
-            })
-    })
+/// The kind of the I/O error at the root of `err`, if there is one. Our error variants expose
+/// their I/O cause as `source`, so the chain reaches it.
+fn io_kind(err: &anyhow::Error) -> Option<ErrorKind> {
+    err.chain()
+        .find_map(|c| c.downcast_ref::<std::io::Error>())
+        .map(std::io::Error::kind)
 }
