@@ -11,10 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
-    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    Filesystem, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::content::Content;
@@ -155,22 +154,27 @@ impl FlatFs {
             .map(move |(i, (id, name))| (offset + i as u64 + 1, id, name)))
     }
 
-    fn open_file(&self, ino: INodeNo, flags: OpenFlags) -> Result<FopenFlags, Errno> {
-        let (_, node) = self.node(ino)?;
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
-            return Err(Errno::EROFS);
+    /// The answer to an open: ENOSYS for a read-only open of a file, which tells the kernel to
+    /// send no more opens, nor their releases. Nothing is kept per open, so each small file
+    /// then costs one round trip (its read) instead of three; the kernel's no-open default keeps
+    /// the page cache across opens as FOPEN_KEEP_CACHE did, and the read-only mount refuses
+    /// writes before they reach us.
+    fn open_file(&self, ino: INodeNo, flags: OpenFlags) -> Errno {
+        match self.node(ino) {
+            Err(e) => e,
+            Ok(_) if flags.acc_mode() != OpenAccMode::O_RDONLY => Errno::EROFS,
+            Ok((_, node)) if node.is_dir() => Errno::EISDIR,
+            Ok(_) => Errno::ENOSYS,
         }
-        if node.is_dir() {
-            return Err(Errno::EISDIR);
-        }
-        // The bytes never change: keep the page cache across opens. Closing has nothing to
-        // flush, so spare the kernel the round trip.
-        Ok(FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH)
     }
 
-    fn open_dir(&self, ino: INodeNo) -> Result<FopenFlags, Errno> {
-        self.dir(ino)?;
-        Ok(FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE)
+    /// The answer to an opendir: ENOSYS for a directory, for zero-message opendirs too (the
+    /// kernel then also caches listings, as FOPEN_CACHE_DIR asked).
+    fn open_dir(&self, ino: INodeNo) -> Errno {
+        match self.dir(ino) {
+            Err(e) => e,
+            Ok(_) => Errno::ENOSYS,
+        }
     }
 
     /// Reads `size` bytes at `offset`: all of them unless the file ends first, as the kernel
@@ -325,11 +329,12 @@ fn xattr_reply(data: Cow<'_, [u8]>, size: u32) -> Result<XattrReply<'_>, Errno> 
 
 impl Filesystem for FlatFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        // readdirplus fills `ls -l` in one round trip; parallel dirops lets lookups in one
-        // directory run at once; cached symlinks spare readlink calls. Each is only an
-        // optimisation, so ask for what this kernel offers and nothing else.
+        // readdirplus, always (not READDIRPLUS_AUTO, which falls back to plain readdir and then
+        // one lookup per name), fills `ls -l`, `find` and `tar` in one round trip per listing:
+        // attributes are in memory, so sending them costs next to nothing. Parallel dirops lets
+        // lookups in one directory run at once; cached symlinks spare readlink calls. Each is
+        // only an optimisation, so ask for what this kernel offers and nothing else.
         let wanted = InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS;
         let offered = wanted & config.capabilities();
@@ -378,10 +383,7 @@ impl Filesystem for FlatFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.open_file(ino, flags) {
-            Ok(open_flags) => reply.opened(FileHandle(0), open_flags),
-            Err(e) => reply.error(e),
-        }
+        reply.error(self.open_file(ino, flags));
     }
 
     fn read(
@@ -409,7 +411,8 @@ impl Filesystem for FlatFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing is ever buffered: ENOSYS makes the kernel stop sending flushes on close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -437,10 +440,7 @@ impl Filesystem for FlatFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.open_dir(ino) {
-            Ok(open_flags) => reply.opened(FileHandle(0), open_flags),
-            Err(e) => reply.error(e),
-        }
+        reply.error(self.open_dir(ino));
     }
 
     fn readdir(
@@ -927,18 +927,18 @@ mod tests {
     fn opening_for_write_is_erofs_and_reads_stop_at_the_end() {
         let fs = sample();
         let f = ino(&fs, "d/f");
-        assert_eq!(
-            fs.open_file(f, OpenFlags(libc::O_RDONLY)),
-            Ok(FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH)
-        );
+        assert_eq!(fs.open_file(f, OpenFlags(libc::O_RDONLY)), Errno::ENOSYS);
         for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDWR | libc::O_APPEND] {
-            assert_eq!(fs.open_file(f, OpenFlags(flags)), Err(Errno::EROFS));
+            assert_eq!(fs.open_file(f, OpenFlags(flags)), Errno::EROFS);
         }
+        let d = ino(&fs, "d");
+        assert_eq!(fs.open_file(d, OpenFlags(libc::O_RDONLY)), Errno::EISDIR);
+        assert_eq!(fs.open_dir(d), Errno::ENOSYS);
         assert_eq!(fs.read_file(f, 5000, 4096), Ok(Vec::new()));
         assert_eq!(fs.read_file(f, u64::MAX, 4096), Ok(Vec::new()));
         assert_eq!(fs.read_file(ino(&fs, "d"), 0, 1), Err(Errno::EISDIR));
         assert_eq!(fs.read_file(ino(&fs, "d/s"), 0, 1), Err(Errno::EINVAL));
-        assert_eq!(fs.open_dir(f), Err(Errno::ENOTDIR));
+        assert_eq!(fs.open_dir(f), Errno::ENOTDIR);
     }
 
     #[test]
