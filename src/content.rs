@@ -1,25 +1,39 @@
 //! File contents on demand: `read_at(extent, offset, buf)` over the layer blobs, for the FUSE
 //! mount and `flatfs cat` (export streams layers in one pass instead, see `export.rs`).
 //!
-//! Uncompressed layers are read in place with positioned reads. Compressed layers keep a few
-//! decompression cursors per layer, and a read continues from the nearest cursor at or before
-//! its offset. Gzip layers also have the checkpoints their indexing pass recorded (`zran.rs`):
-//! when no cursor is closer, a read starts at the last checkpoint before its offset, so it
-//! decompresses about one span (1 MiB of output, more only where deflate blocks are longer)
-//! wherever it lands. zstd layers have no checkpoints: a read with no cursor behind it
-//! decompresses from the start of the layer (frames could serve, but the usual single-frame
-//! layer has only one).
+//! Uncompressed layers are read in place with positioned reads. Compressed layers are read a
+//! block at a time: each layer keeps a few decompression cursors, and a block is decompressed
+//! from the nearest cursor at or before its start. Gzip layers also have the checkpoints their
+//! indexing pass recorded (`zran.rs`): when no cursor is closer, decompression starts at the
+//! last checkpoint before the block, so a read costs about one span (1 MiB of output, more only
+//! where deflate blocks are longer) plus one block wherever it lands. zstd layers have no
+//! checkpoints: a block with no cursor behind it is decompressed from the start of the layer
+//! (frames could serve, but the usual single-frame layer has only one).
+//!
+//! Decompressed bytes are kept in a small cache of aligned blocks ([`BLOCK`] bytes, at most
+//! [`CACHED_BLOCKS`] of them for the whole image, least recently used out first), so that
+//! neighbouring reads — the small files of one directory, read in any order, or a file read
+//! again after the kernel dropped its pages — cost a copy instead of a decompression.
 //!
 //! No lock is held while decompressing: a cursor is taken out of its layer's pool for the read
-//! and put back after, so readers of other layers, or of the same layer elsewhere, go on.
+//! and put back after, so readers of other layers, or of the same layer elsewhere, go on. Only
+//! a reader that needs the very block another is decompressing waits for it, rather than
+//! decompressing it a second time.
 
+use std::collections::{HashMap, HashSet};
 use std::io::{self, BufReader, Read};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::blob::{Blob, BlobReader, Compression, Decoder, open_decoded};
 use crate::source::Layer;
 use crate::tree::Extent;
 use crate::zran::{Checkpoint, Checkpoints, GzipReader};
+
+/// Size of a cached block of decompressed layer bytes, aligned on multiples of itself.
+pub const BLOCK: u64 = 256 * 1024;
+
+/// Blocks kept for the whole image: 16 MiB.
+pub const CACHED_BLOCKS: usize = 64;
 
 /// Cursors kept per compressed layer.
 const CURSORS_PER_LAYER: usize = 4;
@@ -40,9 +54,29 @@ struct LayerData {
     cursors: Mutex<Vec<Cursor>>,
 }
 
+/// (layer index, block number).
+type BlockKey = (u32, u64);
+
+#[derive(Default)]
+struct Blocks {
+    /// Cached blocks and when each was last used.
+    cached: HashMap<BlockKey, (Arc<[u8]>, u64)>,
+    /// Blocks being decompressed right now, by some reader.
+    loading: HashSet<BlockKey>,
+    clock: u64,
+}
+
+/// Recently decompressed blocks, shared by all readers.
+struct BlockCache {
+    capacity: usize,
+    blocks: Mutex<Blocks>,
+    loaded: Condvar,
+}
+
 /// Reads file contents from the layers of one image.
 pub struct Content {
     layers: Vec<LayerData>,
+    cache: BlockCache,
 }
 
 impl Content {
@@ -65,6 +99,11 @@ impl Content {
                     cursors: Mutex::new(Vec::new()),
                 })
                 .collect(),
+            cache: BlockCache {
+                capacity: CACHED_BLOCKS,
+                blocks: Mutex::default(),
+                loaded: Condvar::new(),
+            },
         }
     }
 
@@ -84,16 +123,78 @@ impl Content {
             layer.blob.read_exact_at(buf, pos)?;
             return Ok(n);
         }
-        let mut cursor = layer.take_cursor(pos)?;
-        let result = cursor.read_exact_at(buf, pos);
-        if result.is_ok() {
-            layer.return_cursor(cursor);
+        let mut done = 0;
+        while done < n {
+            let at = pos + done as u64;
+            let block = self.block(extent.layer, layer, at / BLOCK)?;
+            let within = (at % BLOCK) as usize;
+            if within >= block.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "layer ends before the file",
+                ));
+            }
+            let len = (n - done).min(block.len() - within);
+            buf[done..done + len].copy_from_slice(&block[within..within + len]);
+            done += len;
         }
-        result.map(|()| n)
+        Ok(n)
+    }
+
+    /// Block `number` of a compressed layer: from the cache, or decompressed (and cached).
+    fn block(&self, index: u32, layer: &LayerData, number: u64) -> io::Result<Arc<[u8]>> {
+        let key = (index, number);
+        let cache = &self.cache;
+        {
+            let mut blocks = cache.blocks.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                blocks.clock += 1;
+                let now = blocks.clock;
+                if let Some((block, used)) = blocks.cached.get_mut(&key) {
+                    *used = now;
+                    return Ok(block.clone());
+                }
+                if !blocks.loading.contains(&key) {
+                    break;
+                }
+                blocks = cache.loaded.wait(blocks).unwrap_or_else(|e| e.into_inner());
+            }
+            blocks.loading.insert(key);
+        }
+        let result = layer.read_block(number * BLOCK);
+        let mut blocks = cache.blocks.lock().unwrap_or_else(|e| e.into_inner());
+        blocks.loading.remove(&key);
+        if let Ok(block) = &result {
+            if blocks.cached.len() >= cache.capacity
+                && let Some(oldest) = blocks
+                    .cached
+                    .iter()
+                    .min_by_key(|(_, (_, used))| *used)
+                    .map(|(k, _)| *k)
+            {
+                blocks.cached.remove(&oldest);
+            }
+            let now = blocks.clock;
+            blocks.cached.insert(key, (block.clone(), now));
+        }
+        drop(blocks);
+        // Waiters retry: they find the block, or, after an error, try (and report) it themselves.
+        cache.loaded.notify_all();
+        result
     }
 }
 
 impl LayerData {
+    /// Up to [`BLOCK`] decompressed bytes from `pos`: fewer only at the end of the layer.
+    fn read_block(&self, pos: u64) -> io::Result<Arc<[u8]>> {
+        let mut cursor = self.take_cursor(pos)?;
+        let mut block = vec![0; BLOCK as usize];
+        let n = cursor.read_at(&mut block, pos)?;
+        self.return_cursor(cursor);
+        block.truncate(n);
+        Ok(block.into())
+    }
+
     /// The cursor furthest along that is not past `pos`, unless a checkpoint is closer: then a
     /// fresh cursor there (or at the start of the layer when neither is behind `pos`).
     fn take_cursor(&self, pos: u64) -> io::Result<Cursor> {
@@ -154,7 +255,9 @@ impl LayerData {
 }
 
 impl Cursor {
-    fn read_exact_at(&mut self, buf: &mut [u8], pos: u64) -> io::Result<()> {
+    /// Fills `buf` from layer offset `pos` (at or after the cursor); short only at the end of
+    /// the layer.
+    fn read_at(&mut self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
         let skip = pos - self.pos;
         let skipped = io::copy(&mut (&mut self.decoder).take(skip), &mut io::sink())?;
         self.pos += skipped;
@@ -164,9 +267,17 @@ impl Cursor {
                 "layer ends before the file",
             ));
         }
-        self.decoder.read_exact(buf)?;
-        self.pos += buf.len() as u64;
-        Ok(())
+        let mut n = 0;
+        while n < buf.len() {
+            match self.decoder.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
@@ -252,21 +363,101 @@ mod tests {
         assert_eq!(read(&content, &plain, 0, plain.len()), plain);
     }
 
+    impl Content {
+        fn cached_blocks(&self) -> Vec<BlockKey> {
+            let blocks = self.cache.blocks.lock().expect("lock");
+            let mut keys: Vec<_> = blocks.cached.keys().copied().collect();
+            keys.sort();
+            keys
+        }
+    }
+
     #[test]
-    fn a_read_starts_at_the_checkpoint_before_it() {
+    fn reads_across_block_boundaries() {
+        let plain = sample(11, 3 * BLOCK as usize + 12_345);
+        let (content, _, _) = gzip_layer(&plain, 100_000);
+        for b in [3, 1, 2, 0] {
+            let edge = b * BLOCK;
+            for (offset, len) in [
+                (edge.saturating_sub(1), 2),
+                (edge.saturating_sub(5000), 10_000),
+                (edge, 1),
+            ] {
+                assert_eq!(
+                    read(&content, &plain, offset, len),
+                    expect(&plain, offset, len),
+                    "{len} at {offset}"
+                );
+            }
+        }
+        // One read over every block, and the layer's last byte.
+        assert_eq!(read(&content, &plain, 1, plain.len()), &plain[1..]);
+        let last = plain.len() as u64 - 1;
+        assert_eq!(read(&content, &plain, last, 1), &plain[plain.len() - 1..]);
+    }
+
+    #[test]
+    fn neighbouring_reads_come_from_the_block_cache() {
+        let plain = sample(12, 2 * BLOCK as usize + 1000);
+        let (content, _, file) = gzip_layer(&plain, 60_000);
+        let at = BLOCK + 100;
+        assert_eq!(read(&content, &plain, at, 10), expect(&plain, at, 10));
+        assert_eq!(content.cached_blocks(), [(0, 1)]);
+        // With the blob wrecked, only the cached block can still be read.
+        file.write_all_at(&vec![0xff; plain.len()], 0)
+            .expect("overwrite");
+        for offset in [BLOCK, at + 5000, 2 * BLOCK - 10] {
+            assert_eq!(
+                read(&content, &plain, offset, 10),
+                expect(&plain, offset, 10)
+            );
+        }
+        let extent = Extent {
+            layer: 0,
+            offset: 0,
+            size: plain.len() as u64,
+        };
+        assert!(content.read_at(&extent, 10, &mut [0; 10]).is_err());
+        assert_eq!(
+            content.cached_blocks(),
+            [(0, 1)],
+            "failed loads are not cached"
+        );
+    }
+
+    #[test]
+    fn the_least_recently_used_block_goes_first() {
+        let plain = sample(13, 4 * BLOCK as usize);
+        let (mut content, _, _) = gzip_layer(&plain, 100_000);
+        content.cache.capacity = 2;
+        for b in [0, 1, 0, 2] {
+            read(&content, &plain, b * BLOCK, 1);
+        }
+        assert_eq!(content.cached_blocks(), [(0, 0), (0, 2)]);
+        read(&content, &plain, 3 * BLOCK, 1);
+        assert_eq!(content.cached_blocks(), [(0, 2), (0, 3)]);
+    }
+
+    #[test]
+    fn a_read_starts_at_the_checkpoint_before_its_block() {
         let plain = sample(8, 600_000);
         let (content, checkpoints, file) = gzip_layer(&plain, 50_000);
-        let last = checkpoints.points().last().expect("checkpoints").clone();
-        // Wreck everything before the last checkpoint: a read after it must not need it.
-        file.write_all_at(&vec![0xff; last.read_from() as usize], 0)
-            .expect("overwrite");
         let at = plain.len() as u64 - 100;
+        let block_start = at / BLOCK * BLOCK;
+        let used = checkpoints
+            .at_or_before(block_start)
+            .expect("a checkpoint before the last block")
+            .clone();
+        assert!(used.output > 0, "{used:?}");
+        // Wreck everything before that checkpoint: a read after it must not need it.
+        file.write_all_at(&vec![0xff; used.read_from() as usize], 0)
+            .expect("overwrite");
         assert_eq!(read(&content, &plain, at, 100), &plain[at as usize..]);
         assert_eq!(
-            read(&content, &plain, last.output, 10),
-            expect(&plain, last.output, 10)
+            read(&content, &plain, block_start, 10),
+            expect(&plain, block_start, 10)
         );
-        // Before the last checkpoint the stream is broken: an error, never wrong bytes.
+        // Before that checkpoint the stream is broken: an error, never wrong bytes.
         let extent = Extent {
             layer: 0,
             offset: 0,
