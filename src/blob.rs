@@ -10,6 +10,7 @@ use std::sync::Arc;
 use sha2::{Digest as _, Sha256};
 
 use crate::zran::{Checkpoint, GzipReader};
+use crate::zstd_frames::ZstdReader;
 
 /// A byte range of an open file: a whole blob file, or one member of an image archive.
 #[derive(Clone)]
@@ -171,6 +172,8 @@ pub enum Decoder<R: BufRead> {
     GzipIndexed(GzipReader<R>),
     /// zstd, all frames.
     Zstd(zstd::stream::read::Decoder<'static, R>),
+    /// zstd, all frames, able to record frame starts or start at one (for random access).
+    ZstdIndexed(ZstdReader<R>),
 }
 
 impl<R: BufRead> Decoder<R> {
@@ -190,13 +193,16 @@ impl<R: BufRead> Decoder<R> {
             Decoder::Gzip(d) => d.into_inner(),
             Decoder::GzipIndexed(d) => d.into_inner(),
             Decoder::Zstd(d) => d.finish(),
+            Decoder::ZstdIndexed(d) => d.into_inner(),
         }
     }
 
-    /// The checkpoints a recording [`Decoder::GzipIndexed`] made; `None` for other decoders.
+    /// The checkpoints a recording [`Decoder::GzipIndexed`] or [`Decoder::ZstdIndexed`] made;
+    /// `None` for other decoders.
     pub fn take_checkpoints(&mut self) -> Option<Vec<Checkpoint>> {
         match self {
             Decoder::GzipIndexed(d) => Some(d.take_checkpoints()),
+            Decoder::ZstdIndexed(d) => Some(d.take_checkpoints()),
             _ => None,
         }
     }
@@ -209,6 +215,7 @@ impl<R: BufRead> Read for Decoder<R> {
             Decoder::Gzip(d) => d.read(buf),
             Decoder::GzipIndexed(d) => d.read(buf),
             Decoder::Zstd(d) => d.read(buf),
+            Decoder::ZstdIndexed(d) => d.read(buf),
         }
     }
 }

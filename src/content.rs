@@ -6,9 +6,10 @@
 //! from the nearest cursor at or before its start. Gzip layers also have the checkpoints their
 //! indexing pass recorded (`zran.rs`): when no cursor is closer, decompression starts at the
 //! last checkpoint before the block, so a read costs about one span (1 MiB of output, more only
-//! where deflate blocks are longer) plus one block wherever it lands. zstd layers have no
-//! checkpoints: a block with no cursor behind it is decompressed from the start of the layer
-//! (frames could serve, but the usual single-frame layer has only one).
+//! where deflate blocks are longer) plus one block wherever it lands. A zstd layer of several
+//! frames has checkpoints at frame starts (`zstd_frames.rs`), used the same way; one of a
+//! single frame (the usual case) has none, and a block with no cursor behind it is
+//! decompressed from the start of the layer.
 //!
 //! Decompressed bytes are kept in a small cache of aligned blocks ([`BLOCK`] bytes, at most
 //! [`CACHED_BLOCKS`] of them for the whole image, least recently used out first), so that
@@ -28,6 +29,7 @@ use crate::blob::{Blob, BlobReader, Compression, Decoder, open_decoded};
 use crate::source::Layer;
 use crate::tree::Extent;
 use crate::zran::{Checkpoint, Checkpoints, GzipReader};
+use crate::zstd_frames::ZstdReader;
 
 /// Size of a cached block of decompressed layer bytes, aligned on multiples of itself.
 pub const BLOCK: u64 = 256 * 1024;
@@ -38,9 +40,9 @@ pub const CACHED_BLOCKS: usize = 64;
 /// Cursors kept per compressed layer.
 const CURSORS_PER_LAYER: usize = 4;
 
-/// Compressed bytes read ahead by a gzip cursor: about a quarter of a span, so a read from a
+/// Compressed bytes read ahead by a cursor: about a quarter of a span, so a read from a
 /// checkpoint costs a few positioned reads and sequential reads few system calls.
-const GZIP_INPUT_BUF: usize = 128 * 1024;
+const INPUT_BUF: usize = 128 * 1024;
 
 struct Cursor {
     decoder: Decoder<BufReader<BlobReader>>,
@@ -90,11 +92,13 @@ impl Content {
                 .map(|(i, l)| LayerData {
                     blob: l.blob.clone(),
                     compression: l.compression,
-                    // Checkpoints index a gzip stream: a layer read from a decompressed copy
-                    // (export's spool) has none.
+                    // Checkpoints index a compressed stream: a layer read from a decompressed
+                    // copy (export's spool) has none.
                     checkpoints: match l.compression {
-                        Compression::Gzip => checkpoints.get(i).cloned().flatten(),
-                        _ => None,
+                        Compression::Gzip | Compression::Zstd => {
+                            checkpoints.get(i).cloned().flatten()
+                        }
+                        Compression::None => None,
                     },
                     cursors: Mutex::new(Vec::new()),
                 })
@@ -219,21 +223,24 @@ impl LayerData {
 
     /// A new cursor at `checkpoint`, or at the start of the layer.
     fn open_cursor(&self, checkpoint: Option<&Checkpoint>) -> io::Result<Cursor> {
-        if self.compression != Compression::Gzip {
-            return Ok(Cursor {
-                decoder: open_decoded(&self.blob, self.compression)?,
-                pos: 0,
-            });
-        }
-        let from = checkpoint.map_or(0, |c| c.read_from());
-        let input = BufReader::with_capacity(GZIP_INPUT_BUF, self.blob.reader_from(from));
-        let reader = match checkpoint {
-            Some(c) => GzipReader::resume(input, c)?,
-            None => GzipReader::new(input)?,
+        let decoder = match (self.compression, checkpoint) {
+            (Compression::Gzip, _) => {
+                let from = checkpoint.map_or(0, |c| c.read_from());
+                let input = BufReader::with_capacity(INPUT_BUF, self.blob.reader_from(from));
+                Decoder::GzipIndexed(match checkpoint {
+                    Some(c) => GzipReader::resume(input, c)?,
+                    None => GzipReader::new(input)?,
+                })
+            }
+            (Compression::Zstd, Some(c)) => {
+                let input = BufReader::with_capacity(INPUT_BUF, self.blob.reader_from(c.input));
+                Decoder::ZstdIndexed(ZstdReader::resume(input, c)?)
+            }
+            _ => open_decoded(&self.blob, self.compression)?,
         };
         Ok(Cursor {
-            pos: reader.position(),
-            decoder: Decoder::GzipIndexed(reader),
+            pos: checkpoint.map_or(0, |c| c.output),
+            decoder,
         })
     }
 

@@ -23,6 +23,7 @@ pub mod mount;
 pub mod source;
 pub mod tree;
 pub mod zran;
+pub mod zstd_frames;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -79,8 +79,8 @@ pub struct LayerIndex {
     pub tar_size: u64,
     /// A decompressed copy of a compressed layer, when indexing was asked to keep one.
     pub decompressed: Option<Blob>,
-    /// Where decompression can start inside a gzip layer, for random access (`None` for other
-    /// compressions, whose reads start at the beginning of the layer).
+    /// Where decompression can start inside a gzip layer, or at which frame starts inside a zstd
+    /// layer, for random access (`None` for uncompressed layers, read in place).
     pub checkpoints: Option<Arc<crate::zran::Checkpoints>>,
 }
 
@@ -114,6 +114,11 @@ pub fn index_layer(
         Compression::Gzip => {
             use crate::zran::{GzipReader, SPAN};
             GzipReader::recording(compressed, SPAN).map(Decoder::GzipIndexed)
+        }
+        // Frame starts, where a zstd layer has several frames.
+        Compression::Zstd if spool_dir.is_none() => {
+            crate::zstd_frames::ZstdReader::recording(compressed, crate::zran::SPAN)
+                .map(Decoder::ZstdIndexed)
         }
         other => Decoder::new(compressed, other),
     }

@@ -475,6 +475,8 @@ pub enum Compression {
     /// Several concatenated gzip members, as pigz and `cat a.gz b.gz` produce.
     GzipMembers(usize),
     Zstd,
+    /// zstd in frames of this many tar bytes each, as zstd:chunked writes.
+    ZstdFrames(usize),
 }
 
 impl Compression {
@@ -482,7 +484,7 @@ impl Compression {
         match self {
             Compression::None => MT_LAYER_TAR,
             Compression::Gzip | Compression::GzipMembers(_) => MT_LAYER_GZIP,
-            Compression::Zstd => MT_LAYER_ZSTD,
+            Compression::Zstd | Compression::ZstdFrames(_) => MT_LAYER_ZSTD,
         }
     }
 
@@ -496,6 +498,10 @@ impl Compression {
                 tar.chunks(step).flat_map(gzip).collect()
             }
             Compression::Zstd => zstd::encode_all(tar, 3).expect("zstd"),
+            Compression::ZstdFrames(n) => tar
+                .chunks(n.max(1))
+                .flat_map(|c| zstd::encode_all(c, 3).expect("zstd"))
+                .collect(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Random access into gzip layers (issue 4): the checkpoints recorded while indexing a layer,
 //! kept in the index cache, let a read anywhere in a layer start near its offset. Every read is
-//! compared with the plainly decompressed layer; the mount test checks, through the server's
+//! compared with the plainly decompressed layer. Multi-frame zstd layers get checkpoints at frame
+//! starts the same way; the mount test checks, through the server's
 //! I/O counters, that reading a file at the end of a big layer does not decompress all of it.
 
 use std::fs::{self, File};
@@ -204,6 +205,71 @@ fn concurrent_readers_of_one_span_all_get_the_layer_bytes() {
             });
         }
     });
+}
+
+#[test]
+fn a_multi_frame_zstd_layer_is_read_from_its_frame_starts() {
+    let tmp = TempDir::new().expect("tempdir");
+    let entries = (0..40).map(|i| file(format!("f{i:03}"), filler(i as u64, 130_000)));
+    let layer = layer(entries).compression(Compression::ZstdFrames(200_001));
+    let tar = layer.tar();
+    let tar_len = tar.len() as u64;
+    let image = tmp.path().join("image");
+    write_oci_layout(
+        std::slice::from_ref(&layer),
+        &default_config(std::slice::from_ref(&layer)),
+        &image,
+        None,
+    );
+    let cache = Cache::new(tmp.path().join("cache"));
+    // Indexed, then from the cache: the same frame starts both times.
+    let first = checkpoints(&open(&image, &cache));
+    let opened = open(&image, &cache);
+    let points = checkpoints(&opened);
+    assert_eq!(*first, *points);
+    assert!(
+        points.len() as u64 >= tar_len / SPAN - 1,
+        "{} checkpoints for {tar_len} bytes",
+        points.len()
+    );
+    assert!(points.points().iter().all(|p| p.output % 200_001 == 0));
+    let content = opened.content();
+    for p in points.points().iter().rev() {
+        for offset in [p.output - 1, p.output, p.output + 1] {
+            assert_range(
+                &read_tar(&content, tar_len, offset, 1000),
+                &tar,
+                offset,
+                1000,
+            );
+        }
+    }
+    // With everything before the last frame start wrecked, the end of the layer still reads:
+    // the read starts at that frame, not at the start of the layer.
+    let last = points.points().last().expect("checkpoints").clone();
+    let blob = fs::read_dir(image.join("blobs/sha256"))
+        .expect("blobs")
+        .map(|e| e.expect("entry").path())
+        .find(|p| fs::metadata(p).expect("stat").len() > last.input)
+        .expect("the layer blob");
+    let fresh = open(&image, &cache).content();
+    std::os::unix::fs::FileExt::write_all_at(
+        &fs::OpenOptions::new()
+            .write(true)
+            .open(&blob)
+            .expect("open blob"),
+        &vec![0xff; last.input as usize],
+        0,
+    )
+    .expect("wreck");
+    let at = tar_len - 3000;
+    assert_range(&read_tar(&fresh, tar_len, at, 3000), &tar, at, 3000);
+    let extent = Extent {
+        layer: 0,
+        offset: 0,
+        size: tar_len,
+    };
+    assert!(fresh.read_at(&extent, 10, &mut [0; 10]).is_err());
 }
 
 /// The one cache file of a single-layer image.
