@@ -11,9 +11,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
-    Filesystem, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use crate::content::Content;
@@ -38,6 +39,10 @@ pub struct FlatFs {
     content: Content,
     /// Space the files take, in `BLOCK_SIZE` blocks, for `statfs`.
     blocks: u64,
+    /// Whether the kernel takes ENOSYS from `open` / `opendir` as "no opens needed" (Linux
+    /// 4.19 / 5.1 on); older ones would fail the open.
+    zero_message_open: bool,
+    zero_message_opendir: bool,
 }
 
 /// Answer to `getxattr`/`listxattr`: the length when asked with size 0, else the bytes.
@@ -60,6 +65,8 @@ impl FlatFs {
             tree,
             content,
             blocks,
+            zero_message_open: false,
+            zero_message_opendir: false,
         }
     }
 
@@ -154,27 +161,35 @@ impl FlatFs {
             .map(move |(i, (id, name))| (offset + i as u64 + 1, id, name)))
     }
 
-    /// The answer to an open: ENOSYS for a read-only open of a file, which tells the kernel to
-    /// send no more opens, nor their releases. Nothing is kept per open, so each small file
-    /// then costs one round trip (its read) instead of three; the kernel's no-open default keeps
-    /// the page cache across opens as FOPEN_KEEP_CACHE did, and the read-only mount refuses
-    /// writes before they reach us.
-    fn open_file(&self, ino: INodeNo, flags: OpenFlags) -> Errno {
-        match self.node(ino) {
-            Err(e) => e,
-            Ok(_) if flags.acc_mode() != OpenAccMode::O_RDONLY => Errno::EROFS,
-            Ok((_, node)) if node.is_dir() => Errno::EISDIR,
-            Ok(_) => Errno::ENOSYS,
+    /// Opens a file, or answers ENOSYS where the kernel allows it: that tells it to send no
+    /// more opens, nor their releases. Nothing is kept per open, so each small file then costs
+    /// one round trip (its read) instead of three; the kernel's no-open default keeps the page
+    /// cache across opens, as FOPEN_KEEP_CACHE does, and the read-only mount refuses writes
+    /// before they reach us.
+    fn open_file(&self, ino: INodeNo, flags: OpenFlags) -> Result<FopenFlags, Errno> {
+        let (_, node) = self.node(ino)?;
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return Err(Errno::EROFS);
         }
+        if node.is_dir() {
+            return Err(Errno::EISDIR);
+        }
+        if self.zero_message_open {
+            return Err(Errno::ENOSYS);
+        }
+        // The bytes never change: keep the page cache across opens. Closing has nothing to
+        // flush, so spare the kernel the round trip.
+        Ok(FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH)
     }
 
-    /// The answer to an opendir: ENOSYS for a directory, for zero-message opendirs too (the
-    /// kernel then also caches listings, as FOPEN_CACHE_DIR asked).
-    fn open_dir(&self, ino: INodeNo) -> Errno {
-        match self.dir(ino) {
-            Err(e) => e,
-            Ok(_) => Errno::ENOSYS,
+    /// Opens a directory, or answers ENOSYS for zero-message opendirs where the kernel allows
+    /// it (its default then caches listings, as FOPEN_CACHE_DIR asks).
+    fn open_dir(&self, ino: INodeNo) -> Result<FopenFlags, Errno> {
+        self.dir(ino)?;
+        if self.zero_message_opendir {
+            return Err(Errno::ENOSYS);
         }
+        Ok(FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE)
     }
 
     /// Reads `size` bytes at `offset`: all of them unless the file ends first, as the kernel
@@ -338,6 +353,12 @@ impl Filesystem for FlatFs {
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS;
         let offered = wanted & config.capabilities();
+        self.zero_message_open = config
+            .capabilities()
+            .contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        self.zero_message_opendir = config
+            .capabilities()
+            .contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         config
             .add_capabilities(offered)
             .map_err(|flags| io::Error::other(format!("kernel refused {flags:?}")))?;
@@ -383,7 +404,10 @@ impl Filesystem for FlatFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        reply.error(self.open_file(ino, flags));
+        match self.open_file(ino, flags) {
+            Ok(open_flags) => reply.opened(FileHandle(0), open_flags),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn read(
@@ -440,7 +464,10 @@ impl Filesystem for FlatFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        reply.error(self.open_dir(ino));
+        match self.open_dir(ino) {
+            Ok(open_flags) => reply.opened(FileHandle(0), open_flags),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn readdir(
@@ -925,20 +952,35 @@ mod tests {
 
     #[test]
     fn opening_for_write_is_erofs_and_reads_stop_at_the_end() {
-        let fs = sample();
+        let mut fs = sample();
         let f = ino(&fs, "d/f");
-        assert_eq!(fs.open_file(f, OpenFlags(libc::O_RDONLY)), Errno::ENOSYS);
-        for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDWR | libc::O_APPEND] {
-            assert_eq!(fs.open_file(f, OpenFlags(flags)), Errno::EROFS);
-        }
         let d = ino(&fs, "d");
-        assert_eq!(fs.open_file(d, OpenFlags(libc::O_RDONLY)), Errno::EISDIR);
-        assert_eq!(fs.open_dir(d), Errno::ENOSYS);
+        for zero_message in [false, true] {
+            fs.zero_message_open = zero_message;
+            fs.zero_message_opendir = zero_message;
+            let (file, dir) = if zero_message {
+                (Err(Errno::ENOSYS), Err(Errno::ENOSYS))
+            } else {
+                (
+                    Ok(FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH),
+                    Ok(FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
+                )
+            };
+            assert_eq!(fs.open_file(f, OpenFlags(libc::O_RDONLY)), file);
+            assert_eq!(fs.open_dir(d), dir);
+            for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDWR | libc::O_APPEND] {
+                assert_eq!(fs.open_file(f, OpenFlags(flags)), Err(Errno::EROFS));
+            }
+            assert_eq!(
+                fs.open_file(d, OpenFlags(libc::O_RDONLY)),
+                Err(Errno::EISDIR)
+            );
+            assert_eq!(fs.open_dir(f), Err(Errno::ENOTDIR));
+        }
         assert_eq!(fs.read_file(f, 5000, 4096), Ok(Vec::new()));
         assert_eq!(fs.read_file(f, u64::MAX, 4096), Ok(Vec::new()));
         assert_eq!(fs.read_file(ino(&fs, "d"), 0, 1), Err(Errno::EISDIR));
         assert_eq!(fs.read_file(ino(&fs, "d/s"), 0, 1), Err(Errno::EINVAL));
-        assert_eq!(fs.open_dir(f), Errno::ENOTDIR);
     }
 
     #[test]
