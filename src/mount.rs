@@ -161,6 +161,7 @@ impl Mountpoint {
             ready.failed(&msg);
             return Err(self.error(msg));
         }
+        let notifier = fs.notifier_slot();
         let mut session = match Session::new(fs, &self.path, &self.config) {
             Ok(session) => session,
             Err(e) => {
@@ -169,6 +170,7 @@ impl Mountpoint {
                 return Err(self.error(msg));
             }
         };
+        let _ = notifier.set(session.notifier());
         let unmounter = session.unmount_callable();
         let path = self.path.clone();
         let waiter = thread::Builder::new()

@@ -359,9 +359,14 @@ struct Served {
 
 impl Served {
     fn start(image: &Path, mnt: &Path, cache: &Path) -> Self {
+        Self::start_with(image, mnt, cache, &[])
+    }
+
+    fn start_with(image: &Path, mnt: &Path, cache: &Path, options: &[&str]) -> Self {
         let server = flatfs()
             .env("FLATFS_CACHE_DIR", cache)
             .args(["mount", "-f"])
+            .args(options)
             .arg(image)
             .arg(mnt)
             .stdin(Stdio::null())
@@ -462,6 +467,83 @@ fn reading_the_last_file_of_a_big_gzip_layer_does_not_decompress_the_layer() {
             "{round}: reading the last file read {one_file} bytes; the whole layer is \
              {blob_len} bytes and reading all of it read {whole}"
         );
+        drop(served);
+    }
+}
+
+/// Whether every page of a file is in the page cache, found without reading it.
+fn resident(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let file = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let len = file.metadata().expect("stat").len() as usize;
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).expect("page size");
+    let mut pages = vec![0u8; len.div_ceil(page)];
+    // SAFETY: a read-only shared mapping of an open file of `len` bytes, unmapped before the
+    // file closes; mincore writes one byte per page of it into `pages`, which has that many.
+    let rc = unsafe {
+        let ptr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap {}", path.display());
+        let rc = libc::mincore(ptr, len, pages.as_mut_ptr());
+        libc::munmap(ptr, len);
+        rc
+    };
+    assert_eq!(rc, 0, "mincore {}", path.display());
+    pages.iter().all(|p| p & 1 == 1)
+}
+
+#[test]
+fn listing_a_directory_pushes_its_small_files_into_the_page_cache() {
+    if !fuse_available("listing_a_directory_pushes_its_small_files_into_the_page_cache") {
+        return;
+    }
+    let tmp = TempDir::new().expect("tempdir");
+    let small: Vec<Vec<u8>> = (0..120)
+        .map(|i| filler(i, 1000 + 37 * i as usize))
+        .collect();
+    let big = filler(999, 100_000);
+    let entries = small
+        .iter()
+        .enumerate()
+        .map(|(i, data)| file(format!("d/s{i:03}"), data))
+        .chain([file("d/zbig", &big)]);
+    let layer = layer(entries).compression(Compression::Gzip);
+    let image = tmp.path().join("image");
+    let layers = std::slice::from_ref(&layer);
+    write_oci_layout(layers, &default_config(layers), &image, None);
+    let cache = tmp.path().join("cache");
+    for prefetch in [true, false] {
+        let mnt = tmp.path().join("mnt");
+        fs::create_dir_all(&mnt).expect("mountpoint");
+        let options: &[&str] = if prefetch { &[] } else { &["--no-prefetch"] };
+        let served = Served::start_with(&image, &mnt, &cache, options);
+        let listed = fs::read_dir(mnt.join("d")).expect("list d").count();
+        assert_eq!(listed, small.len() + 1);
+        for i in 0..small.len() {
+            let path = mnt.join(format!("d/s{i:03}"));
+            assert_eq!(
+                resident(&path),
+                prefetch,
+                "{} (prefetch {prefetch})",
+                path.display()
+            );
+        }
+        // Over the size limit: never pushed.
+        assert!(!resident(&mnt.join("d/zbig")));
+        for (i, data) in small.iter().enumerate() {
+            assert!(
+                read_file(&mnt.join(format!("d/s{i:03}"))) == *data,
+                "s{i:03} differs"
+            );
+        }
+        assert!(read_file(&mnt.join("d/zbig")) == big);
         drop(served);
     }
 }
