@@ -402,7 +402,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             } else if tree.node(id).is_dir() {
                 for (name, child) in tree.children(id) {
-                    show(&mut out, name, *child)?;
+                    show(&mut out, name, child)?;
                 }
             } else {
                 show(&mut out, path.trim_matches('/').as_bytes(), id)?;
@@ -602,7 +602,7 @@ fn init_logging(verbose: u8) {
 }
 
 /// `drwxr-xr-x`, as `ls -l` writes it.
-fn mode_string(node: &Node) -> String {
+fn mode_string(node: Node) -> String {
     let t = match node.kind {
         NodeKind::Dir(_) => 'd',
         NodeKind::File(_) => '-',
@@ -650,7 +650,7 @@ fn subtree_walk(tree: &Tree, id: NodeId, prefix: &[u8], visit: &mut dyn FnMut(&[
                 p.push(b'/');
             }
             p.extend_from_slice(name);
-            stack.push((p, *child));
+            stack.push((p, child));
         }
     }
 }
