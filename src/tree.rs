@@ -5,8 +5,8 @@
 //! The frozen arena is four flat vectors: fixed-size node records, a directory's children as a
 //! contiguous run of (name, id) records sorted by name, xattr records sorted by node, and one
 //! byte buffer holding every name, symlink target and xattr. That is about 80 bytes per entry
-//! plus its name, against ~150 for boxed children, targets and xattrs per node, and it could be
-//! saved and loaded as is.
+//! plus its name, against ~150 for boxed children, targets and xattrs per node, and it can be
+//! saved and loaded as is (`cache/merged.rs`), which is what makes a warm mount cheap.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -330,6 +330,15 @@ fn slice(bytes: &[u8], at: u64, len: u64) -> &[u8] {
         .unwrap_or(&[])
 }
 
+/// A name a directory entry can have: one component, not `.`/`..`, no NUL, no whiteout prefix.
+fn is_safe_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name != b"."
+        && name != b".."
+        && !name.starts_with(crate::layer::path::WHITEOUT_PREFIX)
+        && !name.iter().any(|&b| b == b'/' || b == 0)
+}
+
 /// The frozen merged tree.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Tree {
@@ -437,6 +446,104 @@ impl Tree {
         Some(id)
     }
 
+    /// Whether the arena holds together as [`Builder::freeze`] makes it, for a tree of `layers`
+    /// layers read from a file: every offset and id in range, each directory's children a
+    /// sorted run of single safe names right after the previous directory's, every directory
+    /// named once and numbered after its parent (so walks end), link counts as names give them.
+    pub(crate) fn is_valid(&self, layers: usize) -> bool {
+        let n = self.nodes.len();
+        let Ok(n32) = u32::try_from(n) else {
+            return false;
+        };
+        let is_dir = |id: NodeId| {
+            self.nodes
+                .get(id as usize)
+                .is_some_and(|r| r.tag & !HAS_XATTRS == TAG_DIR)
+        };
+        let in_bytes = |at: u64, len: u64| {
+            at.checked_add(len)
+                .is_some_and(|end| end <= self.bytes.len() as u64)
+        };
+        if n == 0 || !is_dir(ROOT) || self.nodes[0].parent != ROOT {
+            return false;
+        }
+        let mut names = vec![0u32; n];
+        let mut subdirs = vec![0u32; n];
+        let mut next_child = 0u64;
+        for (i, r) in self.nodes.iter().enumerate() {
+            let id = i as NodeId;
+            let layer_ok = r.layer as usize <= layers;
+            if !layer_ok || !is_dir(r.parent) || r.tag & !(HAS_XATTRS | 7) != 0 {
+                return false;
+            }
+            match r.tag & !HAS_XATTRS {
+                TAG_DIR => {
+                    if r.a != next_child {
+                        return false;
+                    }
+                    next_child = match r.a.checked_add(r.b) {
+                        Some(end) if end <= self.children.len() as u64 => end,
+                        _ => return false,
+                    };
+                    let mut prev: Option<&[u8]> = None;
+                    for c in &self.children[r.a as usize..next_child as usize] {
+                        if !in_bytes(c.at, c.len.into()) || c.id == ROOT || c.id >= n32 {
+                            return false;
+                        }
+                        let name = c.name(&self.bytes);
+                        if !is_safe_name(name) || prev.is_some_and(|p| p >= name) {
+                            return false;
+                        }
+                        prev = Some(name);
+                        names[c.id as usize] += 1;
+                        if is_dir(c.id) {
+                            // Numbered after its parent and naming it as such: no cycles.
+                            if c.id <= id || self.nodes[c.id as usize].parent != id {
+                                return false;
+                            }
+                            subdirs[i] += 1;
+                        }
+                    }
+                }
+                TAG_FILE if r.layer == 0 => return false,
+                TAG_SYMLINK if !in_bytes(r.a, r.b) => return false,
+                TAG_CHAR | TAG_BLOCK if r.a > u32::MAX.into() || r.b > u32::MAX.into() => {
+                    return false;
+                }
+                TAG_FILE | TAG_SYMLINK | TAG_CHAR | TAG_BLOCK | TAG_FIFO => {}
+                _ => return false,
+            }
+        }
+        if next_child != self.children.len() as u64 {
+            return false;
+        }
+        let links_ok = self.nodes.iter().enumerate().skip(1).all(|(i, r)| {
+            if r.tag & !HAS_XATTRS == TAG_DIR {
+                names[i] == 1 && r.nlink == subdirs[i].saturating_add(2)
+            } else {
+                names[i] >= 1 && r.nlink == names[i]
+            }
+        });
+        if !links_ok || self.nodes[0].nlink != subdirs[0].saturating_add(2) {
+            return false;
+        }
+        // xattrs: sorted by node, in range, and present exactly where the node says so.
+        let mut has = vec![false; n];
+        let mut prev = 0;
+        for x in &self.xattrs {
+            let len = u64::from(x.name_len) + u64::from(x.value_len);
+            if x.node < prev || x.node >= n32 || !in_bytes(x.at, len) {
+                return false;
+            }
+            prev = x.node;
+            has[x.node as usize] = true;
+        }
+        self.nodes
+            .iter()
+            .zip(&has)
+            .all(|(r, &has)| (r.tag & HAS_XATTRS != 0) == has)
+    }
+
     /// Visits every name depth-first, children in name order, parents before children; `first` is
     /// true on the first name of each node (later names of a node are its hardlinks).
     pub fn walk(&self, mut visit: impl FnMut(&[u8], NodeId, bool) -> Result<()>) -> Result<()> {
@@ -461,7 +568,7 @@ impl Tree {
             path.extend_from_slice(name);
             let first = !std::mem::replace(&mut seen[child as usize], true);
             visit(&path, child, first)?;
-            // A directory has one name, so this cannot loop; `first` makes sure of it.
+            // A directory has one name (checked when a tree is loaded), so this cannot loop.
             if first && self.node(child).is_dir() {
                 stack.push((child, 0, len));
             } else {

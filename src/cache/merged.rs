@@ -1,0 +1,415 @@
+//! Merged-tree cache: the frozen tree of a stack of layers, saved as the arena's four vectors,
+//! so a warm mount is one read, one checksum and a bounds check instead of loading every
+//! layer's index and merging again.
+//!
+//! The key is a sha256 over the cache format versions and, per layer in order, the layer's
+//! cache key (blob digest, else diff_id) and diff_id. A tree is a function of exactly that: the
+//! ordered layer contents and the merge rules (whose changes bump [`VERSION`]). So `--layers N`
+//! is in the key as the list's length, and the platform only through the layers it selects:
+//! two platforms, or two images, with the same layers share one tree, correctly. As for layer
+//! indexes, a tree is used only while every blob file is the one it was built from (same
+//! stamp); otherwise the layers go through [`Cache::load`], which re-verifies, and the tree is
+//! rebuilt. Everything read is checked: a corrupt, stale or hostile file is ignored, never
+//! trusted, and never a panic.
+
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+
+use super::{Cache, Dec, Enc, stamp, write_atomically};
+use crate::blob::Compression;
+use crate::source::Layer;
+use crate::tree::{ChildRec, NodeRec, Tree, XattrRec};
+use crate::zran::Checkpoints;
+
+const MAGIC: &[u8; 8] = b"FLATFSMT";
+/// Bump when the encoding, the merge rules or the meaning of a field change.
+const VERSION: u32 = 1;
+/// Encoded sizes of the arena's records.
+const NODE: usize = 64;
+const CHILD: usize = 16;
+const XATTR: usize = 24;
+
+/// A tree and what reading its files needs: per layer, the gzip checkpoints.
+pub type CachedTree = (Tree, Vec<Option<Arc<Checkpoints>>>);
+
+impl Cache {
+    /// The key of a stack of layers, bottom first; `None` if a layer has no digest at all.
+    fn tree_key(layers: &[Layer]) -> Option<[u8; 32]> {
+        let mut h = Sha256::new();
+        h.update(MAGIC);
+        h.update(VERSION.to_le_bytes());
+        h.update(super::VERSION.to_le_bytes());
+        h.update((layers.len() as u64).to_le_bytes());
+        for layer in layers {
+            for part in [Self::key(layer)?, layer.diff_id.as_deref().unwrap_or("")] {
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part.as_bytes());
+            }
+        }
+        Some(h.finalize().into())
+    }
+
+    fn tree_path(&self, key: &[u8; 32]) -> PathBuf {
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        self.dir.join(format!("{hex}.tree"))
+    }
+
+    /// The merged tree of exactly these layers (bottom first), with their checkpoints, if the
+    /// cache holds a valid one built from these very blob files.
+    pub fn load_tree(&self, layers: &[Layer]) -> Option<CachedTree> {
+        let key = Self::tree_key(layers)?;
+        let bytes = fs::read(self.tree_path(&key)).ok()?;
+        let stamps: Vec<[u64; 6]> = layers.iter().map(stamp).collect();
+        let tree = decode(&bytes, &key, &stamps)?;
+        // A gzip layer is read through its checkpoints, which live in its index file's head.
+        let checkpoints = layers
+            .iter()
+            .map(|l| match l.compression {
+                Compression::Gzip => self.load_checkpoints(l),
+                _ => Some(None),
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some((tree, checkpoints))
+    }
+
+    /// Saves the merged tree of these layers (bottom first).
+    pub fn store_tree(&self, layers: &[Layer], tree: &Tree) -> io::Result<()> {
+        let Some(key) = Self::tree_key(layers) else {
+            return Ok(());
+        };
+        let stamps: Vec<[u64; 6]> = layers.iter().map(stamp).collect();
+        write_atomically(
+            &self.dir,
+            &self.tree_path(&key),
+            &encode(tree, &key, &stamps),
+        )
+    }
+}
+
+fn encode(tree: &Tree, key: &[u8; 32], stamps: &[[u64; 6]]) -> Vec<u8> {
+    let size = 128
+        + stamps.len() * 48
+        + tree.nodes.len() * NODE
+        + tree.children.len() * CHILD
+        + tree.xattrs.len() * XATTR
+        + tree.bytes.len();
+    let mut e = Enc(Vec::with_capacity(size));
+    e.0.extend_from_slice(MAGIC);
+    e.u32(VERSION);
+    e.0.extend_from_slice(key);
+    e.u64(stamps.len() as u64);
+    for s in stamps.iter().flatten() {
+        e.u64(*s);
+    }
+    for n in [
+        tree.nodes.len(),
+        tree.children.len(),
+        tree.xattrs.len(),
+        tree.bytes.len(),
+    ] {
+        e.u64(n as u64);
+    }
+    for n in &tree.nodes {
+        e.u64(n.mtime as u64);
+        e.u64(n.uid);
+        e.u64(n.gid);
+        e.u64(n.a);
+        e.u64(n.b);
+        e.u32(n.mode);
+        e.u32(n.mtime_nsec);
+        e.u32(n.nlink);
+        e.u32(n.parent);
+        e.u32(n.layer);
+        e.u8(n.tag);
+        e.0.extend_from_slice(&[0; 3]);
+    }
+    for c in &tree.children {
+        e.u64(c.at);
+        e.u32(c.len);
+        e.u32(c.id);
+    }
+    for x in &tree.xattrs {
+        e.u64(x.at);
+        e.u32(x.node);
+        e.u32(x.name_len);
+        e.u32(x.value_len);
+        e.u32(0);
+    }
+    e.0.extend_from_slice(&tree.bytes);
+    let sum = Sha256::digest(&e.0);
+    e.0.extend_from_slice(&sum);
+    e.0
+}
+
+/// The checked body of a tree file of this version (after magic and version).
+fn body<'a>(bytes: &'a [u8]) -> Option<Dec<'a>> {
+    let (body, sum) = bytes.split_at(bytes.len().checked_sub(32)?);
+    if Sha256::digest(body).as_slice() != sum {
+        return None;
+    }
+    let mut d = Dec(body);
+    if d.take(8)? != MAGIC || d.u32()? != VERSION {
+        return None;
+    }
+    Some(d)
+}
+
+/// Nodes in a tree file, for `flatfs cache ls`.
+pub(super) fn node_count(bytes: &[u8]) -> Option<u64> {
+    let mut d = body(bytes)?;
+    d.take(32)?;
+    let layers = d.count(48)?;
+    d.take(layers * 48)?;
+    d.u64()
+}
+
+fn decode(bytes: &[u8], key: &[u8; 32], stamps: &[[u64; 6]]) -> Option<Tree> {
+    let mut d = body(bytes)?;
+    if d.take(32)? != key || d.count(48)? != stamps.len() {
+        return None;
+    }
+    for s in stamps.iter().flatten() {
+        if d.u64()? != *s {
+            return None;
+        }
+    }
+    let nodes = d.count(NODE)?;
+    let children = d.count(CHILD)?;
+    let xattrs = d.count(XATTR)?;
+    let bytes = d.count(1)?;
+    let mut tree = Tree {
+        nodes: Vec::with_capacity(nodes),
+        children: Vec::with_capacity(children),
+        xattrs: Vec::with_capacity(xattrs),
+        bytes: Vec::new(),
+    };
+    for _ in 0..nodes {
+        let n = NodeRec {
+            mtime: d.u64()? as i64,
+            uid: d.u64()?,
+            gid: d.u64()?,
+            a: d.u64()?,
+            b: d.u64()?,
+            mode: d.u32()?,
+            mtime_nsec: d.u32()?,
+            nlink: d.u32()?,
+            parent: d.u32()?,
+            layer: d.u32()?,
+            tag: d.u8()?,
+        };
+        d.take(3)?;
+        tree.nodes.push(n);
+    }
+    for _ in 0..children {
+        tree.children.push(ChildRec {
+            at: d.u64()?,
+            len: d.u32()?,
+            id: d.u32()?,
+        });
+    }
+    for _ in 0..xattrs {
+        tree.xattrs.push(XattrRec {
+            at: d.u64()?,
+            node: d.u32()?,
+            name_len: d.u32()?,
+            value_len: d.u32()?,
+        });
+        d.take(4)?;
+    }
+    tree.bytes = d.take(bytes)?.to_vec();
+    if !d.0.is_empty() {
+        return None;
+    }
+    // The checksum only says the file is as written; what was written must still make sense.
+    tree.is_valid(stamps.len()).then_some(tree)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::{Entry, Kind, LayerIndex, Meta};
+    use crate::tree::{ROOT, listing, merge};
+
+    fn entry(path: &str, kind: Kind) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            meta: Meta {
+                mode: 0o755,
+                uid: 1 << 40,
+                gid: 3,
+                mtime: -7,
+                mtime_nsec: 9,
+            },
+            size: 5,
+            offset: 512,
+            xattrs: Vec::new(),
+        }
+    }
+
+    fn sample() -> Tree {
+        let mut f = entry("d/f", Kind::File);
+        f.xattrs = vec![
+            (b"user.x".to_vec(), b"\0\xff".to_vec()),
+            (b"user.e".to_vec(), vec![]),
+        ];
+        let layers = [
+            LayerIndex {
+                entries: vec![
+                    entry("d", Kind::Dir),
+                    f,
+                    entry("d/h", Kind::Hardlink(b"d/f".to_vec())),
+                    entry("d/e/deep", Kind::Dir),
+                    entry("s", Kind::Symlink(b"../../etc".to_vec())),
+                    entry("c", Kind::Char(1, 3)),
+                ],
+                ..LayerIndex::default()
+            },
+            LayerIndex {
+                entries: vec![entry("b", Kind::Block(8, 1)), entry("p", Kind::Fifo)],
+                ..LayerIndex::default()
+            },
+        ];
+        merge(&layers).expect("merge")
+    }
+
+    const KEY: [u8; 32] = [7; 32];
+    const STAMPS: [[u64; 6]; 2] = [[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]];
+
+    #[test]
+    fn round_trip_gives_the_same_arena() {
+        let tree = sample();
+        let bytes = encode(&tree, &KEY, &STAMPS);
+        let back = decode(&bytes, &KEY, &STAMPS).expect("decodes");
+        assert_eq!(back, tree);
+        assert_eq!(listing(&back), listing(&tree));
+        assert_eq!(node_count(&bytes), Some(tree.len() as u64));
+    }
+
+    #[test]
+    fn another_key_stamp_or_layer_count_is_a_miss() {
+        let bytes = encode(&sample(), &KEY, &STAMPS);
+        assert!(decode(&bytes, &[8; 32], &STAMPS).is_none());
+        let mut stamps = STAMPS;
+        stamps[1][0] += 1;
+        assert!(decode(&bytes, &KEY, &stamps).is_none());
+        assert!(decode(&bytes, &KEY, &STAMPS[..1]).is_none());
+    }
+
+    #[test]
+    fn any_corruption_is_rejected() {
+        let bytes = encode(&sample(), &KEY, &STAMPS);
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x04;
+            assert!(decode(&b, &KEY, &STAMPS).is_none(), "flipped byte {i}");
+        }
+        for n in 0..bytes.len() {
+            assert!(decode(&bytes[..n], &KEY, &STAMPS).is_none(), "cut at {n}");
+        }
+    }
+
+    /// Files with a good checksum whose trees break an invariant: each must be refused, as a
+    /// hostile or buggy writer's would be.
+    #[test]
+    fn lying_trees_are_rejected_despite_a_good_checksum() {
+        let good = sample();
+        let dir = |t: &Tree, path: &[u8]| t.resolve(path).expect("exists") as usize;
+        let d = dir(&good, b"d");
+        let deep_parent = dir(&good, b"d/e");
+        let child_of = |t: &Tree, parent: usize, name: &[u8]| {
+            let first = t.nodes[parent].a as usize;
+            first
+                + t.children[first..]
+                    .iter()
+                    .position(|c| c.name(&t.bytes) == name)
+                    .expect("child")
+        };
+        type Edit = Box<dyn Fn(&mut Tree)>;
+        let edits: Vec<(&str, Edit)> = vec![
+            ("no nodes", Box::new(|t| t.nodes.clear())),
+            (
+                "root a file",
+                Box::new(|t| t.nodes[0].tag = crate::tree::TAG_FILE),
+            ),
+            ("unknown kind", Box::new(|t| t.nodes[1].tag = 6)),
+            ("name out of range", {
+                Box::new(move |t| {
+                    let c = child_of(t, d, b"f");
+                    t.children[c].at = t.bytes.len() as u64;
+                })
+            }),
+            ("name `..`", {
+                Box::new(move |t| {
+                    let c = child_of(t, d, b"e");
+                    let at = t.children[c].at as usize;
+                    t.bytes[at] = b'.';
+                    t.children[c].len = 1;
+                })
+            }),
+            ("names out of order", {
+                Box::new(move |t| {
+                    let (e, f) = (child_of(t, d, b"e"), child_of(t, d, b"f"));
+                    t.children.swap(e, f);
+                })
+            }),
+            (
+                "child id out of range",
+                Box::new(|t| t.children[0].id = u32::MAX),
+            ),
+            ("child is the root", Box::new(|t| t.children[0].id = ROOT)),
+            ("a cycle", {
+                Box::new(move |t| {
+                    // `d/e/deep` named `d` again: d's subtree would contain itself.
+                    let c = child_of(t, deep_parent, b"deep");
+                    t.children[c].id = d as u32;
+                })
+            }),
+            (
+                "parent not a directory",
+                Box::new(|t| t.nodes[1].parent = 2),
+            ),
+            ("children range overlaps", Box::new(|t| t.nodes[0].a = 1)),
+            (
+                "children past the end",
+                Box::new(|t| t.nodes[0].b = u64::MAX),
+            ),
+            ("wrong link count", Box::new(|t| t.nodes[0].nlink += 1)),
+            ("layer out of range", Box::new(|t| t.nodes[1].layer = 3)),
+            ("symlink target out of range", {
+                Box::new(|t| {
+                    let s = t.resolve(b"s").expect("s") as usize;
+                    t.nodes[s].b = u64::MAX;
+                })
+            }),
+            (
+                "xattr out of range",
+                Box::new(|t| t.xattrs[0].value_len = u32::MAX),
+            ),
+            (
+                "xattr of no node",
+                Box::new(|t| t.xattrs[1].node = u32::MAX),
+            ),
+            (
+                "xattr flag without xattrs",
+                Box::new(|t| t.nodes[0].tag |= 0x80),
+            ),
+            ("device number too big", {
+                Box::new(|t| {
+                    let c = t.resolve(b"c").expect("c") as usize;
+                    t.nodes[c].a = 1 << 32;
+                })
+            }),
+        ];
+        for (what, edit) in edits {
+            let mut t = sample();
+            edit(&mut t);
+            let bytes = encode(&t, &KEY, &STAMPS);
+            assert!(decode(&bytes, &KEY, &STAMPS).is_none(), "{what}: accepted");
+        }
+    }
+}
