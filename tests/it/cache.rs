@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use flatfs::cache::{Cache, CacheKind};
 use flatfs::tree::listing;
 use flatfs::{IndexOptions, Opened};
-use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
 use crate::util::*;
@@ -143,19 +142,20 @@ fn corrupt_truncated_stale_or_lying_tree_files_are_rebuilt() {
     let path = files_with(&cache, "tree").remove(0);
     let good = fs::read(&path).expect("tree file");
 
+    // The file ends with a CRC-32 of the rest.
     let reseal = |mut b: Vec<u8>| {
-        b.truncate(b.len() - 32);
-        let sum = Sha256::digest(&b);
+        b.truncate(b.len() - 4);
+        let sum = crc32fast::hash(&b).to_le_bytes();
         b.extend_from_slice(&sum);
         b
     };
     let mut stale = good.clone();
-    stale[8..12].copy_from_slice(&0u32.to_le_bytes());
+    stale[8..12].copy_from_slice(&1u32.to_le_bytes());
     // Well-formed files whose trees lie: the last name (`usr/only`'s `only`, just before the
     // checksum) made a path or a whiteout. `cache::merged` tests the other lies.
     let renamed = |name: &[u8; 4]| {
         let mut b = good.clone();
-        let at = b.len() - 32 - 4;
+        let at = b.len() - 4 - 4;
         b[at..at + 4].copy_from_slice(name);
         reseal(b)
     };
