@@ -405,11 +405,7 @@ fn head_end(prefix: &[u8]) -> Option<usize> {
 
 /// Reads and checks the head of a file of `len` bytes from its start.
 fn read_head(r: impl Read, len: u64) -> Option<Head> {
-    let mut r = HeadReader {
-        inner: r,
-        crc: crc32fast::Hasher::new(),
-        left: PREFIX,
-    };
+    let mut r = SumReader::new(r, PREFIX);
     let prefix = r.take(PREFIX)?;
     let end = head_end(&prefix)?;
     if end as u64 + SUM as u64 > len {
@@ -440,15 +436,7 @@ fn read_head(r: impl Read, len: u64) -> Option<Head> {
         }
         _ => return None,
     };
-    if r.left != 0 {
-        return None;
-    }
-    let sum = r.crc.clone().finalize().to_le_bytes();
-    let mut saved = [0u8; SUM];
-    r.inner.read_exact(&mut saved).ok()?;
-    if sum != saved {
-        return None;
-    }
+    r.finish()?;
     // Checked like the rest: a checkpoint that lies would make reads return wrong data.
     let checkpoints = match checkpoints {
         Some(points) => Some(Arc::new(Checkpoints::new(points, tar_size)?)),
@@ -463,27 +451,50 @@ fn read_head(r: impl Read, len: u64) -> Option<Head> {
     })
 }
 
-/// The head's fields from a reader: at most `left` more bytes, all of them checksummed.
-struct HeadReader<R> {
+/// Fields read from a stream: at most `left` more bytes, all of them checksummed, then the
+/// checksum itself. Decoding as the bytes arrive spares a file-sized buffer.
+struct SumReader<R> {
     inner: R,
     crc: crc32fast::Hasher,
     left: usize,
 }
 
-impl<R: Read> HeadReader<R> {
+impl<R: Read> SumReader<R> {
+    fn new(inner: R, left: usize) -> Self {
+        SumReader {
+            inner,
+            crc: crc32fast::Hasher::new(),
+            left,
+        }
+    }
+    fn fill(&mut self, buf: &mut [u8]) -> Option<()> {
+        self.left = self.left.checked_sub(buf.len())?;
+        self.inner.read_exact(buf).ok()?;
+        self.crc.update(buf);
+        Some(())
+    }
     fn take(&mut self, n: usize) -> Option<Vec<u8>> {
-        self.left = self.left.checked_sub(n)?;
+        // Bounded before allocating: a corrupt length cannot ask for more than the file holds.
+        if n > self.left {
+            return None;
+        }
         let mut buf = vec![0u8; n];
-        self.inner.read_exact(&mut buf).ok()?;
-        self.crc.update(&buf);
+        self.fill(&mut buf)?;
         Some(buf)
     }
     fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
-        self.left = self.left.checked_sub(N)?;
         let mut buf = [0u8; N];
-        self.inner.read_exact(&mut buf).ok()?;
-        self.crc.update(&buf);
+        self.fill(&mut buf)?;
         Some(buf)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.array()?))
+    }
+    /// Ends the stream: nothing may be left before the checksum, which must match.
+    fn finish(mut self) -> Option<()> {
+        let mut saved = [0u8; SUM];
+        self.inner.read_exact(&mut saved).ok()?;
+        (self.left == 0 && self.crc.finalize().to_le_bytes() == saved).then_some(())
     }
     fn u8(&mut self) -> Option<u8> {
         Some(self.array::<1>()?[0])

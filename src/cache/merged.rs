@@ -12,14 +12,14 @@
 //! rebuilt. Everything read is checked: a corrupt, stale or hostile file is ignored, never
 //! trusted, and never a panic.
 
-use std::fs;
-use std::io;
+use std::fs::File;
+use std::io::{self, BufReader, Read};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
-use super::{Cache, Dec, Enc, SUM, checksum, stamp, write_atomically};
+use super::{Cache, Dec, Enc, SUM, SumReader, checksum, stamp, write_atomically};
 use crate::blob::Compression;
 use crate::source::Layer;
 use crate::tree::{ChildRec, NodeRec, Tree, XattrRec};
@@ -62,9 +62,10 @@ impl Cache {
     /// cache holds a valid one built from these very blob files.
     pub fn load_tree(&self, layers: &[Layer]) -> Option<CachedTree> {
         let key = Self::tree_key(layers)?;
-        let bytes = fs::read(self.tree_path(&key)).ok()?;
+        let file = File::open(self.tree_path(&key)).ok()?;
+        let len = file.metadata().ok()?.len();
         let stamps: Vec<[u64; 6]> = layers.iter().map(stamp).collect();
-        let tree = decode(&bytes, &key, &stamps)?;
+        let tree = decode(BufReader::with_capacity(1 << 16, file), len, &key, &stamps)?;
         // A gzip layer is read through its checkpoints, which live in its index file's head.
         let checkpoints = layers
             .iter()
@@ -180,63 +181,75 @@ pub(super) fn node_count(bytes: &[u8]) -> Option<u64> {
     d.u64()
 }
 
-fn decode(bytes: &[u8], key: &[u8; 32], stamps: &[[u64; 6]]) -> Option<Tree> {
-    let mut d = body(bytes)?;
-    if d.take(32)? != key || d.count(48)? != stamps.len() {
+/// Records decoded per read: big enough for few calls, small enough to stay in cache.
+const BATCH: usize = 1024;
+
+/// Reads `count` records of `size` bytes, decoding each with `f`, a batch at a time.
+fn records<R: Read, T>(
+    r: &mut SumReader<R>,
+    count: usize,
+    size: usize,
+    f: impl Fn(&[u8]) -> T,
+) -> Option<Vec<T>> {
+    let mut out = Vec::with_capacity(count);
+    let mut buf = vec![0u8; BATCH * size];
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(BATCH);
+        r.fill(&mut buf[..n * size])?;
+        out.extend(buf[..n * size].chunks_exact(size).map(&f));
+        left -= n;
+    }
+    Some(out)
+}
+
+/// Reads a tree file of `len` bytes. Streamed: the records go from the file straight into the
+/// arena's vectors, with no file-sized buffer between (this is most of a warm mount's work).
+fn decode(r: impl Read, len: u64, key: &[u8; 32], stamps: &[[u64; 6]]) -> Option<Tree> {
+    let mut r = SumReader::new(r, usize::try_from(len).ok()?.checked_sub(SUM)?);
+    if r.array::<8>()? != *MAGIC || r.u32()? != VERSION || r.array::<32>()? != *key {
+        return None;
+    }
+    if r.count(48)? != stamps.len() {
         return None;
     }
     for s in stamps.iter().flatten() {
-        if d.u64()? != *s {
+        if r.u64()? != *s {
             return None;
         }
     }
-    let nodes = d.count(NODE)?;
-    let children = d.count(CHILD)?;
-    let xattrs = d.count(XATTR)?;
-    let bytes = d.count(1)?;
-    // Fixed-size records, decoded a whole record at a time: this is most of a warm mount's work.
+    let nodes = r.count(NODE)?;
+    let children = r.count(CHILD)?;
+    let xattrs = r.count(XATTR)?;
+    let bytes = r.count(1)?;
     let tree = Tree {
-        nodes: d
-            .take(nodes * NODE)?
-            .chunks_exact(NODE)
-            .map(|r| NodeRec {
-                mtime: le64(r, 0) as i64,
-                uid: le64(r, 8),
-                gid: le64(r, 16),
-                a: le64(r, 24),
-                b: le64(r, 32),
-                mode: le32(r, 40),
-                mtime_nsec: le32(r, 44),
-                nlink: le32(r, 48),
-                parent: le32(r, 52),
-                layer: le32(r, 56),
-                tag: r[60],
-            })
-            .collect(),
-        children: d
-            .take(children * CHILD)?
-            .chunks_exact(CHILD)
-            .map(|r| ChildRec {
-                at: le64(r, 0),
-                len: le32(r, 8),
-                id: le32(r, 12),
-            })
-            .collect(),
-        xattrs: d
-            .take(xattrs * XATTR)?
-            .chunks_exact(XATTR)
-            .map(|r| XattrRec {
-                at: le64(r, 0),
-                node: le32(r, 8),
-                name_len: le32(r, 12),
-                value_len: le32(r, 16),
-            })
-            .collect(),
-        bytes: d.take(bytes)?.to_vec(),
+        nodes: records(&mut r, nodes, NODE, |r| NodeRec {
+            mtime: le64(r, 0) as i64,
+            uid: le64(r, 8),
+            gid: le64(r, 16),
+            a: le64(r, 24),
+            b: le64(r, 32),
+            mode: le32(r, 40),
+            mtime_nsec: le32(r, 44),
+            nlink: le32(r, 48),
+            parent: le32(r, 52),
+            layer: le32(r, 56),
+            tag: r[60],
+        })?,
+        children: records(&mut r, children, CHILD, |r| ChildRec {
+            at: le64(r, 0),
+            len: le32(r, 8),
+            id: le32(r, 12),
+        })?,
+        xattrs: records(&mut r, xattrs, XATTR, |r| XattrRec {
+            at: le64(r, 0),
+            node: le32(r, 8),
+            name_len: le32(r, 12),
+            value_len: le32(r, 16),
+        })?,
+        bytes: r.take(bytes)?,
     };
-    if !d.0.is_empty() {
-        return None;
-    }
+    r.finish()?;
     // The checksum only says the file is as written; what was written must still make sense.
     tree.is_valid(stamps.len()).then_some(tree)
 }
@@ -297,7 +310,7 @@ mod tests {
     fn round_trip_gives_the_same_arena() {
         let tree = sample();
         let bytes = encode(&tree, &KEY, &STAMPS);
-        let back = decode(&bytes, &KEY, &STAMPS).expect("decodes");
+        let back = decode(&bytes[..], bytes.len() as u64, &KEY, &STAMPS).expect("decodes");
         assert_eq!(back, tree);
         assert_eq!(listing(&back), listing(&tree));
         assert_eq!(node_count(&bytes), Some(tree.len() as u64));
@@ -306,11 +319,11 @@ mod tests {
     #[test]
     fn another_key_stamp_or_layer_count_is_a_miss() {
         let bytes = encode(&sample(), &KEY, &STAMPS);
-        assert!(decode(&bytes, &[8; 32], &STAMPS).is_none());
+        assert!(decode(&bytes[..], bytes.len() as u64, &[8; 32], &STAMPS).is_none());
         let mut stamps = STAMPS;
         stamps[1][0] += 1;
-        assert!(decode(&bytes, &KEY, &stamps).is_none());
-        assert!(decode(&bytes, &KEY, &STAMPS[..1]).is_none());
+        assert!(decode(&bytes[..], bytes.len() as u64, &KEY, &stamps).is_none());
+        assert!(decode(&bytes[..], bytes.len() as u64, &KEY, &STAMPS[..1]).is_none());
     }
 
     #[test]
@@ -319,10 +332,16 @@ mod tests {
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 0x04;
-            assert!(decode(&b, &KEY, &STAMPS).is_none(), "flipped byte {i}");
+            assert!(
+                decode(&b[..], b.len() as u64, &KEY, &STAMPS).is_none(),
+                "flipped byte {i}"
+            );
         }
         for n in 0..bytes.len() {
-            assert!(decode(&bytes[..n], &KEY, &STAMPS).is_none(), "cut at {n}");
+            assert!(
+                decode(&bytes[..n], n as u64, &KEY, &STAMPS).is_none(),
+                "cut at {n}"
+            );
         }
     }
 
@@ -422,7 +441,10 @@ mod tests {
             let mut t = sample();
             edit(&mut t);
             let bytes = encode(&t, &KEY, &STAMPS);
-            assert!(decode(&bytes, &KEY, &STAMPS).is_none(), "{what}: accepted");
+            assert!(
+                decode(&bytes[..], bytes.len() as u64, &KEY, &STAMPS).is_none(),
+                "{what}: accepted"
+            );
         }
     }
 }
