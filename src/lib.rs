@@ -225,6 +225,14 @@ pub fn check_layer_count(image: &Image, layers: Option<usize>) -> Result<()> {
 pub fn merge_image(mut image: Image, mut indexes: Vec<LayerIndex>) -> Result<Opened> {
     let checkpoints = take_read_aids(&mut image, &mut indexes);
     let tree = tree::merge_owned(indexes)?;
+    // The indexes and the merge's scaffolding are freed by now, but glibc keeps most of those
+    // small blocks in its heap: hand them back, so a mount server holds the arena and no more
+    // (on a million-entry directory, ~170 -> ~90 bytes per entry for its life).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system; no live allocation moves.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     Ok(Opened {
         image,
         tree,

@@ -700,7 +700,15 @@ impl Builder {
         for path in &index.whiteouts {
             self.whiteout(path);
         }
-        for entry in index.entries {
+        // Taken from the back of the reversed list, whose buffer shrinks as it empties: the
+        // index's memory goes as the tree's grows, not when the layer is done, which lowers
+        // the peak of a big layer by most of the index's size.
+        let mut entries = index.entries;
+        entries.reverse();
+        while let Some(entry) = entries.pop() {
+            if entries.len() < entries.capacity() / 4 * 3 {
+                entries.shrink_to_fit();
+            }
             let path = String::from_utf8_lossy(&entry.path).into_owned();
             self.insert(layer_no, entry).map_err(|msg| Error::Entry {
                 layer: index.label.clone(),
