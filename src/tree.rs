@@ -121,6 +121,15 @@ impl<'a> Children<'a> {
         }
     }
 
+    /// The entries at positions `range` (clamped to the directory's size).
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Children<'a> {
+        let end = range.end.min(self.recs.len());
+        Children {
+            recs: &self.recs[range.start.min(end)..end],
+            bytes: self.bytes,
+        }
+    }
+
     /// The entries in name order.
     pub fn iter(&self) -> ChildIter<'a> {
         ChildIter {
@@ -1296,6 +1305,25 @@ mod tests {
         );
         let err = merge(&[layer(1, &["d d", "h b d"])]).expect_err("link to dir");
         assert!(err.to_string().contains("directory"), "{err}");
+    }
+
+    #[test]
+    fn children_slices_clamp_to_the_directory() {
+        let tree = merge(&[layer(1, &["f a", "f b", "f c"])]).expect("merge");
+        let names = |c: Children| -> Vec<String> {
+            c.iter()
+                .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
+                .collect()
+        };
+        let root = tree.children(ROOT);
+        assert_eq!(names(root.slice(1..3)), ["b", "c"]);
+        assert_eq!(names(root.slice(2..9)), ["c"]);
+        let (from, to) = (2, 1);
+        assert!(root.slice(5..9).is_empty() && root.slice(from..to).is_empty());
+        assert_eq!(names(root.starting_at(1)), ["b", "c"]);
+        assert!(root.starting_at(usize::MAX).is_empty());
+        assert_eq!(root.find(b"b"), tree.resolve(b"b"));
+        assert_eq!(root.iter().next_back().map(|(n, _)| n), Some(&b"c"[..]));
     }
 
     #[test]

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use sha2::{Digest as _, Sha256};
 
 use super::{Cache, Dec, Enc, SUM, SumReader, checksum, stamp, write_atomically};
-use crate::blob::Compression;
 use crate::source::Layer;
 use crate::tree::{ChildRec, NodeRec, Tree, XattrRec};
 use crate::zran::Checkpoints;
@@ -66,13 +65,11 @@ impl Cache {
         let len = file.metadata().ok()?.len();
         let stamps: Vec<[u64; 6]> = layers.iter().map(stamp).collect();
         let tree = decode(BufReader::with_capacity(1 << 16, file), len, &key, &stamps)?;
-        // A gzip layer is read through its checkpoints, which live in its index file's head.
+        // Whatever checkpoints indexing recorded for a layer (gzip's, say) live in its index
+        // file's head: taken from there for every layer, a hit gives what a merge would.
         let checkpoints = layers
             .iter()
-            .map(|l| match l.compression {
-                Compression::Gzip => self.load_checkpoints(l),
-                _ => Some(None),
-            })
+            .map(|l| self.load_checkpoints(l))
             .collect::<Option<Vec<_>>>()?;
         Some((tree, checkpoints))
     }
