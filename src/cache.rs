@@ -3,8 +3,12 @@
 //! digest, so a second mount, export or inspect of an image, or of another image sharing base
 //! layers, skips the indexing pass. Files are versioned, checksummed and written atomically;
 //! a corrupt, stale or foreign file is ignored and rebuilt, never trusted.
+//!
+//! A file has two separately checksummed parts: a head (identity, digests, checkpoints) and a
+//! body (entries). A mount whose merged tree is cached (`merged.rs`) needs only the
+//! checkpoints, so it reads the head and never decodes the entries.
 
-use std::fs;
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -16,9 +20,15 @@ use crate::layer::{Entry, Kind, LayerIndex, Meta};
 use crate::source::Layer;
 use crate::zran::{Checkpoint, Checkpoints};
 
+mod merged;
+
 const MAGIC: &[u8; 8] = b"FLATFSIX";
 /// Bump when the encoding or the meaning of a field changes; old files are then ignored.
-const VERSION: u32 = 2;
+const VERSION: u32 = 4;
+/// Length of a [`checksum`].
+const SUM: usize = 4;
+/// Magic, version and the head's length.
+const PREFIX: usize = 8 + 4 + 8;
 
 /// Where cache files live: `$FLATFS_CACHE_DIR`, else `$XDG_CACHE_HOME/flatfs`, else
 /// `~/.cache/flatfs`.
@@ -43,12 +53,23 @@ pub struct Cache {
 /// One cache file, for `flatfs cache ls`.
 #[derive(Debug, Clone)]
 pub struct CacheEntry {
-    /// The layer digest it is keyed by.
+    /// The layer digest it is keyed by; for a merged tree, its key.
     pub digest: String,
+    /// What the file holds.
+    pub kind: CacheKind,
     /// File size in bytes.
     pub size: u64,
-    /// Entries in the index, if the file is readable.
+    /// Entries in the index (nodes in a merged tree), if the file is readable.
     pub entries: Option<u64>,
+}
+
+/// The kinds of cache file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheKind {
+    /// One layer's index (`HEX.idx`).
+    LayerIndex,
+    /// The merged tree of a stack of layers (`HEX.tree`).
+    MergedTree,
 }
 
 /// The identity of the blob bytes an index was verified against: if the file is the same file,
@@ -79,14 +100,14 @@ impl Cache {
     }
 
     /// The key of a layer: its blob digest, else (docker archives) its diff_id.
-    fn key(layer: &Layer) -> Option<&str> {
+    pub(crate) fn key(layer: &Layer) -> Option<&str> {
         layer.digest.as_deref().or(layer.diff_id.as_deref())
     }
 
     fn path_for(&self, key: &str) -> Option<PathBuf> {
         let (alg, hex) = key.split_once(':')?;
         // Digests come from image JSON: only accept plain hex so a key can't name another path.
-        if alg != "sha256" || hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if alg != "sha256" || !is_hex64(hex) {
             return None;
         }
         Some(self.dir.join(format!("{hex}.idx")))
@@ -118,6 +139,22 @@ impl Cache {
         Some(index)
     }
 
+    /// The checkpoints of a layer's cached index (`Some(None)` if it has none), read from the
+    /// file's head alone. Only a file made from exactly this blob file counts: unlike
+    /// [`Cache::load`], this never re-verifies another copy.
+    pub fn load_checkpoints(&self, layer: &Layer) -> Option<Option<Arc<Checkpoints>>> {
+        let key = Self::key(layer)?;
+        let file = File::open(self.path_for(key)?).ok()?;
+        let len = file.metadata().ok()?.len();
+        // Streamed: the windows (most of the head) go straight from the file into their own
+        // buffers, which spares a warm mount a copy and the page faults of a head-sized buffer.
+        let head = read_head(io::BufReader::with_capacity(1 << 16, file), len)?;
+        let fits = head.key == key
+            && layer.diff_id.as_deref().is_none_or(|d| d == head.diff_id)
+            && head.stamp == stamp(layer);
+        fits.then_some(head.checkpoints)
+    }
+
     /// Saves a layer's index (best effort is the caller's choice: errors are returned).
     pub fn store(&self, layer: &Layer, index: &LayerIndex) -> io::Result<()> {
         let Some(key) = Self::key(layer) else {
@@ -126,14 +163,7 @@ impl Cache {
         let Some(path) = self.path_for(key) else {
             return Ok(());
         };
-        fs::create_dir_all(&self.dir)?;
-        let bytes = encode(index, stamp(layer), key);
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(&self.dir)?;
-        tmp.write_all(&bytes)?;
-        tmp.persist(&path).map_err(|e| e.error)?;
-        Ok(())
+        write_atomically(&self.dir, &path, &encode(index, stamp(layer), key))
     }
 
     /// Every cache file.
@@ -147,16 +177,24 @@ impl Cache {
         for e in rd {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(hex) = name.strip_suffix(".idx") else {
+            let (hex, kind) = if let Some(hex) = name.strip_suffix(".idx") {
+                (hex, CacheKind::LayerIndex)
+            } else if let Some(hex) = name.strip_suffix(".tree") {
+                (hex, CacheKind::MergedTree)
+            } else {
                 continue;
             };
+            if !is_hex64(hex) {
+                continue;
+            }
             let size = e.metadata()?.len();
-            let entries = fs::read(e.path())
-                .ok()
-                .and_then(|b| decode(&b))
-                .map(|(i, _, _)| i.entries.len() as u64);
+            let entries = fs::read(e.path()).ok().and_then(|b| match kind {
+                CacheKind::LayerIndex => decode(&b).map(|(i, _, _)| i.entries.len() as u64),
+                CacheKind::MergedTree => merged::node_count(&b),
+            });
             out.push(CacheEntry {
                 digest: format!("sha256:{hex}"),
+                kind,
                 size,
                 entries,
             });
@@ -169,10 +207,13 @@ impl Cache {
     pub fn clear(&self) -> io::Result<u64> {
         let mut freed = 0;
         for e in self.list()? {
-            if let Some(p) = self.path_for(&e.digest) {
-                fs::remove_file(&p)?;
-                freed += e.size;
-            }
+            let hex = e.digest.trim_start_matches("sha256:");
+            let ext = match e.kind {
+                CacheKind::LayerIndex => "idx",
+                CacheKind::MergedTree => "tree",
+            };
+            fs::remove_file(self.dir.join(format!("{hex}.{ext}")))?;
+            freed += e.size;
         }
         // Leftover temp files from an interrupted store.
         if let Ok(rd) = fs::read_dir(&self.dir) {
@@ -187,7 +228,30 @@ impl Cache {
     }
 }
 
-// ---- encoding: little-endian, length-prefixed byte strings, sha256 trailer ----
+fn is_hex64(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Writes `bytes` to `path` through a temp file in the same directory and a rename, so a reader
+/// sees the old file or the new one, never part of one.
+fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// The checksum of a cache file's part. It tells a torn or damaged file from a good one, not a
+/// forged one (whoever can write the cache can write any checksum; every field read is range
+/// checked for that), so CRC-32, which runs at memory speed, serves: sha256 took a fifth of
+/// a warm mount.
+pub(crate) fn checksum(bytes: &[u8]) -> [u8; SUM] {
+    crc32fast::hash(bytes).to_le_bytes()
+}
+
+// ---- encoding: little-endian, length-prefixed byte strings; a checksum after the head and
+// ---- another after the body ----
 
 struct Enc(Vec<u8>);
 
@@ -212,12 +276,31 @@ fn encode(index: &LayerIndex, stamp: [u64; 6], key: &str) -> Vec<u8> {
     let mut e = Enc(Vec::with_capacity(64 + index.entries.len() * 64 + windows));
     e.0.extend_from_slice(MAGIC);
     e.u32(VERSION);
+    e.u64(0); // the head's length, set below
     e.bytes(key.as_bytes());
     for s in stamp {
         e.u64(s);
     }
     e.bytes(index.diff_id.as_bytes());
     e.u64(index.tar_size);
+    match &index.checkpoints {
+        None => e.u8(0),
+        Some(c) => {
+            e.u8(1);
+            e.u64(c.len() as u64);
+            for p in c.points() {
+                e.u64(p.input);
+                e.u8(p.bits);
+                e.u64(p.output);
+                e.bytes(&p.window);
+            }
+        }
+    }
+    let head_len = (e.0.len() - PREFIX) as u64;
+    e.0[PREFIX - 8..PREFIX].copy_from_slice(&head_len.to_le_bytes());
+    let sum = checksum(&e.0);
+    e.0.extend_from_slice(&sum);
+    let body = e.0.len();
     e.u64(index.whiteouts.len() as u64);
     for w in &index.whiteouts {
         e.bytes(w);
@@ -255,20 +338,7 @@ fn encode(index: &LayerIndex, stamp: [u64; 6], key: &str) -> Vec<u8> {
             e.bytes(v);
         }
     }
-    match &index.checkpoints {
-        None => e.u8(0),
-        Some(c) => {
-            e.u8(1);
-            e.u64(c.len() as u64);
-            for p in c.points() {
-                e.u64(p.input);
-                e.u8(p.bits);
-                e.u64(p.output);
-                e.bytes(&p.window);
-            }
-        }
-    }
-    let sum = Sha256::digest(&e.0);
+    let sum = checksum(&e.0[body..]);
     e.0.extend_from_slice(&sum);
     e.0
 }
@@ -315,22 +385,143 @@ fn normalised(p: Vec<u8>) -> Option<Vec<u8>> {
     (crate::layer::path::normalise(&p).ok()? == p).then_some(p)
 }
 
-fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
-    let (body, sum) = bytes.split_at(bytes.len().checked_sub(32)?);
-    if Sha256::digest(body).as_slice() != sum {
-        return None;
-    }
-    let mut d = Dec(body);
+/// What a file's head says: which blob the index is of, and its checkpoints.
+struct Head {
+    key: String,
+    stamp: [u64; 6],
+    diff_id: String,
+    tar_size: u64,
+    checkpoints: Option<Arc<Checkpoints>>,
+}
+
+/// Where the head's checksum starts, from the file's first [`PREFIX`] bytes.
+fn head_end(prefix: &[u8]) -> Option<usize> {
+    let mut d = Dec(prefix.get(..PREFIX)?);
     if d.take(8)? != MAGIC || d.u32()? != VERSION {
         return None;
     }
-    let key = String::from_utf8(d.bytes()?).ok()?;
+    PREFIX.checked_add(usize::try_from(d.u64()?).ok()?)
+}
+
+/// Reads and checks the head of a file of `len` bytes from its start.
+fn read_head(r: impl Read, len: u64) -> Option<Head> {
+    let mut r = SumReader::new(r, PREFIX);
+    let prefix = r.take(PREFIX)?;
+    let end = head_end(&prefix)?;
+    if end as u64 + SUM as u64 > len {
+        return None;
+    }
+    r.left = end - PREFIX;
+    let key = String::from_utf8(r.bytes()?).ok()?;
     let mut stamp = [0u64; 6];
     for s in &mut stamp {
-        *s = d.u64()?;
+        *s = r.u64()?;
     }
-    let diff_id = String::from_utf8(d.bytes()?).ok()?;
-    let tar_size = d.u64()?;
+    let diff_id = String::from_utf8(r.bytes()?).ok()?;
+    let tar_size = r.u64()?;
+    let checkpoints = match r.u8()? {
+        0 => None,
+        1 => {
+            let n = r.count(25)?;
+            let mut points = Vec::with_capacity(n);
+            for _ in 0..n {
+                points.push(Checkpoint {
+                    input: r.u64()?,
+                    bits: r.u8()?,
+                    output: r.u64()?,
+                    window: r.bytes()?.into_boxed_slice(),
+                });
+            }
+            Some(points)
+        }
+        _ => return None,
+    };
+    r.finish()?;
+    // Checked like the rest: a checkpoint that lies would make reads return wrong data.
+    let checkpoints = match checkpoints {
+        Some(points) => Some(Arc::new(Checkpoints::new(points, tar_size)?)),
+        None => None,
+    };
+    Some(Head {
+        key,
+        stamp,
+        diff_id,
+        tar_size,
+        checkpoints,
+    })
+}
+
+/// Fields read from a stream: at most `left` more bytes, all of them checksummed, then the
+/// checksum itself. Decoding as the bytes arrive spares a file-sized buffer.
+struct SumReader<R> {
+    inner: R,
+    crc: crc32fast::Hasher,
+    left: usize,
+}
+
+impl<R: Read> SumReader<R> {
+    fn new(inner: R, left: usize) -> Self {
+        SumReader {
+            inner,
+            crc: crc32fast::Hasher::new(),
+            left,
+        }
+    }
+    fn fill(&mut self, buf: &mut [u8]) -> Option<()> {
+        self.left = self.left.checked_sub(buf.len())?;
+        self.inner.read_exact(buf).ok()?;
+        self.crc.update(buf);
+        Some(())
+    }
+    fn take(&mut self, n: usize) -> Option<Vec<u8>> {
+        // Bounded before allocating: a corrupt length cannot ask for more than the file holds.
+        if n > self.left {
+            return None;
+        }
+        let mut buf = vec![0u8; n];
+        self.fill(&mut buf)?;
+        Some(buf)
+    }
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let mut buf = [0u8; N];
+        self.fill(&mut buf)?;
+        Some(buf)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.array()?))
+    }
+    /// Ends the stream: nothing may be left before the checksum, which must match.
+    fn finish(mut self) -> Option<()> {
+        let mut saved = [0u8; SUM];
+        self.inner.read_exact(&mut saved).ok()?;
+        (self.left == 0 && self.crc.finalize().to_le_bytes() == saved).then_some(())
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.array::<1>()?[0])
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.array()?))
+    }
+    fn bytes(&mut self) -> Option<Vec<u8>> {
+        let n = usize::try_from(self.u64()?).ok()?;
+        self.take(n)
+    }
+    /// A count of items each at least `min` bytes long, bounded by what is left.
+    fn count(&mut self, min: usize) -> Option<usize> {
+        let n = usize::try_from(self.u64()?).ok()?;
+        (n <= self.left / min.max(1)).then_some(n)
+    }
+}
+
+fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
+    let head = read_head(bytes, bytes.len() as u64)?;
+    let body_start = head_end(bytes)? + SUM;
+    let body_end = bytes.len().checked_sub(SUM)?;
+    let (body, sum) = (bytes.get(body_start..body_end)?, &bytes[body_end..]);
+    if checksum(body) != sum {
+        return None;
+    }
+    let mut d = Dec(body);
     let n = d.count(8)?;
     let whiteouts = (0..n).map(|_| d.path()).collect::<Option<Vec<_>>>()?;
     let n = d.count(8)?;
@@ -372,24 +563,6 @@ fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
             xattrs,
         });
     }
-    let checkpoints = match d.u8()? {
-        0 => None,
-        1 => {
-            let n = d.count(25)?;
-            let mut points = Vec::with_capacity(n);
-            for _ in 0..n {
-                points.push(Checkpoint {
-                    input: d.u64()?,
-                    bits: d.u8()?,
-                    output: d.u64()?,
-                    window: d.bytes()?.into_boxed_slice(),
-                });
-            }
-            // Checked like the rest: a checkpoint that lies would make reads return wrong data.
-            Some(Arc::new(Checkpoints::new(points, tar_size)?))
-        }
-        _ => return None,
-    };
     if !d.0.is_empty() {
         return None;
     }
@@ -399,13 +572,13 @@ fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
             entries,
             whiteouts,
             opaques,
-            diff_id,
-            tar_size,
+            diff_id: head.diff_id,
+            tar_size: head.tar_size,
             decompressed: None,
-            checkpoints,
+            checkpoints: head.checkpoints,
         },
-        stamp,
-        key,
+        head.stamp,
+        head.key,
     ))
 }
 
@@ -507,29 +680,59 @@ mod tests {
         assert_eq!(index.checkpoints, None);
     }
 
+    /// Recomputes both checksums of an edited file, as a buggy writer would have.
+    fn reseal(bytes: &mut [u8]) {
+        let head = head_end(bytes).expect("prefix");
+        let sum = checksum(&bytes[..head]);
+        bytes[head..head + SUM].copy_from_slice(&sum);
+        let end = bytes.len() - SUM;
+        let sum = checksum(&bytes[head + SUM..end]);
+        bytes[end..].copy_from_slice(&sum);
+    }
+
     #[test]
     fn lying_checkpoints_are_rejected_despite_a_good_checksum() {
-        // A file from a buggy writer has a valid checksum; its checkpoints are checked anyway.
+        // A file from a buggy writer has valid checksums; its checkpoints are checked anyway.
         let bytes = encode(&sample(), [0; 6], "sha256:ab");
         let good = sample_checkpoints(3);
-        let body = &bytes[..bytes.len() - 32];
-        // The first checkpoint's `bits` byte follows its u64 input (100) in the tail section.
+        // The first checkpoint's `bits` byte follows its u64 input (100) in the head.
         let needle: Vec<u8> = [&100u64.to_le_bytes()[..], &[3]].concat();
-        let at = body
+        let at = bytes
             .windows(needle.len())
-            .rposition(|w| w == needle)
+            .position(|w| w == needle)
             .expect("checkpoint encoded")
             + 8;
         for bits in [8u8, 200] {
-            let mut bad = body.to_vec();
+            let mut bad = bytes.clone();
             bad[at] = bits;
-            bad.extend_from_slice(&Sha256::digest(&bad));
+            reseal(&mut bad);
             assert!(decode(&bad).is_none(), "bits {bits} accepted");
+            assert!(
+                read_head(&bad[..], bad.len() as u64).is_none(),
+                "bits {bits} accepted in the head"
+            );
         }
-        let mut same = body.to_vec();
-        same.extend_from_slice(&Sha256::digest(&same));
+        let mut same = bytes.clone();
+        reseal(&mut same);
         let (index, _, _) = decode(&same).expect("unchanged file decodes");
         assert_eq!(index.checkpoints.as_deref(), Some(&good));
+    }
+
+    #[test]
+    fn the_head_alone_gives_the_checkpoints() {
+        let bytes = encode(&sample(), [1, 2, 3, 4, 5, 6], "sha256:ab");
+        let end = head_end(&bytes).expect("prefix") + SUM;
+        let head = read_head(&bytes[..end], end as u64).expect("head decodes alone");
+        assert_eq!(head.checkpoints, sample().checkpoints);
+        assert_eq!(
+            (head.key.as_str(), head.stamp),
+            ("sha256:ab", [1, 2, 3, 4, 5, 6])
+        );
+        // A damaged body spoils the index but not the head.
+        let mut bad = bytes.clone();
+        bad[end + 3] ^= 1;
+        assert!(decode(&bad).is_none());
+        assert!(read_head(&bad[..], bad.len() as u64).is_some());
     }
 
     #[test]
@@ -540,7 +743,7 @@ mod tests {
             b[i] ^= 0x40;
             assert!(decode(&b).is_none(), "flipped byte {i} accepted");
         }
-        for n in [0, 1, 31, 32, bytes.len() - 1] {
+        for n in [0, 1, 3, 4, 31, 32, bytes.len() - 1] {
             assert!(decode(&bytes[..n]).is_none(), "truncated to {n} accepted");
         }
     }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::cache::{self, Cache};
+use crate::cache::{self, Cache, CacheKind};
 use crate::content::Content;
 use crate::export::{self, Format, OutCompression};
 use crate::fs::FlatFs;
@@ -38,7 +38,7 @@ pub struct Cli {
     /// Log what flatfs does to stderr (-vv for more; RUST_LOG works too).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
-    /// Neither read nor write the layer-index cache ($FLATFS_CACHE_DIR, else
+    /// Neither read nor write the cache of layer indexes and merged trees ($FLATFS_CACHE_DIR, else
     /// $XDG_CACHE_HOME/flatfs, else ~/.cache/flatfs).
     #[arg(long, global = true)]
     no_cache: bool,
@@ -187,7 +187,7 @@ enum Command {
         #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
         platform: Option<Platform>,
     },
-    /// Manage the layer-index cache.
+    /// Manage the cache of layer indexes and merged trees.
     Cache {
         #[command(subcommand)]
         action: CacheAction,
@@ -211,11 +211,11 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum CacheAction {
-    /// One line per cached layer index: digest, entries, size.
+    /// One line per cached layer index or merged tree: digest (or key), size, entries.
     Ls,
     /// Total size of the cache and where it is.
     Du,
-    /// Delete every cached index.
+    /// Delete every cached index and merged tree.
     Clear,
 }
 
@@ -409,7 +409,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             } else if tree.node(id).is_dir() {
                 for (name, child) in tree.children(id) {
-                    show(&mut out, name, *child)?;
+                    show(&mut out, name, child)?;
                 }
             } else {
                 show(&mut out, path.trim_matches('/').as_bytes(), id)?;
@@ -471,18 +471,22 @@ pub fn run(cli: Cli) -> Result<()> {
                 CacheAction::Ls => {
                     let mut out = io::stdout().lock();
                     for e in &entries {
+                        let what = match e.kind {
+                            CacheKind::LayerIndex => "entries",
+                            CacheKind::MergedTree => "nodes (merged tree)",
+                        };
                         let n = e
                             .entries
-                            .map_or("unreadable".to_string(), |n| format!("{n} entries"));
+                            .map_or("unreadable".to_string(), |n| format!("{n} {what}"));
                         writeln!(out, "{}  {:>10}  {}", e.digest, inspect::human(e.size), n)?;
                     }
                 }
                 CacheAction::Du => {
                     let total: u64 = entries.iter().map(|e| e.size).sum();
+                    let (indexes, trees) = count_kinds(&entries);
                     println!(
-                        "{}\t{} layer indexes\t{}",
+                        "{}\t{indexes} layer indexes, {trees} merged trees\t{}",
                         inspect::human(total),
-                        entries.len(),
                         cache.dir().display()
                     );
                 }
@@ -491,9 +495,9 @@ pub fn run(cli: Cli) -> Result<()> {
                         .clear()
                         .with_context(|| format!("clearing {}", cache.dir().display()))?;
                     if !ui.quiet {
+                        let (indexes, trees) = count_kinds(&entries);
                         eprintln!(
-                            "flatfs: removed {} layer indexes ({})",
-                            entries.len(),
+                            "flatfs: removed {indexes} layer indexes and {trees} merged trees ({})",
                             inspect::human(freed)
                         );
                     }
@@ -520,6 +524,15 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// How many layer indexes and merged trees.
+fn count_kinds(entries: &[cache::CacheEntry]) -> (usize, usize) {
+    let indexes = entries
+        .iter()
+        .filter(|e| e.kind == CacheKind::LayerIndex)
+        .count();
+    (indexes, entries.len() - indexes)
 }
 
 /// What every command shares: quietness, the cache, the progress bar.
@@ -590,8 +603,13 @@ impl Ui {
     ) -> Result<Opened> {
         let img = source::open(spec, platform)?;
         crate::check_layer_count(&img, layers)?;
-        let indexes = self.index(&img, layers, spool_dir)?;
-        Ok(crate::merge_image(img, indexes)?)
+        let opts = IndexOptions {
+            layers,
+            spool_dir,
+            cache: self.cache.as_ref(),
+            progress: None,
+        };
+        crate::open_tree(img, &opts, |img| self.index(img, layers, spool_dir))
     }
 }
 
@@ -609,7 +627,7 @@ fn init_logging(verbose: u8) {
 }
 
 /// `drwxr-xr-x`, as `ls -l` writes it.
-fn mode_string(node: &Node) -> String {
+fn mode_string(node: Node) -> String {
     let t = match node.kind {
         NodeKind::Dir(_) => 'd',
         NodeKind::File(_) => '-',
@@ -657,7 +675,7 @@ fn subtree_walk(tree: &Tree, id: NodeId, prefix: &[u8], visit: &mut dyn FnMut(&[
                 p.push(b'/');
             }
             p.extend_from_slice(name);
-            stack.push((p, *child));
+            stack.push((p, child));
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::compress::ParallelGzip;
 use crate::error::{Error, Result};
 use crate::layer::Meta;
 use crate::source::{Family, Image};
-use crate::tree::{Extent, NodeId, NodeKind, Tree, Xattr};
+use crate::tree::{Extent, NodeId, NodeKind, Tree, Xattrs};
 
 /// Output container format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -633,7 +633,7 @@ fn write_layer<W: Write>(
                 size: 0,
                 link: target,
                 dev: (0, 0),
-                xattrs: &[],
+                xattrs: Xattrs::default(),
             };
             return h.write(&mut tar).map_err(out_err);
         }
@@ -658,7 +658,7 @@ fn write_layer<W: Write>(
             size,
             link,
             dev,
-            xattrs: &node.xattrs,
+            xattrs: node.xattrs,
         };
         h.write(&mut tar).map_err(out_err)?;
         if let NodeKind::File(extent) = &node.kind {
@@ -700,7 +700,7 @@ struct Header<'a> {
     size: u64,
     link: &'a [u8],
     dev: (u32, u32),
-    xattrs: &'a [Xattr],
+    xattrs: Xattrs<'a>,
 }
 
 const MAX_OCTAL_7: u64 = 0o7777777;

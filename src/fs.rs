@@ -140,7 +140,7 @@ impl FlatFs {
         }
     }
 
-    fn node(&self, ino: INodeNo) -> Result<(NodeId, &Node), Errno> {
+    fn node(&self, ino: INodeNo) -> Result<(NodeId, Node<'_>), Errno> {
         let id = ino
             .0
             .checked_sub(1)
@@ -150,7 +150,7 @@ impl FlatFs {
         Ok((id, node))
     }
 
-    fn dir(&self, ino: INodeNo) -> Result<(NodeId, &Node), Errno> {
+    fn dir(&self, ino: INodeNo) -> Result<(NodeId, Node<'_>), Errno> {
         let (id, node) = self.node(ino)?;
         if !node.is_dir() {
             return Err(Errno::ENOTDIR);
@@ -218,13 +218,12 @@ impl FlatFs {
         let (dir, node) = self.dir(ino)?;
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         let dots = [(dir, &b"."[..]), (node.parent, &b".."[..])];
-        let children = self.tree.children(dir);
         // Slicing, not skipping: a big directory is listed in many calls.
-        let children = &children[start.saturating_sub(2).min(children.len())..];
+        let children = self.tree.children(dir).starting_at(start.saturating_sub(2));
         let rest = dots
             .into_iter()
             .skip(start)
-            .chain(children.iter().map(|(name, id)| (*id, &**name)));
+            .chain(children.iter().map(|(name, id)| (id, name)));
         // No overflow: an entry at `offset + i` exists, so the sum is at most the entry count.
         Ok(rest
             .enumerate()
@@ -311,7 +310,7 @@ impl FlatFs {
     }
 
     fn link_target(&self, ino: INodeNo) -> Result<&[u8], Errno> {
-        match &self.node(ino)?.1.kind {
+        match self.node(ino)?.1.kind {
             NodeKind::Symlink(target) => Ok(target),
             _ => Err(Errno::EINVAL),
         }
@@ -377,7 +376,7 @@ fn ino_of(id: NodeId) -> INodeNo {
     INodeNo(u64::from(id) + 1)
 }
 
-fn file_type(node: &Node) -> FileType {
+fn file_type(node: Node) -> FileType {
     match node.kind {
         NodeKind::Dir(_) => FileType::Directory,
         NodeKind::File(_) => FileType::RegularFile,

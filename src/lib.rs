@@ -167,8 +167,43 @@ pub fn open_merged_with(
 ) -> Result<Opened> {
     let image = source::open(spec, platform)?;
     check_layer_count(&image, opts.layers)?;
-    let indexes = index_layers(&image, opts)?;
-    merge_image(image, indexes)
+    open_tree(image, opts, |image| index_layers(image, opts))
+}
+
+/// The merged tree of an image's first `opts.layers` layers: from the merged-tree cache when it
+/// holds this exact stack, else from `index` and a merge, which then fill that cache. A spool
+/// directory (export) bypasses the merged-tree cache: the layers must be decompressed anyway.
+/// (`index`'s error type is the caller's, so the CLI can keep its own context.)
+pub fn open_tree<E: From<Error>>(
+    image: Image,
+    opts: &IndexOptions,
+    index: impl FnOnce(&Image) -> std::result::Result<Vec<LayerIndex>, E>,
+) -> std::result::Result<Opened, E> {
+    let limit = opts
+        .layers
+        .unwrap_or(image.layers.len())
+        .min(image.layers.len());
+    let cache = opts.cache.filter(|_| opts.spool_dir.is_none());
+    if let Some((tree, checkpoints)) = cache.and_then(|c| c.load_tree(&image.layers[..limit])) {
+        log::info!("merged tree of {limit} layers from cache");
+        return Ok(Opened {
+            image,
+            tree,
+            checkpoints,
+        });
+    }
+    let indexes = index(&image)?;
+    let opened = merge_image(image, indexes)?;
+    if let Some(cache) = cache
+        && let Err(e) = cache.store_tree(&opened.image.layers[..limit], &opened.tree)
+    {
+        // Like the layer indexes: the cache only saves time.
+        log::warn!(
+            "cannot save the merged tree in {}: {e}",
+            cache.dir().display()
+        );
+    }
+    Ok(opened)
 }
 
 /// Refuses a `--layers N` the image cannot satisfy.
@@ -191,6 +226,14 @@ pub fn check_layer_count(image: &Image, layers: Option<usize>) -> Result<()> {
 pub fn merge_image(mut image: Image, mut indexes: Vec<LayerIndex>) -> Result<Opened> {
     let checkpoints = take_read_aids(&mut image, &mut indexes);
     let tree = tree::merge_owned(indexes)?;
+    // The indexes and the merge's scaffolding are freed by now, but glibc keeps most of those
+    // small blocks in its heap: hand them back, so a mount server holds the arena and no more
+    // (on a million-entry directory, ~170 -> ~90 bytes per entry for its life).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system; no live allocation moves.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     Ok(Opened {
         image,
         tree,

@@ -91,7 +91,10 @@ impl Checkpoint {
 
     /// The position in bits, for ordering.
     fn bit(&self) -> u64 {
-        (self.input * 8).saturating_sub(u64::from(self.bits))
+        // Saturating: a checkpoint read from a file is ordered by this before it is checked.
+        self.input
+            .saturating_mul(8)
+            .saturating_sub(u64::from(self.bits))
     }
 }
 
@@ -809,6 +812,18 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    /// Regression: ordering a checkpoint read from a file multiplied its offset unchecked.
+    #[test]
+    fn checkpoints_at_absurd_offsets_are_refused_without_overflow() {
+        let point = |input| Checkpoint {
+            input,
+            bits: 3,
+            output: 10,
+            window: Box::new([]),
+        };
+        assert!(Checkpoints::new(vec![point(u64::MAX), point(1)], 100).is_none());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! what it writes with listings written down from the spec (issue 2).
 
 mod browse;
+mod cache;
 mod export;
 mod harness;
 mod hostile;

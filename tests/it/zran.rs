@@ -310,6 +310,13 @@ fn a_corrupt_or_stale_cache_file_is_rebuilt_with_the_same_checkpoints() {
         ("truncated", truncated),
     ] {
         fs::write(&path, &bad).expect("write bad cache file");
+        // Without its merged tree, so the layer's index is needed whole: a tree hit reads only
+        // the index's head (tests/it/cache.rs), and a damaged body waits for the next miss.
+        for e in fs::read_dir(cache.dir()).expect("cache dir").flatten() {
+            if e.path().extension().is_some_and(|x| x == "tree") {
+                fs::remove_file(e.path()).expect("remove tree");
+            }
+        }
         let opened = open(&image, &cache);
         assert_eq!(
             checkpoints(&opened),

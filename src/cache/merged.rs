@@ -1,0 +1,447 @@
+//! Merged-tree cache: the frozen tree of a stack of layers, saved as the arena's four vectors,
+//! so a warm mount is one read, one checksum and a bounds check instead of loading every
+//! layer's index and merging again.
+//!
+//! The key is a sha256 over the cache format versions and, per layer in order, the layer's
+//! cache key (blob digest, else diff_id) and diff_id. A tree is a function of exactly that: the
+//! ordered layer contents and the merge rules (whose changes bump [`VERSION`]). So `--layers N`
+//! is in the key as the list's length, and the platform only through the layers it selects:
+//! two platforms, or two images, with the same layers share one tree, correctly. As for layer
+//! indexes, a tree is used only while every blob file is the one it was built from (same
+//! stamp); otherwise the layers go through [`Cache::load`], which re-verifies, and the tree is
+//! rebuilt. Everything read is checked: a corrupt, stale or hostile file is ignored, never
+//! trusted, and never a panic.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+
+use super::{Cache, Dec, Enc, SUM, SumReader, checksum, stamp, write_atomically};
+use crate::source::Layer;
+use crate::tree::{ChildRec, NodeRec, Tree, XattrRec};
+use crate::zran::Checkpoints;
+
+const MAGIC: &[u8; 8] = b"FLATFSMT";
+/// Bump when the encoding, the merge rules or the meaning of a field change.
+const VERSION: u32 = 2;
+/// Encoded sizes of the arena's records.
+const NODE: usize = 64;
+const CHILD: usize = 16;
+const XATTR: usize = 24;
+
+/// A tree and what reading its files needs: per layer, the gzip checkpoints.
+pub type CachedTree = (Tree, Vec<Option<Arc<Checkpoints>>>);
+
+impl Cache {
+    /// The key of a stack of layers, bottom first; `None` if a layer has no digest at all.
+    fn tree_key(layers: &[Layer]) -> Option<[u8; 32]> {
+        let mut h = Sha256::new();
+        h.update(MAGIC);
+        h.update(VERSION.to_le_bytes());
+        h.update(super::VERSION.to_le_bytes());
+        h.update((layers.len() as u64).to_le_bytes());
+        for layer in layers {
+            for part in [Self::key(layer)?, layer.diff_id.as_deref().unwrap_or("")] {
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part.as_bytes());
+            }
+        }
+        Some(h.finalize().into())
+    }
+
+    fn tree_path(&self, key: &[u8; 32]) -> PathBuf {
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        self.dir.join(format!("{hex}.tree"))
+    }
+
+    /// The merged tree of exactly these layers (bottom first), with their checkpoints, if the
+    /// cache holds a valid one built from these very blob files.
+    pub fn load_tree(&self, layers: &[Layer]) -> Option<CachedTree> {
+        let key = Self::tree_key(layers)?;
+        let file = File::open(self.tree_path(&key)).ok()?;
+        let len = file.metadata().ok()?.len();
+        let stamps: Vec<[u64; 6]> = layers.iter().map(stamp).collect();
+        let tree = decode(BufReader::with_capacity(1 << 16, file), len, &key, &stamps)?;
+        // Whatever checkpoints indexing recorded for a layer (gzip's, say) live in its index
+        // file's head: taken from there for every layer, a hit gives what a merge would.
+        let checkpoints = layers
+            .iter()
+            .map(|l| self.load_checkpoints(l))
+            .collect::<Option<Vec<_>>>()?;
+        Some((tree, checkpoints))
+    }
+
+    /// Saves the merged tree of these layers (bottom first).
+    pub fn store_tree(&self, layers: &[Layer], tree: &Tree) -> io::Result<()> {
+        let Some(key) = Self::tree_key(layers) else {
+            return Ok(());
+        };
+        let stamps: Vec<[u64; 6]> = layers.iter().map(stamp).collect();
+        write_atomically(
+            &self.dir,
+            &self.tree_path(&key),
+            &encode(tree, &key, &stamps),
+        )
+    }
+}
+
+fn encode(tree: &Tree, key: &[u8; 32], stamps: &[[u64; 6]]) -> Vec<u8> {
+    let size = 128
+        + stamps.len() * 48
+        + tree.nodes.len() * NODE
+        + tree.children.len() * CHILD
+        + tree.xattrs.len() * XATTR
+        + tree.bytes.len();
+    let mut e = Enc(Vec::with_capacity(size));
+    e.0.extend_from_slice(MAGIC);
+    e.u32(VERSION);
+    e.0.extend_from_slice(key);
+    e.u64(stamps.len() as u64);
+    for s in stamps.iter().flatten() {
+        e.u64(*s);
+    }
+    for n in [
+        tree.nodes.len(),
+        tree.children.len(),
+        tree.xattrs.len(),
+        tree.bytes.len(),
+    ] {
+        e.u64(n as u64);
+    }
+    for n in &tree.nodes {
+        e.u64(n.mtime as u64);
+        e.u64(n.uid);
+        e.u64(n.gid);
+        e.u64(n.a);
+        e.u64(n.b);
+        e.u32(n.mode);
+        e.u32(n.mtime_nsec);
+        e.u32(n.nlink);
+        e.u32(n.parent);
+        e.u32(n.layer);
+        e.u8(n.tag);
+        e.0.extend_from_slice(&[0; 3]);
+    }
+    for c in &tree.children {
+        e.u64(c.at);
+        e.u32(c.len);
+        e.u32(c.id);
+    }
+    for x in &tree.xattrs {
+        e.u64(x.at);
+        e.u32(x.node);
+        e.u32(x.name_len);
+        e.u32(x.value_len);
+        e.u32(0);
+    }
+    e.0.extend_from_slice(&tree.bytes);
+    let sum = checksum(&e.0);
+    e.0.extend_from_slice(&sum);
+    e.0
+}
+
+/// The checked body of a tree file of this version (after magic and version).
+fn body<'a>(bytes: &'a [u8]) -> Option<Dec<'a>> {
+    let (body, sum) = bytes.split_at(bytes.len().checked_sub(SUM)?);
+    if checksum(body) != sum {
+        return None;
+    }
+    let mut d = Dec(body);
+    if d.take(8)? != MAGIC || d.u32()? != VERSION {
+        return None;
+    }
+    Some(d)
+}
+
+/// The little-endian u64 at `at` in a record (whose length the caller knows).
+fn le64(r: &[u8], at: usize) -> u64 {
+    let mut b = [0; 8];
+    b.copy_from_slice(&r[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+fn le32(r: &[u8], at: usize) -> u32 {
+    let mut b = [0; 4];
+    b.copy_from_slice(&r[at..at + 4]);
+    u32::from_le_bytes(b)
+}
+
+/// Nodes in a tree file, for `flatfs cache ls`.
+pub(super) fn node_count(bytes: &[u8]) -> Option<u64> {
+    let mut d = body(bytes)?;
+    d.take(32)?;
+    let layers = d.count(48)?;
+    d.take(layers * 48)?;
+    d.u64()
+}
+
+/// Records decoded per read: big enough for few calls, small enough to stay in cache.
+const BATCH: usize = 1024;
+
+/// Reads `count` records of `size` bytes, decoding each with `f`, a batch at a time.
+fn records<R: Read, T>(
+    r: &mut SumReader<R>,
+    count: usize,
+    size: usize,
+    f: impl Fn(&[u8]) -> T,
+) -> Option<Vec<T>> {
+    let mut out = Vec::with_capacity(count);
+    let mut buf = vec![0u8; BATCH * size];
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(BATCH);
+        r.fill(&mut buf[..n * size])?;
+        out.extend(buf[..n * size].chunks_exact(size).map(&f));
+        left -= n;
+    }
+    Some(out)
+}
+
+/// Reads a tree file of `len` bytes. Streamed: the records go from the file straight into the
+/// arena's vectors, with no file-sized buffer between (this is most of a warm mount's work).
+fn decode(r: impl Read, len: u64, key: &[u8; 32], stamps: &[[u64; 6]]) -> Option<Tree> {
+    let mut r = SumReader::new(r, usize::try_from(len).ok()?.checked_sub(SUM)?);
+    if r.array::<8>()? != *MAGIC || r.u32()? != VERSION || r.array::<32>()? != *key {
+        return None;
+    }
+    if r.count(48)? != stamps.len() {
+        return None;
+    }
+    for s in stamps.iter().flatten() {
+        if r.u64()? != *s {
+            return None;
+        }
+    }
+    let nodes = r.count(NODE)?;
+    let children = r.count(CHILD)?;
+    let xattrs = r.count(XATTR)?;
+    let bytes = r.count(1)?;
+    let tree = Tree {
+        nodes: records(&mut r, nodes, NODE, |r| NodeRec {
+            mtime: le64(r, 0) as i64,
+            uid: le64(r, 8),
+            gid: le64(r, 16),
+            a: le64(r, 24),
+            b: le64(r, 32),
+            mode: le32(r, 40),
+            mtime_nsec: le32(r, 44),
+            nlink: le32(r, 48),
+            parent: le32(r, 52),
+            layer: le32(r, 56),
+            tag: r[60],
+        })?,
+        children: records(&mut r, children, CHILD, |r| ChildRec {
+            at: le64(r, 0),
+            len: le32(r, 8),
+            id: le32(r, 12),
+        })?,
+        xattrs: records(&mut r, xattrs, XATTR, |r| XattrRec {
+            at: le64(r, 0),
+            node: le32(r, 8),
+            name_len: le32(r, 12),
+            value_len: le32(r, 16),
+        })?,
+        bytes: r.take(bytes)?,
+    };
+    r.finish()?;
+    // The checksum only says the file is as written; what was written must still make sense.
+    tree.is_valid(stamps.len()).then_some(tree)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::{Entry, Kind, LayerIndex, Meta};
+    use crate::tree::{ROOT, listing, merge};
+
+    fn entry(path: &str, kind: Kind) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            meta: Meta {
+                mode: 0o755,
+                uid: 1 << 40,
+                gid: 3,
+                mtime: -7,
+                mtime_nsec: 9,
+            },
+            size: 5,
+            offset: 512,
+            xattrs: Vec::new(),
+        }
+    }
+
+    fn sample() -> Tree {
+        let mut f = entry("d/f", Kind::File);
+        f.xattrs = vec![
+            (b"user.x".to_vec(), b"\0\xff".to_vec()),
+            (b"user.e".to_vec(), vec![]),
+        ];
+        let layers = [
+            LayerIndex {
+                entries: vec![
+                    entry("d", Kind::Dir),
+                    f,
+                    entry("d/h", Kind::Hardlink(b"d/f".to_vec())),
+                    entry("d/e/deep", Kind::Dir),
+                    entry("s", Kind::Symlink(b"../../etc".to_vec())),
+                    entry("c", Kind::Char(1, 3)),
+                ],
+                ..LayerIndex::default()
+            },
+            LayerIndex {
+                entries: vec![entry("b", Kind::Block(8, 1)), entry("p", Kind::Fifo)],
+                ..LayerIndex::default()
+            },
+        ];
+        merge(&layers).expect("merge")
+    }
+
+    const KEY: [u8; 32] = [7; 32];
+    const STAMPS: [[u64; 6]; 2] = [[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]];
+
+    #[test]
+    fn round_trip_gives_the_same_arena() {
+        let tree = sample();
+        let bytes = encode(&tree, &KEY, &STAMPS);
+        let back = decode(&bytes[..], bytes.len() as u64, &KEY, &STAMPS).expect("decodes");
+        assert_eq!(back, tree);
+        assert_eq!(listing(&back), listing(&tree));
+        assert_eq!(node_count(&bytes), Some(tree.len() as u64));
+    }
+
+    #[test]
+    fn another_key_stamp_or_layer_count_is_a_miss() {
+        let bytes = encode(&sample(), &KEY, &STAMPS);
+        assert!(decode(&bytes[..], bytes.len() as u64, &[8; 32], &STAMPS).is_none());
+        let mut stamps = STAMPS;
+        stamps[1][0] += 1;
+        assert!(decode(&bytes[..], bytes.len() as u64, &KEY, &stamps).is_none());
+        assert!(decode(&bytes[..], bytes.len() as u64, &KEY, &STAMPS[..1]).is_none());
+    }
+
+    #[test]
+    fn any_corruption_is_rejected() {
+        let bytes = encode(&sample(), &KEY, &STAMPS);
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x04;
+            assert!(
+                decode(&b[..], b.len() as u64, &KEY, &STAMPS).is_none(),
+                "flipped byte {i}"
+            );
+        }
+        for n in 0..bytes.len() {
+            assert!(
+                decode(&bytes[..n], n as u64, &KEY, &STAMPS).is_none(),
+                "cut at {n}"
+            );
+        }
+    }
+
+    /// Files with a good checksum whose trees break an invariant: each must be refused, as a
+    /// hostile or buggy writer's would be.
+    #[test]
+    fn lying_trees_are_rejected_despite_a_good_checksum() {
+        let good = sample();
+        let dir = |t: &Tree, path: &[u8]| t.resolve(path).expect("exists") as usize;
+        let d = dir(&good, b"d");
+        let deep_parent = dir(&good, b"d/e");
+        let child_of = |t: &Tree, parent: usize, name: &[u8]| {
+            let first = t.nodes[parent].a as usize;
+            first
+                + t.children[first..]
+                    .iter()
+                    .position(|c| c.name(&t.bytes) == name)
+                    .expect("child")
+        };
+        type Edit = Box<dyn Fn(&mut Tree)>;
+        let edits: Vec<(&str, Edit)> = vec![
+            ("no nodes", Box::new(|t| t.nodes.clear())),
+            (
+                "root a file",
+                Box::new(|t| t.nodes[0].tag = crate::tree::TAG_FILE),
+            ),
+            ("unknown kind", Box::new(|t| t.nodes[1].tag = 6)),
+            ("name out of range", {
+                Box::new(move |t| {
+                    let c = child_of(t, d, b"f");
+                    t.children[c].at = t.bytes.len() as u64;
+                })
+            }),
+            ("name `..`", {
+                Box::new(move |t| {
+                    let c = child_of(t, d, b"e");
+                    let at = t.children[c].at as usize;
+                    t.bytes[at] = b'.';
+                    t.children[c].len = 1;
+                })
+            }),
+            ("names out of order", {
+                Box::new(move |t| {
+                    let (e, f) = (child_of(t, d, b"e"), child_of(t, d, b"f"));
+                    t.children.swap(e, f);
+                })
+            }),
+            (
+                "child id out of range",
+                Box::new(|t| t.children[0].id = u32::MAX),
+            ),
+            ("child is the root", Box::new(|t| t.children[0].id = ROOT)),
+            ("a cycle", {
+                Box::new(move |t| {
+                    // `d/e/deep` named `d` again: d's subtree would contain itself.
+                    let c = child_of(t, deep_parent, b"deep");
+                    t.children[c].id = d as u32;
+                })
+            }),
+            (
+                "parent not a directory",
+                Box::new(|t| t.nodes[1].parent = 2),
+            ),
+            ("children range overlaps", Box::new(|t| t.nodes[0].a = 1)),
+            (
+                "children past the end",
+                Box::new(|t| t.nodes[0].b = u64::MAX),
+            ),
+            ("wrong link count", Box::new(|t| t.nodes[0].nlink += 1)),
+            ("layer out of range", Box::new(|t| t.nodes[1].layer = 3)),
+            ("symlink target out of range", {
+                Box::new(|t| {
+                    let s = t.resolve(b"s").expect("s") as usize;
+                    t.nodes[s].b = u64::MAX;
+                })
+            }),
+            (
+                "xattr out of range",
+                Box::new(|t| t.xattrs[0].value_len = u32::MAX),
+            ),
+            (
+                "xattr of no node",
+                Box::new(|t| t.xattrs[1].node = u32::MAX),
+            ),
+            (
+                "xattr flag without xattrs",
+                Box::new(|t| t.nodes[0].tag |= 0x80),
+            ),
+            ("device number too big", {
+                Box::new(|t| {
+                    let c = t.resolve(b"c").expect("c") as usize;
+                    t.nodes[c].a = 1 << 32;
+                })
+            }),
+        ];
+        for (what, edit) in edits {
+            let mut t = sample();
+            edit(&mut t);
+            let bytes = encode(&t, &KEY, &STAMPS);
+            assert!(
+                decode(&bytes[..], bytes.len() as u64, &KEY, &STAMPS).is_none(),
+                "{what}: accepted"
+            );
+        }
+    }
+}
