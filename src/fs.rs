@@ -120,8 +120,8 @@ impl FlatFs {
         };
         let mut budget = PREFETCH_PER_CALL;
         let mut buf = Vec::new();
-        for (_, id) in &children[from..seen] {
-            let NodeKind::File(extent) = &self.tree.node(*id).kind else {
+        for (_, id) in children.slice(from..seen) {
+            let NodeKind::File(extent) = self.tree.node(id).kind else {
                 continue;
             };
             if extent.size == 0 || extent.size > PREFETCH_FILE_MAX {
@@ -134,8 +134,8 @@ impl FlatFs {
             buf.resize(extent.size as usize, 0);
             // Best effort: a file that cannot be read here reports its error when read, and
             // the kernel may have forgotten the inode again.
-            if self.content.read_at(extent, 0, &mut buf).ok() == Some(buf.len()) {
-                let _ = notifier.store(ino_of(*id), 0, &buf);
+            if self.content.read_at(&extent, 0, &mut buf).ok() == Some(buf.len()) {
+                let _ = notifier.store(ino_of(id), 0, &buf);
             }
         }
     }
