@@ -92,6 +92,8 @@ mean() {
   python3 -c 'import json,sys; print("%.3f" % json.load(open(sys.argv[1]))["results"][0]["mean"])' "$TMP/h.json"
 }
 rss_mib() { /usr/bin/time -f %M sh -c "$1" 2>&1 >/dev/null | tail -1 | awk '{printf "%.0f", $1/1024}'; }
+# RSS (MiB) of the flatfs server of our own mount: other flatfs processes may run on the machine.
+flatfs_rss() { ps -o rss= -p "$(pgrep -f -- "mount .* $MNT\$" | head -1)" | awk '{printf "%.0f", $1/1024}'; }
 row() { printf '%-10s %-44s %8s %8s %7s %8s\n' "$@"; }
 
 ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
@@ -117,7 +119,7 @@ ratarmount_rows() {
   t=$(WARMUP=0 RUNS=1 mean "sh -c 'tar -cf - -C $RMNT . | cat > /dev/null'" \
     "sh -c 'fusermount3 -u $RMNT 2>/dev/null; $rm'")
   # Peak RSS of the daemon that served the read (its index loaded, every file read).
-  pid=$(pgrep -f -- "$RMNT" | head -1 || true)
+  pid=$(pgrep -f -- " $RMNT\$" | head -1 || true)
   rss=$( [ -n "$pid" ] && awk '/^VmHWM/ {printf "%.0f", $2/1024}' "/proc/$pid/status" || echo "?")
   rm_row "$name" "read every file via fresh mount / pigz -dc" "$t" "$dec" "$(ratio "$t" "$dec")" "$rss"
   fusermount3 -u "$RMNT"
@@ -173,7 +175,7 @@ for name in "${IMAGES[@]}"; do
   # Through a pipe: GNU tar skips reading files when its output is /dev/null itself.
   t=$(mean "sh -c 'tar -cf - -C $MNT . | cat > /dev/null'" \
     "sh -c 'fusermount3 -u $MNT 2>/dev/null; $FLATFS mount $img $MNT'")
-  row "$name" "read every file via fresh mount / pigz -dc" "$t" "$dec" "$(ratio "$t" "$dec")" "$(ps -o rss= -C flatfs | sort -n | tail -1 | awk '{printf "%.0f", $1/1024}')"
+  row "$name" "read every file via fresh mount / pigz -dc" "$t" "$dec" "$(ratio "$t" "$dec")" "$(flatfs_rss)"
   fusermount3 -u "$MNT"
 
   [ -n "$RM_SKIP" ] || ratarmount_rows

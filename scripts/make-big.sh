@@ -5,19 +5,20 @@
 # really runs apt-get, umoci repack), on top of that debian image (BENCH_DIR/debian, or
 # BASE=OCI_DIR): its 3 layers (debootstrap minbase, apt-get install, apt-get purge) plus
 #   layer 4  apt-get install of a buildpack-deps-like tool chain (build-essential, python3, perl,
-#            git, cmake, autotools, -dev libraries ...): ~650 MB, ~25k entries, docs kept
-#   layer 5  a small cleanup: apt-get purge cmake (~2k whiteouts, whole directories included),
-#            a file replaced by a symlink, a directory replaced by a file, a config edited
-# => ~800 MB of uncompressed tar, ~30k merged entries. Needs root, umoci, pigz, the Debian mirror.
+#            git, cmake, autotools, -dev libraries, man pages, vim ...): ~790 MiB of tar, docs kept
+#   layer 5  a small cleanup: apt-get purge cmake (~100 whiteouts: umoci writes one per removed
+#            directory), a file replaced by a symlink, a directory replaced by a file, a config edited
+# => 5 layers, ~350 MiB gzip, ~910 MiB of tar, ~27k merged entries (bookworm, 2026-11).
+# Needs root, umoci, pigz and the Debian mirror.
 # Writes BENCH_DIR/big/, BENCH_DIR/big.stats.txt (sizes) and, when ../shared/tools is there,
 # BENCH_DIR/big.expected.txt (tree-manifest.py --hardlinks of the merged rootfs, as for debian).
 # The build is done under BENCH_DIR/.big-work and moved in place at the end, so an interrupted
-# build never leaves a half-made BENCH_DIR/big behind. Takes ~5-10 min (download ~170 MB).
+# build never leaves a half-made BENCH_DIR/big behind. Takes ~5-10 min (download ~200 MB).
 set -euo pipefail
 umask 022
 export LC_ALL=C.UTF-8
 
-[ $# -eq 1 ] || { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -eq 1 ] || { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 OUT=$(realpath -m "$1")
 BASE=${BASE:-$OUT/debian}
 TOOLS=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../shared/tools" 2>/dev/null && pwd || true)
