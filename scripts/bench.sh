@@ -79,7 +79,9 @@ layout_of() {
         scripts/make-big.sh "$BENCH_DIR" >&2
       fi
       echo "$BENCH_DIR/big" ;;
-    *) echo "$1" ;;
+    *)
+      [ -f "$1/index.json" ] || { echo "bench.sh: $1 is neither debian, synthetic, big nor an OCI layout" >&2; exit 1; }
+      echo "$1" ;;
   esac
 }
 
