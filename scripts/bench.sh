@@ -156,10 +156,10 @@ for name in "${IMAGES[@]}"; do
 
   t=$(mean "$FLATFS export $img -o $TMP/out.tar --format rootfs --no-cache -q")
   row "$name" "export rootfs (uncompressed) / pigz -dc" "$t" "$dec" "$(ratio "$t" "$dec")" "$(rss_mib "$FLATFS export $img -o $TMP/out.tar --format rootfs --no-cache -q")"
-  base=$(python3 -c "print($dec + $gz)")
+  base=$(python3 -c "print('%.3f' % ($dec + $gz))")
   t=$(mean "$FLATFS export $img -o $TMP/out.tar --format oci-archive --compression gzip --no-cache -q")
   row "$name" "export gzip / pigz -dc + pigz -6" "$t" "$base" "$(ratio "$t" "$base")" "-"
-  base=$(python3 -c "print($dec + $zs)")
+  base=$(python3 -c "print('%.3f' % ($dec + $zs))")
   t=$(mean "$FLATFS export $img -o $TMP/out.tar --format oci-archive --compression zstd --no-cache -q")
   row "$name" "export zstd / pigz -dc + zstd -3 -T0" "$t" "$base" "$(ratio "$t" "$base")" "-"
   # umoci takes minutes on 200k files: one run is enough to see the ratio.
