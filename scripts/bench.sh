@@ -2,11 +2,18 @@
 # bench.sh [IMAGE...] — flatfs against plain-tool floors and peers, measured in the same run.
 #
 # IMAGE: debian (from ../shared/tools/make-images.sh), synthetic (scripts/make-synthetic.py:
-# 200k small files, a second layer whiting out and rewriting 10%), or a path to an OCI layout
-# directory with tag latest. Default: debian synthetic. Images are built once into $BENCH_DIR
-# (default target/bench). Prints, per image and job, flatfs's time, the baseline's, the ratio
-# (flatfs / baseline) and flatfs's peak RSS. Needs: hyperfine, pigz, zstd, umoci, fuse3, python3.
-# Env: RUNS (default 3), FLATFS (binary; default target/release/flatfs, built if missing).
+# 200k small files, a second layer whiting out and rewriting 10%), big (scripts/make-big.sh:
+# debian plus a real `apt-get install` of a build tool chain, ~800 MB of tar, ~30k entries, and a
+# layer of whiteouts), or a path to an OCI layout directory with tag latest. Default: debian
+# synthetic. Images are built once into $BENCH_DIR (default target/bench). Prints, per image and
+# job, flatfs's time, the baseline's, the ratio (flatfs / baseline) and flatfs's peak RSS.
+# Then, if ratarmount is installed, a second table with the mounting peer: ratarmount union-mounting
+# the layer blobs (it ignores whiteouts), its time against the same baselines, and its peak RSS.
+# Needs: hyperfine, pigz, zstd, umoci, fuse3, python3; optional: ratarmount, e.g.
+#   python3 -m venv $BENCH_DIR/ratarmount-venv && $BENCH_DIR/ratarmount-venv/bin/pip install ratarmount
+# Env: RUNS (default 3), FLATFS (binary; default target/release/flatfs, built if missing),
+#      RATARMOUNT (binary; default $BENCH_DIR/ratarmount-venv/bin/ratarmount, else from PATH;
+#      RATARMOUNT=none skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -22,12 +29,41 @@ for tool in hyperfine pigz zstd umoci python3 fusermount3; do
 done
 IMAGES=("$@")
 [ ${#IMAGES[@]} -gt 0 ] || IMAGES=(debian synthetic)
+# ratarmount is optional (a peer, not a floor): find it, or say why its rows are missing.
+RATARMOUNT=${RATARMOUNT:-}
+if [ -z "$RATARMOUNT" ]; then
+  if [ -x "$BENCH_DIR/ratarmount-venv/bin/ratarmount" ]; then RATARMOUNT=$BENCH_DIR/ratarmount-venv/bin/ratarmount
+  else RATARMOUNT=$(command -v ratarmount || true); fi
+fi
+RM_SKIP=
+if [ "$RATARMOUNT" = none ]; then RM_SKIP="RATARMOUNT=none"
+elif [ -z "$RATARMOUNT" ] || ! "$RATARMOUNT" --version >/dev/null 2>&1; then
+  RM_SKIP="ratarmount not installed (python3 -m venv $BENCH_DIR/ratarmount-venv && $BENCH_DIR/ratarmount-venv/bin/pip install ratarmount)"
+fi
+[ -z "$RM_SKIP" ] || echo "bench.sh: ratarmount rows will be skipped: $RM_SKIP" >&2
 export FLATFS_CACHE_DIR="$BENCH_DIR/cache"
 TMP=$(mktemp -d "$BENCH_DIR/run.XXXXXX")
 MNT=$TMP/mnt
-mkdir -p "$MNT"
-cleanup() { fusermount3 -u "$MNT" 2>/dev/null || true; rm -rf "$TMP"; }
+RMNT=$TMP/rmnt      # ratarmount's mount point
+RIDX=$TMP/rindex    # ratarmount's index folder: kept out of the OCI layout's blobs/ directory
+RM_LOG=$BENCH_DIR/ratarmount.log   # outside $TMP, so a failed mount can still be read afterwards
+RM_PID=             # a ratarmount running in the foreground (peak RSS measurement), if any
+mkdir -p "$MNT" "$RMNT" "$RIDX"
+# Leave no mount behind, on success, error or Ctrl-C: a stale FUSE mount under $TMP would also
+# stop rm -rf. -z (lazy) if a reader still holds the mount; --one-file-system in case both fail.
+cleanup() {
+  local m
+  for m in "$MNT" "$RMNT"; do
+    fusermount3 -u "$m" 2>/dev/null || fusermount3 -uz "$m" 2>/dev/null || true
+  done
+  if [ -n "$RM_PID" ]; then   # still indexing, so not mounted yet: stop it
+    kill "$RM_PID" 2>/dev/null || true
+    wait "$RM_PID" 2>/dev/null || true
+  fi
+  rm -rf --one-file-system "$TMP"
+}
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 layout_of() {
   case "$1" in
@@ -37,19 +73,75 @@ layout_of() {
     synthetic)
       [ -d "$BENCH_DIR/synthetic" ] || python3 scripts/make-synthetic.py "$BENCH_DIR" >&2
       echo "$BENCH_DIR/synthetic" ;;
-    *) echo "$1" ;;
+    big)   # built on top of the debian image
+      if [ ! -d "$BENCH_DIR/big" ]; then
+        layout_of debian >/dev/null
+        scripts/make-big.sh "$BENCH_DIR" >&2
+      fi
+      echo "$BENCH_DIR/big" ;;
+    *)
+      [ -f "$1/index.json" ] || { echo "bench.sh: $1 is neither debian, synthetic, big nor an OCI layout" >&2; exit 1; }
+      echo "$1" ;;
   esac
 }
 
-# Mean seconds of a command over $RUNS runs (after one warm-up); $2, if given, runs before each.
+# Mean seconds of a command over $RUNS runs (after $WARMUP warm-ups, default 1); $2, if given,
+# runs before each.
 mean() {
   local prep=()
   [ -n "${2:-}" ] && prep=(--prepare "$2")
-  hyperfine -N --warmup 1 --runs "$RUNS" "${prep[@]}" --export-json "$TMP/h.json" "$1" >/dev/null
+  hyperfine -N --warmup "${WARMUP:-1}" --runs "$RUNS" "${prep[@]}" --export-json "$TMP/h.json" "$1" >/dev/null
   python3 -c 'import json,sys; print("%.3f" % json.load(open(sys.argv[1]))["results"][0]["mean"])' "$TMP/h.json"
 }
 rss_mib() { /usr/bin/time -f %M sh -c "$1" 2>&1 >/dev/null | tail -1 | awk '{printf "%.0f", $1/1024}'; }
+# RSS (MiB) of the flatfs server of our own mount: other flatfs processes may run on the machine.
+flatfs_rss() { ps -o rss= -p "$(pgrep -f -- "mount .* $MNT\$" | head -1)" | awk '{printf "%.0f", $1/1024}'; }
 row() { printf '%-10s %-44s %8s %8s %7s %8s\n' "$@"; }
+
+ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
+
+# ratarmount (the mounting peer) on the layer blobs $blobs of image $name, against the decompression
+# floor $dec. Its rows are kept in RM_ROWS and printed as a table of their own after flatfs's.
+# Fair use: all layer blobs given in order so it union-mounts them (later layers win; it does not
+# apply whiteouts), -P 0 lets its gzip decoder use every core as pigz and flatfs do, the index goes
+# to $RIDX, and the mount is timed up to its return (it daemonizes once mounted) plus the unmount.
+RM_ROWS=()
+rm_row() { RM_ROWS+=("$(row "$@")"); }
+ratarmount_rows() {
+  local rm="$RATARMOUNT -P 0 --index-folders $RIDX $blobs $RMNT >>$RM_LOG 2>&1" t rss pid
+  echo "=== $(date -u +%FT%TZ) $name" >> "$RM_LOG"
+  t=$(mean "sh -c '$rm && fusermount3 -u $RMNT'" "sh -c 'rm -rf $RIDX && mkdir $RIDX'")
+  ratarmount_index_rss
+  rm_row "$name" "mount, empty index / pigz -dc" "$t" "$dec" "$(ratio "$t" "$dec")" "$RSS"
+  # The index now exists (last run above).
+  t=$(mean "sh -c '$rm && fusermount3 -u $RMNT'")
+  rm_row "$name" "remount with its index" "$t" "-" "-" "-"
+  # As flatfs's row: a fresh mount before the run, read through a pipe. It takes minutes on the
+  # bigger images, so one run (no warm-up) is enough to see the ratio.
+  t=$(WARMUP=0 RUNS=1 mean "sh -c 'tar -cf - -C $RMNT . | cat > /dev/null'" \
+    "sh -c 'fusermount3 -u $RMNT 2>/dev/null; $rm'")
+  # Peak RSS of the daemon that served the read (its index loaded, every file read).
+  pid=$(pgrep -f -- " $RMNT\$" | head -1 || true)
+  rss=$( [ -n "$pid" ] && awk '/^VmHWM/ {printf "%.0f", $2/1024}' "/proc/$pid/status" || echo "?")
+  rm_row "$name" "read every file via fresh mount / pigz -dc" "$t" "$dec" "$(ratio "$t" "$dec")" "$rss"
+  fusermount3 -u "$RMNT"
+}
+# Peak RSS (MiB) of ratarmount building its index: run in the foreground (no daemon fork, so
+# VmHWM covers the indexing), read VmHWM once mounted, unmount. Sets RSS.
+ratarmount_index_rss() {
+  rm -rf "$RIDX" && mkdir "$RIDX"
+  # shellcheck disable=SC2086  # $blobs is a list of paths without spaces
+  "$RATARMOUNT" -f -P 0 --index-folders "$RIDX" $blobs "$RMNT" >>"$RM_LOG" 2>&1 &
+  RM_PID=$!
+  until mountpoint -q "$RMNT"; do
+    kill -0 "$RM_PID" 2>/dev/null || { echo "bench.sh: ratarmount did not mount, see $RM_LOG" >&2; exit 1; }
+    sleep 0.2
+  done
+  RSS=$(awk '/^VmHWM/ {printf "%.0f", $2/1024}' "/proc/$RM_PID/status")
+  fusermount3 -u "$RMNT"
+  wait "$RM_PID"
+  RM_PID=
+}
 
 row IMAGE JOB FLATFS BASELINE RATIO RSS_MiB
 for name in "${IMAGES[@]}"; do
@@ -61,14 +153,13 @@ for name in "${IMAGES[@]}"; do
   "$FLATFS" export "$img" -o "$TMP/merged.tar" --format rootfs 2>/dev/null
   gz=$(mean "sh -c 'pigz -6 -c $TMP/merged.tar > /dev/null'")
   zs=$(mean "zstd -3 -T0 -q -c $TMP/merged.tar -o /dev/null")
-  ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
 
   t=$(mean "$FLATFS export $img -o $TMP/out.tar --format rootfs --no-cache -q")
   row "$name" "export rootfs (uncompressed) / pigz -dc" "$t" "$dec" "$(ratio "$t" "$dec")" "$(rss_mib "$FLATFS export $img -o $TMP/out.tar --format rootfs --no-cache -q")"
-  base=$(python3 -c "print($dec + $gz)")
+  base=$(python3 -c "print('%.3f' % ($dec + $gz))")
   t=$(mean "$FLATFS export $img -o $TMP/out.tar --format oci-archive --compression gzip --no-cache -q")
   row "$name" "export gzip / pigz -dc + pigz -6" "$t" "$base" "$(ratio "$t" "$base")" "-"
-  base=$(python3 -c "print($dec + $zs)")
+  base=$(python3 -c "print('%.3f' % ($dec + $zs))")
   t=$(mean "$FLATFS export $img -o $TMP/out.tar --format oci-archive --compression zstd --no-cache -q")
   row "$name" "export zstd / pigz -dc + zstd -3 -T0" "$t" "$base" "$(ratio "$t" "$base")" "-"
   # umoci takes minutes on 200k files: one run is enough to see the ratio.
@@ -86,6 +177,17 @@ for name in "${IMAGES[@]}"; do
   # Through a pipe: GNU tar skips reading files when its output is /dev/null itself.
   t=$(mean "sh -c 'tar -cf - -C $MNT . | cat > /dev/null'" \
     "sh -c 'fusermount3 -u $MNT 2>/dev/null; $FLATFS mount $img $MNT'")
-  row "$name" "read every file via fresh mount / pigz -dc" "$t" "$dec" "$(ratio "$t" "$dec")" "$(ps -o rss= -C flatfs | sort -n | tail -1 | awk '{printf "%.0f", $1/1024}')"
+  row "$name" "read every file via fresh mount / pigz -dc" "$t" "$dec" "$(ratio "$t" "$dec")" "$(flatfs_rss)"
   fusermount3 -u "$MNT"
+
+  [ -n "$RM_SKIP" ] || ratarmount_rows
 done
+
+echo
+if [ -n "$RM_SKIP" ]; then
+  echo "ratarmount rows skipped: $RM_SKIP"
+else
+  echo "ratarmount $("$RATARMOUNT" --version 2>/dev/null | head -1 | awk '{print $2}'): union mount of the layer blobs (ignores whiteouts)"
+  row IMAGE JOB RATARMNT BASELINE RATIO RSS_MiB
+  printf '%s\n' "${RM_ROWS[@]}"
+fi
