@@ -20,6 +20,7 @@ pub mod fs;
 pub mod inspect;
 pub mod layer;
 pub mod mount;
+pub mod pipe;
 pub mod source;
 pub mod tree;
 pub mod zran;

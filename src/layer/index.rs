@@ -1,15 +1,19 @@
 //! One pass over a (decompressed) layer tar → [`LayerIndex`]; digests are checked on the way.
 
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
 use super::path::{self, Class};
 use super::tar::TarReader;
-use crate::blob::{Blob, Compression, Decoder, HashReader};
+use sha2::{Digest as _, Sha256};
+
+use crate::blob::{Blob, Compression, Decoder, HashReader, digest_string};
 use crate::error::{Error, Result};
+use crate::pipe::{CHUNK, DEPTH, PipeReader, PipeWriter, joined, pipe};
 use crate::source::Layer;
+use crate::zran::Checkpoint;
 
 /// Ownership, permissions and times of an entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -100,24 +104,6 @@ pub fn index_layer(
         layer: label.clone(),
         source,
     };
-    let blob = ProgressReader {
-        inner: layer.blob.reader(),
-        progress,
-    };
-    let compressed = HashReader::new(BufReader::with_capacity(256 * 1024, blob));
-    let decoder = match layer.compression {
-        // Export reads from the spooled copy: checkpoints would only cost memory.
-        Compression::Gzip if spool_dir.is_some() => {
-            crate::zran::GzipReader::new(compressed).map(Decoder::GzipIndexed)
-        }
-        // This pass decompresses the whole layer anyway: note where later reads can start.
-        Compression::Gzip => {
-            use crate::zran::{GzipReader, SPAN};
-            GzipReader::recording(compressed, SPAN).map(Decoder::GzipIndexed)
-        }
-        other => Decoder::new(compressed, other),
-    }
-    .map_err(layer_err)?;
     let spool = match spool_dir {
         Some(dir) if layer.compression != Compression::None => Some(BufWriter::with_capacity(
             1 << 20,
@@ -125,21 +111,46 @@ pub fn index_layer(
         )),
         _ => None,
     };
-    let tee = Tee {
-        inner: decoder,
-        copy: spool,
-    };
-    let mut reader = TarReader::new(HashReader::new(tee));
-    let mut index = index_entries(&mut reader, &label)?;
-
-    // Hash what follows the end-of-archive marker too: the diff_id covers the whole stream.
-    let mut plain = reader.into_inner();
-    io::copy(&mut plain, &mut io::sink()).map_err(layer_err)?;
-    let (diff_id, tar_size, tee) = plain.finish();
-    if let Some(copy) = tee.copy {
-        let file = copy
-            .into_inner()
-            .map_err(|e| Error::io("layer spool", e.into_error()))?;
+    // Three threads, so that on a big layer reading and hashing the blob, inflating, and
+    // hashing, parsing and spooling the tar overlap instead of taking turns on one core.
+    let (blob_digest, checkpoints, mut index, diff_id, tar_size, spooled) =
+        std::thread::scope(|s| -> Result<_> {
+            let (raw_tx, raw_rx) = pipe(DEPTH, CHUNK);
+            let reading = s.spawn(move || {
+                let mut blob = ProgressReader {
+                    inner: layer.blob.reader(),
+                    progress,
+                };
+                let mut hasher = Sha256::new();
+                raw_tx.pump(&mut blob, |b| hasher.update(b))?;
+                Ok(digest_string(hasher))
+            });
+            let (tar_tx, tar_rx) = pipe(DEPTH, CHUNK);
+            let inflating = s.spawn(move || inflate_stage(raw_rx, tar_tx, layer, spool_dir));
+            let tee = Tee {
+                inner: tar_rx,
+                copy: spool,
+            };
+            let mut reader = TarReader::new(HashReader::new(tee));
+            let index = index_entries(&mut reader, &label)?;
+            // Hash what follows the end-of-archive marker too: the diff_id covers the whole
+            // stream.
+            let mut plain = reader.into_inner();
+            io::copy(&mut plain, &mut io::sink()).map_err(layer_err)?;
+            let (diff_id, tar_size, tee) = plain.finish();
+            let spooled = match tee.copy {
+                Some(copy) => Some(
+                    copy.into_inner()
+                        .map_err(|e| Error::io("layer spool", e.into_error()))?,
+                ),
+                None => None,
+            };
+            drop(tee.inner);
+            let checkpoints = joined(inflating.join()).map_err(layer_err)?;
+            let blob_digest = joined(reading.join()).map_err(layer_err)?;
+            Ok((blob_digest, checkpoints, index, diff_id, tar_size, spooled))
+        })?;
+    if let Some(file) = spooled {
         index.decompressed = Some(Blob::new(
             Arc::new(file),
             0,
@@ -147,19 +158,13 @@ pub fn index_layer(
             &format!("{} (decompressed)", layer.blob.name()),
         ));
     }
-    let mut decoder = tee.inner;
-    let checkpoints = decoder.take_checkpoints();
-    let mut compressed = decoder.into_inner();
-    io::copy(&mut compressed, &mut io::sink()).map_err(layer_err)?;
-    let (digest, _, _) = compressed.finish();
-
     if let Some(expected) = &layer.digest
-        && *expected != digest
+        && *expected != blob_digest
     {
         return Err(Error::DigestMismatch {
             what: format!("layer {} blob {}", layer.number, layer.blob.name()),
             expected: expected.clone(),
-            found: digest,
+            found: blob_digest,
         });
     }
     if let Some(expected) = &layer.diff_id
@@ -177,6 +182,41 @@ pub fn index_layer(
         .and_then(|points| crate::zran::Checkpoints::new(points, tar_size))
         .map(Arc::new);
     Ok(index)
+}
+
+/// The decompressing stage: inflates everything `raw` delivers into `tar`, then reads what
+/// follows the compressed stream (the blob digest covers it too). Returns the checkpoints a
+/// gzip layer recorded. Any error also reaches the tar reader, which reports it in place.
+fn inflate_stage(
+    raw: PipeReader,
+    tar: PipeWriter,
+    layer: &Layer,
+    spool_dir: Option<&Path>,
+) -> io::Result<Option<Vec<Checkpoint>>> {
+    let decoder = match layer.compression {
+        // Export reads from the spooled copy: checkpoints would only cost memory.
+        Compression::Gzip if spool_dir.is_some() => {
+            crate::zran::GzipReader::new(raw).map(Decoder::GzipIndexed)
+        }
+        // This pass decompresses the whole layer anyway: note where later reads can start.
+        Compression::Gzip => {
+            use crate::zran::{GzipReader, SPAN};
+            GzipReader::recording(raw, SPAN).map(Decoder::GzipIndexed)
+        }
+        other => Decoder::new(raw, other),
+    };
+    let mut decoder = match decoder {
+        Ok(d) => d,
+        Err(e) => {
+            let copy = io::Error::new(e.kind(), e.to_string());
+            tar.fail(e);
+            return Err(copy);
+        }
+    };
+    tar.pump(&mut decoder, |_| {})?;
+    let checkpoints = decoder.take_checkpoints();
+    io::copy(&mut decoder.into_inner(), &mut io::sink())?;
+    Ok(checkpoints)
 }
 
 /// Copies everything read through it into `copy`.
@@ -318,4 +358,152 @@ fn index_entries<R: Read>(reader: &mut TarReader<R>, label: &str) -> Result<Laye
         });
     }
     Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blob::sha256_of;
+    use std::io::Seek;
+
+    /// A tar of `files` files of 20 KiB each (several pipeline buffers in all), then `last`.
+    fn tar_of(files: usize, last: &[u8]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for i in 0..files {
+            let data: Vec<u8> = (0..20_000u32).map(|k| (k * 31 + i as u32) as u8).collect();
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, format!("d/f{i:05}"), &data[..])
+                .unwrap();
+        }
+        let mut h = tar::Header::new_ustar();
+        h.set_size(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.as_old_mut().name[..last.len()].copy_from_slice(last);
+        h.set_cksum();
+        b.append(&h, &[][..]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn layer(blob: &[u8], digest: String, diff_id: String) -> Layer {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(blob).unwrap();
+        f.rewind().unwrap();
+        let blob = Blob::new(Arc::new(f), 0, blob.len() as u64, "blob");
+        Layer {
+            number: 2,
+            compression: Compression::detect(&blob).unwrap(),
+            blob,
+            digest: Some(digest),
+            diff_id: Some(diff_id),
+        }
+    }
+
+    fn index(layer: &Layer, spool: bool) -> Result<LayerIndex> {
+        let dir = std::env::temp_dir();
+        index_layer(layer, &|_| {}, spool.then_some(dir.as_path()))
+    }
+
+    #[test]
+    fn a_gzip_layer_is_indexed_spooled_and_verified() {
+        let tar = tar_of(300, b"end");
+        let gz = gzip(&tar);
+        let l = layer(&gz, sha256_of(&gz), sha256_of(&tar));
+        let idx = index(&l, true).unwrap();
+        assert_eq!(idx.entries.len(), 301);
+        assert_eq!(idx.diff_id, sha256_of(&tar));
+        assert_eq!(idx.tar_size, tar.len() as u64);
+        let copy = idx.decompressed.unwrap();
+        assert_eq!(copy.read_all(u64::MAX).unwrap(), tar);
+        // Without a spool, the pass records checkpoints for random access instead.
+        let idx = index(&l, false).unwrap();
+        assert!(idx.decompressed.is_none());
+        assert!(!idx.checkpoints.unwrap().is_empty());
+    }
+
+    #[test]
+    fn corrupt_gzip_in_the_middle_is_an_error_naming_the_layer() {
+        let tar = tar_of(300, b"end");
+        let mut gz = gzip(&tar);
+        let mid = gz.len() / 2;
+        gz[mid..mid + 64].fill(0xff);
+        let l = layer(&gz, sha256_of(&gz), sha256_of(&tar));
+        for spool in [true, false] {
+            let e = index(&l, spool).unwrap_err();
+            assert!(
+                matches!(&e, Error::Layer { layer, .. } if layer.starts_with(&l.label())),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_truncated_zstd_layer_is_an_error_naming_the_layer() {
+        let tar = tar_of(100, b"end");
+        let zst = zstd::encode_all(&tar[..], 3).unwrap();
+        let cut = &zst[..zst.len() - 100];
+        let l = layer(cut, sha256_of(cut), sha256_of(&tar));
+        let e = index(&l, true).unwrap_err();
+        assert!(e.to_string().contains(&l.label()), "{e}");
+    }
+
+    #[test]
+    fn digest_mismatches_name_the_layer() {
+        let tar = tar_of(50, b"end");
+        let gz = gzip(&tar);
+        let l = layer(&gz, sha256_of(b"other"), sha256_of(&tar));
+        let e = index(&l, true).unwrap_err();
+        assert!(
+            matches!(&e, Error::DigestMismatch { what, found, .. }
+                if what.contains("layer 2") && *found == sha256_of(&gz)),
+            "{e}"
+        );
+        let l = layer(&gz, sha256_of(&gz), sha256_of(b"other"));
+        let e = index(&l, false).unwrap_err();
+        assert!(
+            matches!(&e, Error::DigestMismatch { what, found, .. }
+                if what.contains("diff_id") && what.contains(&l.label()) && *found == sha256_of(&tar)),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_bad_entry_early_in_a_big_layer_stops_every_stage() {
+        // The bad entry comes first, with megabytes still to inflate behind it: the reading and
+        // inflating threads must notice the parser has gone, or this test never returns.
+        let mut tar = tar_of(0, b"../escape");
+        tar.extend_from_slice(&tar_of(400, b"end"));
+        let gz = gzip(&tar);
+        let l = layer(&gz, sha256_of(&gz), sha256_of(&tar));
+        let e = index(&l, true).unwrap_err();
+        assert!(
+            matches!(&e, Error::Entry { layer, .. } if *layer == l.label()),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bytes_after_the_tar_count_and_garbage_after_the_gzip_is_an_error() {
+        let mut tar = tar_of(10, b"end");
+        tar.extend_from_slice(&[7; 5000]);
+        let mut gz = gzip(&tar);
+        let l = layer(&gz, sha256_of(&gz), sha256_of(&tar));
+        assert_eq!(index(&l, true).unwrap().tar_size, tar.len() as u64);
+        // Garbage after the last member is reported when the stream ends, after the tar did.
+        gz.extend_from_slice(&[0; 700]);
+        let l = layer(&gz, sha256_of(&gz), sha256_of(&tar));
+        let e = index(&l, true).unwrap_err();
+        assert!(
+            matches!(&e, Error::Layer { layer, .. } if *layer == l.label()),
+            "{e}"
+        );
+    }
 }
