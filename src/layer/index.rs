@@ -1,7 +1,6 @@
 //! One pass over a (decompressed) layer tar → [`LayerIndex`]; digests are checked on the way.
 
-use std::fs::File;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -11,7 +10,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::blob::{Blob, Compression, Decoder, HashReader, digest_string};
 use crate::error::{Error, Result};
-use crate::pipe::{CHUNK, DEPTH, PipeReader, PipeWriter, joined, pipe};
+use crate::pipe::{CHUNK, DEPTH, PipeReader, PipeWriter, drain_into, is_hangup, joined, pipe};
 use crate::source::Layer;
 use crate::zran::Checkpoint;
 
@@ -66,6 +65,17 @@ pub struct Entry {
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// The file contents of a compressed layer, decompressed once by the indexing pass for export.
+/// Only contents are kept, back to back in tar order: tar headers and padding would be more
+/// than half the copy in a layer of small files, and export never reads them.
+#[derive(Debug, Clone)]
+pub struct Spooled {
+    /// The contents.
+    pub blob: Blob,
+    /// Per entry of [`LayerIndex::entries`] (same order), where its content starts in `blob`.
+    pub offsets: Vec<u64>,
+}
+
 /// Everything the merge needs to know about one layer.
 #[derive(Debug, Clone, Default)]
 pub struct LayerIndex {
@@ -81,8 +91,9 @@ pub struct LayerIndex {
     pub diff_id: String,
     /// Length of the uncompressed tar.
     pub tar_size: u64,
-    /// A decompressed copy of a compressed layer, when indexing was asked to keep one.
-    pub decompressed: Option<Blob>,
+    /// A decompressed copy of a compressed layer's file contents, when indexing was asked to
+    /// keep one.
+    pub decompressed: Option<Spooled>,
     /// Where decompression can start inside a gzip layer, for random access (`None` for other
     /// compressions, whose reads start at the beginning of the layer).
     pub checkpoints: Option<Arc<crate::zran::Checkpoints>>,
@@ -91,9 +102,9 @@ pub struct LayerIndex {
 /// Reads a layer blob once: decompresses, indexes the tar, and checks blob digest and diff_id.
 /// `progress` is told how many blob bytes have been read, as they are.
 ///
-/// With `spool_dir`, a compressed layer's tar is also written, as it is decompressed, to an
-/// anonymous temp file there ([`LayerIndex::decompressed`]), so that export can read file
-/// contents in place instead of decompressing the layer a second time.
+/// With `spool_dir`, a compressed layer's file contents are also written, as they are
+/// decompressed, to an anonymous temp file there ([`LayerIndex::decompressed`]), so that export
+/// can read them in place instead of decompressing the layer a second time.
 pub fn index_layer(
     layer: &Layer,
     progress: &(dyn Fn(u64) + Sync),
@@ -104,16 +115,15 @@ pub fn index_layer(
         layer: label.clone(),
         source,
     };
-    let spool = match spool_dir {
-        Some(dir) if layer.compression != Compression::None => Some(BufWriter::with_capacity(
-            1 << 20,
-            tempfile::tempfile_in(dir).map_err(|e| Error::io(dir.display(), e))?,
-        )),
+    let spool_file = match spool_dir {
+        Some(dir) if layer.compression != Compression::None => {
+            Some(tempfile::tempfile_in(dir).map_err(|e| Error::io(dir.display(), e))?)
+        }
         _ => None,
     };
-    // Three threads, so that on a big layer reading and hashing the blob, inflating, and
-    // hashing, parsing and spooling the tar overlap instead of taking turns on one core.
-    let (blob_digest, checkpoints, mut index, diff_id, tar_size, spooled) =
+    // Up to four threads, so that on a big layer reading and hashing the blob, inflating,
+    // hashing and parsing the tar, and writing the spool overlap instead of taking turns.
+    let (blob_digest, checkpoints, mut index, diff_id, tar_size) =
         std::thread::scope(|s| -> Result<_> {
             let (raw_tx, raw_rx) = pipe(DEPTH, CHUNK);
             let reading = s.spawn(move || {
@@ -127,37 +137,59 @@ pub fn index_layer(
             });
             let (tar_tx, tar_rx) = pipe(DEPTH, CHUNK);
             let inflating = s.spawn(move || inflate_stage(raw_rx, tar_tx, layer, spool_dir));
-            let tee = Tee {
-                inner: tar_rx,
-                copy: spool,
+            let (mut spool, spooling) = match spool_file {
+                Some(mut file) => {
+                    let (tx, mut rx) = pipe(DEPTH, CHUNK);
+                    let spooling = s.spawn(move || {
+                        drain_into(&mut rx, &mut file)?;
+                        Ok(file)
+                    });
+                    let spool = ContentSpool {
+                        out: tx,
+                        len: 0,
+                        offsets: Vec::new(),
+                    };
+                    (Some(spool), Some(spooling))
+                }
+                None => (None, None),
             };
-            let mut reader = TarReader::new(HashReader::new(tee));
-            let index = index_entries(&mut reader, &label)?;
+            let mut reader = TarReader::new(HashReader::new(tar_rx));
+            let indexed = index_entries(&mut reader, &label, spool.as_mut());
+            let index = match (spool, spooling) {
+                (Some(spool), Some(spooling)) => {
+                    let len = spool.len;
+                    // A failed finish means the writer is gone: its join says why.
+                    let _ = spool.out.finish();
+                    match (indexed, joined(spooling.join())) {
+                        // The spool writer failed first (a full disk, say); the parser then
+                        // found its pipe closed.
+                        (Err(_), Err(e)) if !is_hangup(&e) => {
+                            return Err(Error::io("layer spool", e));
+                        }
+                        (Err(e), _) => return Err(e),
+                        (Ok(_), Err(e)) => return Err(Error::io("layer spool", e)),
+                        (Ok(mut index), Ok(file)) => {
+                            let name = format!("{} (decompressed)", layer.blob.name());
+                            index.decompressed = Some(Spooled {
+                                blob: Blob::new(Arc::new(file), 0, len, &name),
+                                offsets: spool.offsets,
+                            });
+                            index
+                        }
+                    }
+                }
+                _ => indexed?,
+            };
             // Hash what follows the end-of-archive marker too: the diff_id covers the whole
             // stream.
             let mut plain = reader.into_inner();
             io::copy(&mut plain, &mut io::sink()).map_err(layer_err)?;
-            let (diff_id, tar_size, tee) = plain.finish();
-            let spooled = match tee.copy {
-                Some(copy) => Some(
-                    copy.into_inner()
-                        .map_err(|e| Error::io("layer spool", e.into_error()))?,
-                ),
-                None => None,
-            };
-            drop(tee.inner);
+            let (diff_id, tar_size, tar_rx) = plain.finish();
+            drop(tar_rx);
             let checkpoints = joined(inflating.join()).map_err(layer_err)?;
             let blob_digest = joined(reading.join()).map_err(layer_err)?;
-            Ok((blob_digest, checkpoints, index, diff_id, tar_size, spooled))
+            Ok((blob_digest, checkpoints, index, diff_id, tar_size))
         })?;
-    if let Some(file) = spooled {
-        index.decompressed = Some(Blob::new(
-            Arc::new(file),
-            0,
-            tar_size,
-            &format!("{} (decompressed)", layer.blob.name()),
-        ));
-    }
     if let Some(expected) = &layer.digest
         && *expected != blob_digest
     {
@@ -219,20 +251,11 @@ fn inflate_stage(
     Ok(checkpoints)
 }
 
-/// Copies everything read through it into `copy`.
-struct Tee<R> {
-    inner: R,
-    copy: Option<BufWriter<File>>,
-}
-
-impl<R: Read> Read for Tee<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if let Some(copy) = &mut self.copy {
-            copy.write_all(&buf[..n])?;
-        }
-        Ok(n)
-    }
+/// Where the indexing pass writes a compressed layer's file contents, and where each went.
+struct ContentSpool {
+    out: PipeWriter,
+    len: u64,
+    offsets: Vec<u64>,
 }
 
 struct ProgressReader<'p, R> {
@@ -250,7 +273,7 @@ impl<R: Read> Read for ProgressReader<'_, R> {
 
 /// Indexes an uncompressed layer tar from any reader (digests left empty).
 pub fn index_tar<R: Read>(reader: R, label: &str) -> Result<LayerIndex> {
-    index_entries(&mut TarReader::new(reader), label)
+    index_entries(&mut TarReader::new(reader), label, None)
 }
 
 /// An entry path for a message: a hostile one can be megabytes long, so keep both ends.
@@ -267,7 +290,11 @@ fn shown(path: &[u8]) -> String {
     )
 }
 
-fn index_entries<R: Read>(reader: &mut TarReader<R>, label: &str) -> Result<LayerIndex> {
+fn index_entries<R: Read>(
+    reader: &mut TarReader<R>,
+    label: &str,
+    mut spool: Option<&mut ContentSpool>,
+) -> Result<LayerIndex> {
     let mut index = LayerIndex {
         label: label.to_string(),
         ..LayerIndex::default()
@@ -342,6 +369,18 @@ fn index_entries<R: Read>(reader: &mut TarReader<R>, label: &str) -> Result<Laye
             return Err(entry_err("the image root must be a directory".into()));
         }
         let size = if kind == Kind::File { raw.size } else { 0 };
+        if let Some(spool) = spool.as_deref_mut() {
+            spool.offsets.push(spool.len);
+            if size > 0 {
+                reader
+                    .copy_data(size, &mut spool.out)
+                    .map_err(|source| Error::Layer {
+                        layer: format!("{label} (in entry {:?})", shown(&raw.path)),
+                        source,
+                    })?;
+                spool.len += size;
+            }
+        }
         index.entries.push(Entry {
             path,
             kind,
@@ -364,7 +403,7 @@ fn index_entries<R: Read>(reader: &mut TarReader<R>, label: &str) -> Result<Laye
 mod tests {
     use super::*;
     use crate::blob::sha256_of;
-    use std::io::Seek;
+    use std::io::{Seek, Write};
 
     /// A tar of `files` files of 20 KiB each (several pipeline buffers in all), then `last`.
     fn tar_of(files: usize, last: &[u8]) -> Vec<u8> {
@@ -422,7 +461,14 @@ mod tests {
         assert_eq!(idx.diff_id, sha256_of(&tar));
         assert_eq!(idx.tar_size, tar.len() as u64);
         let copy = idx.decompressed.unwrap();
-        assert_eq!(copy.read_all(u64::MAX).unwrap(), tar);
+        let contents = copy.blob.read_all(u64::MAX).unwrap();
+        assert_eq!(copy.offsets.len(), idx.entries.len());
+        for (e, &at) in idx.entries.iter().zip(&copy.offsets) {
+            let (at, off, n) = (at as usize, e.offset as usize, e.size as usize);
+            assert_eq!(contents[at..at + n], tar[off..off + n], "{:?}", e.path);
+        }
+        let sizes: u64 = idx.entries.iter().map(|e| e.size).sum();
+        assert_eq!(contents.len() as u64, sizes, "only contents are spooled");
         // Without a spool, the pass records checkpoints for random access instead.
         let idx = index(&l, false).unwrap();
         assert!(idx.decompressed.is_none());

@@ -4,7 +4,7 @@
 //! such a value, so the indexer reads headers itself.
 //! See: <https://pubs.opengroup.org/onlinepubs/9799919799/utilities/pax.html#tag_20_94_13_03>
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 
 const BLOCK: u64 = 512;
 /// Largest PAX or GNU long-name header read into memory; larger ones are refused.
@@ -72,6 +72,21 @@ impl<R: Read> TarReader<R> {
     fn skip_to(&mut self, target: u64) -> io::Result<()> {
         let want = target - self.pos;
         let n = io::copy(&mut (&mut self.inner).take(want), &mut io::sink())?;
+        self.pos += n;
+        if n < want {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "tar stream ends inside an entry's data",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Copies the data of the entry just returned by [`TarReader::next_entry`] to `w` (at most
+    /// `len` bytes, and never past the entry); the next call then skips only what is left.
+    pub fn copy_data(&mut self, len: u64, w: &mut impl Write) -> io::Result<()> {
+        let want = len.min(self.next.saturating_sub(self.pos));
+        let n = io::copy(&mut (&mut self.inner).take(want), w)?;
         self.pos += n;
         if n < want {
             return Err(io::Error::new(
