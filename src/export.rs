@@ -625,6 +625,18 @@ fn write_stage<W: Write>(
     w: W,
     compression: OutCompression,
 ) -> io::Result<LayerOut> {
+    if compression == OutCompression::None {
+        // The blob is the tar: one digest serves as both.
+        let mut tar = HashWriter::new(w);
+        drain_into(&mut input, &mut tar)?;
+        let (diff_id, size, mut w) = tar.finish();
+        w.flush()?;
+        return Ok(LayerOut {
+            digest: diff_id.clone(),
+            diff_id,
+            size,
+        });
+    }
     let outer = HashWriter::new(w);
     let compressor = Compressor::new(outer, compression)?;
     let mut tar = HashWriter::new(compressor);
