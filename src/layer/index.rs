@@ -273,7 +273,7 @@ impl<R: Read> Read for ProgressReader<'_, R> {
 
 /// Indexes an uncompressed layer tar from any reader (digests left empty).
 pub fn index_tar<R: Read>(reader: R, label: &str) -> Result<LayerIndex> {
-    index_entries(&mut TarReader::new(reader), label, None)
+    index_entries(&mut TarReader::new(io::BufReader::new(reader)), label, None)
 }
 
 /// An entry path for a message: a hostile one can be megabytes long, so keep both ends.
@@ -290,7 +290,7 @@ fn shown(path: &[u8]) -> String {
     )
 }
 
-fn index_entries<R: Read>(
+fn index_entries<R: io::BufRead>(
     reader: &mut TarReader<R>,
     label: &str,
     mut spool: Option<&mut ContentSpool>,

@@ -4,7 +4,7 @@
 //! such a value, so the indexer reads headers itself.
 //! See: <https://pubs.opengroup.org/onlinepubs/9799919799/utilities/pax.html#tag_20_94_13_03>
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Write};
 
 const BLOCK: u64 = 512;
 /// Largest PAX or GNU long-name header read into memory; larger ones are refused.
@@ -54,7 +54,7 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-impl<R: Read> TarReader<R> {
+impl<R: BufRead> TarReader<R> {
     /// Starts at the beginning of a tar stream.
     pub fn new(inner: R) -> Self {
         TarReader {
@@ -69,30 +69,40 @@ impl<R: Read> TarReader<R> {
         self.inner
     }
 
+    /// Moves past the data up to `target` straight out of the reader's buffer: most of a layer
+    /// is file data, and copying it out just to drop it was a pass over the whole tar.
     fn skip_to(&mut self, target: u64) -> io::Result<()> {
-        let want = target - self.pos;
-        let n = io::copy(&mut (&mut self.inner).take(want), &mut io::sink())?;
-        self.pos += n;
-        if n < want {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "tar stream ends inside an entry's data",
-            ));
-        }
-        Ok(())
+        self.pass(target.saturating_sub(self.pos), |_| Ok(()))
     }
 
     /// Copies the data of the entry just returned by [`TarReader::next_entry`] to `w` (at most
     /// `len` bytes, and never past the entry); the next call then skips only what is left.
     pub fn copy_data(&mut self, len: u64, w: &mut impl Write) -> io::Result<()> {
-        let want = len.min(self.next.saturating_sub(self.pos));
-        let n = io::copy(&mut (&mut self.inner).take(want), w)?;
-        self.pos += n;
-        if n < want {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "tar stream ends inside an entry's data",
-            ));
+        self.pass(len.min(self.next.saturating_sub(self.pos)), |b| {
+            w.write_all(b)
+        })
+    }
+
+    /// Consumes `len` bytes, showing each piece to `f`.
+    fn pass(&mut self, len: u64, mut f: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
+        let mut left = len;
+        while left > 0 {
+            let buf = match self.inner.fill_buf() {
+                Ok(buf) => buf,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if buf.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "tar stream ends inside an entry's data",
+                ));
+            }
+            let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            f(&buf[..n])?;
+            self.inner.consume(n);
+            self.pos += n as u64;
+            left -= n as u64;
         }
         Ok(())
     }
