@@ -1040,6 +1040,10 @@ impl Windows {
         size: u64,
         w: &mut impl Write,
     ) -> io::Result<()> {
+        if size == 0 {
+            // Nothing to read, and no reason to move a window for it.
+            return Ok(());
+        }
         self.clock += 1;
         let slot = match self.windows.iter().position(|win| win.layer == layer) {
             Some(i) => i,
@@ -1135,6 +1139,51 @@ fn copy_range(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn blob_of(data: &[u8]) -> crate::blob::Blob {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(data).unwrap();
+        crate::blob::Blob::new(std::sync::Arc::new(f), 0, data.len() as u64, "blob")
+    }
+
+    #[test]
+    fn windows_give_the_bytes_asked_for_in_any_order() {
+        let data: Vec<u8> = (0..3 * WINDOW as u32 + 77)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let blobs: Vec<_> = (0..MAX_WINDOWS + 2).map(|_| blob_of(&data)).collect();
+        let mut windows = Windows::default();
+        // Forward in small steps, a jump back, a big file, a zero-size one, the very end, and
+        // more layers than there are windows, interleaved.
+        let reads = [
+            (0, 10),
+            (600, 1000),
+            (5000, 0),
+            (WINDOW as u64 - 10, 100),
+            (100, 50),
+            (WINDOW as u64, WINDOW as u64 + 5),
+            (data.len() as u64 - 77, 77),
+        ];
+        for (layer, blob) in blobs.iter().enumerate() {
+            for &(off, len) in &reads {
+                let mut out = Vec::new();
+                windows.copy(layer, blob, off, len, &mut out).unwrap();
+                assert_eq!(out, data[off as usize..(off + len) as usize], "{off}+{len}");
+            }
+        }
+        assert!(windows.windows.len() <= MAX_WINDOWS);
+    }
+
+    #[test]
+    fn a_window_past_the_end_of_the_blob_is_an_error() {
+        let blob = blob_of(&[1; 1000]);
+        let mut windows = Windows::default();
+        windows.copy(0, &blob, 0, 10, &mut Vec::new()).unwrap();
+        let e = windows
+            .copy(0, &blob, 900, 200, &mut Vec::new())
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
 
     #[test]
     fn pax_record_length_counts_itself() {
