@@ -15,6 +15,7 @@ use crate::blob::{BlobReader, Compression, Decoder, HashWriter, open_decoded, sh
 use crate::compress::ParallelGzip;
 use crate::error::{Error, Result};
 use crate::layer::Meta;
+use crate::pipe::{CHUNK, DEPTH, PipeReader, PipeWriter, drain_into, is_hangup, joined, pipe};
 use crate::source::{Family, Image};
 use crate::tree::{Extent, NodeId, NodeKind, Tree, Xattrs};
 
@@ -440,7 +441,7 @@ impl Dest {
         })
     }
 
-    fn writer(&mut self) -> &mut dyn Write {
+    fn writer(&mut self) -> &mut (dyn Write + Send) {
         match self {
             Dest::Stdout(w) => w,
             Dest::File { tmp, .. } => tmp,
@@ -592,7 +593,7 @@ impl<W: Write> Write for Compressor<W> {
 }
 
 /// Writes the merged tree as one tar through `compression` into `w`.
-fn write_layer<W: Write>(
+fn write_layer<W: Write + Send>(
     image: &Image,
     tree: &Tree,
     w: W,
@@ -601,9 +602,65 @@ fn write_layer<W: Write>(
     spill_dir: &Path,
     progress: &dyn Fn(u64),
 ) -> Result<(LayerOut, u64)> {
+    // Building the tar (headers, contents read from the layers) and hashing, compressing and
+    // writing it run on two threads: each is about half the work.
+    let (tx, rx) = pipe(DEPTH, CHUNK);
+    let (walked, written) = std::thread::scope(|s| {
+        let writing = s.spawn(move || write_stage(rx, w, compression));
+        let walked = write_entries(image, tree, tx, epoch, spill_dir, progress);
+        (walked, joined(writing.join()))
+    });
+    match (walked, written) {
+        (Ok(entries), Ok(layer)) => Ok((layer, entries)),
+        // The writer failed first (say, a full disk) and the walk then found the pipe closed.
+        (_, Err(e)) if !is_hangup(&e) => Err(Error::io("output", e)),
+        (Err(e), _) => Err(e),
+        (Ok(_), Err(e)) => Err(Error::io("output", e)),
+    }
+}
+
+/// The writing stage: hashes the tar (diff_id), compresses it and hashes and writes the result.
+fn write_stage<W: Write>(
+    mut input: PipeReader,
+    w: W,
+    compression: OutCompression,
+) -> io::Result<LayerOut> {
+    if compression == OutCompression::None {
+        // The blob is the tar: one digest serves as both.
+        let mut tar = HashWriter::new(w);
+        drain_into(&mut input, &mut tar)?;
+        let (diff_id, size, mut w) = tar.finish();
+        w.flush()?;
+        return Ok(LayerOut {
+            digest: diff_id.clone(),
+            diff_id,
+            size,
+        });
+    }
     let outer = HashWriter::new(w);
-    let compressor = Compressor::new(outer, compression).map_err(|e| Error::io("compressor", e))?;
+    let compressor = Compressor::new(outer, compression)?;
     let mut tar = HashWriter::new(compressor);
+    drain_into(&mut input, &mut tar)?;
+    let (diff_id, _, compressor) = tar.finish();
+    let outer = compressor.finish()?;
+    let (digest, size, mut w) = outer.finish();
+    w.flush()?;
+    Ok(LayerOut {
+        diff_id,
+        digest,
+        size,
+    })
+}
+
+/// Streams the merged tree as one tar into `tar`; returns the number of names written.
+fn write_entries(
+    image: &Image,
+    tree: &Tree,
+    mut tar: PipeWriter,
+    epoch: Option<i64>,
+    spill_dir: &Path,
+    progress: &dyn Fn(u64),
+) -> Result<u64> {
     let mut contents = LayerPasses::new(image, tree, spill_dir)?;
     let mut first_name: HashMap<NodeId, Vec<u8>> = HashMap::new();
     let mut entries = 0u64;
@@ -670,18 +727,8 @@ fn write_layer<W: Write>(
     })?;
     // End of archive: two zero blocks.
     tar.write_all(&[0; 2 * BLOCK]).map_err(out_err)?;
-    let (diff_id, _, compressor) = tar.finish();
-    let outer = compressor.finish().map_err(out_err)?;
-    let (digest, size, mut w) = outer.finish();
-    w.flush().map_err(out_err)?;
-    Ok((
-        LayerOut {
-            diff_id,
-            digest,
-            size,
-        },
-        entries,
-    ))
+    tar.finish().map_err(out_err)?;
+    Ok(entries)
 }
 
 fn pad(w: &mut impl Write, size: u64) -> io::Result<()> {
@@ -824,6 +871,7 @@ struct LayerPasses<'a> {
     spill_dir: PathBuf,
     spill_len: u64,
     spilled: HashMap<NodeId, u64>,
+    windows: Windows,
 }
 
 struct Pass {
@@ -852,6 +900,7 @@ impl<'a> LayerPasses<'a> {
             spill_dir: spill_dir.to_path_buf(),
             spill_len: 0,
             spilled: HashMap::new(),
+            windows: Windows::default(),
         })
     }
 
@@ -870,14 +919,10 @@ impl<'a> LayerPasses<'a> {
         }
         if layer.compression == Compression::None {
             // Random access is free: read in place.
-            let blob = &layer.blob;
-            return copy_range(
-                |buf, pos| blob.read_at(buf, pos),
-                extent.offset,
-                extent.size,
-                w,
-            )
-            .map_err(layer_err);
+            return self
+                .windows
+                .copy(li, &layer.blob, extent.offset, extent.size, w)
+                .map_err(layer_err);
         }
         // Everything this layer delivers before our offset is wanted later: spill it.
         while let Some(&(off, size, other)) = self.wanted[li].get(self.next[li]) {
@@ -960,6 +1005,112 @@ impl Write for SpillWriter<'_> {
     }
 }
 
+/// Bytes read ahead per layer read in place. Export visits a layer's files mostly in its tar
+/// order, and most files in an image are small: one read per window instead of one per file
+/// saves a system call per file.
+const WINDOW: usize = 1 << 20;
+/// Layers with a window at once: memory stays bounded however many layers an image has.
+const MAX_WINDOWS: usize = 4;
+
+/// Read-ahead windows over in-place layers, the least recently used one recycled.
+#[derive(Default)]
+struct Windows {
+    windows: Vec<Window>,
+    clock: u64,
+}
+
+struct Window {
+    layer: usize,
+    buf: Vec<u8>,
+    /// Where `buf` starts in the layer, and how much of it is filled.
+    start: u64,
+    len: usize,
+    /// Where the last file read from this layer ended, to tell a forward walk from a jump.
+    last_end: u64,
+    used: u64,
+}
+
+impl Windows {
+    /// Copies `size` bytes at `offset` of `blob` (layer `layer`) into `w`.
+    fn copy(
+        &mut self,
+        layer: usize,
+        blob: &crate::blob::Blob,
+        offset: u64,
+        size: u64,
+        w: &mut impl Write,
+    ) -> io::Result<()> {
+        if size == 0 {
+            // Nothing to read, and no reason to move a window for it.
+            return Ok(());
+        }
+        self.clock += 1;
+        let slot = match self.windows.iter().position(|win| win.layer == layer) {
+            Some(i) => i,
+            None if self.windows.len() < MAX_WINDOWS => {
+                self.windows.push(Window {
+                    layer,
+                    buf: Vec::new(),
+                    start: 0,
+                    len: 0,
+                    last_end: 0,
+                    used: 0,
+                });
+                self.windows.len() - 1
+            }
+            None => {
+                let (i, _) = self
+                    .windows
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, win)| win.used)
+                    .expect("MAX_WINDOWS > 0");
+                self.windows[i] = Window {
+                    layer,
+                    buf: std::mem::take(&mut self.windows[i].buf),
+                    start: 0,
+                    len: 0,
+                    last_end: 0,
+                    used: 0,
+                };
+                i
+            }
+        };
+        let win = &mut self.windows[slot];
+        win.used = self.clock;
+        let end = offset + size;
+        let forward = offset >= win.last_end && offset - win.last_end < WINDOW as u64;
+        win.last_end = end;
+        let inside = offset >= win.start && end <= win.start + win.len as u64;
+        if !inside && (!forward || size > WINDOW as u64 / 2) {
+            // A jump or a big file: reading ahead would fetch bytes nobody asked for.
+            return copy_range(|buf, pos| blob.read_at(buf, pos), offset, size, w);
+        }
+        if !inside {
+            win.buf.resize(WINDOW, 0);
+            let want = (blob.len().saturating_sub(offset)).min(WINDOW as u64) as usize;
+            let mut filled = 0;
+            while filled < want {
+                check_interrupt()?;
+                match blob.read_at(&mut win.buf[filled..want], offset + filled as u64)? {
+                    0 => break,
+                    n => filled += n,
+                }
+            }
+            win.start = offset;
+            win.len = filled;
+            if (filled as u64) < size {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob ends inside a file",
+                ));
+            }
+        }
+        let at = (offset - win.start) as usize;
+        w.write_all(&win.buf[at..at + size as usize])
+    }
+}
+
 /// Copies `len` bytes read by positioned reads from `start` into `w`.
 fn copy_range(
     read_at: impl Fn(&mut [u8], u64) -> io::Result<usize>,
@@ -988,6 +1139,51 @@ fn copy_range(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn blob_of(data: &[u8]) -> crate::blob::Blob {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(data).unwrap();
+        crate::blob::Blob::new(std::sync::Arc::new(f), 0, data.len() as u64, "blob")
+    }
+
+    #[test]
+    fn windows_give_the_bytes_asked_for_in_any_order() {
+        let data: Vec<u8> = (0..3 * WINDOW as u32 + 77)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let blobs: Vec<_> = (0..MAX_WINDOWS + 2).map(|_| blob_of(&data)).collect();
+        let mut windows = Windows::default();
+        // Forward in small steps, a jump back, a big file, a zero-size one, the very end, and
+        // more layers than there are windows, interleaved.
+        let reads = [
+            (0, 10),
+            (600, 1000),
+            (5000, 0),
+            (WINDOW as u64 - 10, 100),
+            (100, 50),
+            (WINDOW as u64, WINDOW as u64 + 5),
+            (data.len() as u64 - 77, 77),
+        ];
+        for (layer, blob) in blobs.iter().enumerate() {
+            for &(off, len) in &reads {
+                let mut out = Vec::new();
+                windows.copy(layer, blob, off, len, &mut out).unwrap();
+                assert_eq!(out, data[off as usize..(off + len) as usize], "{off}+{len}");
+            }
+        }
+        assert!(windows.windows.len() <= MAX_WINDOWS);
+    }
+
+    #[test]
+    fn a_window_past_the_end_of_the_blob_is_an_error() {
+        let blob = blob_of(&[1; 1000]);
+        let mut windows = Windows::default();
+        windows.copy(0, &blob, 0, 10, &mut Vec::new()).unwrap();
+        let e = windows
+            .copy(0, &blob, 900, 200, &mut Vec::new())
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
 
     #[test]
     fn pax_record_length_counts_itself() {

@@ -20,6 +20,7 @@ pub mod fs;
 pub mod inspect;
 pub mod layer;
 pub mod mount;
+pub mod pipe;
 pub mod source;
 pub mod tree;
 pub mod zran;
@@ -256,8 +257,13 @@ fn take_read_aids(
             let checkpoints = index.checkpoints.take();
             match index.decompressed.take() {
                 Some(copy) => {
-                    layer.blob = copy;
+                    layer.blob = copy.blob;
                     layer.compression = blob::Compression::None;
+                    // The copy holds only contents: entries now point into it. (The cache, filled
+                    // before this, keeps the offsets in the layer's tar.)
+                    for (entry, offset) in index.entries.iter_mut().zip(copy.offsets) {
+                        entry.offset = offset;
+                    }
                     None
                 }
                 None => checkpoints,

@@ -1,15 +1,18 @@
 //! One pass over a (decompressed) layer tar → [`LayerIndex`]; digests are checked on the way.
 
-use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, Read};
 use std::path::Path;
 use std::sync::Arc;
 
 use super::path::{self, Class};
 use super::tar::TarReader;
-use crate::blob::{Blob, Compression, Decoder, HashReader};
+use sha2::{Digest as _, Sha256};
+
+use crate::blob::{Blob, Compression, Decoder, HashReader, digest_string};
 use crate::error::{Error, Result};
+use crate::pipe::{CHUNK, DEPTH, PipeReader, PipeWriter, drain_into, is_hangup, joined, pipe};
 use crate::source::Layer;
+use crate::zran::Checkpoint;
 
 /// Ownership, permissions and times of an entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -62,6 +65,17 @@ pub struct Entry {
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// The file contents of a compressed layer, decompressed once by the indexing pass for export.
+/// Only contents are kept, back to back in tar order: tar headers and padding would be more
+/// than half the copy in a layer of small files, and export never reads them.
+#[derive(Debug, Clone)]
+pub struct Spooled {
+    /// The contents.
+    pub blob: Blob,
+    /// Per entry of [`LayerIndex::entries`] (same order), where its content starts in `blob`.
+    pub offsets: Vec<u64>,
+}
+
 /// Everything the merge needs to know about one layer.
 #[derive(Debug, Clone, Default)]
 pub struct LayerIndex {
@@ -77,8 +91,9 @@ pub struct LayerIndex {
     pub diff_id: String,
     /// Length of the uncompressed tar.
     pub tar_size: u64,
-    /// A decompressed copy of a compressed layer, when indexing was asked to keep one.
-    pub decompressed: Option<Blob>,
+    /// A decompressed copy of a compressed layer's file contents, when indexing was asked to
+    /// keep one.
+    pub decompressed: Option<Spooled>,
     /// Where decompression can start inside a gzip layer, or at which frame starts inside a zstd
     /// layer, for random access (`None` for uncompressed layers, read in place).
     pub checkpoints: Option<Arc<crate::zran::Checkpoints>>,
@@ -87,9 +102,9 @@ pub struct LayerIndex {
 /// Reads a layer blob once: decompresses, indexes the tar, and checks blob digest and diff_id.
 /// `progress` is told how many blob bytes have been read, as they are.
 ///
-/// With `spool_dir`, a compressed layer's tar is also written, as it is decompressed, to an
-/// anonymous temp file there ([`LayerIndex::decompressed`]), so that export can read file
-/// contents in place instead of decompressing the layer a second time.
+/// With `spool_dir`, a compressed layer's file contents are also written, as they are
+/// decompressed, to an anonymous temp file there ([`LayerIndex::decompressed`]), so that export
+/// can read them in place instead of decompressing the layer a second time.
 pub fn index_layer(
     layer: &Layer,
     progress: &(dyn Fn(u64) + Sync),
@@ -100,71 +115,88 @@ pub fn index_layer(
         layer: label.clone(),
         source,
     };
-    let blob = ProgressReader {
-        inner: layer.blob.reader(),
-        progress,
-    };
-    let compressed = HashReader::new(BufReader::with_capacity(256 * 1024, blob));
-    let decoder = match layer.compression {
-        // Export reads from the spooled copy: checkpoints would only cost memory.
-        Compression::Gzip if spool_dir.is_some() => {
-            crate::zran::GzipReader::new(compressed).map(Decoder::GzipIndexed)
+    let spool_file = match spool_dir {
+        Some(dir) if layer.compression != Compression::None => {
+            Some(tempfile::tempfile_in(dir).map_err(|e| Error::io(dir.display(), e))?)
         }
-        // This pass decompresses the whole layer anyway: note where later reads can start.
-        Compression::Gzip => {
-            use crate::zran::{GzipReader, SPAN};
-            GzipReader::recording(compressed, SPAN).map(Decoder::GzipIndexed)
-        }
-        // Frame starts, where a zstd layer has several frames.
-        Compression::Zstd if spool_dir.is_none() => {
-            crate::zstd_frames::ZstdReader::recording(compressed, crate::zran::SPAN)
-                .map(Decoder::ZstdIndexed)
-        }
-        other => Decoder::new(compressed, other),
-    }
-    .map_err(layer_err)?;
-    let spool = match spool_dir {
-        Some(dir) if layer.compression != Compression::None => Some(BufWriter::with_capacity(
-            1 << 20,
-            tempfile::tempfile_in(dir).map_err(|e| Error::io(dir.display(), e))?,
-        )),
         _ => None,
     };
-    let tee = Tee {
-        inner: decoder,
-        copy: spool,
-    };
-    let mut reader = TarReader::new(HashReader::new(tee));
-    let mut index = index_entries(&mut reader, &label)?;
-
-    // Hash what follows the end-of-archive marker too: the diff_id covers the whole stream.
-    let mut plain = reader.into_inner();
-    io::copy(&mut plain, &mut io::sink()).map_err(layer_err)?;
-    let (diff_id, tar_size, tee) = plain.finish();
-    if let Some(copy) = tee.copy {
-        let file = copy
-            .into_inner()
-            .map_err(|e| Error::io("layer spool", e.into_error()))?;
-        index.decompressed = Some(Blob::new(
-            Arc::new(file),
-            0,
-            tar_size,
-            &format!("{} (decompressed)", layer.blob.name()),
-        ));
-    }
-    let mut decoder = tee.inner;
-    let checkpoints = decoder.take_checkpoints();
-    let mut compressed = decoder.into_inner();
-    io::copy(&mut compressed, &mut io::sink()).map_err(layer_err)?;
-    let (digest, _, _) = compressed.finish();
-
+    // Up to four threads, so that on a big layer reading and hashing the blob, inflating,
+    // hashing and parsing the tar, and writing the spool overlap instead of taking turns.
+    let (blob_digest, checkpoints, mut index, diff_id, tar_size) =
+        std::thread::scope(|s| -> Result<_> {
+            let (raw_tx, raw_rx) = pipe(DEPTH, CHUNK);
+            let reading = s.spawn(move || {
+                let mut blob = ProgressReader {
+                    inner: layer.blob.reader(),
+                    progress,
+                };
+                let mut hasher = Sha256::new();
+                raw_tx.pump(&mut blob, |b| hasher.update(b))?;
+                Ok(digest_string(hasher))
+            });
+            let (tar_tx, tar_rx) = pipe(DEPTH, CHUNK);
+            let inflating = s.spawn(move || inflate_stage(raw_rx, tar_tx, layer, spool_dir));
+            let (mut spool, spooling) = match spool_file {
+                Some(mut file) => {
+                    let (tx, mut rx) = pipe(DEPTH, CHUNK);
+                    let spooling = s.spawn(move || {
+                        drain_into(&mut rx, &mut file)?;
+                        Ok(file)
+                    });
+                    let spool = ContentSpool {
+                        out: tx,
+                        len: 0,
+                        offsets: Vec::new(),
+                    };
+                    (Some(spool), Some(spooling))
+                }
+                None => (None, None),
+            };
+            let mut reader = TarReader::new(HashReader::new(tar_rx));
+            let indexed = index_entries(&mut reader, &label, spool.as_mut());
+            let index = match (spool, spooling) {
+                (Some(spool), Some(spooling)) => {
+                    let len = spool.len;
+                    // A failed finish means the writer is gone: its join says why.
+                    let _ = spool.out.finish();
+                    match (indexed, joined(spooling.join())) {
+                        // The spool writer failed first (a full disk, say); the parser then
+                        // found its pipe closed.
+                        (Err(_), Err(e)) if !is_hangup(&e) => {
+                            return Err(Error::io("layer spool", e));
+                        }
+                        (Err(e), _) => return Err(e),
+                        (Ok(_), Err(e)) => return Err(Error::io("layer spool", e)),
+                        (Ok(mut index), Ok(file)) => {
+                            let name = format!("{} (decompressed)", layer.blob.name());
+                            index.decompressed = Some(Spooled {
+                                blob: Blob::new(Arc::new(file), 0, len, &name),
+                                offsets: spool.offsets,
+                            });
+                            index
+                        }
+                    }
+                }
+                _ => indexed?,
+            };
+            // Hash what follows the end-of-archive marker too: the diff_id covers the whole
+            // stream.
+            let mut plain = reader.into_inner();
+            io::copy(&mut plain, &mut io::sink()).map_err(layer_err)?;
+            let (diff_id, tar_size, tar_rx) = plain.finish();
+            drop(tar_rx);
+            let checkpoints = joined(inflating.join()).map_err(layer_err)?;
+            let blob_digest = joined(reading.join()).map_err(layer_err)?;
+            Ok((blob_digest, checkpoints, index, diff_id, tar_size))
+        })?;
     if let Some(expected) = &layer.digest
-        && *expected != digest
+        && *expected != blob_digest
     {
         return Err(Error::DigestMismatch {
             what: format!("layer {} blob {}", layer.number, layer.blob.name()),
             expected: expected.clone(),
-            found: digest,
+            found: blob_digest,
         });
     }
     if let Some(expected) = &layer.diff_id
@@ -184,20 +216,51 @@ pub fn index_layer(
     Ok(index)
 }
 
-/// Copies everything read through it into `copy`.
-struct Tee<R> {
-    inner: R,
-    copy: Option<BufWriter<File>>,
+/// The decompressing stage: inflates everything `raw` delivers into `tar`, then reads what
+/// follows the compressed stream (the blob digest covers it too). Returns the checkpoints a
+/// gzip layer recorded. Any error also reaches the tar reader, which reports it in place.
+fn inflate_stage(
+    raw: PipeReader,
+    tar: PipeWriter,
+    layer: &Layer,
+    spool_dir: Option<&Path>,
+) -> io::Result<Option<Vec<Checkpoint>>> {
+    let decoder = match layer.compression {
+        // Export reads from the spooled copy: checkpoints would only cost memory.
+        Compression::Gzip if spool_dir.is_some() => {
+            crate::zran::GzipReader::new(raw).map(Decoder::GzipIndexed)
+        }
+        // This pass decompresses the whole layer anyway: note where later reads can start.
+        Compression::Gzip => {
+            use crate::zran::{GzipReader, SPAN};
+            GzipReader::recording(raw, SPAN).map(Decoder::GzipIndexed)
+        }
+        // Frame starts, where a zstd layer has several frames.
+        Compression::Zstd if spool_dir.is_none() => {
+            crate::zstd_frames::ZstdReader::recording(raw, crate::zran::SPAN)
+                .map(Decoder::ZstdIndexed)
+        }
+        other => Decoder::new(raw, other),
+    };
+    let mut decoder = match decoder {
+        Ok(d) => d,
+        Err(e) => {
+            let copy = io::Error::new(e.kind(), e.to_string());
+            tar.fail(e);
+            return Err(copy);
+        }
+    };
+    tar.pump(&mut decoder, |_| {})?;
+    let checkpoints = decoder.take_checkpoints();
+    io::copy(&mut decoder.into_inner(), &mut io::sink())?;
+    Ok(checkpoints)
 }
 
-impl<R: Read> Read for Tee<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if let Some(copy) = &mut self.copy {
-            copy.write_all(&buf[..n])?;
-        }
-        Ok(n)
-    }
+/// Where the indexing pass writes a compressed layer's file contents, and where each went.
+struct ContentSpool {
+    out: PipeWriter,
+    len: u64,
+    offsets: Vec<u64>,
 }
 
 struct ProgressReader<'p, R> {
@@ -215,7 +278,7 @@ impl<R: Read> Read for ProgressReader<'_, R> {
 
 /// Indexes an uncompressed layer tar from any reader (digests left empty).
 pub fn index_tar<R: Read>(reader: R, label: &str) -> Result<LayerIndex> {
-    index_entries(&mut TarReader::new(reader), label)
+    index_entries(&mut TarReader::new(io::BufReader::new(reader)), label, None)
 }
 
 /// An entry path for a message: a hostile one can be megabytes long, so keep both ends.
@@ -232,7 +295,11 @@ fn shown(path: &[u8]) -> String {
     )
 }
 
-fn index_entries<R: Read>(reader: &mut TarReader<R>, label: &str) -> Result<LayerIndex> {
+fn index_entries<R: io::BufRead>(
+    reader: &mut TarReader<R>,
+    label: &str,
+    mut spool: Option<&mut ContentSpool>,
+) -> Result<LayerIndex> {
     let mut index = LayerIndex {
         label: label.to_string(),
         ..LayerIndex::default()
@@ -307,6 +374,18 @@ fn index_entries<R: Read>(reader: &mut TarReader<R>, label: &str) -> Result<Laye
             return Err(entry_err("the image root must be a directory".into()));
         }
         let size = if kind == Kind::File { raw.size } else { 0 };
+        if let Some(spool) = spool.as_deref_mut() {
+            spool.offsets.push(spool.len);
+            if size > 0 {
+                reader
+                    .copy_data(size, &mut spool.out)
+                    .map_err(|source| Error::Layer {
+                        layer: format!("{label} (in entry {:?})", shown(&raw.path)),
+                        source,
+                    })?;
+                spool.len += size;
+            }
+        }
         index.entries.push(Entry {
             path,
             kind,
@@ -323,4 +402,159 @@ fn index_entries<R: Read>(reader: &mut TarReader<R>, label: &str) -> Result<Laye
         });
     }
     Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blob::sha256_of;
+    use std::io::{Seek, Write};
+
+    /// A tar of `files` files of 20 KiB each (several pipeline buffers in all), then `last`.
+    fn tar_of(files: usize, last: &[u8]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for i in 0..files {
+            let data: Vec<u8> = (0..20_000u32).map(|k| (k * 31 + i as u32) as u8).collect();
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, format!("d/f{i:05}"), &data[..])
+                .unwrap();
+        }
+        let mut h = tar::Header::new_ustar();
+        h.set_size(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.as_old_mut().name[..last.len()].copy_from_slice(last);
+        h.set_cksum();
+        b.append(&h, &[][..]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn layer(blob: &[u8], digest: String, diff_id: String) -> Layer {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(blob).unwrap();
+        f.rewind().unwrap();
+        let blob = Blob::new(Arc::new(f), 0, blob.len() as u64, "blob");
+        Layer {
+            number: 2,
+            compression: Compression::detect(&blob).unwrap(),
+            blob,
+            digest: Some(digest),
+            diff_id: Some(diff_id),
+        }
+    }
+
+    fn index(layer: &Layer, spool: bool) -> Result<LayerIndex> {
+        let dir = std::env::temp_dir();
+        index_layer(layer, &|_| {}, spool.then_some(dir.as_path()))
+    }
+
+    #[test]
+    fn a_gzip_layer_is_indexed_spooled_and_verified() {
+        let tar = tar_of(300, b"end");
+        let gz = gzip(&tar);
+        let l = layer(&gz, sha256_of(&gz), sha256_of(&tar));
+        let idx = index(&l, true).unwrap();
+        assert_eq!(idx.entries.len(), 301);
+        assert_eq!(idx.diff_id, sha256_of(&tar));
+        assert_eq!(idx.tar_size, tar.len() as u64);
+        let copy = idx.decompressed.unwrap();
+        let contents = copy.blob.read_all(u64::MAX).unwrap();
+        assert_eq!(copy.offsets.len(), idx.entries.len());
+        for (e, &at) in idx.entries.iter().zip(&copy.offsets) {
+            let (at, off, n) = (at as usize, e.offset as usize, e.size as usize);
+            assert_eq!(contents[at..at + n], tar[off..off + n], "{:?}", e.path);
+        }
+        let sizes: u64 = idx.entries.iter().map(|e| e.size).sum();
+        assert_eq!(contents.len() as u64, sizes, "only contents are spooled");
+        // Without a spool, the pass records checkpoints for random access instead.
+        let idx = index(&l, false).unwrap();
+        assert!(idx.decompressed.is_none());
+        assert!(!idx.checkpoints.unwrap().is_empty());
+    }
+
+    #[test]
+    fn corrupt_gzip_in_the_middle_is_an_error_naming_the_layer() {
+        let tar = tar_of(300, b"end");
+        let mut gz = gzip(&tar);
+        let mid = gz.len() / 2;
+        gz[mid..mid + 64].fill(0xff);
+        let l = layer(&gz, sha256_of(&gz), sha256_of(&tar));
+        for spool in [true, false] {
+            let e = index(&l, spool).unwrap_err();
+            assert!(
+                matches!(&e, Error::Layer { layer, .. } if layer.starts_with(&l.label())),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_truncated_zstd_layer_is_an_error_naming_the_layer() {
+        let tar = tar_of(100, b"end");
+        let zst = zstd::encode_all(&tar[..], 3).unwrap();
+        let cut = &zst[..zst.len() - 100];
+        let l = layer(cut, sha256_of(cut), sha256_of(&tar));
+        let e = index(&l, true).unwrap_err();
+        assert!(e.to_string().contains(&l.label()), "{e}");
+    }
+
+    #[test]
+    fn digest_mismatches_name_the_layer() {
+        let tar = tar_of(50, b"end");
+        let gz = gzip(&tar);
+        let l = layer(&gz, sha256_of(b"other"), sha256_of(&tar));
+        let e = index(&l, true).unwrap_err();
+        assert!(
+            matches!(&e, Error::DigestMismatch { what, found, .. }
+                if what.contains("layer 2") && *found == sha256_of(&gz)),
+            "{e}"
+        );
+        let l = layer(&gz, sha256_of(&gz), sha256_of(b"other"));
+        let e = index(&l, false).unwrap_err();
+        assert!(
+            matches!(&e, Error::DigestMismatch { what, found, .. }
+                if what.contains("diff_id") && what.contains(&l.label()) && *found == sha256_of(&tar)),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_bad_entry_early_in_a_big_layer_stops_every_stage() {
+        // The bad entry comes first, with megabytes still to inflate behind it: the reading and
+        // inflating threads must notice the parser has gone, or this test never returns.
+        let mut tar = tar_of(0, b"../escape");
+        tar.extend_from_slice(&tar_of(400, b"end"));
+        let gz = gzip(&tar);
+        let l = layer(&gz, sha256_of(&gz), sha256_of(&tar));
+        let e = index(&l, true).unwrap_err();
+        assert!(
+            matches!(&e, Error::Entry { layer, .. } if *layer == l.label()),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bytes_after_the_tar_count_and_garbage_after_the_gzip_is_an_error() {
+        let mut tar = tar_of(10, b"end");
+        tar.extend_from_slice(&[7; 5000]);
+        let mut gz = gzip(&tar);
+        let l = layer(&gz, sha256_of(&gz), sha256_of(&tar));
+        assert_eq!(index(&l, true).unwrap().tar_size, tar.len() as u64);
+        // Garbage after the last member is reported when the stream ends, after the tar did.
+        gz.extend_from_slice(&[0; 700]);
+        let l = layer(&gz, sha256_of(&gz), sha256_of(&tar));
+        let e = index(&l, true).unwrap_err();
+        assert!(
+            matches!(&e, Error::Layer { layer, .. } if *layer == l.label()),
+            "{e}"
+        );
+    }
 }

@@ -1062,6 +1062,37 @@ fn truncated_gzip_layer_on_stdout_is_still_exit_1() {
 }
 
 #[test]
+fn a_failing_output_is_reported_as_itself_not_as_a_stopped_pipeline() {
+    // The writer thread fails first (ENOSPC); the walk then finds its pipe closed. The user must
+    // see the cause, with exit 1 (a closed pipe would look like `| head` and exit 141).
+    let f = Fixture::new();
+    let mut layers = f.layers.clone();
+    // More than the pipe and the output buffer hold, so the walk is still writing when the
+    // writer fails.
+    layers.push(layer([file("big", vec![7u8; 16 << 20])]).compression(Compression::Gzip));
+    let dir = f.path("layout");
+    write_oci_layout(&layers, &default_config(&layers), &dir, Some(OCI_REF));
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let res = flatfs()
+        .args([
+            "export".as_ref(),
+            dir.as_os_str(),
+            "-o".as_ref(),
+            "-".as_ref(),
+        ])
+        .args(["--format", "rootfs", "--no-cache"])
+        .stdout(full)
+        .output()
+        .expect("run flatfs");
+    let stderr = assert_error(&res);
+    assert!(stderr.contains("No space left"), "{stderr}");
+    assert!(!stderr.contains("stage"), "{stderr}");
+}
+
+#[test]
 fn unsupported_layer_media_types_are_named_in_the_error() {
     for media_type in [
         "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
