@@ -80,9 +80,9 @@ pub fn index_layers(image: &Image, opts: &IndexOptions) -> Result<Vec<LayerIndex
             layer.label(),
             index.entries.len()
         );
-        // A gzip layer indexed for export has no checkpoints (it is read from its spooled copy);
-        // cached like that, it would leave later mounts without random access.
-        let complete = opts.spool_dir.is_none() || layer.compression != blob::Compression::Gzip;
+        // A compressed layer indexed for export has no checkpoints (it is read from its spooled
+        // copy); cached like that, it would leave later mounts without random access.
+        let complete = opts.spool_dir.is_none() || layer.compression == blob::Compression::None;
         if let Some(cache) = opts.cache.filter(|_| complete)
             && let Err(e) = cache.store(layer, &index)
         {
