@@ -327,12 +327,17 @@ mod tests {
         (content, checkpoints, file)
     }
 
-    fn read(content: &Content, plain: &[u8], offset: u64, len: usize) -> Vec<u8> {
-        let extent = Extent {
+    /// The whole of layer 0 as one file.
+    fn whole(plain: &[u8]) -> Extent {
+        Extent {
             layer: 0,
             offset: 0,
             size: plain.len() as u64,
-        };
+        }
+    }
+
+    fn read(content: &Content, plain: &[u8], offset: u64, len: usize) -> Vec<u8> {
+        let extent = whole(plain);
         let mut buf = vec![0; len];
         let n = content
             .read_at(&extent, offset, &mut buf)
@@ -419,12 +424,7 @@ mod tests {
                 expect(&plain, offset, 10)
             );
         }
-        let extent = Extent {
-            layer: 0,
-            offset: 0,
-            size: plain.len() as u64,
-        };
-        assert!(content.read_at(&extent, 10, &mut [0; 10]).is_err());
+        assert!(content.read_at(&whole(&plain), 10, &mut [0; 10]).is_err());
         assert_eq!(
             content.cached_blocks(),
             [(0, 1)],
@@ -465,13 +465,7 @@ mod tests {
             expect(&plain, block_start, 10)
         );
         // Before that checkpoint the stream is broken: an error, never wrong bytes.
-        let extent = Extent {
-            layer: 0,
-            offset: 0,
-            size: plain.len() as u64,
-        };
-        let mut buf = [0; 10];
-        assert!(content.read_at(&extent, 5, &mut buf).is_err());
+        assert!(content.read_at(&whole(&plain), 5, &mut [0; 10]).is_err());
     }
 
     #[test]

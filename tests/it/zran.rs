@@ -98,13 +98,18 @@ fn checkpoints(opened: &Opened) -> Arc<Checkpoints> {
         .expect("a gzip or multi-frame zstd layer has checkpoints")
 }
 
-/// Reads `len` bytes of the layer's tar at `offset` through the image's content reader.
-fn read_tar(content: &flatfs::content::Content, tar_len: u64, offset: u64, len: usize) -> Vec<u8> {
-    let extent = Extent {
+/// The whole of the first layer's tar, as if it were one file.
+fn whole_layer(tar_len: u64) -> Extent {
+    Extent {
         layer: 0,
         offset: 0,
         size: tar_len,
-    };
+    }
+}
+
+/// Reads `len` bytes of the layer's tar at `offset` through the image's content reader.
+fn read_tar(content: &flatfs::content::Content, tar_len: u64, offset: u64, len: usize) -> Vec<u8> {
+    let extent = whole_layer(tar_len);
     let mut buf = vec![0; len];
     let n = content
         .read_at(&extent, offset, &mut buf)
@@ -278,11 +283,7 @@ fn a_multi_frame_zstd_layer_is_read_from_its_frame_starts() {
     .expect("wreck");
     let at = tar_len - 3000;
     assert_range(&read_tar(&fresh, tar_len, at, 3000), &tar, at, 3000);
-    let extent = Extent {
-        layer: 0,
-        offset: 0,
-        size: tar_len,
-    };
+    let extent = whole_layer(tar_len);
     assert!(fresh.read_at(&extent, 10, &mut [0; 10]).is_err());
 }
 
