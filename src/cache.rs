@@ -550,6 +550,10 @@ fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
         };
         let size = d.u64()?;
         let offset = d.u64()?;
+        // A file's bytes lie inside the layer's tar: readers slice and add with these.
+        if offset.checked_add(size)? > head.tar_size {
+            return None;
+        }
         let nx = d.count(16)?;
         let xattrs = (0..nx)
             .map(|_| Some((d.bytes()?, d.bytes()?)))
@@ -678,6 +682,23 @@ mod tests {
         };
         let (index, _, _) = decode(&encode(&plain, [0; 6], "sha256:ab")).expect("decodes");
         assert_eq!(index.checkpoints, None);
+    }
+
+    #[test]
+    fn file_extents_outside_the_tar_are_rejected() {
+        // As a buggy or hostile writer would store them, checksums and all.
+        for (offset, size, ok) in [
+            (u64::MAX - 10, 20, false),
+            (4000, 97, false),
+            (4000, 96, true),
+            (4096, 0, true),
+        ] {
+            let mut index = sample();
+            index.entries[0].offset = offset;
+            index.entries[0].size = size;
+            let bytes = encode(&index, [0; 6], "sha256:ab");
+            assert_eq!(decode(&bytes).is_some(), ok, "{size} bytes at {offset}");
+        }
     }
 
     /// Recomputes both checksums of an edited file, as a buggy writer would have.

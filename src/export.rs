@@ -1078,7 +1078,9 @@ impl Windows {
         };
         let win = &mut self.windows[slot];
         win.used = self.clock;
-        let end = offset + size;
+        let end = offset.checked_add(size).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "file extent out of range")
+        })?;
         let forward = offset >= win.last_end && offset - win.last_end < WINDOW as u64;
         win.last_end = end;
         let inside = offset >= win.start && end <= win.start + win.len as u64;
@@ -1087,6 +1089,8 @@ impl Windows {
             return copy_range(|buf, pos| blob.read_at(buf, pos), offset, size, w);
         }
         if !inside {
+            // Describes nothing until the refill succeeds.
+            win.len = 0;
             win.buf.resize(WINDOW, 0);
             let want = (blob.len().saturating_sub(offset)).min(WINDOW as u64) as usize;
             let mut filled = 0;

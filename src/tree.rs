@@ -514,7 +514,9 @@ impl Tree {
                         }
                     }
                 }
-                TAG_FILE if r.layer == 0 => return false,
+                // a, b: offset and size of the bytes in the layer's tar; their sum must not
+                // wrap (readers add them).
+                TAG_FILE if r.layer == 0 || r.a.checked_add(r.b).is_none() => return false,
                 TAG_SYMLINK if !in_bytes(r.a, r.b) => return false,
                 TAG_CHAR | TAG_BLOCK if r.a > u32::MAX.into() || r.b > u32::MAX.into() => {
                     return false;

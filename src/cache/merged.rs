@@ -409,6 +409,13 @@ mod tests {
             ),
             ("wrong link count", Box::new(|t| t.nodes[0].nlink += 1)),
             ("layer out of range", Box::new(|t| t.nodes[1].layer = 3)),
+            ("file extent that wraps", {
+                Box::new(move |t| {
+                    let f = t.children[child_of(t, d, b"f")].id as usize;
+                    t.nodes[f].a = u64::MAX - 10;
+                    t.nodes[f].b = 20;
+                })
+            }),
             ("symlink target out of range", {
                 Box::new(|t| {
                     let s = t.resolve(b"s").expect("s") as usize;
