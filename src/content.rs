@@ -122,7 +122,13 @@ impl Content {
             .layers
             .get(extent.layer as usize)
             .ok_or_else(|| io::Error::other("file refers to a missing layer"))?;
-        let pos = extent.offset + offset;
+        let pos = extent
+            .offset
+            .checked_add(offset)
+            .filter(|pos| pos.checked_add(n as u64).is_some())
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "file extent out of range")
+            })?;
         if layer.compression == Compression::None {
             layer.blob.read_exact_at(buf, pos)?;
             return Ok(n);
@@ -165,9 +171,10 @@ impl Content {
             }
             blocks.loading.insert(key);
         }
+        // Whatever happens to this load, even a panic, the key is released and waiters woken.
+        let loading = Loading { cache, key };
         let result = layer.read_block(number * BLOCK);
         let mut blocks = cache.blocks.lock().unwrap_or_else(|e| e.into_inner());
-        blocks.loading.remove(&key);
         if let Ok(block) = &result {
             if blocks.cached.len() >= cache.capacity
                 && let Some(oldest) = blocks
@@ -182,9 +189,24 @@ impl Content {
             blocks.cached.insert(key, (block.clone(), now));
         }
         drop(blocks);
-        // Waiters retry: they find the block, or, after an error, try (and report) it themselves.
-        cache.loaded.notify_all();
+        drop(loading);
         result
+    }
+}
+
+/// A block being loaded; dropping it (after the load, or while unwinding) ends the load.
+struct Loading<'a> {
+    cache: &'a BlockCache,
+    key: BlockKey,
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        let mut blocks = self.cache.blocks.lock().unwrap_or_else(|e| e.into_inner());
+        blocks.loading.remove(&self.key);
+        drop(blocks);
+        // Waiters retry: they find the block, or, after an error, try (and report) it themselves.
+        self.cache.loaded.notify_all();
     }
 }
 

@@ -8,7 +8,9 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -41,8 +43,8 @@ const PREFETCH_PER_CALL: u64 = 8 << 20;
 
 /// The merged tree of one image as a read-only FUSE filesystem.
 pub struct FlatFs {
-    tree: Tree,
-    content: Content,
+    tree: Arc<Tree>,
+    content: Arc<Content>,
     /// Space the files take, in `BLOCK_SIZE` blocks, for `statfs`.
     blocks: u64,
     /// Whether the kernel takes ENOSYS from `open` / `opendir` as "no opens needed" (Linux
@@ -51,10 +53,23 @@ pub struct FlatFs {
     zero_message_opendir: bool,
     /// Where small files are pushed into the kernel's page cache, once mounted.
     notifier: Arc<OnceLock<Notifier>>,
-    /// Per directory, how many of its children have been considered for pushing.
+    /// Per directory, how many of its children have been handed to the pusher.
     prefetched: Mutex<HashMap<NodeId, usize>>,
     prefetch: bool,
+    /// The pushing thread's queue, once the session has started.
+    pushes: Option<SyncSender<Push>>,
 }
+
+/// Children `from..to` of directory `dir`, to push into the page cache.
+struct Push {
+    dir: NodeId,
+    from: usize,
+    to: usize,
+}
+
+/// Listings whose pushes may wait; beyond that they are dropped (their files are then read
+/// the usual way).
+const PUSH_QUEUE: usize = 64;
 
 /// Answer to `getxattr`/`listxattr`: the length when asked with size 0, else the bytes.
 #[derive(Debug, PartialEq, Eq)]
@@ -73,14 +88,15 @@ impl FlatFs {
             })
             .sum();
         FlatFs {
-            tree,
-            content,
+            tree: Arc::new(tree),
+            content: Arc::new(content),
             blocks,
             zero_message_open: false,
             zero_message_opendir: false,
             notifier: Arc::default(),
             prefetched: Mutex::default(),
             prefetch: true,
+            pushes: None,
         }
     }
 
@@ -96,20 +112,20 @@ impl FlatFs {
         self.notifier.clone()
     }
 
-    /// Pushes the small files among the children of `dir` that the kernel has seen listed
-    /// (those before `cookie`) into its page cache, so that reading them later — `tar`, `cp
-    /// -r`, `grep -r` read every file they list — costs no round trip. Reading a small file
-    /// otherwise costs a `READ` request and two context switches, which for 200k small files
-    /// is most of the time taken. Children are pushed once; only after the listing reply that
-    /// introduced them, since the kernel drops data for inodes it does not know yet.
+    /// Hands the small files among the children of `dir` that the kernel has seen listed
+    /// (those before `cookie`) to the pushing thread, which puts them into its page cache, so
+    /// that reading them later — `tar`, `cp -r`, `grep -r` read every file they list — costs no
+    /// round trip. Reading a small file otherwise costs a `READ` request and two context
+    /// switches, which for 200k small files is most of the time taken. Children are handed
+    /// over once, and only after the listing reply that introduced them, since the kernel
+    /// drops data for inodes it does not know yet.
     fn prefetch(&self, dir: NodeId, cookie: u64) {
-        let Some(notifier) = self.notifier.get().filter(|_| self.prefetch) else {
+        let Some(pushes) = &self.pushes else {
             return;
         };
         // Cookies 1 and 2 are the dots; child i has cookie i + 3.
         let seen = usize::try_from(cookie.saturating_sub(2)).unwrap_or(usize::MAX);
-        let children = self.tree.children(dir);
-        let seen = seen.min(children.len());
+        let seen = seen.min(self.tree.children(dir).len());
         let from = {
             let mut done = self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
             let done = done.entry(dir).or_insert(0);
@@ -118,26 +134,37 @@ impl FlatFs {
             }
             std::mem::replace(done, seen)
         };
-        let mut budget = PREFETCH_PER_CALL;
-        let mut buf = Vec::new();
-        for (_, id) in children.slice(from..seen) {
-            let NodeKind::File(extent) = self.tree.node(id).kind else {
-                continue;
-            };
-            if extent.size == 0 || extent.size > PREFETCH_FILE_MAX {
-                continue;
-            }
-            let Some(left) = budget.checked_sub(extent.size) else {
-                break;
-            };
-            budget = left;
-            buf.resize(extent.size as usize, 0);
-            // Best effort: a file that cannot be read here reports its error when read, and
-            // the kernel may have forgotten the inode again.
-            if self.content.read_at(&extent, 0, &mut buf).ok() == Some(buf.len()) {
-                let _ = notifier.store(ino_of(id), 0, &buf);
-            }
-        }
+        // Never wait: a serving thread blocked here could be the one a push waits for.
+        let _ = pushes.try_send(Push {
+            dir,
+            from,
+            to: seen,
+        });
+    }
+
+    /// Starts the thread that pushes small files into the page cache. It is a thread of its
+    /// own because a push waits for the page lock of any read of that file in flight, which
+    /// only a free serving thread can answer.
+    fn start_pushing(&mut self) -> io::Result<()> {
+        let (tx, rx) = sync_channel::<Push>(PUSH_QUEUE);
+        let (tree, content, notifier) = (
+            self.tree.clone(),
+            self.content.clone(),
+            self.notifier.clone(),
+        );
+        thread::Builder::new()
+            .name("flatfs-prefetch".into())
+            .spawn(move || {
+                let mut buf = Vec::new();
+                for push in rx {
+                    let Some(notifier) = notifier.get() else {
+                        continue;
+                    };
+                    push_small_files(&tree, &content, notifier, &push, &mut buf);
+                }
+            })?;
+        self.pushes = Some(tx);
+        Ok(())
     }
 
     fn node(&self, ino: INodeNo) -> Result<(NodeId, Node<'_>), Errno> {
@@ -372,6 +399,36 @@ impl FlatFs {
     }
 }
 
+/// Pushes the files of up to [`PREFETCH_FILE_MAX`] bytes among `push`'s children into the page
+/// cache, [`PREFETCH_PER_CALL`] bytes at most.
+fn push_small_files(
+    tree: &Tree,
+    content: &Content,
+    notifier: &Notifier,
+    push: &Push,
+    buf: &mut Vec<u8>,
+) {
+    let mut budget = PREFETCH_PER_CALL;
+    for (_, id) in tree.children(push.dir).slice(push.from..push.to) {
+        let NodeKind::File(extent) = tree.node(id).kind else {
+            continue;
+        };
+        if extent.size == 0 || extent.size > PREFETCH_FILE_MAX {
+            continue;
+        }
+        let Some(left) = budget.checked_sub(extent.size) else {
+            break;
+        };
+        budget = left;
+        buf.resize(extent.size as usize, 0);
+        // Best effort: a file that cannot be read here reports its error when read, and the
+        // kernel may have forgotten the inode again.
+        if content.read_at(&extent, 0, buf).ok() == Some(buf.len()) {
+            let _ = notifier.store(ino_of(id), 0, buf);
+        }
+    }
+}
+
 fn ino_of(id: NodeId) -> INodeNo {
     INodeNo(u64::from(id) + 1)
 }
@@ -413,6 +470,9 @@ fn xattr_reply(data: Cow<'_, [u8]>, size: u32) -> Result<XattrReply<'_>, Errno> 
 
 impl Filesystem for FlatFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if self.prefetch {
+            self.start_pushing()?;
+        }
         // readdirplus, always (not READDIRPLUS_AUTO, which falls back to plain readdir and then
         // one lookup per name), fills `ls -l`, `find` and `tar` in one round trip per listing:
         // attributes are in memory, so sending them costs next to nothing. Parallel dirops lets

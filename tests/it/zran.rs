@@ -548,10 +548,23 @@ fn listing_a_directory_pushes_its_small_files_into_the_page_cache() {
         let served = Served::start_with(&image, &mnt, &cache, options);
         let listed = fs::read_dir(mnt.join("d")).expect("list d").count();
         assert_eq!(listed, small.len() + 1);
-        for i in 0..small.len() {
-            let path = mnt.join(format!("d/s{i:03}"));
+        // The pushes run on a thread of the server's own, after the listing: give them time.
+        let paths: Vec<PathBuf> = (0..small.len())
+            .map(|i| mnt.join(format!("d/s{i:03}")))
+            .collect();
+        let start = Instant::now();
+        while prefetch
+            && !paths.iter().all(|p| resident(p))
+            && start.elapsed() < Duration::from_secs(20)
+        {
+            thread::sleep(Duration::from_millis(20));
+        }
+        if !prefetch {
+            thread::sleep(Duration::from_millis(300));
+        }
+        for path in &paths {
             assert_eq!(
-                resident(&path),
+                resident(path),
                 prefetch,
                 "{} (prefetch {prefetch})",
                 path.display()
