@@ -31,22 +31,6 @@ const PATIENCE: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------------------
 // Harness
 
-/// True if FUSE tests can run; otherwise says why (a failure under `FLATFS_REQUIRE_FUSE=1`).
-fn fuse_available(test: &str) -> bool {
-    if Path::new("/dev/fuse").exists() {
-        return true;
-    }
-    let msg = format!(
-        "{test}: SKIPPED: /dev/fuse is missing (load the fuse module; a container needs \
-         --device /dev/fuse)"
-    );
-    if std::env::var("FLATFS_REQUIRE_FUSE").as_deref() == Ok("1") {
-        panic!("{msg}, and FLATFS_REQUIRE_FUSE=1 says FUSE tests must run");
-    }
-    eprintln!("{msg}");
-    false
-}
-
 macro_rules! require_fuse {
     ($name:expr) => {
         if !fuse_available($name) {

@@ -359,20 +359,6 @@ fn a_corrupt_or_stale_cache_file_is_rebuilt_with_the_same_checkpoints() {
 // ---------------------------------------------------------------------------------------
 // Through a real mount
 
-/// True if FUSE tests can run; otherwise says why (a failure under `FLATFS_REQUIRE_FUSE=1`).
-fn fuse_available(test: &str) -> bool {
-    if Path::new("/dev/fuse").exists() {
-        return true;
-    }
-    let msg = format!("{test}: SKIPPED: /dev/fuse is missing");
-    assert!(
-        std::env::var("FLATFS_REQUIRE_FUSE").as_deref() != Ok("1"),
-        "{msg}, and FLATFS_REQUIRE_FUSE=1 says FUSE tests must run"
-    );
-    eprintln!("{msg}");
-    false
-}
-
 /// A foreground `flatfs mount -f`, unmounted and stopped on drop whatever the test did.
 struct Served {
     mnt: PathBuf,
