@@ -72,6 +72,10 @@ enum Command {
         /// Platform to pick from a multi-platform image [default: this host's].
         #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
         platform: Option<Platform>,
+        /// Keep the bottom N layers as they are (same blobs and digests) and squash only the
+        /// layers above them into one [default: 0, squash everything].
+        #[arg(long, value_name = "N")]
+        keep: Option<usize>,
     },
     /// Mount the merged image as a read-only FUSE filesystem.
     ///
@@ -253,6 +257,7 @@ pub fn run(cli: Cli) -> Result<()> {
             compression,
             tag,
             platform,
+            keep,
         } => {
             export::catch_interrupts();
             let opts = export::Options {
@@ -279,6 +284,17 @@ pub fn run(cli: Cli) -> Result<()> {
                     _ => PathBuf::from("."),
                 },
             };
+            if let Some(keep) = keep.filter(|&k| k > 0) {
+                return export_keeping(
+                    &ui,
+                    &image,
+                    platform.as_ref(),
+                    keep,
+                    &spool_dir,
+                    &output,
+                    &opts,
+                );
+            }
             let Opened {
                 image: img, tree, ..
             } = ui.open(&image, platform.as_ref(), None, Some(&spool_dir))?;
@@ -526,6 +542,46 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// `export --keep N`: the bottom N layers as they are, the rest squashed into one layer.
+fn export_keeping(
+    ui: &Ui,
+    image: &str,
+    platform: Option<&Platform>,
+    keep: usize,
+    spool_dir: &Path,
+    output: &str,
+    opts: &export::Options,
+) -> Result<()> {
+    let img = source::open(image, platform)?;
+    let (opened, base) = crate::open_keeping(img, keep, |img| {
+        ui.index_with(img, None, Some(spool_dir), keep)
+    })?;
+    let (img, tree) = (opened.image, opened.tree);
+    let started = Instant::now();
+    let keep = export::Keep {
+        layers: keep,
+        base: &base,
+    };
+    let report = export::export_keeping(&img, &tree, keep, output, opts, &|_| {})
+        .with_context(|| format!("exporting {image} to {output}"))?;
+    log::info!("exported in {:.2?}", started.elapsed());
+    if !ui.quiet {
+        let stats = report.squash.unwrap_or_default();
+        eprintln!(
+            "flatfs: kept {} layers, squashed {} into one ({} changed, {} names, {} whiteouts, {} opaque) in {} ({})",
+            keep.layers,
+            img.layers.len() - keep.layers,
+            stats.changed,
+            stats.names,
+            stats.whiteouts,
+            stats.opaques,
+            if output == "-" { "stdout" } else { output },
+            report.manifest_digest.as_deref().unwrap_or(&report.diff_id)
+        );
+    }
+    Ok(())
+}
+
 /// How many layer indexes and merged trees.
 fn count_kinds(entries: &[cache::CacheEntry]) -> (usize, usize) {
     let indexes = entries
@@ -565,6 +621,17 @@ impl Ui {
         layers: Option<usize>,
         spool_dir: Option<&Path>,
     ) -> Result<Vec<LayerIndex>> {
+        self.index_with(img, layers, spool_dir, 0)
+    }
+
+    /// [`Ui::index`], leaving the first `unspooled` layers without a spooled copy.
+    fn index_with(
+        &self,
+        img: &Image,
+        layers: Option<usize>,
+        spool_dir: Option<&Path>,
+        unspooled: usize,
+    ) -> Result<Vec<LayerIndex>> {
         let limit = layers.unwrap_or(img.layers.len()).min(img.layers.len());
         let total = img.layers[..limit].iter().map(|l| l.blob.len()).sum();
         let bar = self.bar(total, "indexing");
@@ -581,6 +648,7 @@ impl Ui {
                 spool_dir,
                 cache: self.cache.as_ref(),
                 progress: Some(&progress),
+                unspooled,
             },
         )?;
         if let Some(b) = bar {
@@ -608,6 +676,7 @@ impl Ui {
             spool_dir,
             cache: self.cache.as_ref(),
             progress: None,
+            unspooled: 0,
         };
         crate::open_tree(img, &opts, |img| self.index(img, layers, spool_dir))
     }

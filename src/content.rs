@@ -333,6 +333,7 @@ mod tests {
             compression,
             digest: None,
             diff_id: None,
+            descriptor: None,
         };
         (layer, copy)
     }

@@ -1,12 +1,12 @@
 //! Consumers that explain an image without mounting it: `inspect` (config, per-layer numbers,
 //! the waste flattening removes), `diff` (what a layer range changed), `ls` and `cat`.
 
-use std::collections::HashMap;
 use std::io::Write;
 
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::changes::{Event, Status};
 use crate::content::Content;
 use crate::error::{Error, Result};
 use crate::layer::{Kind, LayerIndex};
@@ -424,61 +424,29 @@ pub struct Change {
     pub size: u64,
 }
 
-/// What a node looks like for comparison: type, data identity, metadata.
-fn fingerprint(tree: &Tree, id: NodeId) -> String {
-    let n = tree.node(id);
-    let kind = match &n.kind {
-        NodeKind::Dir(_) => "d".to_string(),
-        NodeKind::File(e) => format!("f{}:{}:{}", e.layer, e.offset, e.size),
-        NodeKind::Symlink(t) => format!("l{t:?}"),
-        NodeKind::Char(a, b) => format!("c{a},{b}"),
-        NodeKind::Block(a, b) => format!("b{a},{b}"),
-        NodeKind::Fifo => "p".into(),
-    };
-    format!("{kind} {:?} {:?}", n.meta, n.xattrs)
-}
-
-fn paths(tree: &Tree) -> Result<Vec<(Vec<u8>, NodeId)>> {
-    let mut v = Vec::with_capacity(tree.len());
-    tree.walk(|p, id, _| {
-        if !p.is_empty() {
-            v.push((p.to_vec(), id));
-        }
+/// Changes from tree `a` to tree `b` (see [`crate::changes::compare`]), sorted by path; every
+/// deleted name is listed, also those under a deleted directory.
+pub fn diff(a: &Tree, b: &Tree) -> Result<Vec<Change>> {
+    let mut out = Vec::new();
+    crate::changes::compare(a, b, |e| {
+        let (op, path, size) = match *e {
+            Event::Name { path: [], .. } => return Ok(()),
+            Event::Name {
+                path, id, status, ..
+            } => match status {
+                Status::Same => return Ok(()),
+                Status::Added => ('+', path, b.node(id).size()),
+                Status::Modified => ('~', path, b.node(id).size()),
+            },
+            Event::Removed { path, id, .. } => ('-', path, a.node(id).size()),
+        };
+        out.push(Change {
+            op,
+            path: String::from_utf8_lossy(path).into_owned(),
+            size,
+        });
         Ok(())
     })?;
-    Ok(v)
-}
-
-/// Changes from tree `a` to tree `b`, in `b`'s walk order with deletions where they were.
-pub fn diff(a: &Tree, b: &Tree) -> Result<Vec<Change>> {
-    let pa = paths(a)?;
-    let pb = paths(b)?;
-    let index_a: HashMap<&[u8], NodeId> = pa.iter().map(|(p, id)| (p.as_slice(), *id)).collect();
-    let index_b: HashMap<&[u8], NodeId> = pb.iter().map(|(p, id)| (p.as_slice(), *id)).collect();
-    let mut out = Vec::new();
-    for (p, id) in &pb {
-        let change = match index_a.get(p.as_slice()) {
-            None => Some('+'),
-            Some(old) if fingerprint(a, *old) != fingerprint(b, *id) => Some('~'),
-            Some(_) => None,
-        };
-        if let Some(op) = change {
-            out.push(Change {
-                op,
-                path: String::from_utf8_lossy(p).into_owned(),
-                size: b.node(*id).size(),
-            });
-        }
-    }
-    for (p, id) in &pa {
-        if !index_b.contains_key(p.as_slice()) {
-            out.push(Change {
-                op: '-',
-                path: String::from_utf8_lossy(p).into_owned(),
-                size: a.node(*id).size(),
-            });
-        }
-    }
     out.sort_by(|x, y| x.path.cmp(&y.path));
     Ok(out)
 }

@@ -448,6 +448,7 @@ mod tests {
             blob,
             digest: Some(digest),
             diff_id: Some(diff_id),
+            descriptor: None,
         }
     }
 

@@ -38,6 +38,9 @@ pub struct Layer {
     pub digest: Option<String>,
     /// The config's diff_id for the uncompressed tar, checked while reading.
     pub diff_id: Option<String>,
+    /// The manifest's descriptor of the blob as JSON (OCI sources; docker archives have none):
+    /// `export --keep` writes it back unchanged, annotations and all.
+    pub descriptor: Option<serde_json::Value>,
 }
 
 impl Layer {
@@ -398,6 +401,7 @@ fn make_layer(
         compression,
         digest,
         diff_id,
+        descriptor: None,
     })
 }
 
