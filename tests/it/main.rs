@@ -10,5 +10,6 @@ mod merge;
 mod mount;
 mod oracle;
 mod props;
+mod squash;
 mod util;
 mod zran;
