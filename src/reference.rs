@@ -167,14 +167,14 @@ impl Reference {
     /// Parses a name an image is to be given, `NAME[:TAG]` (`--tag`): a reference without a
     /// digest, tagged `latest` when untagged.
     pub fn parse_tag_arg(s: &str) -> Result<Self, ReferenceError> {
-        let r: Self = s.parse()?;
-        if r.digest.is_some() {
+        // Said before any complaint about the digest itself: it has no place here at all.
+        if s.contains('@') {
             return Err(ReferenceError {
                 input: s.to_string(),
                 reason: Reason::DigestNotAllowed,
             });
         }
-        Ok(r.with_default_tag())
+        Ok(s.parse::<Self>()?.with_default_tag())
     }
 
     fn with_suffix(&self, mut s: String) -> String {
@@ -536,6 +536,8 @@ mod tests {
             "me/app:v2"
         );
         let err = Reference::parse_tag_arg(&format!("app@sha256:{HEX}")).unwrap_err();
+        assert_eq!(err.reason, Reason::DigestNotAllowed);
+        let err = Reference::parse_tag_arg("app@sha256:abc").unwrap_err();
         assert_eq!(err.reason, Reason::DigestNotAllowed);
         assert_eq!(
             Reference::parse_tag_arg("app:").unwrap_err().reason,

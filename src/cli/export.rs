@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use super::ui::Ui;
 use crate::Opened;
 use crate::export::{self, Format, OutCompression};
+use crate::reference::Reference;
 use crate::source::Platform;
 
 /// Write the merged image as a single-layer image (or a plain rootfs tar).
@@ -32,9 +33,10 @@ pub struct ExportArgs {
     /// Layer compression [default: gzip; none for docker-archive and rootfs].
     #[arg(long, value_enum)]
     compression: Option<CompressionArg>,
-    /// NAME:TAG of the output image [default: the input's tag].
-    #[arg(long, value_name = "NAME:TAG")]
-    tag: Option<String>,
+    /// Name of the output image, e.g. `app:1.0` or `registry.example.com:5000/team/app`
+    /// (`:latest` if no tag) [default: the input's name].
+    #[arg(long, value_name = "NAME[:TAG]", value_parser = parse_tag)]
+    tag: Option<Reference>,
     /// Platform to pick from a multi-platform image [default: this host's].
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     platform: Option<Platform>,
@@ -78,7 +80,7 @@ pub fn run(args: ExportArgs, ui: &Ui) -> Result<()> {
             CompressionArg::Zstd => OutCompression::Zstd,
             CompressionArg::None => OutCompression::None,
         }),
-        tag,
+        tag: tag.map(|t| t.to_string()),
         source_date_epoch: source_date_epoch()?,
     };
     // Compressed layers are kept decompressed beside the output while indexing, so
@@ -115,6 +117,12 @@ pub fn run(args: ExportArgs, ui: &Ui) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--tag`, checked by the reference grammar while the command line is parsed: a bad name is
+/// a usage error before any work is done.
+fn parse_tag(s: &str) -> Result<Reference, String> {
+    Reference::parse_tag_arg(s).map_err(|e| e.reason.to_string())
 }
 
 /// `SOURCE_DATE_EPOCH`, if set: the timestamp a reproducible build asks for.

@@ -1,7 +1,7 @@
 //! Command line, shared by every command: quietness, the cache, the progress bar, logging, and
 //! opening and indexing an image with them.
 
-use std::io::{self, IsTerminal};
+use std::io::{self, IsTerminal, Write};
 use std::path::Path;
 use std::time::Instant;
 
@@ -103,8 +103,22 @@ pub fn init_logging(verbose: u8) {
         _ => "debug",
     };
     let env = env_logger::Env::default().default_filter_or(default);
+    let mut builder = env_logger::Builder::from_env(env);
+    builder.format_timestamp(None);
+    if verbose == 0 && std::env::var_os("RUST_LOG").is_none() {
+        // Only warnings reach a user who asked for no log: say them like the errors are said.
+        builder.format(|out, record| {
+            writeln!(
+                out,
+                "flatfs: {}: {}",
+                match record.level() {
+                    log::Level::Warn => "warning".to_string(),
+                    l => l.as_str().to_lowercase(),
+                },
+                record.args()
+            )
+        });
+    }
     // Logging is best effort: a second init (tests) is not an error worth reporting.
-    let _ = env_logger::Builder::from_env(env)
-        .format_timestamp(None)
-        .try_init();
+    let _ = builder.try_init();
 }

@@ -8,6 +8,7 @@ mod harness;
 mod hostile;
 mod merge;
 mod mount;
+mod names;
 mod oracle;
 mod props;
 mod util;
