@@ -150,7 +150,13 @@ fn pick_manifest(
         let index: ImageIndex = parse(&bytes, &what)?;
         match pick_manifest(store, image, index.manifests().clone(), platform, depth + 1) {
             Ok(d) => return Ok(d),
-            Err(Error::NoPlatform { .. }) => continue,
+            // On offer are the nested index's platforms, not its descriptor's "unspecified".
+            Err(Error::NoPlatform { available, .. }) => {
+                seen.pop();
+                if available != "none" {
+                    seen.extend(available.split(", ").map(str::to_string));
+                }
+            }
             Err(e) => return Err(e),
         }
     }

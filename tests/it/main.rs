@@ -3,6 +3,7 @@
 
 mod browse;
 mod cache;
+mod cli;
 mod export;
 mod harness;
 mod hostile;
