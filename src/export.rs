@@ -16,6 +16,7 @@ use crate::compress::ParallelGzip;
 use crate::error::{Error, Result};
 use crate::layer::Meta;
 use crate::pipe::{CHUNK, DEPTH, PipeReader, PipeWriter, drain_into, is_hangup, joined, pipe};
+use crate::reference::Reference;
 use crate::source::{Family, Image};
 use crate::squash::Plan;
 use crate::tree::{Extent, NodeId, NodeKind, Tree, Xattrs};
@@ -138,18 +139,19 @@ pub fn export_with_progress(
     export_image(image, tree, None, out, opts, progress)
 }
 
-/// What `export --keep N` keeps: the first `layers` layers, whose merged tree is `base`.
+/// What `export --keep N` keeps: the first `layers` layers, and the plan of the layer that
+/// replaces the rest ([`Plan::new`] of those layers' merged tree and the full one).
 #[derive(Clone, Copy)]
 pub struct Keep<'a> {
     /// How many layers, from the bottom, are kept as they are.
     pub layers: usize,
-    /// The merged tree of those layers (the same layer indexes as `tree`'s bottom ones).
-    pub base: &'a Tree,
+    /// What the new layer holds.
+    pub plan: &'a Plan,
 }
 
 /// Writes `image` with its first `keep.layers` layers as they are (same blobs, descriptors
-/// and diff_ids) and the rest replaced by one layer: the change from `keep.base` to `tree`
-/// (see src/squash.rs). `keep.layers == 0` is [`export_with_progress`].
+/// and diff_ids) and the rest replaced by one layer, as `keep.plan` says (see
+/// src/squash.rs). `keep.layers == 0` is [`export_with_progress`].
 pub fn export_keeping(
     image: &Image,
     tree: &Tree,
@@ -221,7 +223,7 @@ fn export_image(
             "a rootfs tar has no layers to keep (use --format oci, oci-archive or docker-archive)",
         ));
     }
-    let plan = keep.map(|k| Plan::new(k.base, tree)).transpose()?;
+    let plan = keep.map(|k| k.plan);
     let kept = match keep {
         Some(k) => crate::squash::kept_layers(image, k.layers)?,
         None => Vec::new(),
@@ -261,7 +263,7 @@ fn export_image(
         opts.source_date_epoch,
         &out_dir,
         progress,
-        plan.as_ref(),
+        plan,
     )?;
     spool.rewind().map_err(|e| Error::io("layer spool", e))?;
 
@@ -295,13 +297,14 @@ fn export_image(
         source: e,
     })?;
     let manifest_digest = sha256_of(&manifest_bytes);
-    let tag = opts.tag.clone().or_else(|| image.tags.first().cloned());
+    let tag = output_name(opts.tag.as_deref(), &image.tags)?;
 
     let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
     let mut files: Vec<(String, Member)> = Vec::new();
     match format {
         Format::DockerArchive => {
-            let tags: Vec<String> = tag.iter().map(|t| docker_tag(t)).collect();
+            // RepoTags in the short form, as `docker save` writes them.
+            let tags: Vec<String> = tag.iter().map(Reference::familiar).collect();
             let layer_names: Vec<String> = kept
                 .iter()
                 .map(|k| &k.digest)
@@ -331,14 +334,14 @@ fn export_image(
         }
         Format::OciArchive | Format::Oci => {
             let mut annotations = serde_json::Map::new();
-            let full = tag.as_deref().map(docker_tag);
-            let reference = full
-                .as_deref()
-                .and_then(|t| t.rsplit_once(':').map(|(_, r)| r.to_string()))
-                .unwrap_or_else(|| "latest".to_string());
+            let reference = tag
+                .as_ref()
+                .and_then(Reference::tag)
+                .unwrap_or(crate::reference::DEFAULT_TAG);
             annotations.insert("org.opencontainers.image.ref.name".into(), json!(reference));
-            if let Some(full) = full {
-                annotations.insert("io.containerd.image.name".into(), json!(full));
+            // The full form, as containerd writes it (`docker.io/library/app:latest`).
+            if let Some(full) = &tag {
+                annotations.insert("io.containerd.image.name".into(), json!(full.to_string()));
             }
             let index = json!({
                 "schemaVersion": 2,
@@ -406,14 +409,27 @@ fn to_json(v: &Value) -> Result<Vec<u8>> {
     })
 }
 
-/// `NAME` becomes `NAME:latest`, as docker does for an untagged name.
-fn docker_tag(t: &str) -> String {
-    let last = t.rsplit('/').next().unwrap_or(t);
-    if last.contains(':') || t.contains('@') {
-        t.to_string()
-    } else {
-        format!("{t}:latest")
+/// The output's name: `--tag` (refused if invalid), else the input's first valid tag; an
+/// untagged name gets `latest`, as `docker tag` gives it.
+fn output_name(tag: Option<&str>, input_tags: &[String]) -> Result<Option<Reference>> {
+    if let Some(t) = tag {
+        return Reference::parse_tag_arg(t)
+            .map(Some)
+            .map_err(|e| Error::invalid("--tag", e));
     }
+    let found = input_tags
+        .iter()
+        .find_map(|t| Reference::parse_tag_arg(t).ok());
+    if found.is_none() && !input_tags.is_empty() {
+        log::warn!(
+            "the output has no name: the input's {} not a valid image name (give one with --tag)",
+            match input_tags {
+                [one] => format!("tag {one:?} is"),
+                many => format!("tags {many:?} are"),
+            }
+        );
+    }
+    Ok(found)
 }
 
 fn parent_dir(path: &Path) -> PathBuf {

@@ -22,6 +22,7 @@ pub mod inspect;
 pub mod layer;
 pub mod mount;
 pub mod pipe;
+pub mod reference;
 pub mod source;
 pub mod squash;
 pub mod tree;

@@ -150,7 +150,13 @@ fn pick_manifest(
         let index: ImageIndex = parse(&bytes, &what)?;
         match pick_manifest(store, image, index.manifests().clone(), platform, depth + 1) {
             Ok(d) => return Ok(d),
-            Err(Error::NoPlatform { .. }) => continue,
+            // On offer are the nested index's platforms, not its descriptor's "unspecified".
+            Err(Error::NoPlatform { available, .. }) => {
+                seen.pop();
+                if available != "none" {
+                    seen.extend(available.split(", ").map(str::to_string));
+                }
+            }
             Err(e) => return Err(e),
         }
     }
@@ -214,11 +220,15 @@ pub(super) fn open(
             ));
         }
     }
+    // `DIR:REF` names the layout DIR: the image's name comes from DIR, not from `DIR:REF`.
+    let path = reference
+        .and_then(|r| name.strip_suffix(r)?.strip_suffix(':'))
+        .unwrap_or(name);
     let tags = top
         .iter()
         .find_map(|d| {
             annotation(d, CONTAINERD_NAME)
-                .or_else(|| annotation(d, REF_NAME).map(|r| full_name(name, &r)))
+                .or_else(|| annotation(d, REF_NAME).and_then(|r| full_name(path, &r)))
         })
         .into_iter()
         .collect();
@@ -282,20 +292,32 @@ pub(super) fn open(
 }
 
 /// A ref name like `latest` becomes `<image file stem>:latest`; a full name stays as it is.
-fn full_name(image: &str, reference: &str) -> String {
-    if reference.contains(':') || reference.contains('/') {
-        return reference.to_string();
+/// `None`, with a warning, when that is no valid image name (`My Image.oci.tar`).
+fn full_name(image: &str, reference: &str) -> Option<String> {
+    let name = if reference.contains(':') || reference.contains('/') {
+        reference.to_string()
+    } else {
+        let base = std::path::Path::new(image.trim_end_matches('/'))
+            .file_name()
+            .and_then(|s| s.to_str())
+            .unwrap_or("image");
+        let stem = base
+            .split('.')
+            .next()
+            .filter(|s| !s.is_empty())
+            .unwrap_or("image");
+        format!("{}:{reference}", stem.to_ascii_lowercase())
+    };
+    match name.parse::<crate::reference::Reference>() {
+        Ok(_) => Some(name),
+        Err(e) => {
+            log::warn!(
+                "{image}: not named after its file: {name:?} is no valid image name ({})",
+                e.reason
+            );
+            None
+        }
     }
-    let base = std::path::Path::new(image.trim_end_matches('/'))
-        .file_name()
-        .and_then(|s| s.to_str())
-        .unwrap_or("image");
-    let stem = base
-        .split('.')
-        .next()
-        .filter(|s| !s.is_empty())
-        .unwrap_or("image");
-    format!("{}:{reference}", stem.to_ascii_lowercase())
 }
 
 /// Accepts the tar layer types of OCI and Docker; refuses the rest by name.

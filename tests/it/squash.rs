@@ -118,9 +118,9 @@ fn annotated_layout(layers: &[Layer], dir: &Path) -> Vec<Value> {
 }
 
 /// An image as written: manifest layer descriptors, the blobs they name, the config.
-struct Image {
+pub(crate) struct Image {
     descriptors: Vec<Value>,
-    blobs: Vec<Vec<u8>>,
+    pub(crate) blobs: Vec<Vec<u8>>,
     config: Value,
 }
 
@@ -129,7 +129,7 @@ fn read_json(bytes: &[u8]) -> Value {
 }
 
 /// Reads an OCI layout directory's only image.
-fn read_oci(dir: &Path) -> Image {
+pub(crate) fn read_oci(dir: &Path) -> Image {
     let blob = |digest: &str| {
         std::fs::read(
             dir.join("blobs/sha256")
@@ -171,7 +171,7 @@ fn read_docker(path: &Path) -> Image {
     }
 }
 
-fn export(image: &Path, out: &Path, keep: usize, extra: &[&str]) -> String {
+pub(crate) fn export(image: &Path, out: &Path, keep: usize, extra: &[&str]) -> String {
     let keep = keep.to_string();
     let mut args: Vec<&OsStr> = vec![
         "export".as_ref(),
