@@ -561,3 +561,152 @@ fn bad_keep_values_fail_cleanly() {
         assert_empty_dir(&out_dir);
     }
 }
+
+/// The tools dir and a podman configuration (make-images.sh's settings: runc, cgroupfs, no
+/// network, explicit rlimits, storage in `dir`), or `None` after saying why not.
+fn podman_setup(dir: &Path) -> Option<(PathBuf, Vec<(String, PathBuf)>)> {
+    let tools = std::env::var_os("FLATFS_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
+        .join("tools");
+    let have = |c: &str| Command::new(c).arg("--version").output().is_ok();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let missing: Vec<&str> = ["podman", "skopeo", "umoci", "runc", "python3"]
+        .into_iter()
+        .filter(|c| !have(c))
+        .chain((!root).then_some("root"))
+        .chain((!tools.join("make-images.sh").exists()).then_some("../shared/tools"))
+        .collect();
+    if !missing.is_empty() {
+        let msg = format!("squash podman test needs: {}", missing.join(", "));
+        if std::env::var("FLATFS_REQUIRE_TOOLS").as_deref() == Ok("1") {
+            panic!("{msg} (FLATFS_REQUIRE_TOOLS=1)");
+        }
+        eprintln!("SKIPPED: {msg}");
+        return None;
+    }
+    let driver = if std::fs::read_to_string("/proc/filesystems")
+        .is_ok_and(|f| f.split_whitespace().any(|w| w == "overlay"))
+    {
+        "overlay"
+    } else {
+        "vfs"
+    };
+    let containers = dir.join("containers.conf");
+    let storage = dir.join("storage.conf");
+    std::fs::write(
+        &containers,
+        "[containers]\nnetns = \"none\"\ndefault_ulimits = [\"nofile=4096:4096\", \"nproc=4096:4096\"]\n\
+         [engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nruntime = \"runc\"\n",
+    )
+    .expect("containers.conf");
+    std::fs::write(
+        &storage,
+        format!(
+            "[storage]\ndriver = \"{driver}\"\nrunroot = \"{}\"\ngraphroot = \"{}\"\n",
+            dir.join("run").display(),
+            dir.join("graph").display()
+        ),
+    )
+    .expect("storage.conf");
+    Some((
+        tools,
+        vec![
+            ("CONTAINERS_CONF".to_string(), containers),
+            ("CONTAINERS_STORAGE_CONF".to_string(), storage),
+        ],
+    ))
+}
+
+fn run_tool(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        stderr_of(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The real busybox `hello` image of make-images.sh, squashed above its base layer: podman
+/// loads and runs it, its overlay storage shows the same tree as `umoci unpack` of the input,
+/// and skopeo copies of input and output share the base blob, byte for byte.
+#[test]
+fn podman_runs_a_kept_base_image_and_skopeo_sees_the_base_blob_shared() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let Some((tools, env)) = podman_setup(tmp.path()) else {
+        return;
+    };
+    let images = tmp.path().join("images");
+    run_tool(
+        Command::new(tools.join("make-images.sh"))
+            .arg(&images)
+            .arg("hello"),
+    );
+    let podman = || {
+        let mut c = Command::new("podman");
+        c.envs(env.iter().map(|(k, v)| (k, v)));
+        c
+    };
+
+    let out = tmp.path().join("k1.docker.tar");
+    let tag = "localhost/flatfs-squash-test:k1";
+    export(&images.join("hello.docker.tar"), &out, 1, &["--tag", tag]);
+    run_tool(podman().args(["load", "-q", "-i"]).arg(&out));
+    let said = run_tool(podman().args(["run", "--rm", "--pull", "never", tag]));
+    assert_eq!(said.trim(), "Hello, World!");
+    let mounted = run_tool(podman().args(["image", "mount", tag]));
+    let listing = run_tool(
+        Command::new("python3")
+            .arg(tools.join("tree-manifest.py"))
+            .arg("--hardlinks")
+            .arg(mounted.trim()),
+    );
+    run_tool(podman().args(["image", "unmount", tag]));
+    run_tool(podman().args(["rmi", "-f", tag]));
+    // podman's image mount shows its own root directory: compare below it.
+    let below_root = |l: &str| -> String {
+        l.lines()
+            .filter(|l| !l.starts_with(".\t"))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let want = std::fs::read_to_string(images.join("hello.expected.txt")).expect("expected");
+    assert_eq!(below_root(&listing), below_root(&want));
+
+    // The OCI output copied into a `dir:` next to the input: the base blob is the same file.
+    let oci = tmp.path().join("k1.oci.tar");
+    export(&images.join("hello"), &oci, 1, &[]);
+    let (a, b) = (tmp.path().join("in-dir"), tmp.path().join("out-dir"));
+    run_tool(
+        Command::new("skopeo")
+            .args(["copy", "-q"])
+            .arg(format!("oci:{}:latest", images.join("hello").display()))
+            .arg(format!("dir:{}", a.display())),
+    );
+    run_tool(
+        Command::new("skopeo")
+            .args(["copy", "-q"])
+            .arg(format!("oci-archive:{}", oci.display()))
+            .arg(format!("dir:{}", b.display())),
+    );
+    let layers = |d: &Path| -> Vec<String> {
+        read_json(&std::fs::read(d.join("manifest.json")).expect("manifest"))["layers"]
+            .as_array()
+            .expect("layers")
+            .iter()
+            .map(|l| l["digest"].as_str().expect("digest").to_string())
+            .collect()
+    };
+    let (la, lb) = (layers(&a), layers(&b));
+    assert_eq!((la.len(), lb.len()), (3, 2));
+    assert_eq!(la[0], lb[0], "the base layer's digest");
+    let blob = |d: &Path, digest: &str| {
+        std::fs::read(d.join(digest.trim_start_matches("sha256:"))).expect("blob file")
+    };
+    assert_eq!(blob(&a, &la[0]), blob(&b, &lb[0]), "the base blob's bytes");
+}
