@@ -36,6 +36,139 @@ pub struct Inspect {
     pub trailing_history: Vec<String>,
     /// Sums over the merged tree.
     pub totals: Totals,
+    /// Where the base image seems to end, when the history says so (see [`guess_base`]).
+    pub base: Option<BaseGuess>,
+}
+
+/// The layers a partial squash would keep as the base, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BaseGuess {
+    /// `export --keep N`: the base is layers 1..=N.
+    pub keep: usize,
+    /// What in the history says so.
+    pub reason: String,
+}
+
+/// Where the base image ends, read from the history, or `None` when it does not say. Two
+/// signs, in this order:
+/// 1. A base image's build ends with its `CMD` or `ENTRYPOINT`, a history entry without a
+///    layer. When more layers follow one, they are a later build's (a Dockerfile's `FROM`):
+///    the base is the layers before the last such entry.
+/// 2. Failing that, a pause between two layers that is at least an hour and longer than all
+///    the layers after it took to build: one build stopped there and another began later.
+pub fn guess_base(history: &[Value], layers: usize) -> Option<BaseGuess> {
+    let mut seen = 0;
+    let mut found = None;
+    let mut pending = None;
+    let mut created: Vec<Option<i64>> = Vec::new();
+    for h in history {
+        let empty = h.get("empty_layer").and_then(Value::as_bool) == Some(true);
+        if empty {
+            let by = h.get("created_by").and_then(Value::as_str).unwrap_or("");
+            let by = by.trim();
+            let step = by
+                .strip_prefix("/bin/sh -c #(nop)")
+                .unwrap_or(by)
+                .trim_start();
+            if (step.starts_with("CMD") || step.starts_with("ENTRYPOINT")) && seen > 0 {
+                pending = Some((seen, one_line(step)));
+            }
+        } else {
+            // A layer after the CMD: that CMD ended an earlier build.
+            found = pending.take().or(found);
+            seen += 1;
+            created.push(
+                h.get("created")
+                    .and_then(Value::as_str)
+                    .and_then(parse_rfc3339),
+            );
+        }
+    }
+    if seen != layers {
+        // History and layers disagree: the history says nothing reliable about them.
+        return None;
+    }
+    if let Some((keep, step)) = found {
+        return Some(BaseGuess {
+            keep,
+            reason: format!(
+                "`{step}` ends a build after layer {keep}; the layers above it are another build's"
+            ),
+        });
+    }
+    let times: Vec<i64> = created.into_iter().collect::<Option<_>>()?;
+    let last = *times.last()?;
+    let (keep, gap) = times
+        .windows(2)
+        .enumerate()
+        .map(|(i, w)| (i + 1, w[1] - w[0]))
+        .max_by_key(|&(i, gap)| (gap, std::cmp::Reverse(i)))?;
+    let rest = last - times[keep];
+    (gap >= 3600 && gap > rest).then(|| BaseGuess {
+        keep,
+        reason: format!(
+            "layer {} was made {} after layer {keep}, and the {} layers from it on took {}",
+            keep + 1,
+            duration(gap),
+            layers - keep,
+            duration(rest)
+        ),
+    })
+}
+
+/// `3 days`, `5 h`, `12 min`, `40 s`: the largest unit that fits.
+fn duration(secs: i64) -> String {
+    match secs {
+        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
+        s if s >= 3600 => format!("{} h", s / 3600),
+        s if s >= 60 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
+/// Seconds since the epoch of an RFC 3339 time (`2024-01-02T03:04:05.5+01:00`); fractions are
+/// dropped. `None` for anything else.
+pub fn parse_rfc3339(t: &str) -> Option<i64> {
+    let b = t.as_bytes();
+    let num = |r| num_at(t, r);
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    let mut rest = &t[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && matches!(rest.as_bytes()[0], b'+' | b'-') => {
+            let sign = if rest.starts_with('-') { -1 } else { 1 };
+            sign * (num_at(rest, 1..3)? * 3600 + num_at(rest, 4..6)? * 60)
+        }
+        _ => return None,
+    };
+    // Howard Hinnant's days_from_civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss - offset)
+}
+
+/// The decimal number at `r` of `s`, digits only.
+fn num_at(s: &str, r: std::ops::Range<usize>) -> Option<i64> {
+    let s = s.get(r)?;
+    s.bytes()
+        .all(|c| c.is_ascii_digit())
+        .then(|| s.parse().ok())?
 }
 
 /// Cmd, Entrypoint, Env, WorkingDir, User, ExposedPorts.
@@ -267,6 +400,10 @@ pub fn inspect(image: &Image, indexes: &[LayerIndex]) -> Result<Inspect> {
         layers,
         trailing_history,
         totals,
+        base: cfg
+            .get("history")
+            .and_then(Value::as_array)
+            .and_then(|h| guess_base(h, image.layers.len())),
     })
 }
 
@@ -397,6 +534,13 @@ pub fn write_text(r: &Inspect, w: &mut impl Write) -> std::io::Result<()> {
         human(t.flat_size),
         human(t.waste)
     )?;
+    if let Some(b) = &r.base {
+        writeln!(
+            w,
+            "Base:      layers 1-{} look like the base image: `flatfs export --keep {}` keeps them ({})",
+            b.keep, b.keep, b.reason
+        )?;
+    }
     Ok(())
 }
 
@@ -528,4 +672,76 @@ pub fn cat(tree: &Tree, content: &Content, path: &[u8], w: &mut impl Write) -> R
         off += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn rfc3339_parses_back_what_export_writes_and_offsets() {
+        for secs in [0, 951_782_400, 1_700_000_000, -86_401] {
+            assert_eq!(parse_rfc3339(&crate::export::rfc3339(secs)), Some(secs));
+        }
+        assert_eq!(
+            parse_rfc3339("2023-11-14T23:13:20.123456789+01:00"),
+            Some(1_700_000_000)
+        );
+        for bad in [
+            "",
+            "2023-11-14",
+            "2023-13-14T00:00:00Z",
+            "2023-11-14T00:00:00",
+            "x023-11-14T00:00:00Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+
+    fn layer(created: &str, by: &str) -> Value {
+        json!({"created": created, "created_by": by})
+    }
+
+    fn empty(created: &str, by: &str) -> Value {
+        json!({"created": created, "created_by": by, "empty_layer": true})
+    }
+
+    #[test]
+    fn a_cmd_followed_by_layers_ends_the_base() {
+        let t = "2024-01-01T00:00:00Z";
+        let h = [
+            layer(t, "/bin/sh -c #(nop) ADD file:abc in / "),
+            empty(t, "/bin/sh -c #(nop)  CMD [\"bash\"]"),
+            layer(t, "RUN apt-get update"),
+            empty(t, "ENV A=b"),
+            layer(t, "COPY . /app"),
+            empty(t, "CMD [\"/app/run\"]"),
+        ];
+        let g = guess_base(&h, 3).expect("a guess");
+        assert_eq!(g.keep, 1);
+        assert!(g.reason.contains("CMD [\"bash\"]"), "{}", g.reason);
+        // The history does not describe these layers: no guess.
+        assert_eq!(guess_base(&h, 4), None);
+    }
+
+    #[test]
+    fn a_long_pause_before_a_quick_build_ends_the_base() {
+        let h = [
+            layer("2024-01-01T00:00:00Z", "ADD rootfs"),
+            layer("2024-01-01T00:05:00Z", "RUN install"),
+            layer("2024-03-01T10:00:00Z", "RUN app"),
+            layer("2024-03-01T10:02:00Z", "COPY app"),
+        ];
+        let g = guess_base(&h, 4).expect("a guess");
+        assert_eq!(g.keep, 2, "{}", g.reason);
+        // Evenly spread steps, or no times: nothing to say.
+        let even = [
+            layer("2024-01-01T00:00:00Z", "a"),
+            layer("2024-01-01T02:00:00Z", "b"),
+            layer("2024-01-01T04:00:00Z", "c"),
+        ];
+        assert_eq!(guess_base(&even, 3), None);
+        assert_eq!(guess_base(&[json!({}), json!({})], 2), None);
+    }
 }

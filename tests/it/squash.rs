@@ -710,3 +710,97 @@ fn podman_runs_a_kept_base_image_and_skopeo_sees_the_base_blob_shared() {
     };
     assert_eq!(blob(&a, &la[0]), blob(&b, &lb[0]), "the base blob's bytes");
 }
+
+/// The three ways to name the base give the same bytes; `inspect` finds the base from the
+/// history (a `CMD` with layers after it) and says which `--keep` keeps it.
+#[test]
+fn keep_until_keep_base_and_the_inspect_hint_agree() {
+    let layers = sample();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut config = default_config(&layers);
+    let history = config["history"].as_array_mut().expect("history");
+    // ENV, layer 1, layer 2, then the base's CMD, then layers 3-5.
+    history.insert(
+        3,
+        json!({"created_by": "/bin/sh -c #(nop)  CMD [\"sh\"]", "empty_layer": true}),
+    );
+    let input = tmp.path().join("app");
+    let written = write_oci_layout(&layers, &config, &input, Some(OCI_REF));
+    let base = tmp.path().join("base");
+    write_oci_layout(
+        &layers[..2],
+        &default_config(&layers[..2]),
+        &base,
+        Some(OCI_REF),
+    );
+
+    let res = run_flatfs(["inspect".as_ref(), input.as_os_str()]);
+    assert_success(&res);
+    let text = String::from_utf8_lossy(&res.stdout);
+    assert!(text.contains("--keep 2"), "{text}");
+    let res = run_flatfs(["inspect".as_ref(), "--json".as_ref(), input.as_os_str()]);
+    assert_success(&res);
+    assert_eq!(read_json(&res.stdout)["base"]["keep"], json!(2));
+
+    let by_number = tmp.path().join("n.tar");
+    export(&input, &by_number, 2, &[]);
+    let want = std::fs::read(&by_number).expect("read");
+    let prefix = &written.layer_digests[1]["sha256:".len()..][..12];
+    let diff_id = written.diff_ids[1].clone();
+    for args in [
+        vec!["--keep-until", prefix],
+        vec!["--keep-until", &diff_id],
+        vec!["--keep-base", base.to_str().expect("utf-8")],
+    ] {
+        let out = tmp.path().join("o.tar");
+        let mut all: Vec<&OsStr> = vec![
+            "export".as_ref(),
+            input.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ];
+        all.extend(args.iter().map(OsStr::new));
+        assert_success(&run_flatfs(&all));
+        assert!(std::fs::read(&out).expect("read") == want, "{args:?}");
+    }
+    // Not the base: the app image does not start with the sample's layer 3 alone.
+    let other = tmp.path().join("other");
+    write_oci_layout(
+        &layers[2..3],
+        &default_config(&layers[2..3]),
+        &other,
+        Some(OCI_REF),
+    );
+    for (flag, value, why) in [
+        (
+            "--keep-base",
+            other.to_str().expect("utf-8"),
+            "does not start with the layers",
+        ),
+        ("--keep-until", "0000000000", "no layer"),
+        ("--keep-until", "zz", "hex"),
+    ] {
+        let res = run_flatfs([
+            "export".as_ref(),
+            input.as_os_str(),
+            "-o".as_ref(),
+            tmp.path().join("bad.tar").as_os_str(),
+            flag.as_ref(),
+            value.as_ref(),
+        ]);
+        let stderr = assert_error(&res);
+        assert!(stderr.contains(why), "{flag} {value}: {stderr}");
+    }
+    // Two ways at once is a usage error.
+    let res = run_flatfs([
+        "export".as_ref(),
+        input.as_os_str(),
+        "-o".as_ref(),
+        tmp.path().join("bad.tar").as_os_str(),
+        "--keep".as_ref(),
+        "1".as_ref(),
+        "--keep-base".as_ref(),
+        base.as_os_str(),
+    ]);
+    assert_eq!(res.status.code(), Some(2), "{}", stderr_of(&res));
+}
