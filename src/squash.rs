@@ -443,6 +443,24 @@ mod tests {
     }
 
     #[test]
+    fn a_base_link_group_reaching_into_an_opaque_directory_is_written_whole() {
+        // `a/x` and `out` are one base file; `a` goes opaque, so `a/x` is rewritten, and with
+        // it `out` (else `a/x` would come back as a copy, no longer linked to `out`).
+        let mut base = vec![
+            d("a"),
+            f("a/x", 0),
+            entry("out", Kind::Hardlink(b"a/x".to_vec()), 0, 0),
+        ];
+        base.extend((0..10).map(|i| f(&format!("a/old{i}"), i + 1)));
+        let gone: Vec<String> = (0..10).map(|i| format!("a/old{i}")).collect();
+        let gone: Vec<&str> = gone.iter().map(String::as_str).collect();
+        let layers = [layer(1, base, &[]), layer(2, vec![f("a/new", 0)], &gone)];
+        let (out, stats) = planned(&layers, 1);
+        assert_eq!(out, [".", "a", "a/.wh..wh..opq", "a/new", "a/x", "out"]);
+        assert_eq!((stats.changed, stats.opaques, stats.whiteouts), (1, 1, 0));
+    }
+
+    #[test]
     fn symlinks_rewritten_apart_are_both_written() {
         let sym = |p: &str| entry(p, Kind::Symlink(b"t".to_vec()), 0, 0);
         let layers = [

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::util::*;
 
 /// Two base layers, then three that touch every rule: a deleted directory, a directory
-/// mostly replaced, type changes both ways, a metadata-only change, an xattr change, a new
+/// mostly replaced (one of whose files has a hardlink outside it), type changes both ways, a metadata-only change, an xattr change, a new
 /// name for a base file, a removed name of a base hardlink pair, something added and
 /// removed again above the base, a directory whose metadata alone changes.
 fn sample() -> Vec<Layer> {
@@ -28,6 +28,7 @@ fn sample() -> Vec<Layer> {
         file("usr/bin/tool", "#!tool").mode(0o755),
         dir("lib"),
         file("lib/keep.so", "keep"),
+        hardlink("lib-link", "lib/keep.so"),
         file("hl", "linked"),
         hardlink("hl2", "hl"),
         dir("data").mode(0o700).uid(7),
@@ -483,6 +484,8 @@ fn the_plan_for_the_sample_is_minimal() {
             "lib/.wh..wh..opq",
             "lib/keep.so",
             "lib/new.so",
+            // Rewritten with `lib/keep.so`, whose link it is.
+            "lib-link => lib/keep.so",
             // A new name for a base file: both names, the first as the file.
             "link-target",
             "meta",
