@@ -234,7 +234,16 @@ pub fn open_keeping<E: From<Error>>(
         .into());
     }
     let indexes = index(&image)?;
-    let base = tree::merge(&indexes[..keep])?;
+    if indexes[..keep.min(indexes.len())]
+        .iter()
+        .any(|i| i.decompressed.is_some())
+    {
+        // A spooled copy would replace the blob that the output must copy as it is.
+        return Err(
+            Error::invalid(&image.name, "a kept layer was indexed with a spooled copy").into(),
+        );
+    }
+    let base = tree::merge(&indexes[..keep.min(indexes.len())])?;
     Ok((merge_image(image, indexes)?, base))
 }
 
