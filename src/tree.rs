@@ -29,6 +29,11 @@ const IMPLICIT_DIR: Meta = Meta {
     mtime_nsec: 0,
 };
 
+/// A symlink's mode: Linux has no symlink permissions (`lchmod` fails) and every filesystem
+/// reports `lrwxrwxrwx`, so a container sees 0777 whatever the tar header says. Set once here,
+/// so the mount, `ls -l` and export agree.
+const SYMLINK_MODE: u32 = 0o777;
+
 /// Where a regular file's bytes are: a range of one layer's decompressed tar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
@@ -788,9 +793,13 @@ impl Builder {
             Kind::Block(a, b) => BKind::Block(a, b),
             Kind::Fifo => BKind::Fifo,
         };
+        let mut meta = entry.meta;
+        if matches!(kind, BKind::Symlink(_)) {
+            meta.mode = SYMLINK_MODE;
+        }
         let id = self.push(BNode {
             kind,
-            meta: entry.meta,
+            meta,
             xattrs: entry.xattrs,
             layer: layer_no,
         });
@@ -1281,6 +1290,17 @@ mod tests {
              s l a 0777 0:0 n2
              t l a 0777 0:0 n2 => s",
         );
+    }
+
+    #[test]
+    fn symlink_mode_is_0777_whatever_the_header_says() {
+        let mut index = layer(1, &["f a", "l s a", "h t s"]);
+        index.entries[1].meta.mode = 0o4640;
+        let tree = merge(&[index]).expect("merge");
+        for name in ["s", "t"] {
+            let id = tree.resolve(name.as_bytes()).expect("link");
+            assert_eq!(tree.node(id).meta.mode, 0o777, "{name}");
+        }
     }
 
     #[test]

@@ -810,6 +810,25 @@ fn absolute_and_dot_slash_paths_are_the_same_path() {
 }
 
 #[test]
+fn symlink_mode_is_exported_as_0777_as_the_kernel_shows_it() {
+    // Writers put the umask's 0644 (or anything) in a symlink's header; Linux ignores it.
+    let l1 = layer([
+        file("a", "A"),
+        symlink("s", "a").mode(0o644),
+        symlink("t", "/a").mode(0o4700),
+    ]);
+    assert_listing(
+        &listing_of(vec![l1]),
+        r#"
+        .  d 0755 0 0 - -      - 0    -
+        a  f 0644 0 0 1 "A"    - 1000 -
+        s  l 0777 0 0 1 ->a    - 1000 -
+        t  l 0777 0 0 2 ->/a   - 1000 -
+        "#,
+    );
+}
+
+#[test]
 fn symlink_targets_are_kept_verbatim_even_outside_root() {
     let l1 = layer([
         symlink("rel", "../../../etc/shadow"),
