@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use super::{Family, Image, Store, diff_ids, make_layer, read_config};
+use super::{Family, Image, Store, diff_ids, make_layer, parse_config};
 use crate::error::{Error, Result};
 
 #[derive(Deserialize)]
@@ -58,18 +58,24 @@ pub(super) fn open(store: &Store, name: &str, reference: Option<&str>) -> Result
             .ok_or_else(|| Error::invalid(name, format!("no image tagged {r}")))?,
     };
 
-    let config_digest = digest_from_name(&entry.config);
+    // The config's name is only a name: `docker load`, skopeo and podman read the file that
+    // manifest.json names and take the image ID from its content, and tools that edit a config
+    // in place (go-containerregistry's `mutate`) leave the old name on it.
     let config_blob = store.need(name, &entry.config)?;
-    let config = read_config(&config_blob, config_digest.as_deref(), &entry.config)?;
-    let config_digest = match config_digest {
-        Some(d) => d,
-        None => {
-            let bytes = config_blob
-                .read_all(super::MAX_JSON)
-                .map_err(|e| Error::io(&entry.config, e))?;
-            crate::blob::sha256_of(&bytes)
-        }
-    };
+    let bytes = config_blob
+        .read_all(super::MAX_JSON)
+        .map_err(|e| Error::io(&entry.config, e))?;
+    let config_digest = crate::blob::sha256_of(&bytes);
+    if let Some(named) = digest_from_name(&entry.config)
+        && named != config_digest
+    {
+        log::warn!(
+            "{name}: config {} is named for {named} but its content is {config_digest}; \
+             the image ID is the content's digest",
+            entry.config
+        );
+    }
+    let config = parse_config(&bytes, &entry.config)?;
     let ids = diff_ids(&config, &entry.config)?;
     if ids.len() != entry.layers.len() {
         return Err(Error::invalid(

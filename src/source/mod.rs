@@ -430,7 +430,12 @@ fn read_config(blob: &Blob, expected: Option<&str>, what: &str) -> Result<serde_
             });
         }
     }
-    let config: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+    parse_config(&bytes, what)
+}
+
+/// Parses config bytes whose digest is already settled.
+fn parse_config(bytes: &[u8], what: &str) -> Result<serde_json::Value> {
+    let config: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| Error::Json {
         what: what.to_string(),
         source: e,
     })?;

@@ -327,6 +327,53 @@ fn input_classic_docker_archive() {
 }
 
 #[test]
+fn input_docker_archive_whose_config_name_is_not_its_digest() {
+    // go-containerregistry's `mutate` edits a config in place and keeps its old name;
+    // `docker load`, skopeo and podman read the file manifest.json names.
+    let f = Fixture::new();
+    let mut files = tar_files(&std::fs::read(f.docker()).expect("read archive"));
+    let name = files
+        .keys()
+        .find(|k| k.ends_with(".json") && k.len() == 69)
+        .expect("config member")
+        .clone();
+    let mut config = json_of(&files[&name], "config");
+    config["config"]["Env"] = json!(["EDITED=in place"]);
+    let edited = serde_json::to_vec(&config).expect("json");
+    let content_digest = digest_of(&edited);
+    files.insert(name.clone(), edited);
+    let entries: Vec<Entry> = files.iter().map(|(p, d)| file(p, d)).collect();
+    let image = f.path("edited.tar");
+    std::fs::write(&image, tar_of(&entries, false)).expect("write archive");
+
+    let out = f.path("flat.tar");
+    let res = run_flatfs([
+        OsStr::new("export"),
+        image.as_os_str(),
+        OsStr::new("-o"),
+        out.as_os_str(),
+        OsStr::new("--format"),
+        OsStr::new("docker-archive"),
+    ]);
+    assert_success(&res);
+    let stderr = stderr_of(&res);
+    let named = format!("sha256:{}", name.trim_end_matches(".json"));
+    assert!(
+        stderr.contains(&named) && stderr.contains(&content_digest),
+        "the warning names both digests:\n{stderr}"
+    );
+    let flat = read_docker(&output_files(&out));
+    assert_eq!(flat.config["config"]["Env"], json!(["EDITED=in place"]));
+    let history = flat.config["history"].as_array().expect("history");
+    let last = history.last().expect("flatfs entry")["created_by"].to_string();
+    assert!(
+        last.contains(&content_digest),
+        "image ID is the content's: {last}"
+    );
+    check_layer_tree(&flat);
+}
+
+#[test]
 fn input_docker25_archive() {
     let f = Fixture::new();
     assert_listing(&rootfs_listing(f.docker25()), SAMPLE);
