@@ -106,6 +106,7 @@ pub(super) fn open(store: &Store, name: &str, reference: Option<&str>) -> Result
         config,
         layers,
         tags: entry.repo_tags.clone().unwrap_or_default(),
+        platform_from_index: false,
         _spool: None,
     })
 }

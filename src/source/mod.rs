@@ -76,6 +76,9 @@ pub struct Image {
     pub layers: Vec<Layer>,
     /// Tags the image carried (`RepoTags`, or OCI ref names / `io.containerd.image.name`).
     pub tags: Vec<String>,
+    /// True when an index entry with a platform selected the manifest: that platform is the
+    /// image's, whatever the config says (containerd and skopeo select by the index too).
+    pub platform_from_index: bool,
     // Keeps a spooled stdin alive as long as the blobs that point into it.
     _spool: Option<tempfile::TempPath>,
 }
@@ -140,6 +143,20 @@ impl std::fmt::Display for Platform {
             write!(f, "/{v}")?;
         }
         Ok(())
+    }
+}
+
+/// The config's `os`, `architecture` and `variant` (empty when missing).
+fn config_platform(config: &serde_json::Value) -> (&str, &str, &str) {
+    let field = |k: &str| config.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    (field("os"), field("architecture"), field("variant"))
+}
+
+/// The config's platform as `os/arch[/variant]`.
+fn platform_text(config: &serde_json::Value) -> String {
+    match config_platform(config) {
+        (os, arch, "") => format!("{os}/{arch}"),
+        (os, arch, variant) => format!("{os}/{arch}/{variant}"),
     }
 }
 
@@ -295,21 +312,19 @@ pub fn open(spec: &str, wanted: Option<&Platform>) -> Result<Image> {
     // An index entry without a platform (or a docker archive) says nothing about its platform;
     // the config does. Check it only when the user asked for one: by default the only image
     // there is is the one wanted.
-    if let Some(want) = wanted {
-        let field = |k: &str| image.config.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    if let Some(want) = wanted
+        && !image.platform_from_index
+    {
+        let (os, arch, variant) = config_platform(&image.config);
         let variant_ok = want
             .variant
             .as_deref()
-            .is_none_or(|v| field("variant").is_empty() || field("variant") == v);
-        if field("os") != want.os || field("architecture") != want.arch || !variant_ok {
-            let mut have = format!("{}/{}", field("os"), field("architecture"));
-            if !field("variant").is_empty() {
-                have = format!("{have}/{}", field("variant"));
-            }
+            .is_none_or(|v| variant.is_empty() || variant == v);
+        if os != want.os || arch != want.arch || !variant_ok {
             return Err(Error::NoPlatform {
                 image: spec.to_string(),
                 wanted: want.to_string(),
-                available: have,
+                available: platform_text(&image.config),
             });
         }
     }

@@ -4,7 +4,10 @@
 
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 
-use super::{Family, Image, Platform, Store, diff_ids, make_layer, read_config};
+use super::{
+    Family, Image, Platform, Store, config_platform, diff_ids, make_layer, platform_text,
+    read_config,
+};
 use crate::blob::sha256_of;
 use crate::error::{Error, Result};
 
@@ -232,6 +235,24 @@ pub(super) fn open(
     let config_path = blob_path(config_desc);
     let config_blob = store.need(name, &config_path)?;
     let config = read_config(&config_blob, Some(config_desc.digest().as_ref()), "config")?;
+    let platform_from_index = desc.platform().is_some();
+    if platform_from_index {
+        let (os, arch, variant) = config_platform(&config);
+        let p = desc.platform().as_ref().expect("checked above");
+        let index_variant = p.variant().as_deref().unwrap_or("");
+        if os != p.os().to_string()
+            || arch != p.architecture().to_string()
+            || !(variant.is_empty() || index_variant.is_empty() || variant == index_variant)
+        {
+            log::warn!(
+                "{name}: the index lists manifest {} as {} but its config says {}; going by \
+                 the index, as containerd and skopeo do",
+                desc.digest(),
+                platform_string(&desc),
+                platform_text(&config)
+            );
+        }
+    }
     let ids = diff_ids(&config, "config")?;
     if ids.len() != manifest.layers().len() {
         return Err(Error::invalid(
@@ -280,6 +301,7 @@ pub(super) fn open(
         config,
         layers,
         tags,
+        platform_from_index,
         _spool: None,
     })
 }

@@ -1022,6 +1022,67 @@ fn attestation_manifest_is_never_picked() {
 }
 
 #[test]
+fn index_platform_wins_over_a_config_that_disagrees() {
+    // The index says darwin/amd64 for an image whose config says linux/amd64: containerd
+    // and skopeo select by the index entry, and so does flatfs, with a warning.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("mislabelled");
+    let mut oci = OciLayout::new();
+    let darwin = {
+        let layers = vec![layer([file("arch", "darwin-in-index")])];
+        let mut config = default_config(&layers);
+        config["os"] = json!("linux");
+        config["architecture"] = json!("amd64");
+        let (desc, _) = oci.add_image(&layers, &config);
+        with_platform(desc, "darwin", "amd64", None)
+    };
+    let darwin_digest = darwin["digest"].as_str().expect("digest").to_string();
+    oci.add_index_entry(darwin);
+    let linux = platform_image(&mut oci, "amd64", None);
+    oci.add_index_entry(linux);
+    oci.write_dir(&dir);
+
+    let out = tmp.path().join("rootfs.tar");
+    let res = run_flatfs([
+        OsStr::new("export"),
+        dir.as_os_str(),
+        OsStr::new("-o"),
+        out.as_os_str(),
+        OsStr::new("--format"),
+        OsStr::new("rootfs"),
+        OsStr::new("--platform"),
+        OsStr::new("darwin/amd64"),
+    ]);
+    assert_success(&res);
+    let listing = tar_listing(&std::fs::read(&out).expect("read rootfs"));
+    assert_eq!(picked(&listing), "darwin-in-index");
+    let stderr = stderr_of(&res);
+    assert!(
+        stderr.contains(&darwin_digest)
+            && stderr.contains("darwin/amd64")
+            && stderr.contains("linux/amd64"),
+        "the warning names the manifest and both platforms:\n{stderr}"
+    );
+    // The entry whose index and config agree is still the one linux/amd64 selects.
+    let listing = tar_listing(&export_rootfs(&dir, &["--platform", "linux/amd64"]));
+    assert_eq!(picked(&listing), "amd64");
+}
+
+#[test]
+fn config_platform_is_checked_when_the_index_entry_has_none() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("single");
+    let layers = vec![layer([file("arch", "arm64")])];
+    let mut config = default_config(&layers);
+    config["architecture"] = json!("arm64");
+    write_oci_layout(&layers, &config, &dir, Some(OCI_REF));
+    let listing = tar_listing(&export_rootfs(&dir, &["--platform", "linux/arm64"]));
+    assert_eq!(picked(&listing), "arm64");
+    let stderr = export_fails(&dir, &["--format", "rootfs", "--platform", "linux/s390x"]);
+    assert!(stderr.contains("linux/arm64"), "{stderr}");
+}
+
+#[test]
 fn platform_missing_from_index_is_an_error() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("multi");
