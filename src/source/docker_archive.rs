@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use super::{Family, Image, Store, diff_ids, make_layer, parse_config};
+use super::{Family, Image, Store, diff_ids, is_schema1, make_layer, parse_config};
 use crate::error::{Error, Result};
 
 #[derive(Deserialize)]
@@ -29,7 +29,25 @@ fn digest_from_name(name: &str) -> Option<String> {
 }
 
 pub(super) fn open(store: &Store, name: &str, reference: Option<&str>) -> Result<Image> {
-    let entries: Vec<Entry> = store.json(name, "manifest.json")?;
+    let entries: Vec<Entry> = match store.json(name, "manifest.json") {
+        Ok(entries) => entries,
+        // `skopeo copy … dir:DIR` of a schema-1 image: say what it is, not what JSON we wanted.
+        Err(e @ Error::Json { .. }) => {
+            let bytes = store
+                .need(name, "manifest.json")?
+                .read_all(super::MAX_JSON)
+                .map_err(|e| Error::io("manifest.json", e))?;
+            return Err(if is_schema1(&bytes) {
+                Error::Schema1 {
+                    image: name.to_string(),
+                    what: "manifest.json".to_string(),
+                }
+            } else {
+                e
+            });
+        }
+        Err(e) => return Err(e),
+    };
     let entry = match (reference, entries.len()) {
         (_, 0) => return Err(Error::invalid("manifest.json", "lists no image")),
         (None, 1) => &entries[0],

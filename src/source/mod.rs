@@ -160,6 +160,28 @@ fn platform_text(config: &serde_json::Value) -> String {
     }
 }
 
+/// Media types of Docker schema-1 manifests, unsigned and signed.
+/// See: <https://distribution.github.io/distribution/spec/deprecated-schema-v1/>
+pub(super) const SCHEMA1: [&str; 2] = [
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+];
+
+/// Whether a document is a schema-1 manifest, whatever its descriptor said: checked before
+/// parsing, so that the error names what it is rather than a field a schema-2 parser missed.
+pub(super) fn is_schema1(bytes: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Head {
+        schema_version: Option<serde_json::Value>,
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Head>(bytes).is_ok_and(|h| {
+        h.schema_version.and_then(|v| v.as_u64()) == Some(1)
+            || h.media_type.is_some_and(|m| SCHEMA1.contains(&m.as_str()))
+    })
+}
+
 /// Where the image's files live: a directory, or members of one tar file read in place.
 enum Store {
     Dir(PathBuf),

@@ -1096,6 +1096,150 @@ fn platform_missing_from_index_is_an_error() {
 
 // --- Errors --------------------------------------------------------------------------------
 
+/// A schema-1 manifest as registries served them before 2017: `fsLayers` and v1 history,
+/// no config.
+fn schema1_manifest(oci: &mut OciLayout, media_type: Option<&str>) -> Vec<u8> {
+    let layer_desc = oci.add_blob(MT_LAYER_GZIP, b"not read".to_vec());
+    let mut m = json!({
+        "schemaVersion": 1,
+        "name": "library/old",
+        "tag": "latest",
+        "architecture": "amd64",
+        "fsLayers": [{"blobSum": layer_desc["digest"]}],
+        "history": [{"v1Compatibility": "{\"id\":\"0\"}"}],
+    });
+    if let Some(mt) = media_type {
+        m["mediaType"] = json!(mt);
+    }
+    serde_json::to_vec(&m).expect("json")
+}
+
+#[track_caller]
+fn assert_schema1_error(stderr: &str, names: &str) {
+    assert!(
+        stderr.contains("schema-1") && stderr.contains("skopeo copy") && stderr.contains(names),
+        "the error says it is a schema-1 image, how to convert it, and names {names}:\n{stderr}"
+    );
+    assert!(!stderr.contains("no manifest for platform"), "{stderr}");
+}
+
+#[test]
+fn schema1_manifest_is_refused_by_name_with_how_to_convert_it() {
+    const V1_JSON: &str = "application/vnd.docker.distribution.manifest.v1+json";
+    const V1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The index entry says schema 1 (with and without a platform), or only the manifest
+    // itself does, under a schema-2 media type, with or without its own mediaType field.
+    let cases = [
+        (V1_SIGNED, Some(V1_SIGNED), false),
+        (V1_JSON, None, true),
+        (MT_OCI_MANIFEST, None, false),
+        (MT_DOCKER_MANIFEST, Some(V1_JSON), false),
+    ];
+    for (i, (entry_type, doc_type, platform)) in cases.into_iter().enumerate() {
+        let mut oci = OciLayout::new();
+        let bytes = schema1_manifest(&mut oci, doc_type);
+        let mut desc = oci.add_blob(entry_type, bytes);
+        if platform {
+            desc = with_platform(desc, "linux", host_arch(), None);
+        }
+        let digest = desc["digest"].as_str().expect("digest").to_string();
+        oci.add_index_entry(desc);
+        let dir = tmp.path().join(format!("case{i}"));
+        oci.write_dir(&dir);
+        let stderr = export_fails(&dir, &["--format", "rootfs"]);
+        assert_schema1_error(&stderr, &digest);
+    }
+
+    // Nested: an index whose only entry for the host is schema 1.
+    let mut oci = OciLayout::new();
+    let bytes = schema1_manifest(&mut oci, Some(V1_SIGNED));
+    let desc = with_platform(oci.add_blob(V1_SIGNED, bytes), "linux", host_arch(), None);
+    let digest = desc["digest"].as_str().expect("digest").to_string();
+    let index = oci.add_index(vec![desc]);
+    oci.add_index_entry(index);
+    let dir = tmp.path().join("nested");
+    oci.write_dir(&dir);
+    assert_schema1_error(&export_fails(&dir, &["--format", "rootfs"]), &digest);
+
+    // A schema-1 entry does not hide a schema-2 image for the same platform.
+    let mut oci = OciLayout::new();
+    let bytes = schema1_manifest(&mut oci, None);
+    let desc = oci.add_blob(V1_JSON, bytes);
+    oci.add_index_entry(desc);
+    let image = platform_image(&mut oci, host_arch(), None);
+    oci.add_index_entry(image);
+    let dir = tmp.path().join("both");
+    oci.write_dir(&dir);
+    assert_eq!(picked(&rootfs_listing(&dir)), host_arch());
+
+    // index.json that is itself a schema-1 manifest.
+    let mut oci = OciLayout::new();
+    let bytes = schema1_manifest(&mut oci, None);
+    let dir = tmp.path().join("as-index");
+    oci.write_dir(&dir);
+    std::fs::write(dir.join("index.json"), bytes).expect("write index.json");
+    assert_schema1_error(&export_fails(&dir, &["--format", "rootfs"]), "index.json");
+}
+
+#[test]
+fn schema1_skopeo_dir_is_refused_and_skopeo_converts_it_as_the_error_says() {
+    // `skopeo copy docker://… dir:DIR` of a schema-1 image: manifest.json is the manifest.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("dir");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let blob = layer([file("hello.txt", "hello\n")]).blob(Compression::Gzip);
+    let hex = blob.digest.trim_start_matches("sha256:");
+    std::fs::write(dir.join(hex), &blob.bytes).expect("write layer");
+    let v1 = json!({"id": "a".repeat(64), "os": "linux", "architecture": "amd64",
+                    "created": "2017-01-01T00:00:00Z", "config": {"Cmd": ["/bin/sh"]}});
+    let manifest = json!({
+        "schemaVersion": 1,
+        "name": "library/old",
+        "tag": "latest",
+        "architecture": "amd64",
+        "fsLayers": [{"blobSum": blob.digest}],
+        "history": [{"v1Compatibility": v1.to_string()}],
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).expect("write manifest");
+    std::fs::write(dir.join("version"), "Directory Transport Version: 1.1\n").expect("write");
+    assert_schema1_error(
+        &export_fails(&dir, &["--format", "rootfs"]),
+        "manifest.json",
+    );
+
+    let have_skopeo = std::process::Command::new("skopeo")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_skopeo {
+        let msg = "schema1 conversion check needs skopeo";
+        assert!(
+            std::env::var("FLATFS_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "{msg} (FLATFS_REQUIRE_TOOLS=1)"
+        );
+        eprintln!("SKIPPED: {msg}");
+        return;
+    }
+    let converted = tmp.path().join("converted");
+    let out = std::process::Command::new("skopeo")
+        .arg("copy")
+        .arg(format!("dir:{}", dir.display()))
+        .arg(format!("oci:{}:latest", converted.display()))
+        .output()
+        .expect("run skopeo");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = rootfs_listing(&converted);
+    assert!(
+        listing.contains("hello.txt f 0644 0 0 6 \"hello\\x0a\""),
+        "{listing}"
+    );
+}
+
 #[test]
 fn layer_digest_mismatch_is_an_error_naming_the_layer() {
     let f = Fixture::new();
