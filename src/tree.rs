@@ -34,6 +34,9 @@ const IMPLICIT_DIR: Meta = Meta {
 /// so the mount, `ls -l` and export agree.
 const SYMLINK_MODE: u32 = 0o777;
 
+/// Most symlinks one path may pass through, as Linux's `MAXSYMLINKS`; more is taken as a loop.
+const MAX_SYMLINKS: usize = 40;
+
 /// Where a regular file's bytes are: a range of one layer's decompressed tar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
@@ -671,34 +674,85 @@ impl Builder {
         }
     }
 
-    /// Walks to the parent of `path`, creating missing directories and replacing non-directories
-    /// with directories (never following a symlink), and returns its id.
-    fn make_parents(&mut self, path: &[u8], layer: u32) -> usize {
-        let (parent_path, _) = split_parent(path);
-        let mut id = 0;
-        for comp in parent_path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
-            let existing = self
-                .dir_children(id)
-                .expect("walk stays on directories")
-                .get(comp)
-                .copied();
-            id = match existing {
-                Some(child) if matches!(self.nodes[child].kind, BKind::Dir(_)) => child,
-                _ => {
-                    let child = self.push(BNode {
-                        kind: BKind::Dir(BTreeMap::new()),
-                        meta: IMPLICIT_DIR,
-                        xattrs: Vec::new(),
-                        layer,
-                    });
-                    self.dir_children(id)
-                        .expect("directory")
-                        .insert(comp.into(), child);
-                    child
+    /// Walks from the root through the directories `dirs` names as a chrooted extraction of
+    /// layer `layer` would, and returns the directory it ends in. Symlinks that this layer has
+    /// created so far (in tar order) are followed, clamped to the root: `..` at the root stays
+    /// there and an absolute target starts from it. Lower layers' symlinks are not followed:
+    /// an overlay snapshotter extracts a layer into a directory of its own, where they do not
+    /// exist. With `create`, a missing component, or one that is anything else, becomes an
+    /// implicit directory (replacing what was there); without, it ends the walk with `None`.
+    fn walk_dirs(
+        &mut self,
+        dirs: &[u8],
+        layer: u32,
+        create: bool,
+    ) -> std::result::Result<Option<usize>, String> {
+        let components = |p: &[u8]| -> Vec<Vec<u8>> {
+            p.split(|&b| b == b'/')
+                .filter(|c| !c.is_empty() && *c != b".")
+                .rev()
+                .map(<[u8]>::to_vec)
+                .collect()
+        };
+        // The directories from the root down to where the walk is (`..` pops), and the
+        // components still to walk, last first.
+        let mut at: Vec<usize> = vec![0];
+        let mut pending = components(dirs);
+        let mut followed = 0;
+        while let Some(comp) = pending.pop() {
+            if comp == b".." {
+                if at.len() > 1 {
+                    at.pop();
                 }
-            };
+                continue;
+            }
+            let dir = *at.last().expect("the root is never popped");
+            let existing = self
+                .dir_children(dir)
+                .expect("walk stays on directories")
+                .get(&comp[..])
+                .copied();
+            if let Some(child) = existing {
+                match &self.nodes[child].kind {
+                    BKind::Dir(_) => {
+                        at.push(child);
+                        continue;
+                    }
+                    // An empty target names nothing (Linux refuses to create one).
+                    BKind::Symlink(target)
+                        if self.nodes[child].layer == layer && !target.is_empty() =>
+                    {
+                        followed += 1;
+                        if followed > MAX_SYMLINKS {
+                            return Err(format!(
+                                "too many levels of symbolic links in its path (more than \
+                                 {MAX_SYMLINKS}, as Linux allows): a symlink loop"
+                            ));
+                        }
+                        if target.starts_with(b"/") {
+                            at.truncate(1);
+                        }
+                        pending.extend(components(target));
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            if !create {
+                return Ok(None);
+            }
+            let child = self.push(BNode {
+                kind: BKind::Dir(BTreeMap::new()),
+                meta: IMPLICIT_DIR,
+                xattrs: Vec::new(),
+                layer,
+            });
+            self.dir_children(dir)
+                .expect("directory")
+                .insert(comp.into(), child);
+            at.push(child);
         }
-        id
+        Ok(Some(*at.last().expect("the root is never popped")))
     }
 
     fn push(&mut self, node: BNode) -> usize {
@@ -744,8 +798,10 @@ impl Builder {
             root.layer = layer_no;
             return Ok(());
         }
-        let parent = self.make_parents(&entry.path, layer_no);
-        let (_, name) = split_parent(&entry.path);
+        let (parent_path, name) = split_parent(&entry.path);
+        let parent = self
+            .walk_dirs(parent_path, layer_no, true)?
+            .expect("a creating walk always ends in a directory");
         let existing = self
             .dir_children(parent)
             .expect("directory")
@@ -766,7 +822,16 @@ impl Builder {
                 BKind::Dir(BTreeMap::new())
             }
             Kind::Hardlink(target) => {
-                let (_, id) = self.find(&target).ok_or_else(|| {
+                // `link()` resolves the target's parents as the entry's are, not its last
+                // component: a link to a symlink is a second name of the symlink.
+                let (target_dir, target_name) = split_parent(&target);
+                let found = if target.is_empty() {
+                    Some(0)
+                } else {
+                    self.walk_dirs(target_dir, layer_no, false)?
+                        .and_then(|d| self.dir_children(d)?.get(target_name).copied())
+                };
+                let id = found.ok_or_else(|| {
                     format!(
                         "hardlink target {:?} does not exist",
                         String::from_utf8_lossy(&target)
@@ -1233,6 +1298,149 @@ mod tests {
              etc/passwd f 1@1:1 0644 0:0 n1
              lib d 0755 0:0 n2
              lib/passwd f 1@2:0 0644 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn entry_through_same_layer_symlink_lands_where_it_points_clamped_to_the_root() {
+        // buildah's test image: `symldir1 -> ..` then `symldir1/etc/myfile`.
+        assert_tree(
+            &[&["l symldir1 ..", "f symldir1/etc/myfile"]],
+            ". d 0755 0:0 n3
+             etc d 0755 0:0 n2
+             etc/myfile f 1@1:1 0644 0:0 n1
+             symldir1 l .. 0777 0:0 n1",
+        );
+        assert_tree(
+            &[&[
+                "d sub",
+                "l sub/up ../../..",
+                "f sub/up/top",
+                "l abs /",
+                "f abs/x",
+            ]],
+            ". d 0755 0:0 n3
+             abs l / 0777 0:0 n1
+             sub d 0644 0:0 n2
+             sub/up l ../../.. 0777 0:0 n1
+             top f 1@1:2 0644 0:0 n1
+             x f 1@1:4 0644 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn symlink_chains_resolve_and_missing_targets_become_directories() {
+        assert_tree(
+            &[&[
+                "l a b",
+                "l b c/d",
+                "d c",
+                "f a/x",
+                "l dangling e/f",
+                "f dangling/y",
+            ]],
+            ". d 0755 0:0 n4
+             a l b 0777 0:0 n1
+             b l c/d 0777 0:0 n1
+             c d 0644 0:0 n3
+             c/d d 0755 0:0 n2
+             c/d/x f 1@1:3 0644 0:0 n1
+             dangling l e/f 0777 0:0 n1
+             e d 0755 0:0 n3
+             e/f d 0755 0:0 n2
+             e/f/y f 1@1:5 0644 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn same_layer_symlink_counts_only_from_where_the_tar_puts_it() {
+        // The entry comes first and makes a directory; the symlink then replaces it, as an
+        // extraction in tar order does. A directory over the symlink is a plain directory.
+        assert_tree(
+            &[&["f s/x", "l s /etc", "l t /etc", "d t", "f t/y"]],
+            ". d 0755 0:0 n3
+             s l /etc 0777 0:0 n1
+             t d 0644 0:0 n2
+             t/y f 1@1:4 0644 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn same_layer_symlink_to_a_file_is_replaced_like_any_file() {
+        // A chrooted extraction (and umoci) fails with ENOTDIR; flatfs applies rule 2 to the
+        // file it reaches, as for an entry under any file.
+        assert_tree(
+            &[&["f file", "l s file", "f s/x"]],
+            ". d 0755 0:0 n3
+             file d 0755 0:0 n2
+             file/x f 1@1:2 0644 0:0 n1
+             s l file 0777 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn lower_symlink_is_not_followed_even_from_a_same_layer_one() {
+        assert_tree(
+            &[&["d etc", "l lib /etc"], &["l l /lib/x", "f l/f"]],
+            ". d 0755 0:0 n4
+             etc d 0644 0:0 n2
+             l l /lib/x 0777 0:0 n1
+             lib d 0755 0:0 n3
+             lib/x d 0755 0:0 n2
+             lib/x/f f 1@2:1 0644 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn hardlink_target_resolves_through_same_layer_symlinks_only() {
+        assert_tree(
+            &[&["f real/f", "l s real", "h link s/f"]],
+            ". d 0755 0:0 n3
+             link f 1@1:0 0644 0:0 n2
+             real d 0755 0:0 n2
+             real/f f 1@1:0 0644 0:0 n2 => link
+             s l real 0777 0:0 n1",
+        );
+        let err = merge(&[
+            layer(1, &["f real/f", "l s real"]),
+            layer(2, &["h link s/f"]),
+        ])
+        .expect_err("a lower symlink is not followed");
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn symlink_loop_is_an_error_naming_layer_and_entry() {
+        let deep = format!("f {}/f", ["a"; 41].join("/"));
+        for lines in [
+            &["l a b", "l b a", "f a/x"][..],
+            &["l a .", &deep],
+            &["f t", "l a b", "l b a", "h x a/t"],
+        ] {
+            let err = merge(&[layer(1, lines)]).expect_err("loop");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("layer 1") && msg.contains("symbolic links"),
+                "{msg}"
+            );
+        }
+        // 40 symlinks are still fine, as for Linux.
+        let path = ["a"; 40].join("/");
+        let ok = merge(&[layer(1, &["l a .", &format!("f {path}/f")])]).expect("40 links");
+        assert!(ok.resolve(b"f").is_some());
+    }
+
+    #[test]
+    fn whiteout_under_same_layer_symlink_changes_nothing() {
+        // Whiteouts go before the layer's entries, so its symlinks do not exist yet: the
+        // whiteout names `s/foo` literally (podman shows the same when the whiteout comes
+        // first in the tar; umoci follows the symlink, podman fails when it comes second).
+        assert_tree(
+            &[&["d etc", "f etc/foo"], &["l s /etc", "s/.wh.foo"]],
+            ". d 0755 0:0 n3
+             etc d 0644 0:0 n2
+             etc/foo f 1@1:1 0644 0:0 n1
+             s l /etc 0777 0:0 n1",
         );
     }
 
