@@ -618,6 +618,8 @@ enum BKind {
 
 struct Builder {
     nodes: Vec<BNode>,
+    /// [`Builder::walk_dirs`]'s stack of directories, kept so that walks do not allocate.
+    walk_scratch: Vec<usize>,
 }
 
 impl Builder {
@@ -629,6 +631,7 @@ impl Builder {
                 xattrs: Vec::new(),
                 layer: 0,
             }],
+            walk_scratch: Vec::new(),
         }
     }
 
@@ -687,24 +690,33 @@ impl Builder {
         layer: u32,
         create: bool,
     ) -> std::result::Result<Option<usize>, String> {
-        let components = |p: &[u8]| -> Vec<Vec<u8>> {
-            p.split(|&b| b == b'/')
-                .filter(|c| !c.is_empty() && *c != b".")
-                .rev()
-                .map(<[u8]>::to_vec)
-                .collect()
-        };
-        // The directories from the root down to where the walk is (`..` pops), and the
-        // components still to walk, last first.
-        let mut at: Vec<usize> = vec![0];
-        let mut pending = components(dirs);
+        // The directories from the root down to where the walk is (`..` pops them), reused
+        // across calls; the components of followed symlinks' targets still to walk, last
+        // first, before the rest of `dirs`. Most paths go through no symlink, so they cost
+        // no allocation.
+        let mut at = std::mem::take(&mut self.walk_scratch);
+        at.clear();
+        at.push(0);
+        let mut rest = dirs.split(|&b| b == b'/');
+        let mut pending: Vec<Vec<u8>> = Vec::new();
         let mut followed = 0;
-        while let Some(comp) = pending.pop() {
-            if comp == b".." {
-                if at.len() > 1 {
-                    at.pop();
+        let result = loop {
+            let comp: std::borrow::Cow<[u8]> = match pending.pop() {
+                Some(c) => c.into(),
+                None => match rest.next() {
+                    Some(c) => c.into(),
+                    None => break Ok(Some(*at.last().expect("the root is never popped"))),
+                },
+            };
+            match &comp[..] {
+                b"" | b"." => continue,
+                b".." => {
+                    if at.len() > 1 {
+                        at.pop();
+                    }
+                    continue;
                 }
-                continue;
+                _ => {}
             }
             let dir = *at.last().expect("the root is never popped");
             let existing = self
@@ -724,7 +736,7 @@ impl Builder {
                     {
                         followed += 1;
                         if followed > MAX_SYMLINKS {
-                            return Err(format!(
+                            break Err(format!(
                                 "too many levels of symbolic links in its path (more than \
                                  {MAX_SYMLINKS}, as Linux allows): a symlink loop"
                             ));
@@ -732,14 +744,14 @@ impl Builder {
                         if target.starts_with(b"/") {
                             at.truncate(1);
                         }
-                        pending.extend(components(target));
+                        pending.extend(target.split(|&b| b == b'/').rev().map(<[u8]>::to_vec));
                         continue;
                     }
                     _ => {}
                 }
             }
             if !create {
-                return Ok(None);
+                break Ok(None);
             }
             let child = self.push(BNode {
                 kind: BKind::Dir(BTreeMap::new()),
@@ -749,10 +761,11 @@ impl Builder {
             });
             self.dir_children(dir)
                 .expect("directory")
-                .insert(comp.into(), child);
+                .insert(Box::from(&comp[..]), child);
             at.push(child);
-        }
-        Ok(Some(*at.last().expect("the root is never popped")))
+        };
+        self.walk_scratch = at;
+        result
     }
 
     fn push(&mut self, node: BNode) -> usize {
