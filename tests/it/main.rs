@@ -11,4 +11,5 @@ mod mount;
 mod oracle;
 mod props;
 mod util;
+mod writers;
 mod zran;
