@@ -1259,3 +1259,263 @@ fn skopeo_conversions_match_the_oracle() {
     t.cases.push(c.map_err(|e| format!("skopeo-zstd: {e}")));
     t.check();
 }
+
+/// `podman` with storage, runroot and settings of its own under `dir`: the settings of
+/// ../shared/tools/make-images.sh (no network, cgroupfs, rlimits the sandbox allows), with
+/// the overlay driver where the kernel has it, as podman uses by default.
+fn podman(dir: &Path) -> Command {
+    let conf = dir.join("containers.conf");
+    if !conf.exists() {
+        let mut nofile = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct it is given.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) };
+        let driver = match fs::read_to_string("/proc/filesystems") {
+            Ok(f) if f.lines().any(|l| l.ends_with("\toverlay")) => "overlay",
+            _ => "vfs",
+        };
+        fs::create_dir_all(dir).expect("mkdir podman");
+        fs::write(
+            &conf,
+            format!(
+                "[containers]\nnetns = \"none\"\ndefault_ulimits = [\"nofile={n}:{n}\", \
+                 \"nproc=4096:4096\"]\n[engine]\ncgroup_manager = \"cgroupfs\"\n\
+                 events_logger = \"file\"\n",
+                n = nofile.rlim_max
+            ),
+        )
+        .expect("write containers.conf");
+        fs::write(
+            dir.join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"{driver}\"\nrunroot = \"{}\"\ngraphroot = \"{}\"\n",
+                dir.join("run").display(),
+                dir.join("graph").display()
+            ),
+        )
+        .expect("write storage.conf");
+    }
+    let mut cmd = Command::new("podman");
+    cmd.env("CONTAINERS_CONF", conf)
+        .env("CONTAINERS_STORAGE_CONF", dir.join("storage.conf"));
+    cmd
+}
+
+/// Podman's storage under a test's work dir: on drop, its images go and the overlay driver's
+/// own mount of its storage dir (which it leaves behind) is undone, so the dir can be removed.
+struct PodmanStore(PathBuf);
+
+impl Drop for PodmanStore {
+    fn drop(&mut self) {
+        if !self.0.join("containers.conf").exists() {
+            return;
+        }
+        let _ = podman(&self.0).args(["rmi", "-a", "-f"]).output();
+        let overlay = self.0.join("graph/overlay");
+        if is_mounted(&overlay) {
+            let _ = Command::new("umount").arg(&overlay).output();
+        }
+    }
+}
+
+/// The names in every layer of the OCI layout `dir` that start with `.wh.`.
+fn whiteout_names(dir: &Path) -> Result<Vec<String>, String> {
+    let json = |p: &Path| -> Result<serde_json::Value, String> {
+        serde_json::from_slice(&read(p)?).map_err(|e| e.to_string())
+    };
+    let blob = |d: &str| {
+        dir.join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let index = json(&dir.join("index.json"))?;
+    let manifest = json(&blob(
+        index["manifests"][0]["digest"]
+            .as_str()
+            .ok_or("no manifest")?,
+    ))?;
+    let mut names = Vec::new();
+    for layer in manifest["layers"].as_array().ok_or("no layers")? {
+        let tar = decompress(&read(&blob(layer["digest"].as_str().ok_or("no digest")?))?);
+        let mut archive = tar::Archive::new(tar.as_slice());
+        for entry in archive.entries().map_err(|e| e.to_string())? {
+            let entry = entry.map_err(|e| e.to_string())?;
+            let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            if path
+                .rsplit('/')
+                .next()
+                .is_some_and(|n| n.starts_with(".wh."))
+            {
+                names.push(path);
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// `Err` unless the layout `dir` holds a whiteout and an opaque marker: the case is about
+/// the merge.
+fn has_whiteouts_and_opaque(dir: &Path) -> Result<(), String> {
+    let names = whiteout_names(dir)?;
+    if names.iter().any(|n| n.ends_with(".wh..wh..opq"))
+        && names.iter().any(|n| !n.ends_with(".wh..wh..opq"))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: expected whiteouts and an opaque marker in its layers, found {names:?}",
+            dir.display()
+        ))
+    }
+}
+
+/// Builds `containerfile` in `ctx` as `tag` and pushes it to the OCI layout `out`.
+fn podman_build(
+    pod: &Path,
+    ctx: &Path,
+    containerfile: &str,
+    tag: &str,
+    out: &Path,
+) -> Result<(), String> {
+    fs::write(ctx.join("Containerfile"), containerfile).map_err(|e| e.to_string())?;
+    // RUN steps in a chroot: no OCI runtime needed (crun 1.8 refuses this host's hybrid
+    // cgroups, and runc is not a podman dependency); chroot isolation needs host networking.
+    run(podman(pod)
+        .args([
+            "build",
+            "-q",
+            "--isolation",
+            "chroot",
+            "--timestamp",
+            "1700000000",
+            "-t",
+            tag,
+        ])
+        .arg(ctx))?;
+    run(podman(pod)
+        .args(["push", "-q", tag])
+        .arg(format!("oci:{}:latest", out.display())))
+    .map(drop)
+}
+
+#[test]
+fn podman_built_images_match_the_oracle() {
+    let test = "podman_built_images_match_the_oracle";
+    let Some(tools) = prerequisites(test, &["podman", "tar", "go", "busybox"]) else {
+        return;
+    };
+    let mut t = Table::new(test, tools);
+    let store = PodmanStore(t.work().join("podman"));
+    let pod = store.0.clone();
+    let lower = t.trees.lower(XATTRS);
+    let upper = t.trees.get("upper", make_upper);
+    let ctx = t.case_dir("context");
+    let args = [
+        "--format=posix",
+        "--numeric-owner",
+        "--xattrs",
+        "--xattrs-include=*",
+    ];
+    let prepared = with_writer(&mut t, "context", |_| {
+        gnu_tar(&lower, &ctx.join("lower.tar"), &args)?;
+        run(Command::new("cp")
+            .arg("-a")
+            .arg(&upper)
+            .arg(ctx.join("upper")))?;
+        let busybox = run_text(Command::new("sh").args(["-c", "command -v busybox"]))?;
+        fs::copy(busybox.trim(), ctx.join("busybox"))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+    if prepared.is_some() {
+        // podman writes every layer: ADD extracts the tar into its storage, COPY copies a
+        // tree, and the RUN steps delete (whiteouts) and recreate a directory (opaque
+        // under the overlay driver). /etc/hostname is bind-mounted during RUN: not deleted.
+        let image = t.case_dir("podman-build").join("image");
+        let built = podman_build(
+            &pod,
+            &ctx,
+            "FROM scratch\n\
+             ADD lower.tar /\n\
+             COPY upper/ /\n\
+             COPY busybox /bin/busybox\n\
+             RUN [\"/bin/busybox\", \"rm\", \"-rf\", \"/etc/new\", \"/dir/sub\", \"/rel\"]\n\
+             RUN [\"/bin/busybox\", \"sh\", \"-c\", \"rm -rf /home/user && mkdir /home/user && \
+             echo again > /home/user/again\"]\n",
+            "localhost/corpus-build:latest",
+            &image,
+        )
+        .and_then(|()| has_whiteouts_and_opaque(&image));
+        t.cases.push(
+            built
+                .map(|()| Case {
+                    name: "podman-build".into(),
+                    image: format!("{}:latest", image.display()),
+                    oracle: Oracle::Umoci(image.clone()),
+                })
+                .map_err(|e| format!("podman-build: {e}")),
+        );
+        // The docker archive `podman save` writes from the same storage.
+        let saved = t.case_dir("podman-save").join("image.tar");
+        let c = run(podman(&pod)
+            .args(["save", "-q", "--format", "docker-archive", "-o"])
+            .arg(&saved)
+            .arg("localhost/corpus-build:latest"))
+        .map(|_| Case {
+            name: "podman-save".into(),
+            image: saved.display().to_string(),
+            oracle: Oracle::Umoci(image.clone()),
+        });
+        t.cases.push(c.map_err(|e| format!("podman-save: {e}")));
+    }
+    // No RUN: the whiteouts come from a Go-written base image that podman stores and
+    // pushes again, under a COPY layer of podman's own.
+    let base = t.case_dir("podman-from-oci").join("base");
+    let mut markers: Vec<&str> = vec!["-moby"];
+    for w in WHITEOUTS {
+        markers.extend(["-whiteout", w]);
+    }
+    markers.extend(["-opaque", OPAQUE]);
+    let dir = t.case_dir("podman-from-oci");
+    let layers = with_writer(&mut t, "podman-from-oci", |_| {
+        Ok(vec![
+            raw_layer(go_writer(&lower, &dir.join("lower.tar"), &["-moby"])?),
+            raw_layer(go_writer(&upper, &dir.join("upper.tar"), &markers)?),
+        ])
+    });
+    if let (Some(layers), Some(())) = (layers, prepared) {
+        write_oci_layout(&layers, &default_config(&layers), &base, Some(OCI_REF));
+        let image = dir.join("image");
+        // Into podman's storage with skopeo: `FROM oci:PATH` makes an image name of the
+        // path, which fails on the temp dir's capital letters.
+        let mut store = Command::new("skopeo");
+        for (k, v) in podman(&pod).get_envs() {
+            store.env(k, v.expect("set"));
+        }
+        let built = run(store
+            .args(["copy", "-q"])
+            .arg(format!("oci:{}:latest", base.display()))
+            .arg("containers-storage:localhost/corpus-go:latest"))
+        .and_then(|_| {
+            podman_build(
+                &pod,
+                &ctx,
+                "FROM localhost/corpus-go:latest\nCOPY busybox /bin/busybox\n",
+                "localhost/corpus-from-oci:latest",
+                &image,
+            )
+        })
+        .and_then(|()| has_whiteouts_and_opaque(&image));
+        t.cases.push(
+            built
+                .map(|()| Case {
+                    name: "podman-from-oci".into(),
+                    image: format!("{}:latest", image.display()),
+                    oracle: Oracle::Umoci(image.clone()),
+                })
+                .map_err(|e| format!("podman-from-oci: {e}")),
+        );
+    }
+    t.check();
+}
