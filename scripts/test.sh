@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # tests run; installed here so that two of them never run apt-get at once.)
 packages=(fuse3 umoci skopeo attr python3 tar gzip zstd pigz jq libcap2-bin busybox-static time util-linux)
 # The writer corpus (tests/it/writers.rs) archives with every tar writer there is.
-packages+=(libarchive-tools golang-go podman)
+packages+=(libarchive-tools golang-go podman pax git)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

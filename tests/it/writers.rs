@@ -359,7 +359,7 @@ impl Trees {
 
     /// The lower tree with features `f`.
     fn lower(&mut self, f: Features) -> PathBuf {
-        self.get(tree_name(f), |p| make_tree(p, f))
+        self.get(&tree_name(f), |p| make_tree(p, f))
     }
 }
 
@@ -380,6 +380,11 @@ struct Case {
     /// What flatfs is given: `DIR:latest`, or an archive.
     image: String,
     oracle: Oracle,
+}
+
+/// `DIR:latest`, the image flatfs and umoci read from an OCI layout.
+fn tagged(dir: &Path) -> String {
+    format!("{}:{OCI_REF}", dir.display())
 }
 
 /// The cases of a table, in a work dir shared by them.
@@ -426,22 +431,14 @@ impl Table {
     fn layers(&mut self, name: &str, layers: Vec<Layer>) {
         let dir = self.case_dir(name).join("image");
         write_oci_layout(&layers, &default_config(&layers), &dir, Some(OCI_REF));
-        self.cases.push(Ok(Case {
-            name: name.to_string(),
-            image: format!("{}:{OCI_REF}", dir.display()),
-            oracle: Oracle::Umoci(dir),
-        }));
+        self.image(name, Ok((tagged(&dir), Oracle::Umoci(dir))));
     }
 
     /// `layers`, which umoci cannot read, checked against the writer's extraction `extracted`.
     fn layers_extracted(&mut self, name: &str, layers: Vec<Layer>, extracted: PathBuf) {
         let dir = self.case_dir(name).join("image");
         write_oci_layout(&layers, &default_config(&layers), &dir, Some(OCI_REF));
-        self.cases.push(Ok(Case {
-            name: name.to_string(),
-            image: format!("{}:{OCI_REF}", dir.display()),
-            oracle: Oracle::Extracted(extracted),
-        }));
+        self.image(name, Ok((tagged(&dir), Oracle::Extracted(extracted))));
     }
 
     /// `layers` (zstd) checked against umoci's unpack of `twins`, the same tars under gzip:
@@ -457,17 +454,32 @@ impl Table {
         };
         write(Compression::Zstd, &dir.join("image"));
         write(Compression::Gzip, &dir.join("gzip-twin"));
-        self.cases.push(Ok(Case {
-            name: name.to_string(),
-            image: format!("{}:{OCI_REF}", dir.join("image").display()),
-            oracle: Oracle::Umoci(dir.join("gzip-twin")),
-        }));
+        let oracle = Oracle::Umoci(dir.join("gzip-twin"));
+        self.image(name, Ok((tagged(&dir.join("image")), oracle)));
     }
 
-    /// A case whose writer failed: listed with the other failures.
-    fn failed(&mut self, name: &str, err: String) {
-        self.cases
-            .push(Err(format!("{name}: the writer failed: {err}")));
+    /// What `build` (a writer, or the steps that make an image) returns; on failure the
+    /// case `name` fails with the error, listed with the others.
+    fn writer<T>(&mut self, name: &str, build: impl FnOnce() -> Result<T, String>) -> Option<T> {
+        build()
+            .map_err(|e| {
+                self.cases
+                    .push(Err(format!("{name}: the writer failed: {e}")))
+            })
+            .ok()
+    }
+
+    /// An image a tool made: `built` is what flatfs reads and the oracle, or the failure.
+    fn image(&mut self, name: &str, built: Result<(String, Oracle), String>) {
+        self.cases.push(
+            built
+                .map(|(image, oracle)| Case {
+                    name: name.to_string(),
+                    image,
+                    oracle,
+                })
+                .map_err(|e| format!("{name}: the writer failed: {e}")),
+        );
     }
 
     /// Checks every case; panics listing every failing one.
@@ -640,6 +652,14 @@ fn check_case(tools: &Path, case: &Case, work: &Path, fuse: bool) -> Result<(), 
 // ---------------------------------------------------------------------------------------
 // Writers
 
+/// GNU tar's options for a PAX layer with every xattr and numeric ids.
+const POSIX_XATTRS: &[&str] = &[
+    "--format=posix",
+    "--numeric-owner",
+    "--xattrs",
+    "--xattrs-include=*",
+];
+
 /// `tar ARGS -cf OUT -C SRC .` with GNU tar, in name order so layers are reproducible.
 fn gnu_tar(src: &Path, out: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
     run(Command::new("tar")
@@ -714,21 +734,6 @@ fn pytar(format: &str, src: &Path, out: &Path) -> Result<Vec<u8>, String> {
     read(out)
 }
 
-/// Runs `build` for a case named `name`, recording the writer's failure as the case's.
-fn with_writer<T>(
-    table: &mut Table,
-    name: &str,
-    build: impl FnOnce(&mut Table) -> Result<T, String>,
-) -> Option<T> {
-    match build(table) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            table.failed(name, e);
-            None
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // The tables
 
@@ -743,16 +748,7 @@ fn gnu_tar_layers_in_every_format_match_the_oracle() {
         ("gnu", FULL, &["--format=gnu", "--numeric-owner"]),
         // Owner names as well as ids: readers must take the ids.
         ("oldgnu", FULL, &["--format=oldgnu"]),
-        (
-            "posix",
-            XATTRS,
-            &[
-                "--format=posix",
-                "--numeric-owner",
-                "--xattrs",
-                "--xattrs-include=*",
-            ],
-        ),
+        ("posix", XATTRS, POSIX_XATTRS),
         ("ustar", USTAR, &["--format=ustar", "--numeric-owner"]),
         ("v7", V7, &["--format=v7", "--numeric-owner"]),
     ];
@@ -760,7 +756,7 @@ fn gnu_tar_layers_in_every_format_match_the_oracle() {
         let name = format!("gnu-tar-{format}");
         let src = t.trees.lower(features);
         let out = t.case_dir(&name).join("layer.tar");
-        let Some(tar) = with_writer(&mut t, &name, |_| gnu_tar(&src, &out, args)) else {
+        let Some(tar) = t.writer(&name, || gnu_tar(&src, &out, args)) else {
             continue;
         };
         t.layers(&name, vec![raw_layer(tar.clone())]);
@@ -769,10 +765,8 @@ fn gnu_tar_layers_in_every_format_match_the_oracle() {
             vec![raw_layer(tar.clone()).compression(Compression::Gzip)],
         );
         let extracted = t.case_dir(&name).join("extracted");
-        if with_writer(&mut t, &format!("{name}-zstd"), |_| {
-            gnu_extract(&out, &extracted)
-        })
-        .is_some()
+        if t.writer(&format!("{name}-zstd"), || gnu_extract(&out, &extracted))
+            .is_some()
         {
             let layers = vec![raw_layer(tar).compression(Compression::Zstd)];
             t.layers_extracted(&format!("{name}-zstd"), layers, extracted);
@@ -782,16 +776,10 @@ fn gnu_tar_layers_in_every_format_match_the_oracle() {
     let lower = t.trees.lower(XATTRS);
     let upper = t.trees.get("upper-markers", make_upper_with_markers);
     let dir = t.case_dir("gnu-tar-whiteouts");
-    let args = [
-        "--format=posix",
-        "--numeric-owner",
-        "--xattrs",
-        "--xattrs-include=*",
-    ];
-    let layers = with_writer(&mut t, "gnu-tar-whiteouts", |_| {
+    let layers = t.writer("gnu-tar-whiteouts", || {
         Ok(vec![
-            raw_layer(gnu_tar(&lower, &dir.join("lower.tar"), &args)?),
-            raw_layer(gnu_tar(&upper, &dir.join("upper.tar"), &args)?),
+            raw_layer(gnu_tar(&lower, &dir.join("lower.tar"), POSIX_XATTRS)?),
+            raw_layer(gnu_tar(&upper, &dir.join("upper.tar"), POSIX_XATTRS)?),
         ])
     });
     if let Some(layers) = layers {
@@ -800,14 +788,20 @@ fn gnu_tar_layers_in_every_format_match_the_oracle() {
     t.check();
 }
 
-fn tree_name(f: Features) -> &'static str {
-    match (f.long_names, f.ustar_names, f.xattrs, f.sparse) {
-        (true, _, true, _) => "xattrs",
-        (true, _, false, _) => "full",
-        (false, true, _, _) => "ustar",
-        (false, false, _, true) => "sparse",
-        _ => "v7",
-    }
+/// A name for the tree with features `f`, e.g. `tree-long-ustar-dev-ids`.
+fn tree_name(f: Features) -> String {
+    let flags = [
+        (f.long_names, "long"),
+        (f.ustar_names, "ustar"),
+        (f.devices, "dev"),
+        (f.big_ids, "ids"),
+        (f.xattrs, "xattrs"),
+        (f.sparse, "sparse"),
+    ];
+    flags
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold("tree".to_string(), |n, (_, flag)| format!("{n}-{flag}"))
 }
 
 #[test]
@@ -832,7 +826,7 @@ fn bsdtar_layers_in_every_format_match_the_oracle() {
         let out = t.case_dir(&name).join("layer.tar");
         let mut all = vec!["--format", format];
         all.extend_from_slice(args);
-        if let Some(tar) = with_writer(&mut t, &name, |_| bsdtar(&src, &out, &all)) {
+        if let Some(tar) = t.writer(&name, || bsdtar(&src, &out, &all)) {
             t.layers(&name, vec![raw_layer(tar).compression(Compression::Gzip)]);
         }
     }
@@ -848,7 +842,7 @@ fn busybox_tar_layer_matches_the_oracle() {
     let mut t = Table::new(test, tools);
     let src = t.trees.lower(FULL);
     let out = t.case_dir("busybox").join("layer.tar");
-    let tar = with_writer(&mut t, "busybox", |_| {
+    let tar = t.writer("busybox", || {
         run(Command::new("busybox")
             .args(["tar", "-cf"])
             .arg(&out)
@@ -874,11 +868,29 @@ fn python_tarfile_layers_in_every_format_match_the_oracle() {
         let name = format!("python-{format}");
         let src = t.trees.lower(features);
         let out = t.case_dir(&name).join("layer.tar");
-        if let Some(tar) = with_writer(&mut t, &name, |_| pytar(format, &src, &out)) {
+        if let Some(tar) = t.writer(&name, || pytar(format, &src, &out)) {
             t.layers(&name, vec![raw_layer(tar).compression(Compression::Gzip)]);
         }
     }
     t.check();
+}
+
+/// The Go writer's flags for the upper layer: whiteouts for [`WHITEOUTS`], an opaque marker
+/// in [`OPAQUE`], moby's headers.
+fn go_upper_args() -> Vec<&'static str> {
+    let mut args = vec!["-moby", "-opaque", OPAQUE];
+    for w in WHITEOUTS {
+        args.extend(["-whiteout", w]);
+    }
+    args
+}
+
+/// The upper layer of the multi-layer cases, written by the Go writer.
+fn go_upper_layer(t: &mut Table, dir: &Path) -> Option<Vec<u8>> {
+    let upper = t.trees.get("upper", make_upper);
+    t.writer("go-upper", || {
+        go_writer(&upper, &dir.join("upper.tar"), &go_upper_args())
+    })
 }
 
 #[test]
@@ -889,34 +901,102 @@ fn go_archive_tar_layers_and_their_whiteouts_match_the_oracle() {
     };
     let mut t = Table::new(test, tools);
     let lower = t.trees.lower(XATTRS);
-    let upper = t.trees.get("upper", make_upper);
     let dir = t.case_dir("go");
-    let mut markers: Vec<&str> = Vec::new();
-    for w in WHITEOUTS {
-        markers.extend(["-whiteout", w]);
+    if let Some(tar) = t.writer("go-default-format", || {
+        go_writer(&lower, &dir.join("lower.tar"), &[])
+    }) {
+        t.layers("go-default-format", vec![raw_layer(tar)]);
     }
-    markers.extend(["-opaque", OPAQUE]);
-    let built = with_writer(&mut t, "go", |_| {
-        let plain = go_writer(&lower, &dir.join("lower.tar"), &[])?;
-        let moby = go_writer(&lower, &dir.join("lower-moby.tar"), &["-moby"])?;
-        let mut upper_args = vec!["-moby"];
-        upper_args.extend(&markers);
-        let up = go_writer(&upper, &dir.join("upper.tar"), &upper_args)?;
-        Ok((plain, moby, up))
+    let moby = t.writer("go-moby", || {
+        go_writer(&lower, &dir.join("lower-moby.tar"), &["-moby"])
     });
-    if let Some((plain, moby, up)) = built {
-        t.layers("go-default-format", vec![raw_layer(plain.clone())]);
-        t.layers(
-            "go-moby",
-            vec![raw_layer(moby.clone()).compression(Compression::Gzip)],
-        );
-        t.layers(
-            "go-moby-whiteouts-opaque",
-            vec![
-                raw_layer(moby).compression(Compression::Gzip),
-                raw_layer(up).compression(Compression::Gzip),
-            ],
-        );
+    let upper = go_upper_layer(&mut t, &dir);
+    if let Some(moby) = moby {
+        let gzip = |tar: &[u8]| raw_layer(tar).compression(Compression::Gzip);
+        t.layers("go-moby", vec![gzip(&moby)]);
+        if let Some(upper) = upper {
+            t.layers("go-moby-whiteouts-opaque", vec![gzip(&moby), gzip(&upper)]);
+        }
+    }
+    t.check();
+}
+
+/// `git archive` of a commit of `src`, with the repository in `git_dir`.
+fn git_archive(src: &Path, git_dir: &Path, out: &Path) -> Result<Vec<u8>, String> {
+    let git = |args: &[&str]| {
+        let mut cmd = Command::new("git");
+        cmd.arg("--git-dir")
+            .arg(git_dir)
+            .arg("--work-tree")
+            .arg(src)
+            .args(args)
+            // Nothing from the user's or the system's git config.
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_AUTHOR_NAME", "corpus")
+            .env("GIT_AUTHOR_EMAIL", "corpus@example.com")
+            .env("GIT_AUTHOR_DATE", "1700000000 +0000")
+            .env("GIT_COMMITTER_NAME", "corpus")
+            .env("GIT_COMMITTER_EMAIL", "corpus@example.com")
+            .env("GIT_COMMITTER_DATE", "1700000000 +0000");
+        run(&mut cmd)
+    };
+    run(Command::new("git")
+        .args(["init", "-q", "--bare"])
+        .arg(git_dir))?;
+    git(&["add", "-A"])?;
+    git(&["commit", "-q", "-m", "corpus"])?;
+    git(&[
+        "archive",
+        "--format=tar",
+        "-o",
+        &out.display().to_string(),
+        "HEAD",
+    ])?;
+    read(out)
+}
+
+#[test]
+fn pax_and_git_archive_layers_match_the_oracle() {
+    let test = "pax_and_git_archive_layers_match_the_oracle";
+    let Some(tools) = prerequisites(test, &["pax", "git"]) else {
+        return;
+    };
+    let mut t = Table::new(test, tools);
+    // MirBSD pax: `ustar` and `tar` (v7) are its tar formats.
+    for (format, features) in [("ustar", USTAR), ("tar", V7)] {
+        let name = format!("pax-{format}");
+        let src = t.trees.lower(features);
+        let out = t.case_dir(&name).join("layer.tar");
+        let tar = t.writer(&name, || {
+            run(Command::new("pax")
+                .args(["-w", "-x", format, "-f"])
+                .arg(&out)
+                .arg(".")
+                .current_dir(&src))?;
+            read(&out)
+        });
+        if let Some(tar) = tar {
+            t.layers(&name, vec![raw_layer(tar).compression(Compression::Gzip)]);
+        }
+    }
+    // git keeps files, symlinks and the executable bit, no owners or special files; its
+    // archive starts with a global PAX header holding the commit id, and gives 0664/0775.
+    let long = Features {
+        long_names: true,
+        ustar_names: true,
+        ..V7
+    };
+    let src = t.trees.lower(long);
+    let dir = t.case_dir("git-archive");
+    let tar = t.writer("git-archive", || {
+        git_archive(&src, &dir.join("repo.git"), &dir.join("layer.tar"))
+    });
+    // umoci 0.4.7 stops at the global header ("unknown typeflag 'g'"): GNU tar extracts.
+    let extracted = dir.join("extracted");
+    let extract = || gnu_extract(&dir.join("layer.tar"), &extracted);
+    if let Some(tar) = tar.and_then(|tar| t.writer("git-archive", extract).map(|()| tar)) {
+        t.layers_extracted("git-archive", vec![raw_layer(tar)], extracted);
     }
     t.check();
 }
@@ -958,7 +1038,7 @@ fn sparse_files_from_gnu_tar_and_bsdtar_match_the_oracle() {
     ];
     for (name, args) in cases {
         let out = t.case_dir(name).join("layer.tar");
-        let tar = with_writer(&mut t, name, |_| {
+        let tar = t.writer(name, || {
             let tar = if name.starts_with("bsdtar") {
                 bsdtar(&src, &out, args)?
             } else {
@@ -979,7 +1059,7 @@ fn sparse_files_from_gnu_tar_and_bsdtar_match_the_oracle() {
             // umoci 0.4.7 stops at the old GNU `S` typeflag ("unknown typeflag"), though Go's
             // reader expands the data: GNU tar's own extraction is the oracle.
             let extracted = t.case_dir(name).join("extracted");
-            if with_writer(&mut t, name, |_| gnu_extract(&out, &extracted)).is_some() {
+            if t.writer(name, || gnu_extract(&out, &extracted)).is_some() {
                 let layers = vec![raw_layer(tar.clone())];
                 t.layers_extracted(name, layers, extracted.clone());
                 let layers = vec![raw_layer(tar).compression(Compression::Zstd)];
@@ -1019,7 +1099,7 @@ fn cut_streams(t: &mut Table) -> Option<Vec<(&'static str, Vec<u8>)>> {
         put(&root.join("z-last"), &noise(9, 777), 0o644, (0, 0));
     });
     let out = t.case_dir("cut").join("layer.tar");
-    let tar = with_writer(t, "cut", |_| gnu_tar(&src, &out, &["--format=gnu"]))?;
+    let tar = t.writer("cut", || gnu_tar(&src, &out, &["--format=gnu"]))?;
     let end = end_of_last_data(&tar);
     assert_eq!(end % 512, 777 % 512, "the last entry is z-last");
     let padded = end.next_multiple_of(512);
@@ -1125,17 +1205,8 @@ fn umoci_layers_match_the_oracle() {
     let upper = t.trees.get("upper", make_upper);
     for (name, repack) in [("umoci-insert", false), ("umoci-repack", true)] {
         let image = t.case_dir(name).join("image");
-        if with_writer(&mut t, name, |_| {
-            umoci_image(&image, &lower, &upper, repack)
-        })
-        .is_some()
-        {
-            t.cases.push(Ok(Case {
-                name: name.to_string(),
-                image: format!("{}:latest", image.display()),
-                oracle: Oracle::Umoci(image),
-            }));
-        }
+        let built = umoci_image(&image, &lower, &upper, repack);
+        t.image(name, built.map(|()| (tagged(&image), Oracle::Umoci(image))));
     }
     t.check();
 }
@@ -1181,82 +1252,59 @@ fn skopeo_conversions_match_the_oracle() {
     let mut t = Table::new(test, tools);
     // The source: a GNU tar layer under a Go layer with whiteouts and an opaque directory.
     let lower = t.trees.lower(XATTRS);
-    let upper = t.trees.get("upper", make_upper);
     let dir = t.case_dir("source");
-    let mut markers: Vec<&str> = vec!["-moby"];
-    for w in WHITEOUTS {
-        markers.extend(["-whiteout", w]);
-    }
-    markers.extend(["-opaque", OPAQUE]);
-    let args = [
-        "--format=posix",
-        "--numeric-owner",
-        "--xattrs",
-        "--xattrs-include=*",
-    ];
-    let layers = with_writer(&mut t, "source", |_| {
-        Ok(vec![
-            raw_layer(gnu_tar(&lower, &dir.join("lower.tar"), &args)?),
-            raw_layer(go_writer(&upper, &dir.join("upper.tar"), &markers)?),
-        ])
+    let base = t.writer("gnu-tar-lower", || {
+        gnu_tar(&lower, &dir.join("lower.tar"), POSIX_XATTRS)
     });
-    let Some(layers) = layers else {
+    let (Some(base), Some(upper)) = (base, go_upper_layer(&mut t, &dir)) else {
         return t.check();
     };
+    let layers = [raw_layer(base), raw_layer(upper)];
     let source = dir.join("image");
     write_oci_layout(&layers, &default_config(&layers), &source, Some(OCI_REF));
-    let oci = |p: &Path| format!("oci:{}:latest", p.display());
+    let oci = |p: &Path| format!("oci:{}", tagged(p));
 
-    // Each conversion is checked against umoci's unpack of the source, unless umoci can
-    // read the converted image itself.
+    // A conversion is checked against umoci's unpack of the source unless umoci reads the
+    // converted image itself.
     let docker = t.case_dir("skopeo-docker-archive").join("image.tar");
     let docker_ref = format!("docker-archive:{}:corpus:latest", docker.display());
-    let c = skopeo_copy(&[], &oci(&source), &docker_ref).map(|()| Case {
-        name: "skopeo-docker-archive".into(),
-        image: docker.display().to_string(),
-        oracle: Oracle::Umoci(source.clone()),
-    });
-    let docker_ok = c.is_ok();
-    t.cases
-        .push(c.map_err(|e| format!("skopeo-docker-archive: {e}")));
+    let to_docker = skopeo_copy(&[], &oci(&source), &docker_ref);
+    let docker_ok = to_docker.is_ok();
+    let image = docker.display().to_string();
+    t.image(
+        "skopeo-docker-archive",
+        to_docker.map(|()| (image, Oracle::Umoci(source.clone()))),
+    );
     if docker_ok {
         let back = t.case_dir("skopeo-docker-archive-to-oci").join("image");
-        let c = skopeo_copy(&[], &docker_ref, &oci(&back)).map(|()| Case {
-            name: "skopeo-docker-archive-to-oci".into(),
-            image: format!("{}:latest", back.display()),
-            oracle: Oracle::Umoci(back.clone()),
-        });
-        t.cases
-            .push(c.map_err(|e| format!("skopeo-docker-archive-to-oci: {e}")));
+        let built = skopeo_copy(&[], &docker_ref, &oci(&back));
+        t.image(
+            "skopeo-docker-archive-to-oci",
+            built.map(|()| (tagged(&back), Oracle::Umoci(back.clone()))),
+        );
         let archive = t.case_dir("skopeo-oci-archive-gzip").join("image.tar");
-        let c = skopeo_copy(
+        let built = skopeo_copy(
             &["--dest-compress", "--dest-compress-format", "gzip"],
             &docker_ref,
             &format!("oci-archive:{}:latest", archive.display()),
-        )
-        .map(|()| Case {
-            name: "skopeo-oci-archive-gzip".into(),
-            image: archive.display().to_string(),
-            oracle: Oracle::Umoci(source.clone()),
-        });
-        t.cases
-            .push(c.map_err(|e| format!("skopeo-oci-archive-gzip: {e}")));
+        );
+        let image = archive.display().to_string();
+        t.image(
+            "skopeo-oci-archive-gzip",
+            built.map(|()| (image, Oracle::Umoci(source.clone()))),
+        );
     }
     let zstd = t.case_dir("skopeo-zstd").join("image");
-    let c = skopeo_copy(
+    let built = skopeo_copy(
         &["--dest-compress-format", "zstd"],
         &oci(&source),
         &oci(&zstd),
     )
     .and_then(|()| match layers_are_zstd(&zstd)? {
-        true => Ok(Case {
-            name: "skopeo-zstd".into(),
-            image: format!("{}:latest", zstd.display()),
-            oracle: Oracle::Umoci(source.clone()),
-        }),
+        true => Ok((tagged(&zstd), Oracle::Umoci(source.clone()))),
         false => Err("skopeo did not recompress the layers with zstd".into()),
     });
-    t.cases.push(c.map_err(|e| format!("skopeo-zstd: {e}")));
+    t.image("skopeo-zstd", built);
     t.check();
 }
 
@@ -1402,23 +1450,18 @@ fn podman_build(
 #[test]
 fn podman_built_images_match_the_oracle() {
     let test = "podman_built_images_match_the_oracle";
-    let Some(tools) = prerequisites(test, &["podman", "tar", "go", "busybox"]) else {
+    let Some(tools) = prerequisites(test, &["podman", "skopeo", "tar", "go", "busybox"]) else {
         return;
     };
     let mut t = Table::new(test, tools);
+    // Declared after `t`, so dropped before `t` removes the work dir.
     let store = PodmanStore(t.work().join("podman"));
     let pod = store.0.clone();
     let lower = t.trees.lower(XATTRS);
     let upper = t.trees.get("upper", make_upper);
     let ctx = t.case_dir("context");
-    let args = [
-        "--format=posix",
-        "--numeric-owner",
-        "--xattrs",
-        "--xattrs-include=*",
-    ];
-    let prepared = with_writer(&mut t, "context", |_| {
-        gnu_tar(&lower, &ctx.join("lower.tar"), &args)?;
+    let prepared = t.writer("context", || {
+        gnu_tar(&lower, &ctx.join("lower.tar"), POSIX_XATTRS)?;
         run(Command::new("cp")
             .arg("-a")
             .arg(&upper)
@@ -1428,94 +1471,81 @@ fn podman_built_images_match_the_oracle() {
             .map(drop)
             .map_err(|e| e.to_string())
     });
-    if prepared.is_some() {
-        // podman writes every layer: ADD extracts the tar into its storage, COPY copies a
-        // tree, and the RUN steps delete (whiteouts) and recreate a directory (opaque
-        // under the overlay driver). /etc/hostname is bind-mounted during RUN: not deleted.
-        let image = t.case_dir("podman-build").join("image");
-        let built = podman_build(
-            &pod,
-            &ctx,
-            "FROM scratch\n\
-             ADD lower.tar /\n\
-             COPY upper/ /\n\
-             COPY busybox /bin/busybox\n\
-             RUN [\"/bin/busybox\", \"rm\", \"-rf\", \"/etc/new\", \"/dir/sub\", \"/rel\"]\n\
-             RUN [\"/bin/busybox\", \"sh\", \"-c\", \"rm -rf /home/user && mkdir /home/user && \
-             echo again > /home/user/again\"]\n",
-            "localhost/corpus-build:latest",
-            &image,
-        )
-        .and_then(|()| has_whiteouts_and_opaque(&image));
-        t.cases.push(
-            built
-                .map(|()| Case {
-                    name: "podman-build".into(),
-                    image: format!("{}:latest", image.display()),
-                    oracle: Oracle::Umoci(image.clone()),
-                })
-                .map_err(|e| format!("podman-build: {e}")),
-        );
+    let Some(()) = prepared else { return t.check() };
+
+    // podman writes every layer: ADD extracts the tar into its storage, COPY copies a tree,
+    // and the RUN steps delete (whiteouts) and recreate a directory (an opaque marker under
+    // the overlay driver). /etc/hostname is bind-mounted during RUN, so it stays.
+    let image = t.case_dir("podman-build").join("image");
+    let built = podman_build(
+        &pod,
+        &ctx,
+        "FROM scratch\n\
+         ADD lower.tar /\n\
+         COPY upper/ /\n\
+         COPY busybox /bin/busybox\n\
+         RUN [\"/bin/busybox\", \"rm\", \"-rf\", \"/etc/new\", \"/dir/sub\", \"/rel\"]\n\
+         RUN [\"/bin/busybox\", \"sh\", \"-c\", \"rm -rf /home/user && mkdir /home/user && \
+         echo again > /home/user/again\"]\n",
+        "localhost/corpus-build:latest",
+        &image,
+    )
+    .and_then(|()| has_whiteouts_and_opaque(&image));
+    let built_ok = built.is_ok();
+    t.image(
+        "podman-build",
+        built.map(|()| (tagged(&image), Oracle::Umoci(image.clone()))),
+    );
+    if built_ok {
         // The docker archive `podman save` writes from the same storage.
         let saved = t.case_dir("podman-save").join("image.tar");
         let c = run(podman(&pod)
             .args(["save", "-q", "--format", "docker-archive", "-o"])
             .arg(&saved)
-            .arg("localhost/corpus-build:latest"))
-        .map(|_| Case {
-            name: "podman-save".into(),
-            image: saved.display().to_string(),
-            oracle: Oracle::Umoci(image.clone()),
-        });
-        t.cases.push(c.map_err(|e| format!("podman-save: {e}")));
-    }
-    // No RUN: the whiteouts come from a Go-written base image that podman stores and
-    // pushes again, under a COPY layer of podman's own.
-    let base = t.case_dir("podman-from-oci").join("base");
-    let mut markers: Vec<&str> = vec!["-moby"];
-    for w in WHITEOUTS {
-        markers.extend(["-whiteout", w]);
-    }
-    markers.extend(["-opaque", OPAQUE]);
-    let dir = t.case_dir("podman-from-oci");
-    let layers = with_writer(&mut t, "podman-from-oci", |_| {
-        Ok(vec![
-            raw_layer(go_writer(&lower, &dir.join("lower.tar"), &["-moby"])?),
-            raw_layer(go_writer(&upper, &dir.join("upper.tar"), &markers)?),
-        ])
-    });
-    if let (Some(layers), Some(())) = (layers, prepared) {
-        write_oci_layout(&layers, &default_config(&layers), &base, Some(OCI_REF));
-        let image = dir.join("image");
-        // Into podman's storage with skopeo: `FROM oci:PATH` makes an image name of the
-        // path, which fails on the temp dir's capital letters.
-        let mut store = Command::new("skopeo");
-        for (k, v) in podman(&pod).get_envs() {
-            store.env(k, v.expect("set"));
-        }
-        let built = run(store
-            .args(["copy", "-q"])
-            .arg(format!("oci:{}:latest", base.display()))
-            .arg("containers-storage:localhost/corpus-go:latest"))
-        .and_then(|_| {
-            podman_build(
-                &pod,
-                &ctx,
-                "FROM localhost/corpus-go:latest\nCOPY busybox /bin/busybox\n",
-                "localhost/corpus-from-oci:latest",
-                &image,
-            )
-        })
-        .and_then(|()| has_whiteouts_and_opaque(&image));
-        t.cases.push(
-            built
-                .map(|()| Case {
-                    name: "podman-from-oci".into(),
-                    image: format!("{}:latest", image.display()),
-                    oracle: Oracle::Umoci(image.clone()),
-                })
-                .map_err(|e| format!("podman-from-oci: {e}")),
+            .arg("localhost/corpus-build:latest"));
+        let name = saved.display().to_string();
+        t.image(
+            "podman-save",
+            c.map(|_| (name, Oracle::Umoci(image.clone()))),
         );
     }
+
+    // No RUN: the whiteouts come from a Go-written base image that podman stores and pushes
+    // again, under a COPY layer of podman's own.
+    let dir = t.case_dir("podman-from-oci");
+    let moby = t.writer("go-lower", || {
+        go_writer(&lower, &dir.join("lower.tar"), &["-moby"])
+    });
+    let (Some(moby), Some(up)) = (moby, go_upper_layer(&mut t, &dir)) else {
+        return t.check();
+    };
+    let layers = [raw_layer(moby), raw_layer(up)];
+    let base = dir.join("base");
+    write_oci_layout(&layers, &default_config(&layers), &base, Some(OCI_REF));
+    let image = dir.join("image");
+    // Into podman's storage with skopeo: `FROM oci:PATH` makes an image name of the path,
+    // which fails on the temp dir's capital letters.
+    let mut store_base = Command::new("skopeo");
+    for (k, v) in podman(&pod).get_envs() {
+        store_base.env(k, v.expect("set"));
+    }
+    let built = run(store_base
+        .args(["copy", "-q"])
+        .arg(format!("oci:{}", tagged(&base)))
+        .arg("containers-storage:localhost/corpus-go:latest"))
+    .and_then(|_| {
+        podman_build(
+            &pod,
+            &ctx,
+            "FROM localhost/corpus-go:latest\nCOPY busybox /bin/busybox\n",
+            "localhost/corpus-from-oci:latest",
+            &image,
+        )
+    })
+    .and_then(|()| has_whiteouts_and_opaque(&image));
+    t.image(
+        "podman-from-oci",
+        built.map(|()| (tagged(&image), Oracle::Umoci(image.clone()))),
+    );
     t.check();
 }
