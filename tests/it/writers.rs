@@ -11,7 +11,7 @@
 //! `../shared/tools/tree-manifest.py` (oracle and mount) and `tar-manifest.py` (export):
 //! paths, types, modes, ids, sizes, sha256 of contents, link targets, xattrs, hardlink groups.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs::{self, File};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt, lchown, symlink};
@@ -243,6 +243,22 @@ fn make_tree(root: &Path, f: Features) {
     link(&r("rel"), "etc/hostname");
     link(&r("abs"), "/etc/motd");
     link(&r("dir/dangling"), "../nowhere");
+    // Names are bytes: UTF-8, Latin-1 (not UTF-8: PAX writers add `hdrcharset=BINARY`),
+    // a space, a newline.
+    mkdir(&r("names"), 0o755, (0, 0));
+    for name in [
+        &b"caf\xc3\xa9"[..],
+        b"latin1-\xe9",
+        b"with space",
+        b"new\nline",
+    ] {
+        put(
+            &r("names").join(OsStr::from_bytes(name)),
+            name,
+            0o644,
+            (0, 0),
+        );
+    }
     if f.ustar_names {
         // Each directory's own name fits the 100-byte name field; the file's path does not.
         let d = r(&format!("ustar-{}/{}", rep('p', 90), rep('q', 50)));
@@ -771,6 +787,32 @@ fn gnu_tar_layers_in_every_format_match_the_oracle() {
             let layers = vec![raw_layer(tar).compression(Compression::Zstd)];
             t.layers_extracted(&format!("{name}-zstd"), layers, extracted);
         }
+    }
+    // `tar -r` appends entries for paths the layer already holds: the last one wins, and a
+    // hardlink made in the appended part points at the new file.
+    let lower = t.trees.lower(V7);
+    let again = t.trees.get("append", |root| {
+        mkdir(root, 0o755, (0, 0));
+        mkdir(&root.join("etc"), 0o755, (0, 0));
+        put(&root.join("etc/hostname"), b"appended\n", 0o600, (0, 0));
+        mkdir(&root.join("dir/sub"), 0o700, (0, 0));
+        fs::hard_link(root.join("etc/hostname"), root.join("dir/sub/leaf")).expect("hardlink");
+        link(&root.join("empty"), "etc/hostname");
+        put(&root.join("rel"), b"no longer a symlink\n", 0o644, (0, 0));
+    });
+    let out = t.case_dir("gnu-tar-append").join("layer.tar");
+    let appended = t.writer("gnu-tar-append", || {
+        gnu_tar(&lower, &out, &["--format=gnu"])?;
+        run(Command::new("tar")
+            .args(["--format=gnu", "-rf"])
+            .arg(&out)
+            .arg("-C")
+            .arg(&again)
+            .args(["./etc/hostname", "./dir/sub/leaf", "./empty", "./rel"]))?;
+        read(&out)
+    });
+    if let Some(tar) = appended {
+        t.layers("gnu-tar-append", vec![raw_layer(tar)]);
     }
     // A layer built by hand: the whiteouts and opaque marker are files in the tree.
     let lower = t.trees.lower(XATTRS);
@@ -1548,4 +1590,59 @@ fn podman_built_images_match_the_oracle() {
         built.map(|()| (tagged(&image), Oracle::Umoci(image.clone()))),
     );
     t.check();
+}
+
+/// GNU tar's incremental dumps (`-g`: directories as `D` entries listing their contents) and
+/// volume labels (`-V`: a `V` entry) are refused, by name, as Docker's and containerd's
+/// appliers and umoci refuse them ("unhandled tar header type", "unknown typeflag"): no
+/// runtime can run such a layer, so no image holds one. (With `--format=posix`, `-V` writes
+/// a global PAX header instead, which every reader, flatfs included, skips.)
+#[test]
+fn gnu_tar_incremental_and_volume_label_layers_are_refused_as_runtimes_refuse_them() {
+    let test = "gnu_tar_incremental_and_volume_label_layers_are_refused_as_runtimes_refuse_them";
+    let Some(_tools) = prerequisites(test, &["tar"]) else {
+        return;
+    };
+    let t = Table::new(test, PathBuf::new());
+    let src = t.trees.work.join("v7");
+    make_tree(&src, V7);
+    let mut failures = Vec::new();
+    let snapshot = format!("--listed-incremental={}", t.work().join("snar").display());
+    let cases: [(&str, &[&str], char); 2] = [
+        ("incremental", &["--format=gnu", &snapshot], 'D'),
+        ("label", &["--format=gnu", "--label=corpus"], 'V'),
+    ];
+    for (name, args, typeflag) in cases {
+        let dir = t.case_dir(name);
+        let tar = gnu_tar(&src, &dir.join("layer.tar"), args).expect("GNU tar");
+        let image = dir.join("image");
+        let layers = [raw_layer(tar)];
+        write_oci_layout(&layers, &default_config(&layers), &image, Some(OCI_REF));
+        let umoci = run(Command::new("umoci")
+            .args(["unpack", "--image", &tagged(&image)])
+            .arg(dir.join("bundle")));
+        if umoci.is_ok() {
+            failures.push(format!(
+                "{name}: umoci reads the layer: is it still refused?"
+            ));
+        }
+        let out = run_flatfs([
+            "export".as_ref(),
+            tagged(&image).as_ref(),
+            "-o".as_ref(),
+            dir.join("rootfs.tar").as_os_str(),
+        ]);
+        let stderr = stderr_of(&out);
+        let want = format!("unsupported tar entry type '{typeflag}'");
+        if out.status.code() != Some(1)
+            || !stderr.contains(&want)
+            || dir.join("rootfs.tar").exists()
+        {
+            failures.push(format!(
+                "{name}: expected exit 1 with {want:?} and no output, got {}: {stderr}",
+                out.status
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
