@@ -18,6 +18,7 @@ use std::os::unix::fs::{FileExt, PermissionsExt, lchown, symlink};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use flatfs::mount::is_mounted;
@@ -243,6 +244,9 @@ fn make_tree(root: &Path, f: Features) {
     link(&r("rel"), "etc/hostname");
     link(&r("abs"), "/etc/motd");
     link(&r("dir/dangling"), "../nowhere");
+    // link(2) on a symlink links the symlink (as `cp -al` trees have): a hardlink entry
+    // whose target is a symlink.
+    fs::hard_link(r("rel"), r("rel-hardlink")).expect("hardlink to a symlink");
     // Names are bytes: UTF-8, Latin-1 (not UTF-8: PAX writers add `hdrcharset=BINARY`),
     // a space, a newline.
     mkdir(&r("names"), 0o755, (0, 0));
@@ -285,6 +289,7 @@ fn make_tree(root: &Path, f: Features) {
         mknod(&r("dev/loop0"), libc::S_IFBLK, 0o660, (7, 0));
         lchown(r("dev/loop0"), Some(0), Some(6)).expect("chown");
         mknod(&r("dev/fifo"), libc::S_IFIFO, 0o600, (0, 0));
+        fs::hard_link(r("dev/fifo"), r("dev/fifo-hardlink")).expect("hardlink to a fifo");
     }
     if f.big_ids {
         put(&r("big"), b"big\n", 0o644, (3_000_000, 3_000_001));
@@ -328,7 +333,8 @@ fn make_upper(root: &Path) {
 }
 
 /// What the upper layers of every writer delete, as whiteouts or an opaque marker.
-const WHITEOUTS: [&str; 3] = ["etc/hostname", "dir/sub", "rel"];
+/// `rel` and `long/hardlink` each have another name, which stays.
+const WHITEOUTS: [&str; 4] = ["etc/hostname", "dir/sub", "rel", "long/hardlink"];
 const OPAQUE: &str = "home/user";
 
 /// [`make_upper`] plus the whiteouts and opaque marker as plain empty files, for writers that
@@ -498,31 +504,53 @@ impl Table {
         );
     }
 
-    /// Checks every case; panics listing every failing one.
+    /// Checks every case, two at a time; panics listing every failing one in table order.
     fn check(self) {
         let start = Instant::now();
         let fuse = fuse_available(self.test);
         let total = self.cases.len();
-        let mut failures = Vec::new();
-        for case in &self.cases {
-            let case = match case {
-                Ok(c) => c,
-                Err(e) => {
-                    failures.push(e.clone());
-                    continue;
-                }
-            };
-            let t = Instant::now();
-            match check_case(&self.tools, case, self.work(), fuse) {
-                Ok(()) => eprintln!(
-                    "{}: {}: ok ({:.1}s)",
-                    self.test,
-                    case.name,
-                    t.elapsed().as_secs_f64()
-                ),
-                Err(e) => failures.push(format!("{}: {e}", case.name)),
+        let next = AtomicUsize::new(0);
+        let results: Mutex<Vec<(usize, String)>> = Mutex::new(Vec::new());
+        // Two workers: a case waits mostly on child processes (umoci, python, flatfs).
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(case) = self.cases.get(i) else { break };
+                        let failed = match case {
+                            Err(e) => Some(e.clone()),
+                            Ok(case) => {
+                                let t = Instant::now();
+                                let scratch = self.work().join("scratch").join(i.to_string());
+                                fs::create_dir_all(&scratch).expect("mkdir scratch");
+                                let res = check_case(&self.tools, case, &scratch, fuse);
+                                let _ = fs::remove_dir_all(&scratch);
+                                let secs = t.elapsed().as_secs_f64();
+                                eprintln!(
+                                    "{}: {}: {} ({secs:.1}s)",
+                                    self.test,
+                                    case.name,
+                                    match &res {
+                                        Ok(()) => "ok",
+                                        Err(_) => "FAILED",
+                                    }
+                                );
+                                res.err().map(|e| format!("{}: {e}", case.name))
+                            }
+                        };
+                        if let Some(f) = failed {
+                            results
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push((i, f));
+                        }
+                    }
+                });
             }
-        }
+        });
+        let mut failures = results.into_inner().unwrap_or_else(|e| e.into_inner());
+        failures.sort();
         eprintln!(
             "{}: {} cases in {:.1}s",
             self.test,
@@ -534,7 +562,11 @@ impl Table {
             "{}: {} of {total} cases failed:\n\n{}",
             self.test,
             failures.len(),
-            failures.join("\n\n")
+            failures
+                .into_iter()
+                .map(|(_, f)| f)
+                .collect::<Vec<_>>()
+                .join("\n\n")
         );
     }
 }
@@ -625,7 +657,8 @@ impl Drop for Mount {
     }
 }
 
-/// Export and mount `case` with flatfs and compare both with the oracle.
+/// Export and mount `case` with flatfs and compare both with the oracle; `work` is an empty
+/// dir of this check's own.
 fn check_case(tools: &Path, case: &Case, work: &Path, fuse: bool) -> Result<(), String> {
     let want = oracle_listing(tools, case, work)?;
     let mut errors = Vec::new();
@@ -948,6 +981,12 @@ fn go_archive_tar_layers_and_their_whiteouts_match_the_oracle() {
         go_writer(&lower, &dir.join("lower.tar"), &[])
     }) {
         t.layers("go-default-format", vec![raw_layer(tar)]);
+    }
+    let full = t.trees.lower(FULL);
+    if let Some(tar) = t.writer("go-gnu-format", || {
+        go_writer(&full, &dir.join("lower-gnu.tar"), &["-gnu"])
+    }) {
+        t.layers("go-gnu-format", vec![raw_layer(tar)]);
     }
     let moby = t.writer("go-moby", || {
         go_writer(&lower, &dir.join("lower-moby.tar"), &["-moby"])

@@ -4,7 +4,7 @@
 // overlay whiteouts `.wh.NAME` and `.wh..wh..opq` for an upper layer. The flatfs corpus
 // test (tests/it/writers.rs) builds it with the stdlib only and feeds its output to flatfs.
 //
-// Usage: gotar [-moby] [-whiteout PATH]... [-opaque DIR]... SRC OUT
+// Usage: gotar [-moby | -gnu] [-whiteout PATH]... [-opaque DIR]... SRC OUT
 package main
 
 import (
@@ -18,6 +18,7 @@ import (
 	"sort"
 	"strings"
 	"syscall"
+	"time"
 )
 
 type list []string
@@ -28,20 +29,25 @@ func (l *list) Set(v string) error { *l = append(*l, v); return nil }
 func main() {
 	var whiteouts, opaques list
 	moby := flag.Bool("moby", false, "as moby's pkg/archive: PAX headers, file type bits in the mode")
+	gnu := flag.Bool("gnu", false, "GNU headers (long name entries, base-256 numbers) throughout")
 	flag.Var(&whiteouts, "whiteout", "write a whiteout for this path (repeatable)")
 	flag.Var(&opaques, "opaque", "write an opaque marker in this directory (repeatable)")
 	flag.Parse()
 	if flag.NArg() != 2 {
-		fmt.Fprintln(os.Stderr, "usage: gotar [-moby] [-whiteout PATH]... [-opaque DIR]... SRC OUT")
+		fmt.Fprintln(os.Stderr, "usage: gotar [-moby | -gnu] [-whiteout PATH]... [-opaque DIR]... SRC OUT")
 		os.Exit(2)
 	}
-	if err := write(flag.Arg(0), flag.Arg(1), *moby, whiteouts, opaques); err != nil {
+	format := tar.FormatUnknown
+	if *gnu {
+		format = tar.FormatGNU
+	}
+	if err := write(flag.Arg(0), flag.Arg(1), *moby, format, whiteouts, opaques); err != nil {
 		fmt.Fprintln(os.Stderr, "gotar:", err)
 		os.Exit(1)
 	}
 }
 
-func write(src, out string, moby bool, whiteouts, opaques []string) error {
+func write(src, out string, moby bool, format tar.Format, whiteouts, opaques []string) error {
 	f, err := os.Create(out)
 	if err != nil {
 		return err
@@ -68,7 +74,7 @@ func write(src, out string, moby bool, whiteouts, opaques []string) error {
 		if err != nil || rel == "." {
 			return err
 		}
-		return add(tw, p, filepath.ToSlash(rel), fi, moby, links)
+		return add(tw, p, filepath.ToSlash(rel), fi, moby, format, links)
 	})
 	if err != nil {
 		return err
@@ -83,7 +89,7 @@ func marker(tw *tar.Writer, name string) error {
 	return tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o644, Format: tar.FormatPAX})
 }
 
-func add(tw *tar.Writer, p, name string, fi os.FileInfo, moby bool, links map[uint64]string) error {
+func add(tw *tar.Writer, p, name string, fi os.FileInfo, moby bool, format tar.Format, links map[uint64]string) error {
 	target := ""
 	if fi.Mode()&os.ModeSymlink != 0 {
 		t, err := os.Readlink(p)
@@ -106,7 +112,10 @@ func add(tw *tar.Writer, p, name string, fi os.FileInfo, moby bool, links map[ui
 	hdr.Uid, hdr.Gid = int(st.Uid), int(st.Gid)
 	hdr.Devmajor = int64((st.Rdev >> 8) & 0xfff)
 	hdr.Devminor = int64((st.Rdev & 0xff) | ((st.Rdev >> 12) & 0xfff00))
-	hdr.AccessTime, hdr.ChangeTime = fi.ModTime(), fi.ModTime()
+	// FileInfoHeader sets atime and ctime, which only PAX and GNU headers hold; moby and
+	// containerd clear them, so Go writes ustar headers wherever they suffice.
+	hdr.AccessTime, hdr.ChangeTime = time.Time{}, time.Time{}
+	hdr.Format = format
 	if moby {
 		// moby's FileInfoHeader keeps the S_IFMT bits Go's archive/tar wrote before Go 1.9.
 		hdr.Format = tar.FormatPAX
@@ -119,7 +128,9 @@ func add(tw *tar.Writer, p, name string, fi os.FileInfo, moby bool, links map[ui
 			return err
 		}
 	}
-	if fi.Mode().IsRegular() && st.Nlink > 1 {
+	// Any name of an inode with more links but a directory is a hardlink, as moby does:
+	// symlinks and fifos can be hardlinked too.
+	if !fi.IsDir() && st.Nlink > 1 {
 		if first, ok := links[st.Ino]; ok {
 			hdr.Typeflag, hdr.Linkname, hdr.Size = tar.TypeLink, first, 0
 			return tw.WriteHeader(hdr)
@@ -159,7 +170,6 @@ func xattrs(p string, hdr *tar.Header) error {
 			hdr.PAXRecords = map[string]string{}
 		}
 		hdr.PAXRecords["SCHILY.xattr."+name] = string(val[:m])
-		hdr.Format = tar.FormatPAX
 	}
 	return nil
 }
