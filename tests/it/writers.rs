@@ -221,7 +221,8 @@ fn rep(c: char, n: usize) -> String {
 /// Writes the lower source tree at `root` (which must not exist).
 fn make_tree(root: &Path, f: Features) {
     let r = |p: &str| root.join(p);
-    mkdir(root, 0o755, (0, 0));
+    // Not root's 0755: writers that archive `.` give the image root these attributes.
+    mkdir(root, 0o750, (1000, 1001));
     mkdir(&r("etc"), 0o755, (0, 0));
     put(&r("etc/hostname"), b"corpus\n", 0o644, (0, 0));
     // Not a multiple of 512, so the data is followed by padding.
