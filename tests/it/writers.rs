@@ -299,6 +299,9 @@ fn make_tree(root: &Path, f: Features) {
         setxattr(&r("etc/hostname"), "user.note", b"corpus");
         setxattr(&r("etc/motd"), "user.bin", b"\x00\x01\n=;\xff");
         setxattr(&r("dir/sub"), "user.dir", b"d");
+        // The upper layers hold `etc` without xattrs: a directory's upper entry replaces
+        // the lower one's xattrs, as the upper directory of an overlay does.
+        setxattr(&r("etc"), "user.etc", b"lower");
         setxattr(&r("bin/tool"), "security.capability", &capability());
     }
     if f.sparse {
