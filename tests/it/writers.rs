@@ -1,15 +1,16 @@
 //! The writer corpus (issue 10, item 4): layers written by real tar writers (GNU tar, bsdtar,
-//! busybox, Python's tarfile, Go's archive/tar, umoci) and images converted or built by skopeo
-//! and podman, read by flatfs through `export --format rootfs` and through a FUSE mount, each
-//! compared with an independent oracle: `umoci unpack` of the same image, or, where umoci
-//! cannot read the image, the writer's own extraction.
+//! busybox, Python's tarfile, Go's archive/tar, MirBSD pax, git archive, umoci) and images
+//! converted or built by skopeo and podman, read by flatfs through `export --format rootfs`
+//! and through a FUSE mount, each compared with an independent oracle: `umoci unpack` of the
+//! same image, or, where umoci cannot read it, GNU tar's extraction.
 //!
-//! Every test is a table: a source tree is written to disk (as root: devices, ownership,
-//! `security.capability`), each writer archives it in each of its formats, the tar goes into
-//! an image as is ([`raw_layer`]), and every case is checked, so a failure lists every failing
-//! writer × format at once with both listings' differing lines. Listings come from
-//! `../shared/tools/tree-manifest.py` (oracle and mount) and `tar-manifest.py` (export):
+//! A test is a table: source trees are written to disk (as root: devices, ownership,
+//! `security.capability`), each writer archives them in each of its formats, the tar goes
+//! into an image as is ([`raw_layer`]), and every case is checked, so a failure lists every
+//! failing writer × format at once with the differing lines of both listings. Listings come
+//! from `../shared/tools/tree-manifest.py` (oracle and mount) and `tar-manifest.py` (export):
 //! paths, types, modes, ids, sizes, sha256 of contents, link targets, xattrs, hardlink groups.
+//! docs/design.md ("What flatfs reads, writer by writer") sums up what the tables show.
 
 use std::ffi::{CString, OsStr};
 use std::fs::{self, File};
@@ -85,6 +86,28 @@ fn run(cmd: &mut Command) -> Result<Vec<u8>, String> {
         ));
     }
     Ok(out.stdout)
+}
+
+/// How long one command of a check may take before it counts as hung: a mount that never
+/// answers must fail the case, not hang the run.
+const PATIENCE_SECS: u32 = 120;
+
+/// `cmd` under coreutils' `timeout`: same program, arguments, environment and directory.
+fn with_timeout(cmd: &Command) -> Command {
+    let mut t = Command::new("timeout");
+    t.args(["--kill-after=5", &PATIENCE_SECS.to_string()])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => t.env(k, v),
+            None => t.env_remove(k),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        t.current_dir(dir);
+    }
+    t
 }
 
 fn run_text(cmd: &mut Command) -> Result<String, String> {
@@ -396,8 +419,18 @@ impl Trees {
 enum Oracle {
     /// `umoci unpack` of this OCI layout, tag `latest`.
     Umoci(PathBuf),
-    /// A directory the writer itself extracted (for what umoci cannot read).
+    /// A directory GNU tar extracted as root (for what umoci cannot read): the writer's own
+    /// extraction for GNU tar's layers.
     Extracted(PathBuf),
+}
+
+impl Oracle {
+    fn name(&self) -> &'static str {
+        match self {
+            Oracle::Umoci(_) => "umoci unpack",
+            Oracle::Extracted(_) => "GNU tar's extraction",
+        }
+    }
 }
 
 /// One image for flatfs and the oracle that says what its merged tree is.
@@ -575,13 +608,11 @@ impl Table {
     }
 }
 
+/// The listing of a directory (`tree-manifest.py`) or a tar (`tar-manifest.py`).
 fn listing(tools: &Path, script: &str, arg: &Path) -> Result<String, String> {
-    run_text(
-        Command::new("python3")
-            .arg(tools.join(script))
-            .arg("--hardlinks")
-            .arg(arg),
-    )
+    let mut cmd = Command::new("python3");
+    cmd.arg(tools.join(script)).arg("--hardlinks").arg(arg);
+    run_text(&mut with_timeout(&cmd))
 }
 
 /// The oracle's listing of `case`.
@@ -592,9 +623,7 @@ fn oracle_listing(tools: &Path, case: &Case, work: &Path) -> Result<String, Stri
             let bundle = work.join("bundle");
             let _ = fs::remove_dir_all(&bundle);
             run(Command::new("umoci")
-                .arg("unpack")
-                .arg("--image")
-                .arg(format!("{}:latest", layout.display()))
+                .args(["unpack", "--image", &tagged(layout)])
                 .arg(&bundle))
             .map_err(|e| format!("the oracle failed: {e}"))?;
             let got = listing(tools, "tree-manifest.py", &bundle.join("rootfs"));
@@ -604,8 +633,9 @@ fn oracle_listing(tools: &Path, case: &Case, work: &Path) -> Result<String, Stri
     }
 }
 
-/// `Err` with both sides' differing lines if `got` (flatfs through `via`) is not `want`.
-fn compare(via: &str, got: &str, want: &str) -> Result<(), String> {
+/// `Err` with both sides' differing lines if `got` (flatfs through `via`) is not `want`
+/// (`oracle`'s listing).
+fn compare(via: &str, got: &str, oracle: &Oracle, want: &str) -> Result<(), String> {
     if got == want {
         return Ok(());
     }
@@ -617,7 +647,8 @@ fn compare(via: &str, got: &str, want: &str) -> Result<(), String> {
             .collect()
     };
     Err(format!(
-        "{via} differs from the oracle\n  only in flatfs:\n{}\n  only in the oracle:\n{}",
+        "{via} differs from {}\n  only in flatfs:\n{}\n  only in the oracle:\n{}",
+        oracle.name(),
         only(got, want).join("\n"),
         only(want, got).join("\n")
     ))
@@ -629,12 +660,9 @@ struct Mount(PathBuf);
 impl Mount {
     fn new(image: &str, mnt: &Path) -> Result<Self, String> {
         fs::create_dir_all(mnt).expect("mkdir mountpoint");
-        let out = flatfs()
-            .arg("mount")
-            .arg(image)
-            .arg(mnt)
-            .output()
-            .expect("run flatfs mount");
+        let mut cmd = flatfs();
+        cmd.arg("mount").arg(image).arg(mnt);
+        let out = with_timeout(&cmd).output().expect("run flatfs mount");
         let m = Mount(mnt.to_path_buf());
         if !out.status.success() {
             return Err(format!(
@@ -668,15 +696,14 @@ fn check_case(tools: &Path, case: &Case, work: &Path, fuse: bool) -> Result<(), 
     let mut errors = Vec::new();
 
     let rootfs = work.join("rootfs.tar");
-    let out = flatfs()
-        .args(["export", &case.image, "-o"])
+    let mut cmd = flatfs();
+    cmd.args(["export", &case.image, "-o"])
         .arg(&rootfs)
-        .args(["--format", "rootfs"])
-        .output()
-        .expect("run flatfs export");
+        .args(["--format", "rootfs"]);
+    let out = with_timeout(&cmd).output().expect("run flatfs export");
     if out.status.success() {
         let got = listing(tools, "tar-manifest.py", &rootfs)?;
-        errors.extend(compare("export --format rootfs", &got, &want).err());
+        errors.extend(compare("export --format rootfs", &got, &case.oracle, &want).err());
     } else {
         errors.push(format!(
             "flatfs export failed ({}): {}",
@@ -690,7 +717,7 @@ fn check_case(tools: &Path, case: &Case, work: &Path, fuse: bool) -> Result<(), 
         match Mount::new(&case.image, &work.join("mnt")) {
             Ok(m) => {
                 let got = listing(tools, "tree-manifest.py", &m.0)?;
-                errors.extend(compare("the mount", &got, &want).err());
+                errors.extend(compare("the mount", &got, &case.oracle, &want).err());
             }
             Err(e) => errors.push(e),
         }
