@@ -16,6 +16,7 @@ use crate::compress::ParallelGzip;
 use crate::error::{Error, Result};
 use crate::layer::Meta;
 use crate::pipe::{CHUNK, DEPTH, PipeReader, PipeWriter, drain_into, is_hangup, joined, pipe};
+use crate::reference::Reference;
 use crate::source::{Family, Image};
 use crate::tree::{Extent, NodeId, NodeKind, Tree, Xattrs};
 
@@ -216,13 +217,14 @@ pub fn export_with_progress(
         source: e,
     })?;
     let manifest_digest = sha256_of(&manifest_bytes);
-    let tag = opts.tag.clone().or_else(|| image.tags.first().cloned());
+    let tag = output_name(opts.tag.as_deref(), &image.tags)?;
 
     let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
     let mut files: Vec<(String, Member)> = Vec::new();
     match format {
         Format::DockerArchive => {
-            let tags: Vec<String> = tag.iter().map(|t| docker_tag(t)).collect();
+            // RepoTags in the short form, as `docker save` writes them.
+            let tags: Vec<String> = tag.iter().map(Reference::familiar).collect();
             let docker_manifest = json!([{
                 "Config": format!("{}.json", hex(&config_digest)),
                 "RepoTags": if tags.is_empty() { Value::Null } else { json!(tags) },
@@ -240,14 +242,14 @@ pub fn export_with_progress(
         }
         Format::OciArchive | Format::Oci => {
             let mut annotations = serde_json::Map::new();
-            let full = tag.as_deref().map(docker_tag);
-            let reference = full
-                .as_deref()
-                .and_then(|t| t.rsplit_once(':').map(|(_, r)| r.to_string()))
-                .unwrap_or_else(|| "latest".to_string());
+            let reference = tag
+                .as_ref()
+                .and_then(Reference::tag)
+                .unwrap_or(crate::reference::DEFAULT_TAG);
             annotations.insert("org.opencontainers.image.ref.name".into(), json!(reference));
-            if let Some(full) = full {
-                annotations.insert("io.containerd.image.name".into(), json!(full));
+            // The full form, as containerd writes it (`docker.io/library/app:latest`).
+            if let Some(full) = &tag {
+                annotations.insert("io.containerd.image.name".into(), json!(full.to_string()));
             }
             let index = json!({
                 "schemaVersion": 2,
@@ -304,14 +306,27 @@ fn to_json(v: &Value) -> Result<Vec<u8>> {
     })
 }
 
-/// `NAME` becomes `NAME:latest`, as docker does for an untagged name.
-fn docker_tag(t: &str) -> String {
-    let last = t.rsplit('/').next().unwrap_or(t);
-    if last.contains(':') || t.contains('@') {
-        t.to_string()
-    } else {
-        format!("{t}:latest")
+/// The output's name: `--tag` (refused if invalid), else the input's first valid tag; an
+/// untagged name gets `latest`, as `docker tag` gives it.
+fn output_name(tag: Option<&str>, input_tags: &[String]) -> Result<Option<Reference>> {
+    if let Some(t) = tag {
+        return Reference::parse_tag_arg(t)
+            .map(Some)
+            .map_err(|e| Error::invalid("--tag", e));
     }
+    let found = input_tags
+        .iter()
+        .find_map(|t| Reference::parse_tag_arg(t).ok());
+    if found.is_none() && !input_tags.is_empty() {
+        log::warn!(
+            "the output has no name: the input's {} not a valid image name (give one with --tag)",
+            match input_tags {
+                [one] => format!("tag {one:?} is"),
+                many => format!("tags {many:?} are"),
+            }
+        );
+    }
+    Ok(found)
 }
 
 fn parent_dir(path: &Path) -> PathBuf {

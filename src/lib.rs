@@ -21,6 +21,7 @@ pub mod inspect;
 pub mod layer;
 pub mod mount;
 pub mod pipe;
+pub mod reference;
 pub mod source;
 pub mod tree;
 pub mod zran;

@@ -4,7 +4,10 @@
 
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 
-use super::{Family, Image, Platform, Store, diff_ids, make_layer, read_config};
+use super::{
+    Family, Image, Platform, SCHEMA1, Store, config_platform, diff_ids, is_schema1, make_layer,
+    platform_text, read_config,
+};
 use crate::blob::sha256_of;
 use crate::error::{Error, Result};
 
@@ -67,6 +70,17 @@ fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> 
     })
 }
 
+/// Parses an index or manifest, refusing a schema-1 manifest by name.
+fn parse_doc<T: serde::de::DeserializeOwned>(bytes: &[u8], image: &str, what: &str) -> Result<T> {
+    if is_schema1(bytes) {
+        return Err(Error::Schema1 {
+            image: image.to_string(),
+            what: what.to_string(),
+        });
+    }
+    parse(bytes, what)
+}
+
 fn is_index(mt: &MediaType) -> bool {
     matches!(mt, MediaType::ImageIndex)
         || mt.to_string() == "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -124,6 +138,8 @@ fn pick_manifest(
         return Err(Error::invalid(image, "image indexes nest too deeply"));
     }
     let mut seen = Vec::new();
+    // A schema-1 manifest for the platform: the error if nothing else matches.
+    let mut schema1: Option<Error> = None;
     for desc in &candidates {
         if is_attestation(desc) {
             continue;
@@ -134,6 +150,13 @@ fn pick_manifest(
         }
         if is_manifest(desc.media_type()) {
             return Ok(desc.clone());
+        }
+        if SCHEMA1.contains(&desc.media_type().to_string().as_str()) {
+            schema1.get_or_insert(Error::Schema1 {
+                image: image.to_string(),
+                what: format!("manifest {}", desc.digest()),
+            });
+            continue;
         }
         if !is_index(desc.media_type()) {
             // Say why a matching entry was passed over, or the error blames the platform.
@@ -147,12 +170,24 @@ fn pick_manifest(
         }
         let what = format!("index {}", desc.digest());
         let bytes = read_checked(store, image, desc, &what)?;
-        let index: ImageIndex = parse(&bytes, &what)?;
+        let index: ImageIndex = parse_doc(&bytes, image, &what)?;
         match pick_manifest(store, image, index.manifests().clone(), platform, depth + 1) {
             Ok(d) => return Ok(d),
-            Err(Error::NoPlatform { .. }) => continue,
+            // On offer are the nested index's platforms, not its descriptor's "unspecified".
+            Err(Error::NoPlatform { available, .. }) => {
+                seen.pop();
+                if available != "none" {
+                    seen.extend(available.split(", ").map(str::to_string));
+                }
+            }
+            Err(e @ Error::Schema1 { .. }) => {
+                schema1.get_or_insert(e);
+            }
             Err(e) => return Err(e),
         }
+    }
+    if let Some(e) = schema1 {
+        return Err(e);
     }
     seen.sort();
     seen.dedup();
@@ -183,7 +218,7 @@ pub(super) fn open(
     let bytes = index_blob
         .read_all(super::MAX_JSON)
         .map_err(|e| Error::io("index.json", e))?;
-    let index: ImageIndex = parse(&bytes, "index.json")?;
+    let index: ImageIndex = parse_doc(&bytes, name, "index.json")?;
 
     let annotation = |d: &Descriptor, key: &str| -> Option<String> {
         d.annotations().as_ref().and_then(|a| a.get(key)).cloned()
@@ -214,11 +249,15 @@ pub(super) fn open(
             ));
         }
     }
+    // `DIR:REF` names the layout DIR: the image's name comes from DIR, not from `DIR:REF`.
+    let path = reference
+        .and_then(|r| name.strip_suffix(r)?.strip_suffix(':'))
+        .unwrap_or(name);
     let tags = top
         .iter()
         .find_map(|d| {
             annotation(d, CONTAINERD_NAME)
-                .or_else(|| annotation(d, REF_NAME).map(|r| full_name(name, &r)))
+                .or_else(|| annotation(d, REF_NAME).and_then(|r| full_name(path, &r)))
         })
         .into_iter()
         .collect();
@@ -226,12 +265,30 @@ pub(super) fn open(
     let desc = pick_manifest(store, name, top, platform, 0)?;
     let what = format!("manifest {}", desc.digest());
     let bytes = read_checked(store, name, &desc, &what)?;
-    let manifest: ImageManifest = parse(&bytes, &what)?;
+    let manifest: ImageManifest = parse_doc(&bytes, name, &what)?;
 
     let config_desc = manifest.config();
     let config_path = blob_path(config_desc);
     let config_blob = store.need(name, &config_path)?;
     let config = read_config(&config_blob, Some(config_desc.digest().as_ref()), "config")?;
+    let platform_from_index = desc.platform().is_some();
+    if platform_from_index {
+        let (os, arch, variant) = config_platform(&config);
+        let p = desc.platform().as_ref().expect("checked above");
+        let index_variant = p.variant().as_deref().unwrap_or("");
+        if os != p.os().to_string()
+            || arch != p.architecture().to_string()
+            || !(variant.is_empty() || index_variant.is_empty() || variant == index_variant)
+        {
+            log::warn!(
+                "{name}: the index lists manifest {} as {} but its config says {}; going by \
+                 the index, as containerd and skopeo do",
+                desc.digest(),
+                platform_string(&desc),
+                platform_text(&config)
+            );
+        }
+    }
     let ids = diff_ids(&config, "config")?;
     if ids.len() != manifest.layers().len() {
         return Err(Error::invalid(
@@ -280,25 +337,38 @@ pub(super) fn open(
         config,
         layers,
         tags,
+        platform_from_index,
         _spool: None,
     })
 }
 
 /// A ref name like `latest` becomes `<image file stem>:latest`; a full name stays as it is.
-fn full_name(image: &str, reference: &str) -> String {
-    if reference.contains(':') || reference.contains('/') {
-        return reference.to_string();
+/// `None`, with a warning, when that is no valid image name (`My Image.oci.tar`).
+fn full_name(image: &str, reference: &str) -> Option<String> {
+    let name = if reference.contains(':') || reference.contains('/') {
+        reference.to_string()
+    } else {
+        let base = std::path::Path::new(image.trim_end_matches('/'))
+            .file_name()
+            .and_then(|s| s.to_str())
+            .unwrap_or("image");
+        let stem = base
+            .split('.')
+            .next()
+            .filter(|s| !s.is_empty())
+            .unwrap_or("image");
+        format!("{}:{reference}", stem.to_ascii_lowercase())
+    };
+    match name.parse::<crate::reference::Reference>() {
+        Ok(_) => Some(name),
+        Err(e) => {
+            log::warn!(
+                "{image}: not named after its file: {name:?} is no valid image name ({})",
+                e.reason
+            );
+            None
+        }
     }
-    let base = std::path::Path::new(image.trim_end_matches('/'))
-        .file_name()
-        .and_then(|s| s.to_str())
-        .unwrap_or("image");
-    let stem = base
-        .split('.')
-        .next()
-        .filter(|s| !s.is_empty())
-        .unwrap_or("image");
-    format!("{}:{reference}", stem.to_ascii_lowercase())
 }
 
 /// Accepts the tar layer types of OCI and Docker; refuses the rest by name.

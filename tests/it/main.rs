@@ -3,11 +3,13 @@
 
 mod browse;
 mod cache;
+mod cli;
 mod export;
 mod harness;
 mod hostile;
 mod merge;
 mod mount;
+mod names;
 mod oracle;
 mod props;
 mod util;

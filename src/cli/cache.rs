@@ -1,0 +1,85 @@
+//! `flatfs cache`: list, size and clear the cache of layer indexes and merged trees.
+
+use std::io::{self, Write};
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+use super::ui::Ui;
+use crate::cache::{CacheEntry, CacheKind};
+use crate::inspect;
+
+/// Manage the cache of layer indexes and merged trees.
+#[derive(Args, Debug)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    action: CacheAction,
+}
+
+#[derive(Subcommand, Debug)]
+enum CacheAction {
+    /// One line per cached layer index or merged tree: digest (or key), size, entries.
+    Ls,
+    /// Total size of the cache and where it is.
+    Du,
+    /// Delete every cached index and merged tree.
+    Clear,
+}
+
+/// Runs `flatfs cache`.
+pub fn run(args: CacheArgs, ui: &Ui) -> Result<()> {
+    let Some(cache) = ui.cache.as_ref() else {
+        anyhow::bail!(
+            "no cache directory: --no-cache given, or no HOME, XDG_CACHE_HOME or FLATFS_CACHE_DIR"
+        );
+    };
+    let entries = cache
+        .list()
+        .with_context(|| format!("reading {}", cache.dir().display()))?;
+    match args.action {
+        CacheAction::Ls => {
+            let mut out = io::stdout().lock();
+            for e in &entries {
+                let what = match e.kind {
+                    CacheKind::LayerIndex => "entries",
+                    CacheKind::MergedTree => "nodes (merged tree)",
+                };
+                let n = e
+                    .entries
+                    .map_or("unreadable".to_string(), |n| format!("{n} {what}"));
+                writeln!(out, "{}  {:>10}  {}", e.digest, inspect::human(e.size), n)?;
+            }
+        }
+        CacheAction::Du => {
+            let total: u64 = entries.iter().map(|e| e.size).sum();
+            let (indexes, trees) = count_kinds(&entries);
+            println!(
+                "{}\t{indexes} layer indexes, {trees} merged trees\t{}",
+                inspect::human(total),
+                cache.dir().display()
+            );
+        }
+        CacheAction::Clear => {
+            let freed = cache
+                .clear()
+                .with_context(|| format!("clearing {}", cache.dir().display()))?;
+            if !ui.quiet {
+                let (indexes, trees) = count_kinds(&entries);
+                eprintln!(
+                    "flatfs: removed {indexes} layer indexes and {trees} merged trees ({})",
+                    inspect::human(freed)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How many layer indexes and merged trees.
+fn count_kinds(entries: &[CacheEntry]) -> (usize, usize) {
+    let indexes = entries
+        .iter()
+        .filter(|e| e.kind == CacheKind::LayerIndex)
+        .count();
+    (indexes, entries.len() - indexes)
+}

@@ -1,0 +1,35 @@
+//! `flatfs cat`: files of the merged tree to stdout.
+
+use std::io::{self, Write};
+
+use anyhow::Result;
+use clap::Args;
+
+use super::ui::Ui;
+use crate::inspect;
+use crate::source::Platform;
+
+/// Print files of the merged image (symlinks are followed inside the image only).
+#[derive(Args, Debug)]
+pub struct CatArgs {
+    /// The image.
+    image: String,
+    /// Paths in the image.
+    #[arg(required = true)]
+    paths: Vec<String>,
+    /// Platform to pick from a multi-platform image [default: this host's].
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<Platform>,
+}
+
+/// Runs `flatfs cat`.
+pub fn run(args: CatArgs, ui: &Ui) -> Result<()> {
+    let opened = ui.open(&args.image, args.platform.as_ref(), None, None)?;
+    let content = opened.content();
+    let mut out = io::stdout().lock();
+    for p in args.paths {
+        inspect::cat(&opened.tree, &content, p.as_bytes(), &mut out)?;
+    }
+    out.flush()?;
+    Ok(())
+}

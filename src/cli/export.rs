@@ -1,0 +1,138 @@
+//! `flatfs export`: the merged tree written out as a single-layer image or a rootfs tar.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+
+use super::ui::Ui;
+use crate::Opened;
+use crate::export::{self, Format, OutCompression};
+use crate::reference::Reference;
+use crate::source::Platform;
+
+/// Write the merged image as a single-layer image (or a plain rootfs tar).
+///
+/// IMAGE is a `docker save` archive, an OCI image layout directory (DIR or DIR:REF), an OCI
+/// archive, or `-` for an archive on stdin. The runtime config (Cmd, Env, Entrypoint, …) is
+/// kept; the history records the squash.
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  flatfs export app.docker.tar -o flat.tar\n  flatfs export ./layout:latest -o flat.oci.tar --format oci-archive\n  docker save app | flatfs export - -o - | docker load"
+)]
+pub struct ExportArgs {
+    /// The image to flatten.
+    image: String,
+    /// Where to write (`-` for stdout).
+    #[arg(short, long, value_name = "OUT")]
+    output: String,
+    /// Output format [default: docker-archive for docker input, oci-archive for OCI input].
+    #[arg(long, value_enum)]
+    format: Option<FormatArg>,
+    /// Layer compression [default: gzip; none for docker-archive and rootfs].
+    #[arg(long, value_enum)]
+    compression: Option<CompressionArg>,
+    /// Name of the output image, e.g. `app:1.0` or `registry.example.com:5000/team/app`
+    /// (`:latest` if no tag) [default: the input's name].
+    #[arg(long, value_name = "NAME[:TAG]", value_parser = parse_tag)]
+    tag: Option<Reference>,
+    /// Platform to pick from a multi-platform image [default: this host's].
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<Platform>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum FormatArg {
+    DockerArchive,
+    OciArchive,
+    Oci,
+    Rootfs,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum CompressionArg {
+    Gzip,
+    Zstd,
+    None,
+}
+
+/// Runs `flatfs export`.
+pub fn run(args: ExportArgs, ui: &Ui) -> Result<()> {
+    let ExportArgs {
+        image,
+        output,
+        format,
+        compression,
+        tag,
+        platform,
+    } = args;
+    export::catch_interrupts();
+    let opts = export::Options {
+        format: format.map(|f| match f {
+            FormatArg::DockerArchive => Format::DockerArchive,
+            FormatArg::OciArchive => Format::OciArchive,
+            FormatArg::Oci => Format::Oci,
+            FormatArg::Rootfs => Format::Rootfs,
+        }),
+        compression: compression.map(|c| match c {
+            CompressionArg::Gzip => OutCompression::Gzip,
+            CompressionArg::Zstd => OutCompression::Zstd,
+            CompressionArg::None => OutCompression::None,
+        }),
+        tag: tag.map(|t| t.to_string()),
+        source_date_epoch: source_date_epoch()?,
+    };
+    // Compressed layers are kept decompressed beside the output while indexing, so
+    // export reads file contents in place instead of decompressing every layer again.
+    let spool_dir = match output.as_str() {
+        "-" => std::env::temp_dir(),
+        o => match Path::new(o).parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        },
+    };
+    let Opened {
+        image: img, tree, ..
+    } = ui.open(&image, platform.as_ref(), None, Some(&spool_dir))?;
+    let started = Instant::now();
+    let bar = ui.bar(export::content_bytes(&tree), "exporting");
+    let report = export::export_with_progress(&img, &tree, &output, &opts, &|n| {
+        if let Some(b) = &bar {
+            b.inc(n);
+        }
+    })
+    .with_context(|| format!("exporting {image} to {output}"))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    log::info!("exported in {:.2?}", started.elapsed());
+    if !ui.quiet {
+        eprintln!(
+            "flatfs: flattened {} layers ({} entries) into {} ({})",
+            img.layers.len(),
+            report.entries,
+            if output == "-" { "stdout" } else { &output },
+            report.manifest_digest.as_deref().unwrap_or(&report.diff_id)
+        );
+    }
+    Ok(())
+}
+
+/// `--tag`, checked by the reference grammar while the command line is parsed: a bad name is
+/// a usage error before any work is done.
+fn parse_tag(s: &str) -> Result<Reference, String> {
+    Reference::parse_tag_arg(s).map_err(|e| e.reason.to_string())
+}
+
+/// `SOURCE_DATE_EPOCH`, if set: the timestamp a reproducible build asks for.
+fn source_date_epoch() -> Result<Option<i64>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) if !v.is_empty() => {
+            Ok(Some(v.trim().parse().with_context(|| {
+                format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")
+            })?))
+        }
+        _ => Ok(None),
+    }
+}

@@ -1,0 +1,116 @@
+//! `flatfs mount` and `flatfs umount`: the merged tree served over FUSE, and taken down.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::ui::Ui;
+use crate::Opened;
+use crate::content::Content;
+use crate::fs::FlatFs;
+use crate::mount;
+use crate::source::Platform;
+
+/// Mount the merged image as a read-only FUSE filesystem.
+///
+/// Nothing is extracted: only the layers' tar headers are read to build the merged tree, and
+/// a file's bytes are read from its layer when someone reads the file. flatfs returns once
+/// the mount is ready and serves it from the background (with -f, in the foreground); the
+/// exit status says whether mounting worked.
+///
+/// The mount is read-only, nosuid and nodev, and the kernel checks the image's owners and
+/// permission bits (default_permissions). Only the user who mounts sees it, unless
+/// --allow-other.
+///
+/// To unmount: `flatfs umount MOUNTPOINT` (or `fusermount3 -u MOUNTPOINT`), or send the
+/// serving process SIGINT or SIGTERM (Ctrl-C with -f).
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  flatfs mount app.docker.tar /mnt/app\n  ls -la /mnt/app/etc; getfattr -d -m- /mnt/app/usr/bin/ping\n  flatfs umount /mnt/app\n  flatfs mount -f --layers 2 image.oci.tar /mnt/x    # as after 2 layers; Ctrl-C unmounts\n  flatfs mount -o noexec,fsname=app app.oci.tar /mnt/app"
+)]
+pub struct MountArgs {
+    /// The image to mount (same forms as for export).
+    image: String,
+    /// An existing directory to mount on.
+    mountpoint: PathBuf,
+    /// Serve in the foreground instead of returning once mounted; Ctrl-C unmounts.
+    #[arg(short, long)]
+    foreground: bool,
+    /// Let other users in, not only the one who mounts (the image's permission bits still
+    /// apply). As a normal user this needs `user_allow_other` in /etc/fuse.conf.
+    #[arg(long)]
+    allow_other: bool,
+    /// Platform to pick from a multi-platform image [default: this host's].
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<Platform>,
+    /// Mount the image as it was after its first N layers [default: all].
+    #[arg(long, value_name = "N")]
+    layers: Option<usize>,
+    /// Do not push small files (up to 64 KiB) into the page cache as their directory is
+    /// listed. The push makes `tar`, `cp -r` or `grep -r` over many small files several
+    /// times faster, at the cost of decompressing them when only listed (`ls -l`).
+    #[arg(long)]
+    no_prefetch: bool,
+    /// More mount options, comma-separated, e.g. noexec, noatime, allow_root, fsname=NAME,
+    /// max_read=BYTES; `dev` and `suid` lift the defaults. `rw` is refused.
+    #[arg(short = 'o', value_name = "OPTS")]
+    options: Vec<String>,
+}
+
+/// Runs `flatfs mount`.
+pub fn run(args: MountArgs, ui: &Ui) -> Result<()> {
+    let MountArgs {
+        image,
+        mountpoint,
+        foreground,
+        allow_other,
+        platform,
+        layers,
+        no_prefetch,
+        options,
+    } = args;
+    let opts = mount::Options {
+        foreground,
+        allow_other,
+        options,
+    };
+    // The cheap checks first: a mistyped mountpoint should not wait for a big image to
+    // be indexed. Image errors still come before the fork, so both reach the terminal.
+    let target = mount::Mountpoint::check(&mountpoint, &image, &opts)?;
+    let Opened {
+        image: img,
+        tree,
+        checkpoints,
+    } = ui.open(&image, platform.as_ref(), layers, None)?;
+    let mut fs = FlatFs::new(tree, Content::new(&img.layers, &checkpoints));
+    fs.set_prefetch(!no_prefetch);
+    // The blobs keep their files open. Dropping the image now removes a spooled stdin
+    // from the temp dir, which the daemon, ending with exit(), never would.
+    drop(img);
+    target.serve(fs)?;
+    Ok(())
+}
+
+/// Unmount a flatfs mount, also one whose server has died.
+///
+/// Runs `fusermount3 -u`; if that fails (the mount is busy, or its server died: "Transport
+/// endpoint is not connected"), detaches it lazily with `fusermount3 -u -z`, then `umount -l`.
+#[derive(Args, Debug)]
+pub struct UmountArgs {
+    /// Where the image is mounted.
+    mountpoint: PathBuf,
+}
+
+/// Runs `flatfs umount`.
+pub fn umount(args: UmountArgs) -> Result<()> {
+    let mountpoint = args.mountpoint;
+    if mount::umount(&mountpoint)? == mount::Unmounted::Lazily {
+        eprintln!(
+            "flatfs: {} was busy or its server gone; detached it lazily (it goes away \
+             when the last file open in it is closed)",
+            mountpoint.display()
+        );
+    }
+    Ok(())
+}
