@@ -9,7 +9,8 @@
 //! into an image as is ([`raw_layer`]), and every case is checked, so a failure lists every
 //! failing writer × format at once with the differing lines of both listings. Listings come
 //! from `../shared/tools/tree-manifest.py` (oracle and mount) and `tar-manifest.py` (export):
-//! paths, types, modes, ids, sizes, sha256 of contents, link targets, xattrs, hardlink groups.
+//! paths, types, modes, ids, sizes, sha256 of contents, link targets, xattrs, hardlink groups,
+//! and through the mount mtimes (in seconds) too.
 //! docs/design.md ("What flatfs reads, writer by writer") sums up what the tables show.
 
 use std::ffi::{CString, OsStr};
@@ -608,11 +609,31 @@ impl Table {
     }
 }
 
-/// The listing of a directory (`tree-manifest.py`) or a tar (`tar-manifest.py`).
+/// The listing of a directory (`tree-manifest.py`, with mtimes) or a tar (`tar-manifest.py`,
+/// which has no mtime column).
 fn listing(tools: &Path, script: &str, arg: &Path) -> Result<String, String> {
     let mut cmd = Command::new("python3");
-    cmd.arg(tools.join(script)).arg("--hardlinks").arg(arg);
+    cmd.arg(tools.join(script)).arg("--hardlinks");
+    if script == "tree-manifest.py" {
+        cmd.arg("--mtime");
+    }
+    cmd.arg(arg);
     run_text(&mut with_timeout(&cmd))
+}
+
+/// A `tree-manifest.py --hardlinks --mtime` listing without its MTIME column (the 9th), to
+/// compare with `tar-manifest.py`'s.
+fn without_mtime(listing: &str) -> String {
+    listing
+        .lines()
+        .map(|l| {
+            let mut cols: Vec<&str> = l.split('\t').collect();
+            if cols.len() > 8 {
+                cols.remove(8);
+            }
+            cols.join("\t") + "\n"
+        })
+        .collect()
 }
 
 /// The oracle's listing of `case`.
@@ -703,6 +724,7 @@ fn check_case(tools: &Path, case: &Case, work: &Path, fuse: bool) -> Result<(), 
     let out = with_timeout(&cmd).output().expect("run flatfs export");
     if out.status.success() {
         let got = listing(tools, "tar-manifest.py", &rootfs)?;
+        let want = without_mtime(&want);
         errors.extend(compare("export --format rootfs", &got, &case.oracle, &want).err());
     } else {
         errors.push(format!(
@@ -760,8 +782,17 @@ fn gnu_extract(tar: &Path, dir: &Path) -> Result<(), String> {
         .args(["-xpf"])
         .arg(tar)
         .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "-C"])
-        .arg(dir))
-    .map(drop)
+        .arg(dir))?;
+    // A root with no entry of its own is one flatfs makes up, with mtime 0; here it is the
+    // extraction dir, which got the time of extraction.
+    let names = run_text(Command::new("tar").arg("-tf").arg(tar))?;
+    if !names.lines().any(|n| n == "./" || n == ".") {
+        let epoch = std::time::SystemTime::UNIX_EPOCH;
+        File::open(dir)
+            .and_then(|d| d.set_modified(epoch))
+            .map_err(|e| format!("set mtime of {}: {e}", dir.display()))?;
+    }
+    Ok(())
 }
 
 fn bsdtar(src: &Path, out: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
