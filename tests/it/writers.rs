@@ -1712,9 +1712,9 @@ fn gnu_tar_incremental_and_volume_label_layers_are_refused_as_runtimes_refuse_th
     let Some(_tools) = prerequisites(test, &["tar"]) else {
         return;
     };
-    let t = Table::new(test, PathBuf::new());
-    let src = t.trees.work.join("v7");
-    make_tree(&src, V7);
+    // A table for its work dir and trees; its cases are not the kind `check` runs.
+    let mut t = Table::new(test, PathBuf::new());
+    let src = t.trees.lower(V7);
     let mut failures = Vec::new();
     let snapshot = format!("--listed-incremental={}", t.work().join("snar").display());
     let cases: [(&str, &[&str], char); 2] = [
@@ -1751,6 +1751,13 @@ fn gnu_tar_incremental_and_volume_label_layers_are_refused_as_runtimes_refuse_th
                 "{name}: expected exit 1 with {want:?} and no output, got {}: {stderr}",
                 out.status
             ));
+        }
+        if fuse_available(test) {
+            match Mount::new(&tagged(&image), &dir.join("mnt")) {
+                Err(e) if e.contains(&want) => {}
+                Err(e) => failures.push(format!("{name}: mount: expected {want:?}, got {e}")),
+                Ok(_) => failures.push(format!("{name}: the layer mounts")),
+            }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
