@@ -494,7 +494,7 @@ impl Table {
         self.image(name, Ok((tagged(&dir), Oracle::Umoci(dir))));
     }
 
-    /// `layers`, which umoci cannot read, checked against the writer's extraction `extracted`.
+    /// `layers`, which umoci cannot read, checked against GNU tar's extraction `extracted`.
     fn layers_extracted(&mut self, name: &str, layers: Vec<Layer>, extracted: PathBuf) {
         let dir = self.case_dir(name).join("image");
         write_oci_layout(&layers, &default_config(&layers), &dir, Some(OCI_REF));
