@@ -883,6 +883,24 @@ fn gnu_tar_layers_in_every_format_match_the_oracle() {
             t.layers_extracted(&format!("{name}-zstd"), layers, extracted);
         }
     }
+    // An xattr with an empty value, which umoci drops on unpack: GNU tar's extraction keeps
+    // it, as flatfs does.
+    let src = t.trees.get("empty-xattr", |root| {
+        make_tree(root, V7);
+        setxattr(&root.join("etc/hostname"), "user.empty", b"");
+        setxattr(&root.join("etc"), "user.empty-dir", b"");
+    });
+    let dir = t.case_dir("gnu-tar-posix-empty-xattr");
+    let extracted = dir.join("extracted");
+    let tar = t.writer("gnu-tar-posix-empty-xattr", || {
+        let tar = gnu_tar(&src, &dir.join("layer.tar"), POSIX_XATTRS)?;
+        gnu_extract(&dir.join("layer.tar"), &extracted)?;
+        Ok(tar)
+    });
+    if let Some(tar) = tar {
+        let layers = vec![raw_layer(tar).compression(Compression::Gzip)];
+        t.layers_extracted("gnu-tar-posix-empty-xattr", layers, extracted);
+    }
     // `tar -r` appends entries for paths the layer already holds: the last one wins, and a
     // hardlink made in the appended part points at the new file.
     let lower = t.trees.lower(V7);
