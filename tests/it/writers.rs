@@ -382,6 +382,22 @@ fn make_upper_with_markers(root: &Path) {
     put(&root.join(OPAQUE).join(".wh..wh..opq"), b"", 0o644, (0, 0));
 }
 
+/// A name for the tree with features `f`, e.g. `tree-long-ustar-dev-ids`.
+fn tree_name(f: Features) -> String {
+    let flags = [
+        (f.long_names, "long"),
+        (f.ustar_names, "ustar"),
+        (f.devices, "dev"),
+        (f.big_ids, "ids"),
+        (f.xattrs, "xattrs"),
+        (f.sparse, "sparse"),
+    ];
+    flags
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold("tree".to_string(), |n, (_, flag)| format!("{n}-{flag}"))
+}
+
 /// Source trees are made once per test and shared by its cases.
 struct Trees {
     work: PathBuf,
@@ -941,22 +957,6 @@ fn gnu_tar_layers_in_every_format_match_the_oracle() {
         t.layers("gnu-tar-whiteouts", layers);
     }
     t.check();
-}
-
-/// A name for the tree with features `f`, e.g. `tree-long-ustar-dev-ids`.
-fn tree_name(f: Features) -> String {
-    let flags = [
-        (f.long_names, "long"),
-        (f.ustar_names, "ustar"),
-        (f.devices, "dev"),
-        (f.big_ids, "ids"),
-        (f.xattrs, "xattrs"),
-        (f.sparse, "sparse"),
-    ];
-    flags
-        .iter()
-        .filter(|(on, _)| *on)
-        .fold("tree".to_string(), |n, (_, flag)| format!("{n}-{flag}"))
 }
 
 #[test]
