@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 # (jq, libcap2-bin and busybox-static are for ../shared/tools/make-images.sh, which the oracle
 # tests run; installed here so that two of them never run apt-get at once.)
 packages=(fuse3 umoci skopeo podman attr python3 tar gzip zstd pigz jq libcap2-bin busybox-static time util-linux)
+# The writer corpus (tests/it/writers.rs) archives with every tar writer there is.
+packages+=(libarchive-tools golang-go pax git)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -13,4 +13,5 @@ mod names;
 mod oracle;
 mod props;
 mod util;
+mod writers;
 mod zran;
