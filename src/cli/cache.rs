@@ -14,6 +14,9 @@ use crate::inspect;
 pub struct CacheArgs {
     #[command(subcommand)]
     action: CacheAction,
+    /// No summary on stderr after `clear`.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -27,7 +30,7 @@ enum CacheAction {
 }
 
 /// Runs `flatfs cache`.
-pub fn run(args: CacheArgs, ui: &Ui) -> Result<()> {
+pub fn run(ui: &Ui, args: CacheArgs) -> Result<()> {
     let Some(cache) = ui.cache.as_ref() else {
         anyhow::bail!(
             "no cache directory: --no-cache given, or no HOME, XDG_CACHE_HOME or FLATFS_CACHE_DIR"

@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use anyhow::Result;
 use clap::Args;
 
-use super::ui::Ui;
+use super::ui::{Ui, UiArgs};
 use crate::inspect;
 use crate::source::Platform;
 
@@ -20,10 +20,12 @@ pub struct CatArgs {
     /// Platform to pick from a multi-platform image [default: this host's].
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     platform: Option<Platform>,
+    #[command(flatten)]
+    pub ui: UiArgs,
 }
 
 /// Runs `flatfs cat`.
-pub fn run(args: CatArgs, ui: &Ui) -> Result<()> {
+pub fn run(ui: &Ui, args: CatArgs) -> Result<()> {
     let opened = ui.open(&args.image, args.platform.as_ref(), None, None)?;
     let content = opened.content();
     let mut out = io::stdout().lock();

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 
-use super::ui::Ui;
+use super::ui::{Ui, UiArgs};
 use crate::Opened;
 use crate::export::{self, Format, OutCompression};
 use crate::reference::Reference;
@@ -40,6 +40,8 @@ pub struct ExportArgs {
     /// Platform to pick from a multi-platform image [default: this host's].
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     platform: Option<Platform>,
+    #[command(flatten)]
+    pub ui: UiArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -58,7 +60,7 @@ enum CompressionArg {
 }
 
 /// Runs `flatfs export`.
-pub fn run(args: ExportArgs, ui: &Ui) -> Result<()> {
+pub fn run(ui: &Ui, args: ExportArgs) -> Result<()> {
     let ExportArgs {
         image,
         output,
@@ -66,6 +68,7 @@ pub fn run(args: ExportArgs, ui: &Ui) -> Result<()> {
         compression,
         tag,
         platform,
+        ..
     } = args;
     export::catch_interrupts();
     let opts = export::Options {

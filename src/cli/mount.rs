@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::ui::Ui;
+use super::ui::{Ui, UiArgs};
 use crate::Opened;
 use crate::content::Content;
 use crate::fs::FlatFs;
@@ -56,10 +56,12 @@ pub struct MountArgs {
     /// max_read=BYTES; `dev` and `suid` lift the defaults. `rw` is refused.
     #[arg(short = 'o', value_name = "OPTS")]
     options: Vec<String>,
+    #[command(flatten)]
+    pub ui: UiArgs,
 }
 
 /// Runs `flatfs mount`.
-pub fn run(args: MountArgs, ui: &Ui) -> Result<()> {
+pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
     let MountArgs {
         image,
         mountpoint,
@@ -69,6 +71,7 @@ pub fn run(args: MountArgs, ui: &Ui) -> Result<()> {
         layers,
         no_prefetch,
         options,
+        ..
     } = args;
     let opts = mount::Options {
         foreground,

@@ -6,12 +6,53 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Result;
+use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::cache::Cache;
 use crate::layer::LayerIndex;
 use crate::source::{self, Image, Platform};
 use crate::{IndexOptions, Opened};
+
+/// `-q` and `-v`, for the commands that have something to be quiet or verbose about.
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct LogArgs {
+    /// No progress bar or summary on stderr (errors are still printed).
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Log what flatfs does to stderr (-vv for more; RUST_LOG works too).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// The options of every command that reads an image. They are also taken before the command
+/// name (`flatfs -q export …`), where every command accepts them.
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct UiArgs {
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Neither read nor write the cache of layer indexes and merged trees ($FLATFS_CACHE_DIR, else
+    /// $XDG_CACHE_HOME/flatfs, else ~/.cache/flatfs).
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+impl UiArgs {
+    /// Starts logging and builds the [`Ui`] for these options and those given before the
+    /// command name (`top`).
+    pub fn start(self, top: UiArgs) -> Ui {
+        let quiet = self.log.quiet || top.log.quiet;
+        init_logging(self.log.verbose + top.log.verbose);
+        Ui {
+            quiet,
+            cache: if self.no_cache || top.no_cache {
+                None
+            } else {
+                crate::cache::default_dir().map(Cache::new)
+            },
+        }
+    }
+}
 
 /// What every command shares: quietness, the cache, the progress bar.
 pub struct Ui {
