@@ -14,7 +14,7 @@ use crate::source::{self, Platform};
 /// Per layer: compressed and uncompressed size, entries, files added / changed / whited
 /// out, the bytes of lower layers it deletes or replaces (REMOVES: the waste flattening
 /// removes), and the history line that made it. `--json` prints the same as one JSON
-/// object (documented in docs/inspect-json.md).
+/// object, whose fields keep their names and meaning from one version to the next.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
     /// The image (same forms as for export).

@@ -43,8 +43,7 @@ enum Command {
     Diff(diff::DiffArgs),
     Cache(cache::CacheArgs),
     Completions(misc::CompletionsArgs),
-    /// Print the man page (roff), e.g. `flatfs man | man -l -`.
-    Man,
+    Man(misc::ManArgs),
     Umount(mount::UmountArgs),
 }
 
@@ -69,7 +68,7 @@ pub fn run(cli: Cli) -> Result<()> {
             cache::run(&ui.start(top), a)
         }
         Command::Completions(a) => misc::completions(a),
-        Command::Man => misc::man(),
+        Command::Man(a) => misc::man(a),
         Command::Umount(a) => mount::umount(a),
     }
 }

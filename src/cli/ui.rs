@@ -63,18 +63,24 @@ pub struct Ui {
 }
 
 impl Ui {
-    /// A progress bar on stderr, only when stderr is a terminal and not `--quiet`.
+    /// A progress bar on stderr, only when stderr is a terminal, not `--quiet`, and the job is
+    /// big enough to watch (at least 1 MiB). It fills the terminal's width and no more: a line
+    /// that wraps is redrawn as a new line at every tick.
     pub fn bar(&self, total: u64, what: &str) -> Option<ProgressBar> {
-        if self.quiet || !io::stderr().is_terminal() || total == 0 {
+        const TINY: u64 = 1 << 20;
+        if self.quiet || !io::stderr().is_terminal() || total < TINY {
             return None;
         }
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-        let style = ProgressStyle::with_template(
-            "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-        )
-        .map(|s| s.progress_chars("=> "));
-        if let Ok(style) = style {
-            bar.set_style(style);
+        // `wide_bar` takes what the rest leaves of the width indicatif reads from the terminal;
+        // below ~60 columns the rest alone would wrap, so the bar goes.
+        let template = if terminal_width().is_some_and(|w| w < 60) {
+            "{msg} {bytes}/{total_bytes} ETA {eta}"
+        } else {
+            "{msg:>9} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}"
+        };
+        if let Ok(style) = ProgressStyle::with_template(template) {
+            bar.set_style(style.progress_chars("=> "));
         }
         bar.set_message(what.to_string());
         Some(bar)
@@ -134,6 +140,14 @@ impl Ui {
         };
         crate::open_tree(img, &opts, |img| self.index(img, layers, spool_dir))
     }
+}
+
+/// The width of the terminal on stderr, if it is one that says.
+fn terminal_width() -> Option<u16> {
+    // SAFETY: TIOCGWINSZ writes a winsize into the struct passed, and nothing else.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    (ok && ws.ws_col > 0).then_some(ws.ws_col)
 }
 
 /// Logs to stderr: warnings by default, more with each `-v`; `RUST_LOG` overrides.
