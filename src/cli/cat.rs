@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 
 use super::ui::{Ui, UiArgs};
+use crate::Error;
 use crate::inspect;
 use crate::source::Platform;
 
@@ -29,9 +30,25 @@ pub fn run(ui: &Ui, args: CatArgs) -> Result<()> {
     let opened = ui.open(&args.image, args.platform.as_ref(), None, None)?;
     let content = opened.content();
     let mut out = io::stdout().lock();
+    let mut failed = false;
     for p in args.paths {
-        inspect::cat(&opened.tree, &content, p.as_bytes(), &mut out)?;
+        match inspect::cat(&opened.tree, &content, p.as_bytes(), &mut out) {
+            Ok(()) => {}
+            // Writing failed (a closed pipe, a full disk): no later path can do better.
+            Err(Error::Io { path, source }) if path == "stdout" => {
+                return Err(Error::Io { path, source }.into());
+            }
+            // As GNU cat: say what is wrong with this path, go on with the next.
+            Err(e) => {
+                out.flush()?;
+                eprintln!("flatfs: {e}");
+                failed = true;
+            }
+        }
     }
     out.flush()?;
+    if failed {
+        return Err(super::Reported.into());
+    }
     Ok(())
 }

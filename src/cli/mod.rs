@@ -47,6 +47,12 @@ enum Command {
     Umount(mount::UmountArgs),
 }
 
+/// A failure already told on stderr (e.g. `cat` of a missing path among others): exit 1 without
+/// another message.
+#[derive(Debug, thiserror::Error)]
+#[error("errors were reported above")]
+pub struct Reported;
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     let top = cli.top;

@@ -485,3 +485,26 @@ fn man_pages_for_every_command() {
     let stderr = assert_error(&out);
     assert!(stderr.contains("export"), "lists the commands: {stderr}");
 }
+
+/// As GNU cat: a missing path is reported, the others are still printed, the exit status is 1.
+#[test]
+fn cat_goes_on_past_a_missing_path_and_exits_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layers = two_layers();
+    let img = tmp.path().join("in.docker.tar");
+    write_docker_archive(&layers, &default_config(&layers), &img);
+    let out = run_flatfs([
+        "cat".as_ref(),
+        img.as_os_str(),
+        "/etc/a".as_ref(),
+        "/nope".as_ref(),
+        "/etc".as_ref(),
+        "/etc/b".as_ref(),
+    ]);
+    let stderr = assert_error(&out);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ab");
+    assert_eq!(
+        stderr,
+        "flatfs: /nope: no such file or directory\nflatfs: /etc: not a regular file\n"
+    );
+}
