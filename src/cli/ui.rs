@@ -153,7 +153,8 @@ fn terminal_width() -> Option<u16> {
 /// Logs to stderr: warnings by default, more with each `-v`; `RUST_LOG` overrides.
 pub fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
+        // fuser warns that it could not unmount what `flatfs umount` already had: not news.
+        0 => "warn,fuser=error",
         1 => "flatfs=info,warn",
         _ => "debug",
     };
