@@ -5,8 +5,7 @@ use std::io::{self, Write};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
-use super::ui::Ui;
-use crate::cache::{CacheEntry, CacheKind};
+use crate::cache::{Cache, CacheEntry, CacheKind};
 use crate::inspect;
 
 /// Manage the cache of layer indexes and merged trees.
@@ -16,7 +15,7 @@ pub struct CacheArgs {
     action: CacheAction,
     /// No summary on stderr after `clear`.
     #[arg(short, long, global = true)]
-    pub quiet: bool,
+    quiet: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -30,11 +29,10 @@ enum CacheAction {
 }
 
 /// Runs `flatfs cache`.
-pub fn run(ui: &Ui, args: CacheArgs) -> Result<()> {
-    let Some(cache) = ui.cache.as_ref() else {
-        anyhow::bail!(
-            "no cache directory: --no-cache given, or no HOME, XDG_CACHE_HOME or FLATFS_CACHE_DIR"
-        );
+pub fn run(quiet: bool, args: CacheArgs) -> Result<()> {
+    let quiet = quiet || args.quiet;
+    let Some(cache) = crate::cache::default_dir().map(Cache::new) else {
+        anyhow::bail!("no cache directory: no HOME, XDG_CACHE_HOME or FLATFS_CACHE_DIR");
     };
     let entries = cache
         .list()
@@ -66,7 +64,7 @@ pub fn run(ui: &Ui, args: CacheArgs) -> Result<()> {
             let freed = cache
                 .clear()
                 .with_context(|| format!("clearing {}", cache.dir().display()))?;
-            if !ui.quiet {
+            if !quiet {
                 let (indexes, trees) = count_kinds(&entries);
                 eprintln!(
                     "flatfs: removed {indexes} layer indexes and {trees} merged trees ({})",

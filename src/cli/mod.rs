@@ -63,16 +63,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Ls(a) => ls::run(&a.ui.start(top), a),
         Command::Cat(a) => cat::run(&a.ui.start(top), a),
         Command::Diff(a) => diff::run(&a.ui.start(top), a),
-        Command::Cache(a) => {
-            let ui = UiArgs {
-                log: ui::LogArgs {
-                    quiet: a.quiet,
-                    verbose: 0,
-                },
-                no_cache: false,
-            };
-            cache::run(&ui.start(top), a)
-        }
+        Command::Cache(a) => cache::run(top.log.quiet, a),
         Command::Completions(a) => misc::completions(a),
         Command::Man(a) => misc::man(a),
         Command::Umount(a) => mount::umount(a),

@@ -48,8 +48,24 @@ impl UiArgs {
             cache: if self.no_cache || top.no_cache {
                 None
             } else {
-                crate::cache::default_dir().map(Cache::new)
+                crate::cache::default_dir().and_then(usable_cache)
             },
+        }
+    }
+}
+
+/// The cache in `dir`, if the directory is there or can be made: one warning when it cannot,
+/// rather than one per layer and merged tree that could not be saved.
+fn usable_cache(dir: std::path::PathBuf) -> Option<Cache> {
+    match std::fs::create_dir_all(&dir) {
+        Ok(()) => Some(Cache::new(dir)),
+        Err(e) => {
+            log::warn!(
+                "cannot create the cache directory {}: {e}; going on without a cache (set \
+                 FLATFS_CACHE_DIR, or --no-cache)",
+                dir.display()
+            );
+            None
         }
     }
 }

@@ -508,3 +508,48 @@ fn cat_goes_on_past_a_missing_path_and_exits_1() {
         "flatfs: /nope: no such file or directory\nflatfs: /etc: not a regular file\n"
     );
 }
+
+/// A cache directory that cannot be made is said once, and the command still works.
+#[test]
+fn an_uncreatable_cache_dir_gets_one_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layers = two_layers();
+    let img = tmp.path().join("in.docker.tar");
+    write_docker_archive(&layers, &default_config(&layers), &img);
+    // Nothing can be created under a regular file, not even by root.
+    let blocker = tmp.path().join("file");
+    std::fs::write(&blocker, "").unwrap();
+    let out = flatfs()
+        .env("FLATFS_CACHE_DIR", blocker.join("cache"))
+        .arg("ls")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let stderr = stderr_of(&out);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("flatfs: warning: cannot create the cache directory"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_truncated_archive_is_called_truncated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layers = vec![
+        layer([file("big", noise(2, 64 << 10))]),
+        layer([file("b", "b")]),
+    ];
+    let whole = docker_archive_bytes(&layers, &default_config(&layers));
+    for cut in [1000, whole.len() / 3, whole.len() / 2] {
+        let img = tmp.path().join("cut.tar");
+        std::fs::write(&img, &whole[..cut]).unwrap();
+        let stderr = assert_error(&run_flatfs(["ls".as_ref(), img.as_os_str()]));
+        assert!(
+            stderr.contains("truncated"),
+            "cut at {cut} of {}: {stderr}",
+            whole.len()
+        );
+    }
+}

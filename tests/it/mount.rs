@@ -1146,7 +1146,10 @@ fn umount_of_something_else_is_an_error() {
     let stderr = assert_error(&run_flatfs(["umount", "/proc"]));
     assert!(stderr.contains("not FUSE"), "{stderr}");
     let stderr = assert_error(&run_flatfs(["umount", "/no/such/dir"]));
-    assert!(stderr.to_lowercase().contains("no such file or directory"), "{stderr}");
+    assert!(
+        stderr.to_lowercase().contains("no such file or directory"),
+        "{stderr}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
