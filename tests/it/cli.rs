@@ -553,3 +553,21 @@ fn a_truncated_archive_is_called_truncated() {
         );
     }
 }
+
+/// Every example command of README.md runs against the bundled demo images (the script says
+/// which it leaves out: those marked "(needs docker)" and the test suite itself).
+#[test]
+fn readme_examples_run() {
+    if !fuse_available("readme_examples_run") {
+        return;
+    }
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/readme-examples.sh");
+    let out = std::process::Command::new(&script)
+        .arg(env!("CARGO_BIN_EXE_flatfs"))
+        .output()
+        .expect("run scripts/readme-examples.sh");
+    let stderr = stderr_of(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("readme-examples: ran "), "{stderr}");
+}
