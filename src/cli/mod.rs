@@ -1,5 +1,5 @@
 //! Command line: the clap definition of `flatfs` and the dispatch to one module per command.
-//! Each command's arguments sit beside its handler; `anyhow` lives here and in main only.
+//! Each command's arguments sit beside its handler; `anyhow` lives in `cli/` and main only.
 
 mod cache;
 mod cat;
