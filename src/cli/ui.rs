@@ -42,7 +42,7 @@ impl UiArgs {
     /// command name (`top`).
     pub fn start(self, top: UiArgs) -> Ui {
         let quiet = self.log.quiet || top.log.quiet;
-        init_logging(self.log.verbose + top.log.verbose);
+        init_logging(self.log.verbose.saturating_add(top.log.verbose));
         Ui {
             quiet,
             cache: if self.no_cache || top.no_cache {
