@@ -39,7 +39,7 @@ shared="${FLATFS_SHARED_DIR:-$PWD/../shared}"
 if [ $# -eq 0 ]; then
   if { [ "$(id -u)" = 0 ] && [ -x "$shared/tools/make-images.sh" ]; } ||
     [ "${FLATFS_REQUIRE_TOOLS:-}" = 1 ]; then
-    oracles=(oracle::hello_image mount::mount_of_the_hello_image)
+    oracles=(oracle::hello_image oracle::same_layer mount::mount_of_the_hello_image writers::)
     [ "${FLATFS_TEST_DEBIAN:-}" = 1 ] && oracles+=(oracle::debian_image)
     cargo test --locked --test it -- --ignored "${oracles[@]}"
   else

@@ -46,9 +46,9 @@ fn have(program: &str) -> bool {
 }
 
 /// The tools dir if `test` can run: root (mknod, chown, `security.*` xattrs), the listing
-/// tools, umoci (the oracle) and `programs`; otherwise `None` after saying why, or a failure
-/// under `FLATFS_REQUIRE_TOOLS=1` (CI). FUSE is checked per mount by [`fuse_available`].
-fn prerequisites(test: &str, programs: &[&str]) -> Option<PathBuf> {
+/// tools, umoci (the oracle) and `programs`; otherwise a failure saying what is missing.
+/// FUSE is checked per mount by [`fuse_available`].
+fn prerequisites(test: &str, programs: &[&str]) -> PathBuf {
     let tools = shared_tools();
     let mut missing: Vec<String> = ["umoci", "python3"]
         .iter()
@@ -64,14 +64,10 @@ fn prerequisites(test: &str, programs: &[&str]) -> Option<PathBuf> {
         missing.push("root (mknod, chown and security.capability for the source trees)".into());
     }
     if missing.is_empty() {
-        return Some(tools);
+        return tools;
     }
-    let msg = format!("{test}: SKIPPED: needs {}", missing.join(", "));
-    if std::env::var("FLATFS_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("{msg} (FLATFS_REQUIRE_TOOLS=1)");
-    }
-    eprintln!("{msg}");
-    None
+    // These tests are #[ignore]d, so they only run when asked for: then a missing piece fails.
+    panic!("{test}: needs {}", missing.join(", "));
 }
 
 /// Runs `cmd`; its stdout, or an error naming the command with its status and stderr.
@@ -865,11 +861,10 @@ fn pytar(format: &str, src: &Path, out: &Path) -> Result<Vec<u8>, String> {
 // The tables
 
 #[test]
+#[ignore = "needs root, ../shared/tools and every tar writer: scripts/test.sh runs it with the oracle tests"]
 fn gnu_tar_layers_in_every_format_match_the_oracle() {
     let test = "gnu_tar_layers_in_every_format_match_the_oracle";
-    let Some(tools) = prerequisites(test, &["tar"]) else {
-        return;
-    };
+    let tools = prerequisites(test, &["tar"]);
     let mut t = Table::new(test, tools);
     let formats: [(&str, Features, &[&str]); 5] = [
         ("gnu", FULL, &["--format=gnu", "--numeric-owner"]),
@@ -960,11 +955,10 @@ fn gnu_tar_layers_in_every_format_match_the_oracle() {
 }
 
 #[test]
+#[ignore = "needs root, ../shared/tools and every tar writer: scripts/test.sh runs it with the oracle tests"]
 fn bsdtar_layers_in_every_format_match_the_oracle() {
     let test = "bsdtar_layers_in_every_format_match_the_oracle";
-    let Some(tools) = prerequisites(test, &["bsdtar"]) else {
-        return;
-    };
+    let tools = prerequisites(test, &["bsdtar"]);
     let mut t = Table::new(test, tools);
     // libarchive's names: `paxr` is the restricted pax bsdtar writes by default (ustar
     // headers, a PAX header only for what ustar cannot hold).
@@ -997,11 +991,10 @@ fn bsdtar_layers_in_every_format_match_the_oracle() {
 }
 
 #[test]
+#[ignore = "needs root, ../shared/tools and every tar writer: scripts/test.sh runs it with the oracle tests"]
 fn busybox_tar_layer_matches_the_oracle() {
     let test = "busybox_tar_layer_matches_the_oracle";
-    let Some(tools) = prerequisites(test, &["busybox"]) else {
-        return;
-    };
+    let tools = prerequisites(test, &["busybox"]);
     let mut t = Table::new(test, tools);
     let src = t.trees.lower(FULL);
     let out = t.case_dir("busybox").join("layer.tar");
@@ -1021,11 +1014,10 @@ fn busybox_tar_layer_matches_the_oracle() {
 }
 
 #[test]
+#[ignore = "needs root, ../shared/tools and every tar writer: scripts/test.sh runs it with the oracle tests"]
 fn python_tarfile_layers_in_every_format_match_the_oracle() {
     let test = "python_tarfile_layers_in_every_format_match_the_oracle";
-    let Some(tools) = prerequisites(test, &[]) else {
-        return;
-    };
+    let tools = prerequisites(test, &[]);
     let mut t = Table::new(test, tools);
     for (format, features) in [("gnu", FULL), ("pax", FULL), ("ustar", USTAR)] {
         let name = format!("python-{format}");
@@ -1057,11 +1049,10 @@ fn go_upper_layer(t: &mut Table, dir: &Path) -> Option<Vec<u8>> {
 }
 
 #[test]
+#[ignore = "needs root, ../shared/tools and every tar writer: scripts/test.sh runs it with the oracle tests"]
 fn go_archive_tar_layers_and_their_whiteouts_match_the_oracle() {
     let test = "go_archive_tar_layers_and_their_whiteouts_match_the_oracle";
-    let Some(tools) = prerequisites(test, &["go"]) else {
-        return;
-    };
+    let tools = prerequisites(test, &["go"]);
     let mut t = Table::new(test, tools);
     let lower = t.trees.lower(XATTRS);
     let dir = t.case_dir("go");
@@ -1126,11 +1117,10 @@ fn git_archive(src: &Path, git_dir: &Path, out: &Path) -> Result<Vec<u8>, String
 }
 
 #[test]
+#[ignore = "needs root, ../shared/tools and every tar writer: scripts/test.sh runs it with the oracle tests"]
 fn pax_and_git_archive_layers_match_the_oracle() {
     let test = "pax_and_git_archive_layers_match_the_oracle";
-    let Some(tools) = prerequisites(test, &["pax", "git"]) else {
-        return;
-    };
+    let tools = prerequisites(test, &["pax", "git"]);
     let mut t = Table::new(test, tools);
     // MirBSD pax: `ustar` and `tar` (v7) are its tar formats.
     for (format, features) in [("ustar", USTAR), ("tar", V7)] {
@@ -1179,12 +1169,10 @@ fn has_sparse_entry(tar: &[u8]) -> bool {
 }
 
 #[test]
-#[ignore = "needs sparse/early-end support from branch tar"]
+#[ignore = "needs root, ../shared/tools and every tar writer: scripts/test.sh runs it with the oracle tests"]
 fn sparse_files_from_gnu_tar_and_bsdtar_match_the_oracle() {
     let test = "sparse_files_from_gnu_tar_and_bsdtar_match_the_oracle";
-    let Some(tools) = prerequisites(test, &["tar", "bsdtar"]) else {
-        return;
-    };
+    let tools = prerequisites(test, &["tar", "bsdtar"]);
     let mut t = Table::new(test, tools);
     let src = t.trees.lower(SPARSE);
     let cases: [(&str, &[&str]); 6] = [
@@ -1281,9 +1269,7 @@ fn cut_streams(t: &mut Table) -> Option<Vec<(&'static str, Vec<u8>)>> {
 
 /// The cut streams named `cuts`, each plain, gzip and zstd.
 fn check_cut_streams(test: &'static str, cuts: &[&str]) {
-    let Some(tools) = prerequisites(test, &["tar"]) else {
-        return;
-    };
+    let tools = prerequisites(test, &["tar"]);
     let mut t = Table::new(test, tools);
     for (cut, tar) in cut_streams(&mut t).into_iter().flatten() {
         if !cuts.contains(&cut) {
@@ -1300,6 +1286,7 @@ fn check_cut_streams(test: &'static str, cuts: &[&str]) {
 }
 
 #[test]
+#[ignore = "needs root, ../shared/tools and every tar writer: scripts/test.sh runs it with the oracle tests"]
 fn gnu_tar_streams_cut_after_padding_or_one_eof_block_match_the_oracle() {
     check_cut_streams(
         "gnu_tar_streams_cut_after_padding_or_one_eof_block_match_the_oracle",
@@ -1309,7 +1296,7 @@ fn gnu_tar_streams_cut_after_padding_or_one_eof_block_match_the_oracle() {
 
 /// umoci 0.4.7 writes every layer this way (see `umoci_layers_match_the_oracle`).
 #[test]
-#[ignore = "needs sparse/early-end support from branch tar"]
+#[ignore = "needs root, ../shared/tools and every tar writer: scripts/test.sh runs it with the oracle tests"]
 fn gnu_tar_stream_cut_after_the_last_data_byte_matches_the_oracle() {
     check_cut_streams(
         "gnu_tar_stream_cut_after_the_last_data_byte_matches_the_oracle",
@@ -1363,12 +1350,10 @@ fn umoci_image(image: &Path, lower: &Path, upper: &Path, repack: bool) -> Result
 }
 
 #[test]
-#[ignore = "needs sparse/early-end support from branch tar"]
+#[ignore = "needs root, ../shared/tools and every tar writer: scripts/test.sh runs it with the oracle tests"]
 fn umoci_layers_match_the_oracle() {
     let test = "umoci_layers_match_the_oracle";
-    let Some(tools) = prerequisites(test, &[]) else {
-        return;
-    };
+    let tools = prerequisites(test, &[]);
     let mut t = Table::new(test, tools);
     let lower = t.trees.lower(XATTRS);
     let upper = t.trees.get("upper", make_upper);
@@ -1413,11 +1398,10 @@ fn layers_are_zstd(dir: &Path) -> Result<bool, String> {
 }
 
 #[test]
+#[ignore = "needs root, ../shared/tools and every tar writer: scripts/test.sh runs it with the oracle tests"]
 fn skopeo_conversions_match_the_oracle() {
     let test = "skopeo_conversions_match_the_oracle";
-    let Some(tools) = prerequisites(test, &["skopeo", "tar", "go"]) else {
-        return;
-    };
+    let tools = prerequisites(test, &["skopeo", "tar", "go"]);
     let mut t = Table::new(test, tools);
     // The source: a GNU tar layer under a Go layer with whiteouts and an opaque directory.
     let lower = t.trees.lower(XATTRS);
@@ -1617,11 +1601,10 @@ fn podman_build(
 }
 
 #[test]
+#[ignore = "needs root, ../shared/tools and every tar writer: scripts/test.sh runs it with the oracle tests"]
 fn podman_built_images_match_the_oracle() {
     let test = "podman_built_images_match_the_oracle";
-    let Some(tools) = prerequisites(test, &["podman", "skopeo", "tar", "go", "busybox"]) else {
-        return;
-    };
+    let tools = prerequisites(test, &["podman", "skopeo", "tar", "go", "busybox"]);
     let mut t = Table::new(test, tools);
     // Declared after `t`, so dropped before `t` removes the work dir.
     let store = PodmanStore(t.work().join("podman"));
@@ -1725,11 +1708,10 @@ fn podman_built_images_match_the_oracle() {
 /// runtime can run such a layer, so no image holds one. (With `--format=posix`, `-V` writes
 /// a global PAX header instead, which every reader, flatfs included, skips.)
 #[test]
+#[ignore = "needs root, ../shared/tools and every tar writer: scripts/test.sh runs it with the oracle tests"]
 fn gnu_tar_incremental_and_volume_label_layers_are_refused_as_runtimes_refuse_them() {
     let test = "gnu_tar_incremental_and_volume_label_layers_are_refused_as_runtimes_refuse_them";
-    let Some(_tools) = prerequisites(test, &["tar"]) else {
-        return;
-    };
+    let _tools = prerequisites(test, &["tar"]);
     // A table for its work dir and trees; its cases are not the kind `check` runs.
     let mut t = Table::new(test, PathBuf::new());
     let src = t.trees.lower(V7);
