@@ -69,8 +69,11 @@ pub struct Report {
     pub layer_digest: String,
     /// Size of the layer blob.
     pub layer_size: u64,
-    /// Manifest digest (not for rootfs).
+    /// Manifest digest, when the output holds a manifest (OCI formats; not docker-archive,
+    /// whose manifest.json has no digest, nor rootfs).
     pub manifest_digest: Option<String>,
+    /// The image ID: the digest of the config written (not for rootfs).
+    pub image_id: Option<String>,
     /// Names (nodes) written.
     pub entries: u64,
     /// With `--keep`: what the squashed layer holds.
@@ -248,6 +251,7 @@ fn export_image(
             layer_digest: layer.digest,
             layer_size: layer.size,
             manifest_digest: None,
+            image_id: None,
             entries,
             squash: None,
         });
@@ -396,7 +400,8 @@ fn export_image(
         diff_id: layer.diff_id,
         layer_digest: layer.digest,
         layer_size: layer.size,
-        manifest_digest: Some(manifest_digest),
+        manifest_digest: (format != Format::DockerArchive).then_some(manifest_digest),
+        image_id: Some(config_digest),
         entries,
         squash: plan.map(|p| p.stats),
     })

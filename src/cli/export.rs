@@ -1,12 +1,13 @@
 //! `flatfs export`: the merged tree written out as a single-layer image or a rootfs tar.
 
+use std::io::{self, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 
-use super::ui::Ui;
+use super::ui::{Ui, UiArgs};
 use crate::Opened;
 use crate::export::{self, Format, OutCompression};
 use crate::reference::Reference;
@@ -57,6 +58,11 @@ pub struct ExportArgs {
     /// python or debian image the application was built FROM.
     #[arg(long, value_name = "BASE", group = "keeping")]
     keep_base: Option<String>,
+    /// Write to stdout even when it is a terminal.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    pub ui: UiArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -75,7 +81,7 @@ enum CompressionArg {
 }
 
 /// Runs `flatfs export`.
-pub fn run(args: ExportArgs, ui: &Ui) -> Result<()> {
+pub fn run(ui: &Ui, args: ExportArgs) -> Result<()> {
     let ExportArgs {
         image,
         output,
@@ -86,7 +92,15 @@ pub fn run(args: ExportArgs, ui: &Ui) -> Result<()> {
         keep,
         keep_until,
         keep_base,
+        force,
+        ..
     } = args;
+    // As gzip and zstd do: an image is no use on a screen, and can upset the terminal.
+    if output == "-" && !force && io::stdout().is_terminal() {
+        anyhow::bail!(
+            "refusing to write an image to a terminal: redirect stdout, pipe it, or use --force"
+        );
+    }
     export::catch_interrupts();
     let opts = export::Options {
         format: format.map(|f| match f {
@@ -143,13 +157,7 @@ pub fn run(args: ExportArgs, ui: &Ui) -> Result<()> {
     }
     log::info!("exported in {:.2?}", started.elapsed());
     if !ui.quiet {
-        eprintln!(
-            "flatfs: flattened {} layers ({} entries) into {} ({})",
-            img.layers.len(),
-            report.entries,
-            if output == "-" { "stdout" } else { &output },
-            report.manifest_digest.as_deref().unwrap_or(&report.diff_id)
-        );
+        eprint!("{}", summary(img.layers.len(), &output, &report));
     }
     Ok(())
 }
@@ -190,8 +198,8 @@ fn export_keeping(
     log::info!("exported in {:.2?}", started.elapsed());
     if !ui.quiet {
         let s = report.squash.unwrap_or_default();
-        eprintln!(
-            "flatfs: kept {} layers, squashed {} into one ({} changed, {} names, {} whiteouts, {} opaque) in {} ({})",
+        eprint!(
+            "flatfs: kept {} layers, squashed {} into one ({} changed, {} names, {} whiteouts, {} opaque) in {}\n{}",
             keep.layers,
             img.layers.len() - keep.layers,
             s.changed,
@@ -199,7 +207,7 @@ fn export_keeping(
             s.whiteouts,
             s.opaques,
             if output == "-" { "stdout" } else { output },
-            report.manifest_digest.as_deref().unwrap_or(&report.diff_id)
+            digests(&report)
         );
     }
     Ok(())
@@ -287,6 +295,37 @@ fn base_layers(
         }
     }
     Ok(b.layers.len())
+}
+
+/// What was written, on stderr: where, from how many layers, and the digests that name it,
+/// each labelled (a docker archive has no manifest digest: its manifest.json is not hashed).
+fn summary(layers: usize, output: &str, report: &export::Report) -> String {
+    let layers = match layers {
+        1 => "1 layer".to_string(),
+        n => format!("{n} layers"),
+    };
+    let into = if output == "-" { "stdout" } else { output };
+    format!(
+        "flatfs: flattened {layers} ({} entries) into {into}\n{}",
+        report.entries,
+        digests(report)
+    )
+}
+
+/// The digests that name what was written, one labelled line each.
+fn digests(report: &export::Report) -> String {
+    let mut s = String::new();
+    let mut label = |what: &str, value: &str| s.push_str(&format!("  {what:<9} {value}\n"));
+    match (&report.image_id, &report.manifest_digest) {
+        (None, _) => label("tar", &report.diff_id),
+        (Some(id), manifest) => {
+            label("image ID", id);
+            if let Some(m) = manifest {
+                label("manifest", m);
+            }
+        }
+    }
+    s
 }
 
 /// `--tag`, checked by the reference grammar while the command line is parsed: a bad name is

@@ -14,4 +14,5 @@ mod oracle;
 mod props;
 mod squash;
 mod util;
+mod writers;
 mod zran;
