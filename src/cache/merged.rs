@@ -20,17 +20,20 @@ use std::sync::Arc;
 use sha2::{Digest as _, Sha256};
 
 use super::{Cache, Dec, Enc, SUM, SumReader, checksum, stamp, write_atomically};
+use crate::layer::Segment;
 use crate::source::Layer;
-use crate::tree::{ChildRec, NodeRec, Tree, XattrRec};
+use crate::tree::{ChildRec, MapRec, NodeRec, Tree, XattrRec};
 use crate::zran::Checkpoints;
 
 const MAGIC: &[u8; 8] = b"FLATFSMT";
 /// Bump when the encoding, the merge rules or the meaning of a field change.
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 /// Encoded sizes of the arena's records.
 const NODE: usize = 64;
 const CHILD: usize = 16;
 const XATTR: usize = 24;
+const MAP: usize = 16;
+const SEGMENT: usize = 24;
 
 /// A tree and what reading its files needs: per layer, the gzip checkpoints.
 pub type CachedTree = (Tree, Vec<Option<Arc<Checkpoints>>>);
@@ -94,6 +97,8 @@ fn encode(tree: &Tree, key: &[u8; 32], stamps: &[[u64; 6]]) -> Vec<u8> {
         + tree.nodes.len() * NODE
         + tree.children.len() * CHILD
         + tree.xattrs.len() * XATTR
+        + tree.maps.len() * MAP
+        + tree.segments.len() * SEGMENT
         + tree.bytes.len();
     let mut e = Enc(Vec::with_capacity(size));
     e.0.extend_from_slice(MAGIC);
@@ -107,6 +112,8 @@ fn encode(tree: &Tree, key: &[u8; 32], stamps: &[[u64; 6]]) -> Vec<u8> {
         tree.nodes.len(),
         tree.children.len(),
         tree.xattrs.len(),
+        tree.maps.len(),
+        tree.segments.len(),
         tree.bytes.len(),
     ] {
         e.u64(n as u64);
@@ -136,6 +143,15 @@ fn encode(tree: &Tree, key: &[u8; 32], stamps: &[[u64; 6]]) -> Vec<u8> {
         e.u32(x.name_len);
         e.u32(x.value_len);
         e.u32(0);
+    }
+    for m in &tree.maps {
+        e.u64(m.start);
+        e.u64(m.count);
+    }
+    for s in &tree.segments {
+        e.u64(s.logical);
+        e.u64(s.len);
+        e.u64(s.tar);
     }
     e.0.extend_from_slice(&tree.bytes);
     let sum = checksum(&e.0);
@@ -218,6 +234,8 @@ fn decode(r: impl Read, len: u64, key: &[u8; 32], stamps: &[[u64; 6]]) -> Option
     let nodes = r.count(NODE)?;
     let children = r.count(CHILD)?;
     let xattrs = r.count(XATTR)?;
+    let maps = r.count(MAP)?;
+    let segments = r.count(SEGMENT)?;
     let bytes = r.count(1)?;
     let tree = Tree {
         nodes: records(&mut r, nodes, NODE, |r| NodeRec {
@@ -243,6 +261,15 @@ fn decode(r: impl Read, len: u64, key: &[u8; 32], stamps: &[[u64; 6]]) -> Option
             node: le32(r, 8),
             name_len: le32(r, 12),
             value_len: le32(r, 16),
+        })?,
+        maps: records(&mut r, maps, MAP, |r| MapRec {
+            start: le64(r, 0),
+            count: le64(r, 8),
+        })?,
+        segments: records(&mut r, segments, SEGMENT, |r| Segment {
+            logical: le64(r, 0),
+            len: le64(r, 8),
+            tar: le64(r, 16),
         })?,
         bytes: r.take(bytes)?,
     };
@@ -271,6 +298,7 @@ mod tests {
             size: 5,
             offset: 512,
             xattrs: Vec::new(),
+            sparse: None,
         }
     }
 

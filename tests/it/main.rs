@@ -10,5 +10,6 @@ mod merge;
 mod mount;
 mod oracle;
 mod props;
+mod sparse;
 mod util;
 mod zran;
