@@ -758,6 +758,30 @@ mod tests {
     }
 
     /// Recomputes both checksums of an edited file, as a buggy writer would have.
+    #[test]
+    fn bad_sparse_maps_are_rejected() {
+        fn runs(index: &mut LayerIndex) -> &mut [crate::layer::Segment] {
+            index.entries[1].sparse.as_deref_mut().expect("sparse")
+        }
+        type Edit = fn(&mut [crate::layer::Segment]);
+        let edits: [(&str, Edit); 4] = [
+            ("overlapping", |r| r[1].logical = 105),
+            ("past the real size", |r| r[1].logical = (1 << 40) - 5),
+            ("stored past the tar", |r| r[1].len = 3000),
+            ("out of order", |r| r.swap(0, 1)),
+        ];
+        for (what, edit) in edits {
+            let mut index = sample();
+            edit(runs(&mut index));
+            let bytes = encode(&index, [0; 6], "sha256:ab");
+            assert!(decode(&bytes).is_none(), "{what}");
+        }
+        // A map on a directory.
+        let mut index = sample();
+        index.entries[1].kind = Kind::Dir;
+        assert!(decode(&encode(&index, [0; 6], "sha256:ab")).is_none());
+    }
+
     fn reseal(bytes: &mut [u8]) {
         let head = head_end(bytes).expect("prefix");
         let sum = checksum(&bytes[..head]);

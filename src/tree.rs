@@ -4,7 +4,8 @@
 //!
 //! The frozen arena is four flat vectors: fixed-size node records, a directory's children as a
 //! contiguous run of (name, id) records sorted by name, xattr records sorted by node, and one
-//! byte buffer holding every name, symlink target and xattr. That is about 80 bytes per entry
+//! byte buffer holding every name, symlink target and xattr (plus, for sparse files only, a side
+//! table of their maps' segments). That is about 80 bytes per entry
 //! plus its name, against ~150 for boxed children, targets and xattrs per node, and it can be
 //! saved and loaded as is (`cache/merged.rs`), which is what makes a warm mount cheap.
 

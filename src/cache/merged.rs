@@ -321,11 +321,50 @@ mod tests {
                 ..LayerIndex::default()
             },
             LayerIndex {
-                entries: vec![entry("b", Kind::Block(8, 1)), entry("p", Kind::Fifo)],
+                entries: vec![
+                    entry("b", Kind::Block(8, 1)),
+                    entry("p", Kind::Fifo),
+                    sparse_entry("q", &[(0, 3), (100, 4)]),
+                    sparse_entry("r", &[(10, 1), (11, 2), (1 << 40, 5)]),
+                ],
                 ..LayerIndex::default()
             },
         ];
         merge(&layers).expect("merge")
+    }
+
+    /// A sparse file of 2^41 bytes with these runs, stored from offset 1024.
+    fn sparse_entry(path: &str, runs: &[(u64, u64)]) -> Entry {
+        let mut e = entry(path, Kind::File);
+        e.size = 1 << 41;
+        e.offset = 1024;
+        let mut tar = 1024;
+        e.sparse = Some(
+            runs.iter()
+                .map(|&(logical, len)| {
+                    tar += len;
+                    crate::layer::Segment {
+                        logical,
+                        len,
+                        tar: tar - len,
+                    }
+                })
+                .collect(),
+        );
+        e
+    }
+
+    #[test]
+    fn sparse_files_keep_their_runs() {
+        let tree = sample();
+        let q = tree.resolve(b"q").expect("q");
+        let crate::tree::NodeKind::File(e) = tree.node(q).kind else {
+            panic!("q is a file");
+        };
+        assert_eq!((e.size, e.offset, e.stored()), (1 << 41, 1024, 7));
+        assert_eq!(e.sparse.map(<[_]>::len), Some(2));
+        assert_eq!(tree.maps.len(), 2);
+        assert_eq!(tree.segments.len(), 5);
     }
 
     const KEY: [u8; 32] = [7; 32];
@@ -393,7 +432,49 @@ mod tests {
                 "root a file",
                 Box::new(|t| t.nodes[0].tag = crate::tree::TAG_FILE),
             ),
-            ("unknown kind", Box::new(|t| t.nodes[1].tag = 6)),
+            ("unknown kind", Box::new(|t| t.nodes[1].tag = 7)),
+            (
+                "a file made sparse",
+                Box::new(|t| {
+                    let f = t.resolve(b"d/f").expect("f") as usize;
+                    t.nodes[f].tag = crate::tree::TAG_SPARSE | (t.nodes[f].tag & 0x80);
+                }),
+            ),
+            ("runs out of order", Box::new(|t| t.segments.swap(0, 1))),
+            ("runs overlapping", Box::new(|t| t.segments[1].logical = 2)),
+            ("an empty run", Box::new(|t| t.segments[2].len = 0)),
+            (
+                "a run past the real size",
+                Box::new(|t| t.segments[4].logical = (1 << 41) - 4),
+            ),
+            (
+                "a run that wraps",
+                Box::new(|t| t.segments[4].logical = u64::MAX - 1),
+            ),
+            (
+                "runs not back to back",
+                Box::new(|t| t.segments[1].tar += 1),
+            ),
+            (
+                "a run's bytes that wrap",
+                Box::new(|t| t.segments[2].tar = u64::MAX),
+            ),
+            (
+                "a map used twice",
+                Box::new(|t| {
+                    let r = t.resolve(b"r").expect("r") as usize;
+                    t.nodes[r].a = 0;
+                }),
+            ),
+            ("a map past the segments", Box::new(|t| t.maps[1].count = 4)),
+            (
+                "a map left over",
+                Box::new(|t| t.maps.push(crate::tree::MapRec { start: 5, count: 0 })),
+            ),
+            (
+                "segments left over",
+                Box::new(|t| t.segments.push(t.segments[4])),
+            ),
             ("name out of range", {
                 Box::new(move |t| {
                     let c = child_of(t, d, b"f");
