@@ -229,7 +229,8 @@ pub fn inspect(image: &Image, indexes: &[LayerIndex]) -> Result<Inspect> {
             .entries
             .iter()
             .filter(|e| e.kind == Kind::File && !visible.contains_key(&(i as u32, e.offset)))
-            .map(|e| e.size)
+            // What the layer stores: a sparse file's holes weigh nothing.
+            .map(|e| e.stored())
             .sum();
     }
     let tree = merger.finish();
