@@ -588,4 +588,82 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn sparse_files_read_runs_from_the_layer_and_zeros_in_holes() {
+        use crate::layer::Segment;
+        // The stored runs lie back to back in the layer from 1000 on; the file is 1 MiB.
+        let plain = sample(3, 300_000);
+        let runs = [
+            Segment {
+                logical: 0,
+                len: 10,
+                tar: 1000,
+            },
+            Segment {
+                logical: 10,
+                len: 5,
+                tar: 1010,
+            },
+            Segment {
+                logical: 200_000,
+                len: 100_000,
+                tar: 1015,
+            },
+            Segment {
+                logical: (1 << 20) - 7,
+                len: 7,
+                tar: 101_015,
+            },
+        ];
+        let mut file = vec![0u8; 1 << 20];
+        for r in &runs {
+            let (l, t, n) = (r.logical as usize, r.tar as usize, r.len as usize);
+            file[l..l + n].copy_from_slice(&plain[t..t + n]);
+        }
+        let extent = Extent {
+            layer: 0,
+            offset: 1000,
+            size: 1 << 20,
+            sparse: Some(&runs),
+        };
+        assert_eq!(extent.stored(), 100_022);
+        let (gz, _, _) = gzip_layer(&plain, 40_000);
+        let (plain_layer, _) = layer_of(&plain, Compression::None);
+        let flat = Content::new(&[plain_layer], &[None]);
+        for content in [&gz, &flat] {
+            for (at, len) in [
+                (0, 1 << 20),
+                (0, 3),
+                (8, 4),
+                (14, 10),
+                (100, 1000),
+                (199_990, 20),
+                (250_000, 100_000),
+                ((1 << 20) - 10, 100),
+                (1 << 20, 5),
+            ] {
+                let mut buf = vec![7u8; len];
+                let n = content.read_at(&extent, at, &mut buf).expect("read");
+                let want = &file[(at as usize).min(file.len())..][..n];
+                assert_eq!(n, len.min((1 << 20) - at as usize), "{len} at {at}");
+                assert!(buf[..n] == *want, "{len} at {at}");
+            }
+        }
+        // Where data and holes end, as SEEK_DATA and SEEK_HOLE see them.
+        assert_eq!(Content::region(&extent, 0), Some((true, 10)));
+        assert_eq!(Content::region(&extent, 12), Some((true, 15)));
+        assert_eq!(Content::region(&extent, 15), Some((false, 200_000)));
+        assert_eq!(
+            Content::region(&extent, 300_000),
+            Some((false, (1 << 20) - 7))
+        );
+        assert_eq!(
+            Content::region(&extent, (1 << 20) - 1),
+            Some((true, 1 << 20))
+        );
+        assert_eq!(Content::region(&extent, 1 << 20), None);
+        let dense = whole(&plain);
+        assert_eq!(Content::region(&dense, 5), Some((true, plain.len() as u64)));
+    }
 }
