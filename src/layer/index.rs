@@ -704,4 +704,17 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn an_absurd_sparse_map_is_an_error_not_an_allocation() {
+        let pairs = sparse::MAX_SEGMENTS + 1;
+        let map = vec!["0,0"; pairs].join(",");
+        let tar = sparse_tar("f", 1, &map, b"");
+        let e = index_tar(&tar[..], "1").unwrap_err();
+        assert!(
+            matches!(&e, Error::Entry { entry, msg, .. }
+                if entry == "f" && msg.contains("exceeds the limit")),
+            "{e}"
+        );
+    }
 }
