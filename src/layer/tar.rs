@@ -1,7 +1,8 @@
 //! A streaming tar header reader for layer indexing: ustar, GNU and PAX, with PAX records parsed
 //! by their length prefix so that binary values (a `security.capability` xattr holding `\n`)
 //! survive. The `tar` crate splits PAX records at newlines and drops `size`/`uid`/`gid` after
-//! such a value, so the indexer reads headers itself.
+//! such a value, so the indexer reads headers itself. GNU sparse maps are read here too, in
+//! their four encodings (`sparse.rs` checks them).
 //! See: <https://pubs.opengroup.org/onlinepubs/9799919799/utilities/pax.html#tag_20_94_13_03>
 
 use std::io::{self, BufRead, Write};
@@ -349,7 +350,11 @@ impl<R: BufRead> TarReader<R> {
             };
             self.next = end_of_data(self.pos, data)?;
             self.data_end = self.pos + data;
-            if map_in_data && let Some(map) = &mut e.sparse {
+            // A map whose records are already wrong is not read: the entry is refused anyway.
+            if map_in_data
+                && let Some(map) = &mut e.sparse
+                && map.pairs.is_ok()
+            {
                 map.pairs = self.map_in_data(data)?;
                 e.offset = self.pos;
                 e.size = self.data_end.saturating_sub(self.pos);
@@ -1076,6 +1081,18 @@ mod tests {
             assert!(err.contains(what), "{err} / {what}");
             assert_eq!(got[1].path, b"next");
         }
+        // A bad real size is not made good by the map that follows.
+        let mut tar = pax(&[
+            ("GNU.sparse.major", "1"),
+            ("GNU.sparse.minor", "0"),
+            ("GNU.sparse.realsize", "-1"),
+        ]);
+        let mut data = b"0\n".to_vec();
+        pad(&mut data);
+        tar.extend(file(b"f", &data));
+        let e = entries(&tar).unwrap().remove(0);
+        let err = e.sparse.unwrap().pairs.unwrap_err();
+        assert!(err.contains("real size"), "{err}");
         // Cut inside the map: the stream is short, not the map.
         let tar = pax_1_0("f", 100, "1\n0\n3\n", b"abc");
         let e = entries(&tar[..1536 + 100]).unwrap_err();
