@@ -229,8 +229,7 @@ pub fn inspect(image: &Image, indexes: &[LayerIndex]) -> Result<Inspect> {
             .entries
             .iter()
             .filter(|e| e.kind == Kind::File && !visible.contains_key(&(i as u32, e.offset)))
-            // What the layer stores: a sparse file's holes weigh nothing.
-            .map(|e| e.stored())
+            .map(|e| e.size)
             .sum();
     }
     let tree = merger.finish();

@@ -1114,8 +1114,8 @@ impl Merger {
         total
     }
 
-    /// Every reachable regular file's content, `(layer, offset) -> bytes stored`: content
-    /// identity, so hardlinked names count once.
+    /// Every reachable regular file's content, `(layer, offset) -> size`: content identity, so
+    /// hardlinked names count once.
     pub fn file_extents(&self) -> HashMap<(u32, u64), u64> {
         let mut out = HashMap::new();
         let mut stack = vec![0usize];
@@ -1127,11 +1127,7 @@ impl Merger {
             match &self.builder.nodes[id].kind {
                 BKind::Dir(children) => stack.extend(children.values().copied()),
                 BKind::File(e) => {
-                    let stored = match &e.sparse {
-                        Some(runs) => runs.iter().map(|r| r.len).sum(),
-                        None => e.size,
-                    };
-                    out.insert((e.layer, e.offset), stored);
+                    out.insert((e.layer, e.offset), e.size);
                 }
                 _ => {}
             }
