@@ -460,6 +460,11 @@ fn a_64_gib_sparse_file_mounts_and_reads_at_both_ends_at_once() {
     // cat streams the whole file: not here. Its size is what ls shows.
     let ls = run_flatfs(["ls".as_ref(), "-l".as_ref(), img.as_os_str()]);
     assert!(String::from_utf8_lossy(&ls.stdout).contains("68719476736"));
+    // inspect describes the flat image, which holds the file at its real size.
+    let inspect = run_flatfs(["inspect".as_ref(), img.as_os_str()]);
+    assert_success(&inspect);
+    let inspect = String::from_utf8_lossy(&inspect.stdout);
+    assert!(inspect.contains("64.0 GiB of file content"), "{inspect}");
 }
 
 // Streams 64 GiB of zeros through export and a checker: about a minute in a debug build.
