@@ -297,6 +297,9 @@ fn gnu_tar_sparse_files_read_whole_in_every_format() {
                 }
                 check_seeks(&m.mnt.join("var/log/disk.img"), &disk);
                 check_seeks(&m.mnt.join("var/log/lastlog"), &holes);
+                // A plain file is all data, then the hole at its end.
+                let plain = Sample::new(22, vec![(0, b"after the sparse files".to_vec())]);
+                check_seeks(&m.mnt.join("plain"), &plain);
             }
         }
     }
