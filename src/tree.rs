@@ -680,13 +680,17 @@ fn runs_are_valid(runs: &[Segment], size: u64) -> bool {
     })
 }
 
-/// A regular file while layers are being applied.
+/// A regular file while layers are being applied: the size of an `Extent`, so that the sparse
+/// files most images lack cost every node nothing.
 struct FileData {
     layer: u32,
+    /// Index in [`Builder::maps`] of a sparse file's runs, or [`NO_MAP`].
+    map: u32,
     offset: u64,
     size: u64,
-    sparse: Option<Box<[Segment]>>,
 }
+
+const NO_MAP: u32 = u32::MAX;
 
 /// A node while layers are being applied.
 struct BNode {
@@ -708,6 +712,8 @@ enum BKind {
 
 struct Builder {
     nodes: Vec<BNode>,
+    /// Sparse files' runs, by [`FileData::map`].
+    maps: Vec<Box<[Segment]>>,
 }
 
 impl Builder {
@@ -719,6 +725,7 @@ impl Builder {
                 xattrs: Vec::new(),
                 layer: 0,
             }],
+            maps: Vec::new(),
         }
     }
 
@@ -878,9 +885,18 @@ impl Builder {
             }
             Kind::File => BKind::File(FileData {
                 layer: layer_no - 1,
+                map: match entry.sparse {
+                    Some(runs) => {
+                        self.maps.push(runs);
+                        u32::try_from(self.maps.len() - 1)
+                            .ok()
+                            .filter(|&i| i != NO_MAP)
+                            .ok_or("too many sparse files")?
+                    }
+                    None => NO_MAP,
+                },
                 offset: entry.offset,
                 size: entry.size,
-                sparse: entry.sparse,
             }),
             Kind::Symlink(t) => BKind::Symlink(t),
             Kind::Char(a, b) => BKind::Char(a, b),
@@ -943,11 +959,9 @@ impl Builder {
                     bytes += children.keys().map(|k| k.len()).sum::<usize>();
                 }
                 BKind::Symlink(t) => bytes += t.len(),
-                BKind::File(FileData {
-                    sparse: Some(map), ..
-                }) => {
+                BKind::File(f) if f.map != NO_MAP => {
                     maps += 1;
-                    segments += map.len();
+                    segments += self.maps[f.map as usize].len();
                 }
                 _ => {}
             }
@@ -967,6 +981,7 @@ impl Builder {
             segments: Vec::with_capacity(segments),
         };
         let mut old_nodes: Vec<Option<BNode>> = self.nodes.into_iter().map(Some).collect();
+        let mut sparse_maps = self.maps;
         for (i, &(old, parent)) in order.iter().enumerate() {
             let id = i as NodeId;
             // Taken, so each builder node's memory goes as its frozen record comes.
@@ -984,17 +999,15 @@ impl Builder {
                     }
                     (TAG_DIR, first, children.len() as u64)
                 }
-                BKind::File(FileData {
-                    sparse: Some(map),
-                    size,
-                    ..
-                }) => {
+                BKind::File(f) if f.map != NO_MAP => {
+                    // Taken, as the nodes are: its memory goes as the arena's grows.
+                    let runs = std::mem::take(&mut sparse_maps[f.map as usize]);
                     tree.maps.push(MapRec {
                         start: tree.segments.len() as u64,
-                        count: map.len() as u64,
+                        count: runs.len() as u64,
                     });
-                    tree.segments.extend_from_slice(&map);
-                    (TAG_SPARSE, tree.maps.len() as u64 - 1, size)
+                    tree.segments.extend_from_slice(&runs);
+                    (TAG_SPARSE, tree.maps.len() as u64 - 1, f.size)
                 }
                 BKind::File(e) => (TAG_FILE, e.offset, e.size),
                 BKind::Symlink(t) => (TAG_SYMLINK, tree.push_bytes(&t), t.len() as u64),

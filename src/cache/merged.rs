@@ -317,6 +317,8 @@ mod tests {
                     entry("d/e/deep", Kind::Dir),
                     entry("s", Kind::Symlink(b"../../etc".to_vec())),
                     entry("c", Kind::Char(1, 3)),
+                    // Replaced above: its map must not reach the arena.
+                    sparse_entry("gone", &[(1, 1)]),
                 ],
                 ..LayerIndex::default()
             },
@@ -326,6 +328,8 @@ mod tests {
                     entry("p", Kind::Fifo),
                     sparse_entry("q", &[(0, 3), (100, 4)]),
                     sparse_entry("r", &[(10, 1), (11, 2), (1 << 40, 5)]),
+                    entry("qh", Kind::Hardlink(b"q".to_vec())),
+                    entry("gone", Kind::Fifo),
                 ],
                 ..LayerIndex::default()
             },
@@ -363,6 +367,9 @@ mod tests {
         };
         assert_eq!((e.size, e.offset, e.stored()), (1 << 41, 1024, 7));
         assert_eq!(e.sparse.map(<[_]>::len), Some(2));
+        // A hardlink shares the map; a replaced sparse file leaves none behind.
+        assert_eq!(tree.resolve(b"qh"), Some(q));
+        assert_eq!(tree.node(q).nlink, 2);
         assert_eq!(tree.maps.len(), 2);
         assert_eq!(tree.segments.len(), 5);
     }
