@@ -68,16 +68,6 @@ pub struct Entry {
     pub sparse: Option<Box<[Segment]>>,
 }
 
-impl Entry {
-    /// How many bytes of content the layer stores: `size`, less a sparse file's holes.
-    pub fn stored(&self) -> u64 {
-        match &self.sparse {
-            Some(map) => map.iter().map(|s| s.len).sum(),
-            None => self.size,
-        }
-    }
-}
-
 /// The file contents of a compressed layer, decompressed once by the indexing pass for export.
 /// Only contents are kept, back to back in tar order: tar headers and padding would be more
 /// than half the copy in a layer of small files, and export never reads them.
@@ -406,8 +396,8 @@ fn index_entries<R: io::BufRead>(
         };
         // What the layer stores; a sparse file's real size is its map's.
         let stored = if kind == Kind::File { raw.size } else { 0 };
-        let size = match (&segments, &raw.sparse) {
-            (Some(_), Some(map)) => map.real_size,
+        let size = match &raw.sparse {
+            Some(map) if segments.is_some() => map.real_size,
             _ => stored,
         };
         if let Some(spool) = spool.as_deref_mut() {
@@ -682,7 +672,7 @@ mod tests {
         assert_eq!(&tar[runs[0].tar as usize..][..3], b"abc");
         assert_eq!(&tar[runs[1].tar as usize..][..6], b"defghi");
         assert_eq!(runs[1].logical, (1 << 40) - 6);
-        assert_eq!(e.stored(), 9);
+        assert_eq!(runs.iter().map(|r| r.len).sum::<u64>(), 9);
     }
 
     #[test]
