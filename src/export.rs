@@ -925,9 +925,6 @@ impl<'a> LayerPasses<'a> {
     /// Copies the bytes the layer stores for file `id` into `w`.
     fn copy_stored(&mut self, id: NodeId, extent: &Extent, w: &mut impl Write) -> Result<()> {
         let stored = extent.stored();
-        if stored == 0 {
-            return Ok(());
-        }
         let li = extent.layer as usize;
         let layer = &self.image.layers[li];
         let layer_err = |e: io::Error| Error::Layer {
