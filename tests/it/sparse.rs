@@ -586,3 +586,43 @@ fn export_and_check(img: &Path, sample: &Sample) {
     eprintln!("export of a 64 GiB sparse file: peak RSS {peak_kib} KiB");
     assert!(peak_kib < 200 * 1024, "peak RSS {peak_kib} KiB");
 }
+
+#[test]
+fn a_bad_sparse_map_is_an_error_naming_the_layer_and_entry() {
+    for (map, size, what) in [
+        ("0,5,3,5", "100", "overlaps"),
+        ("95,10", "100", "past the real size"),
+        ("0,4", "100", "places only 4"),
+        ("0,20", "100", "places more data"),
+        ("0,x", "100", "bad number"),
+    ] {
+        let l = layer([
+            dir("var"),
+            file("var/disk", "0123456789")
+                .pax("GNU.sparse.size", size)
+                .pax("GNU.sparse.map", map),
+        ]);
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let img = tmp.path().join("img");
+        write_oci_layout(
+            std::slice::from_ref(&l),
+            &default_config(std::slice::from_ref(&l)),
+            &img,
+            Some(OCI_REF),
+        );
+        let out = tmp.path().join("out.tar");
+        let res = run_flatfs([
+            "export".as_ref(),
+            img.as_os_str(),
+            "--no-cache".as_ref(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ]);
+        let err = assert_error(&res);
+        assert!(
+            err.contains("layer 1") && err.contains("var/disk") && err.contains(what),
+            "{map}: {err}"
+        );
+        assert!(!out.exists(), "{map}: a failed export left {out:?}");
+    }
+}
