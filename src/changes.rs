@@ -222,6 +222,7 @@ mod tests {
             kind,
             offset,
             xattrs: Vec::new(),
+            sparse: None,
         }
     }
 

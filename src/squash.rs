@@ -304,6 +304,7 @@ mod tests {
             kind,
             offset,
             xattrs: Vec::new(),
+            sparse: None,
         }
     }
 

@@ -12,6 +12,7 @@ mod mount;
 mod names;
 mod oracle;
 mod props;
+mod sparse;
 mod squash;
 mod util;
 mod writers;

@@ -802,3 +802,29 @@ fn keep_until_keep_base_and_the_inspect_hint_agree() {
     ]);
     assert_eq!(res.status.code(), Some(2), "{}", stderr_of(&res));
 }
+
+/// Sparse files on both sides of the cut: one in a kept layer that a new hardlink makes the
+/// squashed layer rewrite (its bytes read from the kept layer), one in a squashed layer.
+#[test]
+fn sparse_files_above_and_below_the_cut() {
+    let layers = vec![
+        layer([
+            gnu_sparse("base.img", 1 << 20, &[(0, b"head"), (700_000, b"middle")]),
+            file("other", "o"),
+        ]),
+        layer([
+            hardlink("base-link", "base.img"),
+            gnu_sparse("new.img", 3 << 20, &[(2 << 20, b"tail")]),
+        ])
+        .compression(Compression::Zstd),
+    ];
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let input = tmp.path().join("in");
+    write_oci_layout(&layers, &default_config(&layers), &input, Some(OCI_REF));
+    let want = rootfs_listing(&input);
+    for keep in 0..=2 {
+        let out = tmp.path().join(format!("k{keep}"));
+        export(&input, &out, keep, &["--format", "oci"]);
+        assert_listing(&rootfs_listing(&out), &want);
+    }
+}
