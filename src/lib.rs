@@ -22,6 +22,7 @@ pub mod layer;
 pub mod mount;
 pub mod pipe;
 pub mod reference;
+pub mod registry;
 pub mod source;
 pub mod tree;
 pub mod zran;

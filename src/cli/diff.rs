@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::ui::Ui;
 use crate::inspect;
-use crate::source::{self, Platform};
+use crate::source::Platform;
 use crate::tree;
 
 /// What a layer changed: added (+), modified (~) and deleted (-) paths, with sizes.
@@ -41,7 +41,7 @@ pub fn run(args: DiffArgs, ui: &Ui) -> Result<()> {
         to,
         platform,
     } = args;
-    let img = source::open(&image, platform.as_ref())?;
+    let img = ui.open_image(&image, platform.as_ref())?;
     let n = img.layers.len();
     let (from, to) = match (layer, from, to) {
         (Some(l), _, _) => (l.saturating_sub(1), l),

@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::ui::Ui;
 use crate::inspect;
-use crate::source::{self, Platform};
+use crate::source::Platform;
 
 /// Show an image at a glance: config, one row per layer, and what flattening would save.
 ///
@@ -29,7 +29,7 @@ pub struct InspectArgs {
 
 /// Runs `flatfs inspect`.
 pub fn run(args: InspectArgs, ui: &Ui) -> Result<()> {
-    let img = source::open(&args.image, args.platform.as_ref())?;
+    let img = ui.open_image(&args.image, args.platform.as_ref())?;
     let indexes = ui.index(&img, None, None)?;
     let report = inspect::inspect(&img, &indexes)?;
     let mut out = io::stdout().lock();

@@ -12,7 +12,7 @@ mod mount;
 mod ui;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use crate::cache::Cache;
 use ui::Ui;
@@ -40,6 +40,36 @@ pub struct Cli {
     /// $XDG_CACHE_HOME/flatfs, else ~/.cache/flatfs).
     #[arg(long, global = true)]
     no_cache: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// How to reach registries, for `docker://` images; skopeo's names and meanings.
+#[derive(Args, Debug)]
+struct RegistryArgs {
+    /// Registry credentials from this auth file only [default: $REGISTRY_AUTH_FILE, else
+    /// $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json,
+    /// ~/.docker/config.json].
+    #[arg(long, global = true, value_name = "PATH")]
+    authfile: Option<std::path::PathBuf>,
+    /// Registry credentials from a file holding USER:PASSWORD (never on the command line).
+    #[arg(long, global = true, value_name = "PATH")]
+    creds_file: Option<std::path::PathBuf>,
+    /// CA certificates (*.crt) and a client certificate (*.cert, *.key) for the registry
+    /// [default: /etc/containers/certs.d/HOST:PORT].
+    #[arg(long, global = true, value_name = "DIR")]
+    cert_dir: Option<std::path::PathBuf>,
+    /// Require HTTPS and a valid certificate; `--tls-verify=false` also allows plain HTTP.
+    #[arg(
+        long,
+        global = true,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_value_t = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    tls_verify: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -60,13 +90,22 @@ enum Command {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     ui::init_logging(cli.verbose);
+    let cache = if cli.no_cache {
+        None
+    } else {
+        crate::cache::default_dir().map(Cache::new)
+    };
+    let registry = crate::registry::Options {
+        authfile: cli.registry.authfile,
+        creds_file: cli.registry.creds_file,
+        cert_dir: cli.registry.cert_dir,
+        insecure: !cli.registry.tls_verify,
+        cache_dir: cache.as_ref().map(|c| c.dir().to_path_buf()),
+    };
     let ui = Ui {
         quiet: cli.quiet,
-        cache: if cli.no_cache {
-            None
-        } else {
-            crate::cache::default_dir().map(Cache::new)
-        },
+        cache,
+        registry,
     };
     match cli.command {
         Command::Export(args) => export::run(args, &ui),

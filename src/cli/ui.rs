@@ -19,6 +19,8 @@ pub struct Ui {
     pub quiet: bool,
     /// Where layer indexes and merged trees are kept, unless `--no-cache`.
     pub cache: Option<Cache>,
+    /// How to reach registries (`docker://` images).
+    pub registry: crate::registry::Options,
 }
 
 impl Ui {
@@ -75,6 +77,11 @@ impl Ui {
         Ok(indexes)
     }
 
+    /// Opens `spec` (pulling it first if it is in a registry).
+    pub fn open_image(&self, spec: &str, platform: Option<&Platform>) -> Result<Image> {
+        Ok(source::open_with(spec, platform, &self.registry)?)
+    }
+
     /// Opens `spec` and builds its merged tree (from the cache when it can).
     pub fn open(
         &self,
@@ -83,7 +90,7 @@ impl Ui {
         layers: Option<usize>,
         spool_dir: Option<&Path>,
     ) -> Result<Opened> {
-        let img = source::open(spec, platform)?;
+        let img = self.open_image(spec, platform)?;
         crate::check_layer_count(&img, layers)?;
         let opts = IndexOptions {
             layers,

@@ -60,14 +60,14 @@ fn check_digest(desc: &Descriptor, bytes: &[u8], what: &str) -> Result<()> {
 
 /// Parses an index or manifest. Straight through serde_json rather than oci-spec's
 /// `from_reader`, whose error says only "serde failed" and drops what and where.
-fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
+pub(super) fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| Error::Json {
         what: what.to_string(),
         source: e,
     })
 }
 
-fn is_index(mt: &MediaType) -> bool {
+pub(super) fn is_index(mt: &MediaType) -> bool {
     matches!(mt, MediaType::ImageIndex)
         || mt.to_string() == "application/vnd.docker.distribution.manifest.list.v2+json"
 }
@@ -113,7 +113,7 @@ fn platform_matches(desc: &Descriptor, want: &Platform) -> bool {
 }
 
 /// Walks indexes down to one image manifest descriptor for `platform`.
-fn pick_manifest(
+pub(super) fn pick_manifest(
     store: &Store,
     image: &str,
     candidates: Vec<Descriptor>,
@@ -324,7 +324,7 @@ fn full_name(image: &str, reference: &str) -> Option<String> {
 }
 
 /// Accepts the tar layer types of OCI and Docker; refuses the rest by name.
-fn check_layer_media_type(desc: &Descriptor, number: usize) -> Result<()> {
+pub(super) fn check_layer_media_type(desc: &Descriptor, number: usize) -> Result<()> {
     let mt = desc.media_type().to_string();
     let ok = matches!(
         mt.as_str(),

@@ -1,0 +1,1 @@
+//! Pushing an image written as an OCI layout to a registry.

@@ -1,0 +1,327 @@
+//! The blob store under the registry source: pulled blobs by digest (`blobs/sha256/HEX` in the
+//! cache directory), shared by every image, so a base layer is fetched once per host. A blob
+//! enters only whole and digest-checked (temp file, then rename); the store is bounded in size
+//! and evicts the least recently used blobs.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+/// Default bound on the store's size: `$FLATFS_BLOB_CACHE_MAX` bytes overrides it.
+const DEFAULT_MAX: u64 = 20 << 30;
+
+/// A directory of blobs named by digest.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    /// The directory holding `sha256/` (so a layout's `blobs` can point at it).
+    root: PathBuf,
+}
+
+/// One stored blob, for `flatfs cache ls`.
+#[derive(Debug, Clone)]
+pub struct StoredBlob {
+    /// `sha256:HEX`.
+    pub digest: String,
+    /// Bytes.
+    pub size: u64,
+    /// Last use (access time, seconds since the epoch).
+    pub used: i64,
+}
+
+impl BlobStore {
+    /// The store of a cache directory: `DIR/blobs`.
+    pub fn in_cache(cache_dir: &Path) -> Self {
+        BlobStore {
+            root: cache_dir.join("blobs"),
+        }
+    }
+
+    /// The directory holding `sha256/HEX` files.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a digest's blob lives, or `None` for a digest that is not `sha256:` + 64 hex
+    /// digits (digests come from the network: never let one name another path).
+    pub fn path(&self, digest: &str) -> Option<PathBuf> {
+        let hex = digest.strip_prefix("sha256:")?;
+        if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        Some(self.root.join("sha256").join(hex))
+    }
+
+    /// True when the blob is stored with the expected size; marks it used.
+    pub fn has(&self, digest: &str, size: u64) -> bool {
+        let Some(path) = self.path(digest) else {
+            return false;
+        };
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() && m.len() == size => {
+                touch(&path);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Stores small bytes (a manifest, a config) under their digest.
+    pub fn put_bytes(&self, digest: &str, bytes: &[u8]) -> io::Result<PathBuf> {
+        let mut w = self.writer(digest)?;
+        w.write_all(bytes)?;
+        w.commit()
+    }
+
+    /// A writer for one blob: hashes what it is given and only puts it in the store when the
+    /// hash is the digest ([`BlobWriter::commit`]); dropped uncommitted, it leaves nothing.
+    pub fn writer(&self, digest: &str) -> io::Result<BlobWriter> {
+        let path = self.path(digest).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unsupported digest {digest:?}"),
+            )
+        })?;
+        let dir = self.root.join("sha256");
+        fs::create_dir_all(&dir)?;
+        let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir)?;
+        Ok(BlobWriter {
+            tmp,
+            hasher: Sha256::new(),
+            written: 0,
+            digest: digest.to_string(),
+            path,
+        })
+    }
+
+    /// Every stored blob, least recently used first.
+    pub fn list(&self) -> io::Result<Vec<StoredBlob>> {
+        let dir = self.root.join("sha256");
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for e in rd {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let digest = format!("sha256:{name}");
+            if self.path(&digest).is_none() {
+                continue;
+            }
+            let m = e.metadata()?;
+            out.push(StoredBlob {
+                digest,
+                size: m.len(),
+                used: m.atime(),
+            });
+        }
+        out.sort_by(|a, b| a.used.cmp(&b.used).then(a.digest.cmp(&b.digest)));
+        Ok(out)
+    }
+
+    /// Removes every blob and leftover temp file; returns the bytes freed.
+    pub fn clear(&self) -> io::Result<u64> {
+        let dir = self.root.join("sha256");
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut freed = 0;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".tmp-") || self.path(&format!("sha256:{name}")).is_some() {
+                freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(e.path())?;
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Evicts least recently used blobs, other than `keep`, until the store holds at most
+    /// `max` bytes. An image already open keeps its blobs' open files, so evicting under a
+    /// running mount is safe.
+    pub fn evict(&self, keep: &[String], max: u64) -> io::Result<u64> {
+        let blobs = self.list()?;
+        let mut total: u64 = blobs.iter().map(|b| b.size).sum();
+        let mut freed = 0;
+        for b in blobs {
+            if total <= max {
+                break;
+            }
+            if keep.contains(&b.digest) {
+                continue;
+            }
+            if let Some(path) = self.path(&b.digest) {
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                log::info!("blob store: evicted {} ({} bytes)", b.digest, b.size);
+                total -= b.size;
+                freed += b.size;
+            }
+        }
+        Ok(freed)
+    }
+}
+
+/// The store's bound: `$FLATFS_BLOB_CACHE_MAX` bytes, default 20 GiB.
+pub fn max_size() -> u64 {
+    std::env::var("FLATFS_BLOB_CACHE_MAX")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_MAX)
+}
+
+/// Marks a blob used: sets its access time to now (explicitly, so `noatime`/`relatime` mounts
+/// do not matter), leaving the modification time alone, which the index cache's stamp includes.
+fn touch(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+    ];
+    // SAFETY: `c` is a NUL-terminated path and `times` two valid timespecs, as utimensat wants.
+    // LRU order is best effort: a failure only makes the blob look older.
+    unsafe {
+        libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0);
+    }
+}
+
+/// A blob being written into the store (see [`BlobStore::writer`]).
+pub struct BlobWriter {
+    tmp: tempfile::NamedTempFile,
+    hasher: Sha256,
+    written: u64,
+    digest: String,
+    path: PathBuf,
+}
+
+impl BlobWriter {
+    /// Bytes written so far (where a resumed download starts).
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Forgets everything written, for a download that must start over.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.tmp.as_file().set_len(0)?;
+        use std::io::Seek;
+        self.tmp.as_file_mut().seek(io::SeekFrom::Start(0))?;
+        self.hasher = Sha256::new();
+        self.written = 0;
+        Ok(())
+    }
+
+    /// Checks the digest and moves the blob into place; returns its path. On a mismatch the
+    /// temp file is removed and the error says what arrived.
+    pub fn commit(self) -> io::Result<PathBuf> {
+        let found = crate::blob::digest_string(self.hasher);
+        if found != self.digest {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "digest mismatch: expected {}, the {} bytes received hash to {found}",
+                    self.digest, self.written
+                ),
+            ));
+        }
+        self.tmp.as_file().sync_data()?;
+        self.tmp.persist(&self.path).map_err(|e| e.error)?;
+        Ok(self.path)
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.tmp.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tmp.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ABC: &str = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    #[test]
+    fn a_blob_enters_only_with_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_cache(dir.path());
+        let mut w = store.writer(ABC).unwrap();
+        w.write_all(b"abd").unwrap();
+        assert!(w.commit().is_err());
+        assert!(!store.has(ABC, 3));
+        assert!(store.list().unwrap().is_empty(), "no temp file left");
+        store.put_bytes(ABC, b"abc").unwrap();
+        assert!(store.has(ABC, 3));
+        assert!(!store.has(ABC, 4), "a wrong size is not the blob");
+        assert_eq!(store.clear().unwrap(), 3);
+        assert!(!store.has(ABC, 3));
+    }
+
+    #[test]
+    fn digests_that_name_other_paths_are_refused() {
+        let store = BlobStore::in_cache(Path::new("/nonexistent"));
+        assert!(store.path("sha256:../../etc/passwd").is_none());
+        assert!(store.path(&format!("sha512:{}", "a".repeat(64))).is_none());
+        assert!(store.path(&format!("sha256:{}", "A".repeat(64))).is_none());
+    }
+
+    #[test]
+    fn eviction_removes_the_least_recently_used_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_cache(dir.path());
+        let blobs: Vec<(String, Vec<u8>)> = (0..3u8)
+            .map(|i| {
+                let b = vec![i; 100];
+                (crate::blob::sha256_of(&b), b)
+            })
+            .collect();
+        for (d, b) in &blobs {
+            store.put_bytes(d, b).unwrap();
+        }
+        // Ages in order: 0 oldest, then 2, then 1.
+        for (i, age) in [(0, 300), (2, 200), (1, 100)] {
+            let p = store.path(&blobs[i].0).unwrap();
+            let t = std::time::SystemTime::now() - std::time::Duration::from_secs(age);
+            fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_times(fs::FileTimes::new().set_accessed(t))
+                .unwrap();
+        }
+        let freed = store.evict(&[blobs[0].0.clone()], 150).unwrap();
+        assert_eq!(freed, 200);
+        let left: Vec<String> = store
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|b| b.digest)
+            .collect();
+        assert_eq!(left, vec![blobs[0].0.clone()], "kept the one in use");
+    }
+}
