@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Runs the whole test suite, installing first what it needs on Debian/Ubuntu:
-# fuse3 (fusermount3) for the mount tests, umoci + skopeo + podman as independent oracles, attr, python3.
+# fuse3 (fusermount3) for the mount tests, umoci + skopeo + podman as independent oracles, attr, python3;
+# docker-registry (+ apache2-utils for htpasswd, openssl for certificates) for the registry tests.
 # Extra arguments go to `cargo test` (e.g. a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # (jq, libcap2-bin and busybox-static are for ../shared/tools/make-images.sh, which the oracle
 # tests run; installed here so that two of them never run apt-get at once.)
-packages=(fuse3 umoci skopeo podman attr python3 tar gzip zstd pigz jq libcap2-bin busybox-static time util-linux)
+packages=(fuse3 umoci skopeo podman attr python3 tar gzip zstd pigz jq libcap2-bin busybox-static time util-linux docker-registry apache2-utils openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

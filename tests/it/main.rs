@@ -12,5 +12,8 @@ mod mount;
 mod names;
 mod oracle;
 mod props;
+mod registry;
+#[allow(dead_code)] // until the push and auth tests use all of it
+mod registry_harness;
 mod util;
 mod zran;

@@ -1,0 +1,461 @@
+//! `docker://` images against a real registry (issue 12): every command gives the same answer
+//! as on the image as a file; platforms, errors, the blob store, skopeo's local transports,
+//! faults (retries, resume, corrupt bytes), push, auth and TLS.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use serde_json::Value;
+
+use crate::registry_harness::*;
+use crate::util::*;
+
+/// Three layers: a file deleted by a whiteout, a file changed, a hardlink, a symlink, an
+/// opaque directory; gzip and plain layers.
+fn layers() -> Vec<Layer> {
+    vec![
+        layer([
+            dir("etc"),
+            file("etc/big.bin", vec![7u8; 300_000]),
+            file("etc/small.txt", b"v1\n"),
+            dir("opt/old"),
+            file("opt/old/gone.txt", b"gone\n"),
+            symlink("etc/link", "/data/target.txt"),
+        ]),
+        layer([
+            whiteout("etc/big.bin"),
+            file("etc/small.txt", b"version 2\n"),
+            hardlink("etc/small-again.txt", "etc/small.txt"),
+            opaque("opt/old"),
+            file("opt/old/new.txt", b"new\n"),
+        ])
+        .compression(Compression::Gzip),
+        layer([dir("data"), file("data/target.txt", b"through the link\n")])
+            .compression(Compression::None),
+    ]
+}
+
+/// Writes the test image as an OCI layout `DIR` (ref `latest`).
+fn image(at: &Path) -> PathBuf {
+    let layers = layers();
+    let path = at.join("img");
+    write_oci_layout(&layers, &default_config(&layers), &path, Some("latest"));
+    path
+}
+
+/// Runs flatfs with its own cache dir; registry options after the command's own.
+struct Runner {
+    cache: PathBuf,
+}
+
+impl Runner {
+    fn new(at: &Path) -> Runner {
+        Runner {
+            cache: at.join("cache"),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        flatfs()
+            .env("FLATFS_CACHE_DIR", &self.cache)
+            .env("FLATFS_REGISTRY_TIMEOUT", "10")
+            // No auth file of the machine's may leak into a test.
+            .env("HOME", &self.cache)
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("REGISTRY_AUTH_FILE")
+            .env_remove("DOCKER_CONFIG")
+            .args(args)
+            .output()
+            .expect("run flatfs")
+    }
+
+    fn ok(&self, args: &[&str]) -> Vec<u8> {
+        let out = self.run(args);
+        assert_success(&out);
+        out.stdout
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "flatfs {args:?} should have failed; stdout:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+/// `inspect --json` without the fields that name the source.
+fn inspect_sans_source(json: &[u8]) -> Value {
+    let mut v: Value = serde_json::from_slice(json).expect("inspect json");
+    let o = v.as_object_mut().expect("object");
+    for k in ["image", "format", "tags"] {
+        o.remove(k);
+    }
+    v
+}
+
+#[test]
+fn registry_every_command_matches_the_file() {
+    if !registry_tools(&[]) {
+        return;
+    }
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "team/app:1.0");
+    // skopeo compresses the plain layer on the way in: the image in the registry is the one
+    // skopeo copies back out.
+    let copy = tmp.path().join("copy");
+    reg.pull_layout("team/app:1.0", &copy);
+    let local = copy.to_str().unwrap();
+    let remote = reg.url("team/app:1.0");
+    let r = Runner::new(tmp.path());
+    let insecure = "--tls-verify=false";
+
+    for args in [
+        vec!["ls", "-R", "-l"],
+        vec!["ls", "-R", "--layers", "1"],
+        vec!["cat", "etc/link"],
+        vec!["cat", "etc/small-again.txt"],
+        vec!["diff", "2"],
+    ] {
+        let (cmd, rest) = args.split_first().unwrap();
+        let mut on_file = vec![*cmd, local];
+        on_file.extend(rest);
+        let mut on_reg = vec![*cmd, &remote, insecure];
+        on_reg.extend(rest);
+        assert_eq!(
+            String::from_utf8_lossy(&r.ok(&on_reg)),
+            String::from_utf8_lossy(&r.ok(&on_file)),
+            "{args:?}"
+        );
+    }
+    assert_eq!(
+        inspect_sans_source(&r.ok(&["inspect", "--json", &remote, insecure])),
+        inspect_sans_source(&r.ok(&["inspect", "--json", local]))
+    );
+    let (a, b) = (tmp.path().join("a.tar"), tmp.path().join("b.tar"));
+    r.ok(&[
+        "export",
+        &remote,
+        insecure,
+        "--format",
+        "rootfs",
+        "-o",
+        a.to_str().unwrap(),
+    ]);
+    r.ok(&[
+        "export",
+        local,
+        "--format",
+        "rootfs",
+        "-o",
+        b.to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+        "rootfs exports differ"
+    );
+
+    // The blobs are in the store, shown and cleared by `flatfs cache`.
+    let ls = String::from_utf8(r.ok(&["cache", "ls"])).unwrap();
+    assert_eq!(
+        ls.matches("blob (pulled)").count(),
+        5,
+        "manifest, config, 3 layers:\n{ls}"
+    );
+    r.ok(&["cache", "clear"]);
+    let ls = String::from_utf8(r.ok(&["cache", "ls"])).unwrap();
+    assert!(!ls.contains("blob"), "{ls}");
+}
+
+#[test]
+fn registry_index_gives_the_wanted_platform_and_nested_indexes_resolve() {
+    if !registry_tools(&[]) {
+        return;
+    }
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    // Two platforms, arm64 behind a nested index; Docker media types for one of them.
+    // skopeo does not push nested indexes: the blobs and documents go in by hand.
+    let mut oci = OciLayout::new();
+    let amd = vec![layer([file("which", b"amd64\n")])];
+    let arm = vec![layer([file("which", b"arm64\n")])];
+    let mut amd_config = default_config(&amd);
+    amd_config["architecture"] = "amd64".into();
+    let mut arm_config = default_config(&arm);
+    arm_config["architecture"] = "arm64".into();
+    let (amd_desc, _) = oci.add_docker_image(&amd, &amd_config);
+    let (arm_desc, _) = oci.add_image(&arm, &arm_config);
+    let nested = oci.add_index(vec![with_platform(
+        arm_desc.clone(),
+        "linux",
+        "arm64",
+        None,
+    )]);
+    let top = oci.add_index(vec![
+        with_platform(amd_desc.clone(), "linux", "amd64", None),
+        nested.clone(),
+    ]);
+    let layout = tmp.path().join("multi");
+    oci.write_dir(&layout);
+    let blob_dir = layout.join("blobs/sha256");
+    let bytes_of = |desc: &Value| {
+        let digest = desc["digest"].as_str().unwrap();
+        std::fs::read(blob_dir.join(digest.trim_start_matches("sha256:"))).unwrap()
+    };
+    let docs: Vec<(String, String, Vec<u8>)> = [&amd_desc, &arm_desc, &nested, &top]
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let reference = if i == 3 {
+                "1".to_string()
+            } else {
+                d["digest"].as_str().unwrap().to_string()
+            };
+            (
+                reference,
+                d["mediaType"].as_str().unwrap().to_string(),
+                bytes_of(d),
+            )
+        })
+        .collect();
+    let doc_digests: Vec<&str> = [&amd_desc, &arm_desc, &nested, &top]
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap())
+        .collect();
+    let blobs: Vec<Vec<u8>> = std::fs::read_dir(&blob_dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            !doc_digests.iter().any(|d| d.ends_with(&name))
+        })
+        .map(|e| std::fs::read(e.path()).unwrap())
+        .collect();
+    reg.put_raw("multi", &blobs, &docs);
+
+    let r = Runner::new(tmp.path());
+    let remote = reg.url("multi:1");
+    for arch in ["amd64", "arm64"] {
+        let platform = format!("linux/{arch}");
+        let out = r.ok(&[
+            "cat",
+            &remote,
+            "which",
+            "--platform",
+            &platform,
+            "--tls-verify=false",
+        ]);
+        assert_eq!(String::from_utf8_lossy(&out), format!("{arch}\n"));
+    }
+    let err = r.fails(&[
+        "ls",
+        &remote,
+        "--platform",
+        "linux/s390x",
+        "--tls-verify=false",
+    ]);
+    assert!(
+        err.contains("no manifest for platform linux/s390x"),
+        "{err}"
+    );
+    assert!(
+        err.contains("linux/amd64") && err.contains("linux/arm64"),
+        "{err}"
+    );
+}
+
+#[test]
+fn registry_errors_name_the_host_and_what_failed() {
+    if !registry_tools(&[]) {
+        return;
+    }
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "team/app:1.0");
+    let r = Runner::new(tmp.path());
+    let host = &reg.host;
+
+    let err = r.fails(&["ls", &reg.url("team/app:nope"), "--tls-verify=false"]);
+    assert!(
+        err.contains(&format!("registry {host}: GET manifest team/app:nope: 404"))
+            && err.contains("MANIFEST_UNKNOWN"),
+        "{err}"
+    );
+    let err = r.fails(&["ls", &reg.url("team/nothing:1"), "--tls-verify=false"]);
+    assert!(err.contains("GET manifest team/nothing:1: 404"), "{err}");
+    // Plain HTTP without --tls-verify=false: the TLS handshake fails, and the error says so.
+    let err = r.fails(&["ls", &reg.url("team/app:1.0")]);
+    assert!(
+        err.contains(&format!("registry {host}")) && err.contains("TLS"),
+        "{err}"
+    );
+    assert!(err.contains("--tls-verify=false"), "{err}");
+    // Nobody listening.
+    let port = free_port();
+    let err = r.fails(&[
+        "ls",
+        &format!("docker://127.0.0.1:{port}/a:1"),
+        "--tls-verify=false",
+    ]);
+    assert!(
+        err.contains(&format!("registry 127.0.0.1:{port}")) && err.contains("cannot connect"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line:\n{err}");
+    // A reference the grammar refuses never reaches the network.
+    let err = r.fails(&["ls", "docker://127.0.0.1:1/Bad/Name"]);
+    assert!(err.contains("lowercase"), "{err}");
+}
+
+#[test]
+fn skopeo_transports_name_local_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layers = layers();
+    let config = default_config(&layers);
+    let dir = tmp.path().join("layout");
+    write_oci_layout(&layers, &config, &dir, Some("v1"));
+    let archive = tmp.path().join("img.oci.tar");
+    let mut oci = OciLayout::new();
+    let (desc, _) = oci.add_image(&layers, &config);
+    oci.add_index_entry(with_annotations(
+        desc,
+        &[("org.opencontainers.image.ref.name", "v1")],
+    ));
+    oci.write_archive(&archive);
+    let docker = tmp.path().join("img.docker.tar");
+    write_docker_archive(&layers, &config, &docker);
+    let r = Runner::new(tmp.path());
+    let want = r.ok(&["ls", "-R", dir.to_str().unwrap()]);
+    for spec in [
+        format!("oci:{}", dir.display()),
+        format!("oci:{}:v1", dir.display()),
+        format!("oci-archive:{}:v1", archive.display()),
+        format!("oci-archive:{}", archive.display()),
+        format!("docker-archive:{}", docker.display()),
+    ] {
+        assert_eq!(r.ok(&["ls", "-R", &spec]), want, "{spec}");
+    }
+    let err = r.fails(&["ls", &format!("oci:{}:nope", dir.display())]);
+    assert!(err.contains("nope"), "{err}");
+    let err = r.fails(&["ls", &format!("docker-archive:{}", archive.display())]);
+    assert!(err.contains("not a docker-archive"), "{err}");
+}
+
+/// An image with one layer of 1 MiB that does not compress, so a connection can drop in the
+/// middle of its blob; returns the layout and that layer's digest.
+fn big_image(at: &Path) -> (PathBuf, String) {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let noise: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let layers = vec![
+        layer([dir("data"), file("data/noise.bin", noise)]).compression(Compression::Gzip),
+        layer([file("data/small.txt", b"small\n")]).compression(Compression::Gzip),
+    ];
+    let path = at.join("big");
+    let written = write_oci_layout(&layers, &default_config(&layers), &path, Some("latest"));
+    (path, written.layer_digests[0].clone())
+}
+
+#[test]
+fn registry_pull_retries_5xx_and_429_and_resumes_a_dropped_blob() {
+    if !registry_tools(&[]) {
+        return;
+    }
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, big) = big_image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "big:1");
+    let proxy = FaultProxy::start(&reg.host);
+    proxy.inject(Fault::Status {
+        path: "/manifests/".into(),
+        status: 503,
+        retry_after: None,
+        times: 1,
+    });
+    proxy.inject(Fault::Status {
+        path: format!("/blobs/{big}"),
+        status: 429,
+        retry_after: Some(1),
+        times: 1,
+    });
+    proxy.inject(Fault::Drop {
+        path: format!("/blobs/{big}"),
+        after: 300_000,
+        times: 2,
+    });
+    let r = Runner::new(tmp.path());
+    let got = r.ok(&["ls", "-R", "-l", &proxy.url("big:1"), "--tls-verify=false"]);
+    assert_eq!(got, r.ok(&["ls", "-R", "-l", img.to_str().unwrap()]));
+    let gets: Vec<Seen> = proxy
+        .seen()
+        .into_iter()
+        .filter(|s| s.path.ends_with(&format!("/blobs/{big}")))
+        .collect();
+    let ranges: Vec<Option<&str>> = gets.iter().map(|s| s.header("range")).collect();
+    assert_eq!(
+        ranges,
+        vec![None, None, Some("bytes=300000-"), Some("bytes=600000-")],
+        "429, then a drop at 300000, resumed and dropped again at 600000, then the rest"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&r.ok(&[
+            "cat",
+            &proxy.url("big:1"),
+            "data/small.txt",
+            "--tls-verify=false"
+        ])),
+        "small\n"
+    );
+}
+
+#[test]
+fn registry_corrupt_blob_is_caught_and_never_enters_the_store() {
+    if !registry_tools(&[]) {
+        return;
+    }
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, big) = big_image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "big:1");
+    let proxy = FaultProxy::start(&reg.host);
+    proxy.inject(Fault::Corrupt {
+        path: format!("/blobs/{big}"),
+        times: 100,
+    });
+    let r = Runner::new(tmp.path());
+    let err = r.fails(&["ls", &proxy.url("big:1"), "--tls-verify=false"]);
+    assert!(
+        err.contains(&format!("registry {}", proxy.host))
+            && err.contains(&format!("GET blob big@{big}"))
+            && err.contains("digest mismatch"),
+        "{err}"
+    );
+    let hex = big.trim_start_matches("sha256:");
+    let store = r.cache.join("blobs/sha256");
+    let names: Vec<String> = std::fs::read_dir(&store)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n == hex),
+        "corrupt blob stored: {names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.starts_with(".tmp")),
+        "temp left: {names:?}"
+    );
+    // Straight from the registry, the same blob is fine and enters the store.
+    r.ok(&["ls", &reg.url("big:1"), "--tls-verify=false"]);
+    assert!(store.join(hex).is_file());
+}
