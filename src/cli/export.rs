@@ -24,7 +24,7 @@ use crate::source::Platform;
 pub struct ExportArgs {
     /// The image to flatten.
     image: String,
-    /// Where to write (`-` for stdout).
+    /// Where to write (`-` for stdout; `docker://[HOST/]REPO[:TAG]` pushes to a registry).
     #[arg(short, long, value_name = "OUT")]
     output: String,
     /// Output format [default: docker-archive for docker input, oci-archive for OCI input].
@@ -68,6 +68,30 @@ pub fn run(args: ExportArgs, ui: &Ui) -> Result<()> {
         platform,
     } = args;
     export::catch_interrupts();
+    // `-o docker://…`: export to an OCI layout in a temp dir, then push that.
+    let target = match output.strip_prefix("docker://") {
+        Some(name) => Some(
+            Reference::parse_tag_arg(name)
+                .with_context(|| format!("-o {output}"))?
+                .with_default_tag(),
+        ),
+        None => None,
+    };
+    let push_dir = match &target {
+        Some(_) if format.is_some_and(|f| !matches!(f, FormatArg::Oci)) => {
+            anyhow::bail!("-o docker://… pushes an image: --format must be oci or left out")
+        }
+        Some(_) => Some(tempfile::tempdir().context("temp dir for the image to push")?),
+        None => None,
+    };
+    let (output, format, tag) = match (&push_dir, &target) {
+        (Some(dir), Some(t)) => (
+            dir.path().join("layout").to_string_lossy().into_owned(),
+            Some(FormatArg::Oci),
+            Some(t.clone()),
+        ),
+        _ => (output, format, tag),
+    };
     let opts = export::Options {
         format: format.map(|f| match f {
             FormatArg::DockerArchive => Format::DockerArchive,
@@ -107,6 +131,34 @@ pub fn run(args: ExportArgs, ui: &Ui) -> Result<()> {
         b.finish_and_clear();
     }
     log::info!("exported in {:.2?}", started.elapsed());
+    if let Some(target) = &target {
+        // Blobs of a source in the same registry can be mounted rather than uploaded.
+        let mount_from = image
+            .strip_prefix("docker://")
+            .and_then(|s| s.parse::<Reference>().ok())
+            .filter(|r| r.domain() == target.domain())
+            .map(|r| r.path().to_string());
+        let pushed = crate::registry::push::push_layout(
+            std::path::Path::new(&output),
+            target,
+            mount_from.as_deref(),
+            &ui.registry,
+        )
+        .with_context(|| format!("pushing {image} flattened to {target}"))?;
+        if !ui.quiet {
+            eprintln!(
+                "flatfs: flattened {} layers ({} entries) and pushed {target}@{} ({} blobs \
+                 uploaded, {} mounted, {} already there)",
+                img.layers.len(),
+                report.entries,
+                pushed.digest,
+                pushed.uploaded,
+                pushed.mounted,
+                pushed.present
+            );
+        }
+        return Ok(());
+    }
     if !ui.quiet {
         eprintln!(
             "flatfs: flattened {} layers ({} entries) into {} ({})",

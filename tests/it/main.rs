@@ -13,7 +13,7 @@ mod names;
 mod oracle;
 mod props;
 mod registry;
-#[allow(dead_code)] // until the push and auth tests use all of it
+#[allow(dead_code)] // until the auth tests use all of it
 mod registry_harness;
 mod util;
 mod zran;

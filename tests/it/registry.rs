@@ -459,3 +459,170 @@ fn registry_corrupt_blob_is_caught_and_never_enters_the_store() {
     r.ok(&["ls", &reg.url("big:1"), "--tls-verify=false"]);
     assert!(store.join(hex).is_file());
 }
+
+/// `../shared/tools` (or `$FLATFS_SHARED_DIR/tools`), for tree-manifest.py.
+fn shared_tools() -> Option<PathBuf> {
+    let dir = std::env::var_os("FLATFS_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    let tools = dir.join("tools");
+    if tools.join("tree-manifest.py").exists() {
+        return Some(tools);
+    }
+    let msg = "registry oracle test needs ../shared/tools (or FLATFS_SHARED_DIR)";
+    if std::env::var("FLATFS_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("{msg} (FLATFS_REQUIRE_TOOLS=1)");
+    }
+    eprintln!("SKIPPED: {msg}");
+    None
+}
+
+/// The merged tree `umoci unpack` makes of `layout:latest`, as tree-manifest.py lists it.
+fn umoci_tree(tools: &Path, layout: &Path, work: &Path) -> String {
+    let bundle = work.join("bundle");
+    let _ = std::fs::remove_dir_all(&bundle);
+    let ok = |cmd: &mut std::process::Command| {
+        let out = cmd.output().expect("run");
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    ok(std::process::Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:latest", layout.display()))
+        .arg(&bundle));
+    let listing = ok(std::process::Command::new("python3")
+        .arg(tools.join("tree-manifest.py"))
+        .arg("--hardlinks")
+        .arg(bundle.join("rootfs")));
+    std::fs::remove_dir_all(&bundle).expect("remove bundle");
+    listing
+}
+
+#[test]
+fn registry_to_registry_export_pulls_back_as_umoci_merges_the_original() {
+    if !registry_tools(&["umoci", "python3"]) {
+        return;
+    }
+    let Some(tools) = shared_tools() else { return };
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "team/app:1.0");
+    let r = Runner::new(tmp.path());
+    let out = r.run(&[
+        "export",
+        &reg.url("team/app:1.0"),
+        "-o",
+        &reg.url("team/flat:1"),
+        "--tls-verify=false",
+    ]);
+    assert_success(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("2 blobs uploaded"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(reg.tags("team/flat"), vec!["1"]);
+
+    let (orig, flat) = (tmp.path().join("orig"), tmp.path().join("flat"));
+    reg.pull_layout("team/app:1.0", &orig);
+    reg.pull_layout("team/flat:1", &flat);
+    let want = umoci_tree(&tools, &orig, tmp.path());
+    let got = umoci_tree(&tools, &flat, tmp.path());
+    assert_eq!(
+        got, want,
+        "the pushed image unpacks to the original's merged tree"
+    );
+    let info: Value = serde_json::from_slice(&r.ok(&[
+        "inspect",
+        "--json",
+        &reg.url("team/flat:1"),
+        "--tls-verify=false",
+    ]))
+    .unwrap();
+    assert_eq!(info["layers"].as_array().unwrap().len(), 1);
+    assert_eq!(info["config"]["cmd"][0], "cat /message.txt");
+
+    // Again, from the flat image to another repository through a proxy (same registry host):
+    // its layer is the same bytes, so it is mounted, not uploaded.
+    let proxy = FaultProxy::start(&reg.host);
+    r.ok(&[
+        "export",
+        &proxy.url("team/flat:1"),
+        "-o",
+        &proxy.url("team/again:1"),
+        "--tls-verify=false",
+    ]);
+    let layer = info["layers"][0]["digest"].as_str().unwrap().to_string();
+    let seen = proxy.seen();
+    assert!(
+        seen.iter().any(|s| s.method == "POST"
+            && s.path.contains(&format!("mount={layer}"))
+            && s.path.contains("from=team/flat")),
+        "a mount was asked for: {seen:#?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s.method == "PUT" && s.path.contains(&format!("digest={layer}"))),
+        "the layer was uploaded instead of mounted"
+    );
+    assert_eq!(reg.tags("team/again"), vec!["1"]);
+}
+
+#[test]
+fn registry_failed_push_leaves_no_tag() {
+    if !registry_tools(&[]) {
+        return;
+    }
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path());
+    let proxy = FaultProxy::start(&reg.host);
+    let r = Runner::new(tmp.path());
+    // Uploads fail (500, retried at once as Retry-After says, until the tries run out).
+    proxy.inject(Fault::Status {
+        path: "/blobs/uploads/".into(),
+        status: 500,
+        retry_after: Some(0),
+        times: 1000,
+    });
+    let err = r.fails(&[
+        "export",
+        img.to_str().unwrap(),
+        "-o",
+        &proxy.url("team/broken:1"),
+        "--tls-verify=false",
+    ]);
+    assert!(
+        err.contains(&format!("registry {}", proxy.host)) && err.contains("500"),
+        "{err}"
+    );
+    assert!(reg.tags("team/broken").is_empty());
+    // The blobs go in, but the connection drops on the manifest PUT: still no tag.
+    let proxy = FaultProxy::start(&reg.host);
+    proxy.inject(Fault::Refuse {
+        path: "/manifests/1".into(),
+        times: 1000,
+    });
+    let err = r.fails(&[
+        "export",
+        img.to_str().unwrap(),
+        "-o",
+        &proxy.url("team/broken:1"),
+        "--tls-verify=false",
+    ]);
+    assert!(err.contains("PUT manifest team/broken:1"), "{err}");
+    assert!(
+        proxy
+            .seen()
+            .iter()
+            .any(|s| s.method == "PUT" && s.path.contains("digest="))
+    );
+    assert!(reg.tags("team/broken").is_empty());
+}

@@ -200,6 +200,9 @@ impl Registry {
             .output()
             .expect("run skopeo");
         if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            // Only "no such repository" means no tags; anything else must not pass for it.
+            assert!(err.contains("404"), "skopeo list-tags failed: {err}");
             return Vec::new();
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
@@ -257,7 +260,6 @@ impl Registry {
             );
         }
     }
-
 }
 
 impl Drop for Registry {
