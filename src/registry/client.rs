@@ -673,14 +673,7 @@ impl Client {
         };
         let status = resp.status().as_u16();
         if status != 200 {
-            let mut e = self.status_error(&what, status, resp);
-            if let Error::Registry { msg, .. } = &mut e
-                && creds.is_none()
-                && status == 401
-            {
-                msg.push_str(" (no credentials found: --creds-file, --authfile or an auth file)");
-            }
-            return Err(e);
+            return Err(self.status_error(&what, status, resp));
         }
         #[derive(serde::Deserialize)]
         struct Reply {
@@ -747,7 +740,10 @@ impl Client {
                 .and_then(|s| s.canonical_reason())
                 .unwrap_or(""),
         };
-        let detail = detail.map_or(String::new(), |d| format!(": {d}"));
+        let mut detail = detail.map_or(String::new(), |d| format!(": {d}"));
+        if status == 401 && matches!(self.creds.get(), Some(None) | None) {
+            detail.push_str(" (no credentials found: --creds-file, --authfile or an auth file)");
+        }
         self.error(format!("{what}: {status} {reason}{detail}"))
     }
 }

@@ -56,6 +56,10 @@ impl Runner {
     }
 
     fn run(&self, args: &[&str]) -> Output {
+        self.run_env(args, &[])
+    }
+
+    fn run_env(&self, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Output {
         flatfs()
             .env("FLATFS_CACHE_DIR", &self.cache)
             .env("FLATFS_REGISTRY_TIMEOUT", "10")
@@ -64,6 +68,7 @@ impl Runner {
             .env_remove("XDG_RUNTIME_DIR")
             .env_remove("REGISTRY_AUTH_FILE")
             .env_remove("DOCKER_CONFIG")
+            .envs(env.iter().copied())
             .args(args)
             .output()
             .expect("run flatfs")
@@ -625,4 +630,222 @@ fn registry_failed_push_leaves_no_tag() {
             .any(|s| s.method == "PUT" && s.path.contains("digest="))
     );
     assert!(reg.tags("team/broken").is_empty());
+}
+
+#[test]
+fn registry_basic_auth_over_tls_takes_credentials_from_each_place() {
+    if !registry_tools(&["htpasswd", "openssl"]) {
+        return;
+    }
+    let reg = Registry::start_secured();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "team/app:1.0");
+    let s = reg.secured.as_ref().unwrap();
+    let url = reg.url("team/app:1.0");
+    let certs = s.cert_dir.to_str().unwrap();
+    let r = Runner::new(tmp.path());
+    let host = &reg.host;
+    let want = r.ok(&["ls", "-R", img.to_str().unwrap()]);
+
+    // No credentials: the registry's 401, named.
+    let err = r.fails(&["ls", &url, "--cert-dir", certs]);
+    assert!(
+        err.contains(&format!("registry {host}")) && err.contains("401"),
+        "{err}"
+    );
+    // Without the CA the certificate is not trusted.
+    let creds = tmp.path().join("creds");
+    std::fs::write(&creds, format!("{}:{}\n", s.user, s.password)).unwrap();
+    let creds = creds.to_str().unwrap();
+    let err = r.fails(&["ls", &url, "--creds-file", creds]);
+    assert!(
+        err.contains(&format!("registry {host}")) && err.contains("TLS"),
+        "{err}"
+    );
+    // With it, and the right credentials.
+    assert_eq!(
+        r.ok(&["ls", "-R", &url, "--cert-dir", certs, "--creds-file", creds]),
+        want
+    );
+    // --tls-verify=false accepts the unverified certificate.
+    assert_eq!(
+        r.ok(&[
+            "ls",
+            "-R",
+            &url,
+            "--tls-verify=false",
+            "--creds-file",
+            creds
+        ]),
+        want
+    );
+    // Wrong password.
+    let wrong = tmp.path().join("wrong");
+    std::fs::write(&wrong, format!("{}:nope\n", s.user)).unwrap();
+    let err = r.fails(&[
+        "ls",
+        &url,
+        "--cert-dir",
+        certs,
+        "--creds-file",
+        wrong.to_str().unwrap(),
+    ]);
+    assert!(err.contains("401"), "{err}");
+
+    // Auth files, in each place skopeo looks.
+    let auth = format!(
+        r#"{{"auths": {{"{host}": {{"auth": "{}"}}}}}}"#,
+        base64(&format!("{}:{}", s.user, s.password))
+    );
+    let place = |rel: &str| {
+        let p = tmp.path().join("places").join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, &auth).unwrap();
+        p
+    };
+    let authfile = place("explicit/auth.json");
+    assert_eq!(
+        r.ok(&[
+            "ls",
+            "-R",
+            &url,
+            "--cert-dir",
+            certs,
+            "--authfile",
+            authfile.to_str().unwrap()
+        ]),
+        want
+    );
+    // (variable, its value, where the file goes under it); HOME is an empty dir otherwise.
+    let empty_home = tmp.path().join("empty-home");
+    let places = tmp.path().join("places");
+    for (var, rel) in [
+        ("REGISTRY_AUTH_FILE", "env/auth.json"),
+        ("XDG_RUNTIME_DIR", "run/containers/auth.json"),
+        ("HOME", "home/.config/containers/auth.json"),
+        ("DOCKER_CONFIG", "docker/config.json"),
+        ("HOME", "dockerhome/.docker/config.json"),
+    ] {
+        let file = place(rel);
+        let top = rel.split('/').next().unwrap();
+        let value = if var == "REGISTRY_AUTH_FILE" {
+            file
+        } else {
+            places.join(top)
+        };
+        let home = if var == "HOME" {
+            value.clone()
+        } else {
+            empty_home.clone()
+        };
+        let out = r.run_env(
+            &["ls", "-R", &url, "--cert-dir", certs],
+            &[("HOME", home.as_os_str()), (var, value.as_os_str())],
+        );
+        assert_success(&out);
+        assert_eq!(out.stdout, want, "{var}={}", value.display());
+    }
+    // ~/.docker/config.json with a credential helper.
+    let dhome = tmp.path().join("dhome");
+    std::fs::create_dir_all(dhome.join(".docker")).unwrap();
+    std::fs::write(
+        dhome.join(".docker/config.json"),
+        format!(r#"{{"auths": {{}}, "credHelpers": {{"{host}": "flatfstest"}}}}"#),
+    )
+    .unwrap();
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let helper = bin.join("docker-credential-flatfstest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nread server\n[ \"$1\" = get ] && [ \"$server\" = {host} ] || exit 1\necho '{{\"ServerURL\":\"'$server'\",\"Username\":\"{}\",\"Secret\":\"{}\"}}'\n",
+            s.user, s.password
+        ),
+    )
+    .unwrap();
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&helper).unwrap().permissions(),
+        0o755,
+    );
+    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = r.run_env(
+        &["ls", "-R", &url, "--cert-dir", certs],
+        &[
+            ("HOME", dhome.as_os_str()),
+            ("PATH", std::ffi::OsStr::new(&path)),
+        ],
+    );
+    assert_success(&out);
+    assert_eq!(out.stdout, want, "credHelpers");
+
+    // The password never shows in the most verbose log, not even base64-encoded.
+    let out = r.run(&[
+        "-vv",
+        "ls",
+        &url,
+        "--cert-dir",
+        certs,
+        "--creds-file",
+        creds,
+    ]);
+    assert_success(&out);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("GET"), "-vv logs requests:\n{log}");
+    for secret in [
+        s.password.clone(),
+        base64(&format!("{}:{}", s.user, s.password)),
+    ] {
+        assert!(!log.contains(&secret), "secret in the log:\n{log}");
+    }
+
+    // Push with credentials: export to the secured registry.
+    r.ok(&[
+        "export",
+        &url,
+        "-o",
+        &reg.url("team/flat:1"),
+        "--cert-dir",
+        certs,
+        "--creds-file",
+        creds,
+    ]);
+    assert_eq!(
+        r.ok(&[
+            "cat",
+            &reg.url("team/flat:1"),
+            "etc/small.txt",
+            "--cert-dir",
+            certs,
+            "--creds-file",
+            creds
+        ]),
+        b"version 2\n"
+    );
+}
+
+/// Standard base64, for auth files.
+fn base64(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            out.push(if i <= c.len() {
+                T[(n >> (18 - 6 * i)) as usize & 63] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
 }
