@@ -87,6 +87,8 @@ struct Req<'a> {
     body: Payload<'a>,
     /// For errors: "GET manifest team/app:1.0".
     what: &'a str,
+    /// Tries before a dropped connection or a 5xx stands.
+    attempts: u32,
 }
 
 impl Client {
@@ -109,12 +111,13 @@ impl Client {
             creds: OnceLock::new(),
             tokens: Mutex::new(HashMap::new()),
         };
-        let resp = match client.ping() {
+        // With --tls-verify=false a failed HTTPS probe is not retried: it means plain HTTP.
+        let resp = match client.ping(if opts.insecure { 1 } else { ATTEMPTS }) {
             Ok(r) => r,
             Err(e) if opts.insecure => {
                 log::info!("{host}: HTTPS failed ({e}); trying plain HTTP (--tls-verify=false)");
                 client.base = format!("http://{}", client.authority);
-                client.ping()?
+                client.ping(ATTEMPTS)?
             }
             Err(e) => return Err(e),
         };
@@ -130,7 +133,7 @@ impl Client {
         Ok(client)
     }
 
-    fn ping(&self) -> Result<Response<Body>> {
+    fn ping(&self, attempts: u32) -> Result<Response<Body>> {
         self.send(&Req {
             method: "GET",
             url: format!("{}/v2/", self.base),
@@ -138,6 +141,7 @@ impl Client {
             headers: Vec::new(),
             body: Payload::Empty,
             what: "ping /v2/",
+            attempts,
         })
     }
 
@@ -166,6 +170,7 @@ impl Client {
             headers: vec![("accept", MANIFEST_ACCEPT.to_string())],
             body: Payload::Empty,
             what: &what,
+            attempts: ATTEMPTS,
         })?;
         let status = resp.status().as_u16();
         if status != 200 {
@@ -238,6 +243,7 @@ impl Client {
                 headers,
                 body: Payload::Empty,
                 what: &what,
+                attempts: ATTEMPTS,
             })?;
             match resp.status().as_u16() {
                 200 if from > 0 => {
@@ -306,6 +312,7 @@ impl Client {
             headers: Vec::new(),
             body: Payload::Empty,
             what: &what,
+            attempts: ATTEMPTS,
         })?;
         match resp.status().as_u16() {
             200 => Ok(true),
@@ -345,6 +352,7 @@ impl Client {
             headers: vec![("content-length", "0".to_string())],
             body: Payload::Empty,
             what: &what,
+            attempts: ATTEMPTS,
         })?;
         let location = match resp.status().as_u16() {
             201 => return Ok(Pushed::Mounted),
@@ -362,6 +370,7 @@ impl Client {
             ],
             body: Payload::File(path, size),
             what: &what,
+            attempts: ATTEMPTS,
         })?;
         match resp.status().as_u16() {
             201 => return Ok(Pushed::Uploaded),
@@ -376,6 +385,7 @@ impl Client {
             headers: vec![("content-length", "0".to_string())],
             body: Payload::Empty,
             what: &what,
+            attempts: ATTEMPTS,
         })?;
         let location = match resp.status().as_u16() {
             202 => self.location(&resp, &what)?,
@@ -392,6 +402,7 @@ impl Client {
             ],
             body: Payload::File(path, size),
             what: &what,
+            attempts: ATTEMPTS,
         })?;
         let location = match resp.status().as_u16() {
             202 => self.location(&resp, &what)?,
@@ -404,6 +415,7 @@ impl Client {
             headers: vec![("content-length", "0".to_string())],
             body: Payload::Empty,
             what: &what,
+            attempts: ATTEMPTS,
         })?;
         match resp.status().as_u16() {
             201 => Ok(Pushed::Uploaded),
@@ -432,6 +444,7 @@ impl Client {
             ],
             body: Payload::Bytes(bytes),
             what: &what,
+            attempts: ATTEMPTS,
         })?;
         match resp.status().as_u16() {
             201 | 200 => Ok(header(&resp, "docker-content-digest")
@@ -482,7 +495,7 @@ impl Client {
             let result = self.send_once(req, &url, auth.as_deref());
             let resp = match result {
                 Ok(r) => r,
-                Err(e) if tries < ATTEMPTS && retryable(&e) => {
+                Err(e) if tries < req.attempts && retryable(&e) => {
                     let wait = backoff(tries, None);
                     log::warn!(
                         "{}: {}: {}; retrying in {wait:.1?}",
@@ -511,7 +524,7 @@ impl Client {
                         .remove(&req.scopes.join(" "));
                     continue;
                 }
-                429 | 500 | 502 | 503 | 504 if tries < ATTEMPTS => {
+                429 | 500 | 502 | 503 | 504 if tries < req.attempts => {
                     let wait = backoff(tries, header(&resp, "retry-after").as_deref());
                     log::warn!(
                         "{}: {}: {status}; retrying in {wait:.1?}",

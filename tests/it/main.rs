@@ -13,7 +13,6 @@ mod names;
 mod oracle;
 mod props;
 mod registry;
-#[allow(dead_code)] // until the auth tests use all of it
 mod registry_harness;
 mod util;
 mod zran;

@@ -830,8 +830,8 @@ fn registry_basic_auth_over_tls_takes_credentials_from_each_place() {
     );
 }
 
-/// Standard base64, for auth files.
-fn base64(s: &str) -> String {
+/// Standard base64, for auth files and Basic headers.
+pub fn base64(s: &str) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let b = s.as_bytes();
     let mut out = String::new();
@@ -848,4 +848,121 @@ fn base64(s: &str) -> String {
         }
     }
     out
+}
+
+#[test]
+fn registry_bearer_tokens_scopes_refresh_and_redirects_keep_credentials_home() {
+    if !registry_tools(&[]) {
+        return;
+    }
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "team/app:1.0");
+    // Each token is good for 3 requests: a pull needs several, so tokens are renewed on 401.
+    let gw = BearerGateway::start(&reg.host, "writer", "pw-123", 3);
+    let r = Runner::new(tmp.path());
+    let creds = |name: &str, text: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let writer = creds("writer", "writer:pw-123\n");
+    let reader = creds("reader", "reader:pw-123\n");
+    let wrong = creds("wrong", "writer:nope\n");
+    let url = gw.url("team/app:1.0");
+    let want = r.ok(&["ls", "-R", img.to_str().unwrap()]);
+
+    assert_eq!(
+        r.ok(&[
+            "ls",
+            "-R",
+            &url,
+            "--tls-verify=false",
+            "--creds-file",
+            &writer
+        ]),
+        want
+    );
+    let basic = format!("Basic {}", base64("writer:pw-123"));
+    let tokens = gw.token_seen.lock().unwrap().clone();
+    assert!(tokens.len() > 1, "tokens were renewed: {tokens:#?}");
+    assert!(
+        tokens
+            .iter()
+            .all(|s| s.header("authorization") == Some(basic.as_str()))
+    );
+    assert!(tokens.iter().all(|s| s.path.contains("service=flatfs-test")
+        && s.path.contains("scope=repository:team/app:pull")));
+    let gateway = gw.gateway_seen.lock().unwrap().clone();
+    assert!(
+        gateway.iter().all(|s| s
+            .header("authorization")
+            .is_none_or(|a| a.starts_with("Bearer "))),
+        "the registry only ever gets tokens"
+    );
+    let storage = gw.storage_seen.lock().unwrap().clone();
+    assert!(!storage.is_empty(), "blobs came through the redirect");
+    assert!(
+        storage.iter().all(|s| s.header("authorization").is_none()),
+        "credentials went to the storage host: {storage:#?}"
+    );
+
+    // Wrong password, no credentials: the token server's 401, said as such.
+    let err = r.fails(&["ls", &url, "--tls-verify=false", "--creds-file", &wrong]);
+    assert!(
+        err.contains("token for repository:team/app:pull: 401"),
+        "{err}"
+    );
+    let err = r.fails(&["ls", &url, "--tls-verify=false"]);
+    assert!(
+        err.contains("401") && err.contains("no credentials found"),
+        "{err}"
+    );
+
+    // A reader may pull but not push: a missing scope is a clear error, and no tag appears.
+    assert_eq!(
+        r.ok(&[
+            "ls",
+            "-R",
+            &url,
+            "--tls-verify=false",
+            "--creds-file",
+            &reader
+        ]),
+        want
+    );
+    let err = r.fails(&[
+        "export",
+        &url,
+        "-o",
+        &gw.url("team/flat:1"),
+        "--tls-verify=false",
+        "--creds-file",
+        &reader,
+    ]);
+    assert!(
+        err.contains(&format!("registry {}", gw.host)) && err.contains("401"),
+        "{err}"
+    );
+    assert!(reg.tags("team/flat").is_empty());
+    // The writer may.
+    r.ok(&[
+        "export",
+        &url,
+        "-o",
+        &gw.url("team/flat:1"),
+        "--tls-verify=false",
+        "--creds-file",
+        &writer,
+    ]);
+    assert_eq!(reg.tags("team/flat"), vec!["1"]);
+    let tokens = gw.token_seen.lock().unwrap().clone();
+    assert!(
+        tokens
+            .iter()
+            .any(|s| s.path.contains("scope=repository:team/flat:pull,push")
+                && s.path.contains("scope=repository:team/app:pull")),
+        "a push from another repository asks for both scopes (for the mount): {tokens:#?}"
+    );
 }

@@ -500,37 +500,10 @@ fn serve(
     faults: &Mutex<Vec<Fault>>,
     seen: &Mutex<Vec<Seen>>,
 ) -> std::io::Result<()> {
-    let mut reader = BufReader::new(conn.try_clone()?);
     let mut conn = conn;
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    let mut parts = request_line.split_whitespace();
-    let method = parts.next().unwrap_or("").to_string();
-    let path = parts.next().unwrap_or("").to_string();
-    let mut headers = Vec::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            break;
-        }
-        let line = line.trim_end().to_string();
-        if line.is_empty() {
-            break;
-        }
-        headers.push(line);
-    }
-    let s = Seen {
-        method: method.clone(),
-        path: path.clone(),
-        headers: headers.clone(),
-    };
-    let length: usize = s
-        .header("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; length];
-    reader.read_exact(&mut body)?;
-    seen.lock().unwrap().push(s);
+    let (s, body) = read_request(&conn)?;
+    let path = s.path.clone();
+    seen.lock().unwrap().push(s.clone());
 
     let fault = {
         let mut faults = faults.lock().unwrap();
@@ -562,25 +535,7 @@ fn serve(
         return Ok(());
     }
 
-    let mut up = TcpStream::connect(upstream)?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\n");
-    for h in &headers {
-        let name = h
-            .split(':')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        if name != "connection" {
-            head.push_str(h);
-            head.push_str("\r\n");
-        }
-    }
-    head.push_str("Connection: close\r\n\r\n");
-    up.write_all(head.as_bytes())?;
-    up.write_all(&body)?;
-    let mut raw = Vec::new();
-    up.read_to_end(&mut raw)?;
+    let raw = forward(upstream, &s, &body, false)?;
     // The client must not reuse a connection the proxy is about to close.
     let split = raw
         .windows(4)
@@ -610,4 +565,307 @@ fn serve(
         _ => conn.write_all(&answer)?,
     }
     Ok(())
+}
+
+/// Reads one HTTP/1.1 request (head and `Content-Length` body) from a connection.
+fn read_request(conn: &TcpStream) -> std::io::Result<(Seen, Vec<u8>)> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut parts = request_line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("").to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end().to_string();
+        if line.is_empty() {
+            break;
+        }
+        headers.push(line);
+    }
+    let seen = Seen {
+        method,
+        path,
+        headers,
+    };
+    let length: usize = seen
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    Ok((seen, body))
+}
+
+/// Sends `request` (head lines and body) to `upstream` and returns the whole answer.
+fn forward(upstream: &str, seen: &Seen, body: &[u8], drop_auth: bool) -> std::io::Result<Vec<u8>> {
+    let mut up = TcpStream::connect(upstream)?;
+    let mut head = format!("{} {} HTTP/1.1\r\n", seen.method, seen.path);
+    for h in &seen.headers {
+        let name = h
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if name != "connection" && !(drop_auth && name == "authorization") {
+            head.push_str(h);
+            head.push_str("\r\n");
+        }
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    up.write_all(head.as_bytes())?;
+    up.write_all(body)?;
+    let mut raw = Vec::new();
+    up.read_to_end(&mut raw)?;
+    Ok(raw)
+}
+
+fn answer(
+    conn: &mut TcpStream,
+    status: u16,
+    headers: &[String],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    conn.write_all(head.as_bytes())?;
+    conn.write_all(body)
+}
+
+/// Spawns an accept loop that hands each connection to `handle` on its own thread.
+fn serve_forever(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    handle: impl Fn(TcpStream) + Send + Sync + 'static,
+) {
+    let handle = Arc::new(handle);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let Ok(conn) = conn else { continue };
+            let h = handle.clone();
+            std::thread::spawn(move || h(conn));
+        }
+    });
+}
+
+/// The token flow in front of a plain registry: a gateway that wants `Bearer` tokens (401
+/// with a challenge otherwise; a token is good for `uses` requests, then it is "expired"), a
+/// token server on another port that hands out tokens for `user:password` (pull only for
+/// `reader`), and a storage server on a third port that blob GETs are redirected to.
+pub struct BearerGateway {
+    /// The gateway's `127.0.0.1:PORT` (the registry host clients use).
+    pub host: String,
+    /// Requests the gateway saw.
+    pub gateway_seen: Arc<Mutex<Vec<Seen>>>,
+    /// Requests the token server saw.
+    pub token_seen: Arc<Mutex<Vec<Seen>>>,
+    /// Requests the storage server saw.
+    pub storage_seen: Arc<Mutex<Vec<Seen>>>,
+    stops: Vec<(Arc<AtomicBool>, String)>,
+}
+
+/// A token: its scopes and how many more requests it is good for.
+type Tokens = Arc<Mutex<std::collections::HashMap<String, (Vec<String>, usize)>>>;
+
+impl BearerGateway {
+    /// Starts the three servers in front of `upstream`; `user:password` may have push and
+    /// pull, `reader:password` pull only.
+    pub fn start(upstream: &str, user: &str, password: &str, uses: usize) -> BearerGateway {
+        let bind = || {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let a = l.local_addr().expect("addr").to_string();
+            (l, a, Arc::new(AtomicBool::new(false)))
+        };
+        let (gl, gaddr, gstop) = bind();
+        let (tl, taddr, tstop) = bind();
+        let (sl, saddr, sstop) = bind();
+        let tokens: Tokens = Arc::new(Mutex::new(Default::default()));
+        let gateway_seen = Arc::new(Mutex::new(Vec::new()));
+        let token_seen = Arc::new(Mutex::new(Vec::new()));
+        let storage_seen = Arc::new(Mutex::new(Vec::new()));
+
+        // Token server.
+        {
+            let (tokens, seen) = (tokens.clone(), token_seen.clone());
+            let good = |u: &str| {
+                format!(
+                    "Basic {}",
+                    crate::registry::base64(&format!("{u}:{password}"))
+                )
+            };
+            let (writer, reader) = (good(user), good("reader"));
+            let counter = Arc::new(Mutex::new(0usize));
+            serve_forever(tl, tstop.clone(), move |mut conn| {
+                let Ok((req, _)) = read_request(&conn) else {
+                    return;
+                };
+                seen.lock().unwrap().push(req.clone());
+                let auth = req.header("authorization").unwrap_or("").to_string();
+                let can_push = auth == writer;
+                if !can_push && auth != reader {
+                    let _ = answer(
+                        &mut conn,
+                        401,
+                        &[],
+                        br#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#,
+                    );
+                    return;
+                }
+                let query = req.path.split_once('?').map_or("", |(_, q)| q).to_string();
+                let mut granted = Vec::new();
+                for kv in query.split('&') {
+                    if let Some(scope) = kv.strip_prefix("scope=") {
+                        let scope = scope
+                            .replace("%3A", ":")
+                            .replace("%2C", ",")
+                            .replace("%2F", "/");
+                        let scope = if can_push {
+                            scope
+                        } else {
+                            scope.replace(":pull,push", ":pull")
+                        };
+                        granted.push(scope);
+                    }
+                }
+                let mut n = counter.lock().unwrap();
+                *n += 1;
+                let token = format!("tok{n}");
+                tokens
+                    .lock()
+                    .unwrap()
+                    .insert(token.clone(), (granted, uses));
+                let body = format!(r#"{{"token":"{token}","expires_in":300}}"#);
+                let _ = answer(
+                    &mut conn,
+                    200,
+                    &["Content-Type: application/json".into()],
+                    body.as_bytes(),
+                );
+            });
+        }
+        // Storage server: serves blobs by digest from the registry, no auth needed.
+        {
+            let (seen, up) = (storage_seen.clone(), upstream.to_string());
+            serve_forever(sl, sstop.clone(), move |mut conn| {
+                let Ok((req, body)) = read_request(&conn) else {
+                    return;
+                };
+                seen.lock().unwrap().push(req.clone());
+                let path = req.path.replacen("/storage/", "/v2/", 1);
+                let fwd = Seen { path, ..req };
+                if let Ok(raw) = forward(&up, &fwd, &body, true) {
+                    let _ = conn.write_all(&raw);
+                }
+            });
+        }
+        // Gateway.
+        {
+            let (seen, up, realm) = (
+                gateway_seen.clone(),
+                upstream.to_string(),
+                format!("http://{taddr}/token"),
+            );
+            let storage = saddr.clone();
+            serve_forever(gl, gstop.clone(), move |mut conn| {
+                let Ok((req, body)) = read_request(&conn) else {
+                    return;
+                };
+                seen.lock().unwrap().push(req.clone());
+                let path = req.path.split('?').next().unwrap_or("").to_string();
+                let rest = path.strip_prefix("/v2/").unwrap_or("");
+                let repo = ["/manifests/", "/blobs/", "/tags/"]
+                    .iter()
+                    .find_map(|m| rest.find(m).map(|i| rest[..i].to_string()));
+                let action = if matches!(req.method.as_str(), "GET" | "HEAD") {
+                    "pull"
+                } else {
+                    "push"
+                };
+                let challenge = |scope: Option<String>| {
+                    let mut c = format!(
+                        r#"WWW-Authenticate: Bearer realm="{realm}",service="flatfs-test""#
+                    );
+                    if let Some(s) = scope {
+                        c.push_str(&format!(r#",scope="{s}""#));
+                    }
+                    c
+                };
+                let token = req
+                    .header("authorization")
+                    .and_then(|a| a.strip_prefix("Bearer "))
+                    .map(str::to_string);
+                let allowed = {
+                    let mut tokens = tokens.lock().unwrap();
+                    match token.as_deref().and_then(|t| tokens.get_mut(t)) {
+                        Some((scopes, left)) if *left > 0 => {
+                            *left -= 1;
+                            match &repo {
+                                None => true,
+                                Some(r) => scopes.iter().any(|s| {
+                                    s.strip_prefix(&format!("repository:{r}:"))
+                                        .is_some_and(|acts| acts.split(',').any(|a| a == action))
+                                }),
+                            }
+                        }
+                        _ => false,
+                    }
+                };
+                if !allowed {
+                    let scope = repo.map(|r| format!("repository:{r}:{action}"));
+                    let _ = answer(
+                        &mut conn,
+                        401,
+                        &[challenge(scope), "Content-Type: application/json".into()],
+                        br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+                    );
+                    return;
+                }
+                // Blob bytes come from "storage": a redirect, as S3-backed registries do.
+                if req.method == "GET" && path.contains("/blobs/sha256:") {
+                    let loc = format!("Location: http://{storage}/storage/{rest}");
+                    let _ = answer(&mut conn, 307, &[loc], b"");
+                    return;
+                }
+                if let Ok(raw) = forward(&up, &req, &body, true) {
+                    let _ = conn.write_all(&raw);
+                }
+            });
+        }
+        BearerGateway {
+            host: gaddr.clone(),
+            gateway_seen,
+            token_seen,
+            storage_seen,
+            stops: vec![(gstop, gaddr), (tstop, taddr), (sstop, saddr)],
+        }
+    }
+
+    /// `docker://GATEWAY/REPO:TAG`.
+    pub fn url(&self, repo_tag: &str) -> String {
+        format!("docker://{}/{repo_tag}", self.host)
+    }
+}
+
+impl Drop for BearerGateway {
+    fn drop(&mut self) {
+        for (stop, addr) in &self.stops {
+            stop.store(true, Ordering::Relaxed);
+            let _ = TcpStream::connect(addr);
+        }
+    }
 }
