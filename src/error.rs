@@ -101,6 +101,19 @@ pub enum Error {
         /// "GET manifest app:1.0: 404 not found: manifest unknown (MANIFEST_UNKNOWN)".
         msg: String,
     },
+    /// A Docker schema-1 manifest (registries before 2017), which flatfs does not read.
+    #[error(
+        "{image}: {what} is a Docker schema-1 image, which flatfs does not read; copy it again \
+         from where it came from with skopeo, which converts it to schema 2: `skopeo copy \
+         docker://REGISTRY/NAME:TAG oci:NEW-DIR:TAG` (or from dir:DIR, or to \
+         docker-archive:NEW.tar)"
+    )]
+    Schema1 {
+        /// The image.
+        image: String,
+        /// The document ("manifest sha256:…", "index.json").
+        what: String,
+    },
     /// A FUSE mount that could not be set up.
     #[error("mount {mountpoint}: {msg}")]
     Mount {

@@ -29,6 +29,14 @@ const IMPLICIT_DIR: Meta = Meta {
     mtime_nsec: 0,
 };
 
+/// A symlink's mode: Linux has no symlink permissions (`lchmod` fails) and every filesystem
+/// reports `lrwxrwxrwx`, so a container sees 0777 whatever the tar header says. Set once here,
+/// so the mount, `ls -l` and export agree.
+const SYMLINK_MODE: u32 = 0o777;
+
+/// Most symlinks one path may pass through, as Linux's `MAXSYMLINKS`; more is taken as a loop.
+const MAX_SYMLINKS: usize = 40;
+
 /// Where a regular file's bytes are: a range of one layer's decompressed tar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
@@ -610,6 +618,8 @@ enum BKind {
 
 struct Builder {
     nodes: Vec<BNode>,
+    /// [`Builder::walk_dirs`]'s stack of directories, kept so that walks do not allocate.
+    walk_scratch: Vec<usize>,
 }
 
 impl Builder {
@@ -621,6 +631,7 @@ impl Builder {
                 xattrs: Vec::new(),
                 layer: 0,
             }],
+            walk_scratch: Vec::new(),
         }
     }
 
@@ -666,34 +677,95 @@ impl Builder {
         }
     }
 
-    /// Walks to the parent of `path`, creating missing directories and replacing non-directories
-    /// with directories (never following a symlink), and returns its id.
-    fn make_parents(&mut self, path: &[u8], layer: u32) -> usize {
-        let (parent_path, _) = split_parent(path);
-        let mut id = 0;
-        for comp in parent_path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
-            let existing = self
-                .dir_children(id)
-                .expect("walk stays on directories")
-                .get(comp)
-                .copied();
-            id = match existing {
-                Some(child) if matches!(self.nodes[child].kind, BKind::Dir(_)) => child,
-                _ => {
-                    let child = self.push(BNode {
-                        kind: BKind::Dir(BTreeMap::new()),
-                        meta: IMPLICIT_DIR,
-                        xattrs: Vec::new(),
-                        layer,
-                    });
-                    self.dir_children(id)
-                        .expect("directory")
-                        .insert(comp.into(), child);
-                    child
-                }
+    /// Walks from the root through the directories `dirs` names as a chrooted extraction of
+    /// layer `layer` would, and returns the directory it ends in. Symlinks that this layer has
+    /// created so far (in tar order) are followed, clamped to the root: `..` at the root stays
+    /// there and an absolute target starts from it. Lower layers' symlinks are not followed:
+    /// an overlay snapshotter extracts a layer into a directory of its own, where they do not
+    /// exist. With `create`, a missing component, or one that is anything else, becomes an
+    /// implicit directory (replacing what was there); without, it ends the walk with `None`.
+    fn walk_dirs(
+        &mut self,
+        dirs: &[u8],
+        layer: u32,
+        create: bool,
+    ) -> std::result::Result<Option<usize>, String> {
+        // The directories from the root down to where the walk is (`..` pops them), reused
+        // across calls; the components of followed symlinks' targets still to walk, last
+        // first, before the rest of `dirs`. Most paths go through no symlink, so they cost
+        // no allocation.
+        let mut at = std::mem::take(&mut self.walk_scratch);
+        at.clear();
+        at.push(0);
+        let mut rest = dirs.split(|&b| b == b'/');
+        let mut pending: Vec<Vec<u8>> = Vec::new();
+        let mut followed = 0;
+        let result = loop {
+            let comp: std::borrow::Cow<[u8]> = match pending.pop() {
+                Some(c) => c.into(),
+                None => match rest.next() {
+                    Some(c) => c.into(),
+                    None => break Ok(Some(*at.last().expect("the root is never popped"))),
+                },
             };
-        }
-        id
+            match &comp[..] {
+                b"" | b"." => continue,
+                b".." => {
+                    if at.len() > 1 {
+                        at.pop();
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let dir = *at.last().expect("the root is never popped");
+            let existing = self
+                .dir_children(dir)
+                .expect("walk stays on directories")
+                .get(&comp[..])
+                .copied();
+            if let Some(child) = existing {
+                match &self.nodes[child].kind {
+                    BKind::Dir(_) => {
+                        at.push(child);
+                        continue;
+                    }
+                    // An empty target names nothing (Linux refuses to create one).
+                    BKind::Symlink(target)
+                        if self.nodes[child].layer == layer && !target.is_empty() =>
+                    {
+                        followed += 1;
+                        if followed > MAX_SYMLINKS {
+                            break Err(format!(
+                                "too many levels of symbolic links in its path (more than \
+                                 {MAX_SYMLINKS}, as Linux allows): a symlink loop"
+                            ));
+                        }
+                        if target.starts_with(b"/") {
+                            at.truncate(1);
+                        }
+                        pending.extend(target.split(|&b| b == b'/').rev().map(<[u8]>::to_vec));
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            if !create {
+                break Ok(None);
+            }
+            let child = self.push(BNode {
+                kind: BKind::Dir(BTreeMap::new()),
+                meta: IMPLICIT_DIR,
+                xattrs: Vec::new(),
+                layer,
+            });
+            self.dir_children(dir)
+                .expect("directory")
+                .insert(Box::from(&comp[..]), child);
+            at.push(child);
+        };
+        self.walk_scratch = at;
+        result
     }
 
     fn push(&mut self, node: BNode) -> usize {
@@ -739,8 +811,10 @@ impl Builder {
             root.layer = layer_no;
             return Ok(());
         }
-        let parent = self.make_parents(&entry.path, layer_no);
-        let (_, name) = split_parent(&entry.path);
+        let (parent_path, name) = split_parent(&entry.path);
+        let parent = self
+            .walk_dirs(parent_path, layer_no, true)?
+            .expect("a creating walk always ends in a directory");
         let existing = self
             .dir_children(parent)
             .expect("directory")
@@ -761,7 +835,16 @@ impl Builder {
                 BKind::Dir(BTreeMap::new())
             }
             Kind::Hardlink(target) => {
-                let (_, id) = self.find(&target).ok_or_else(|| {
+                // `link()` resolves the target's parents as the entry's are, not its last
+                // component: a link to a symlink is a second name of the symlink.
+                let (target_dir, target_name) = split_parent(&target);
+                let found = if target.is_empty() {
+                    Some(0)
+                } else {
+                    self.walk_dirs(target_dir, layer_no, false)?
+                        .and_then(|d| self.dir_children(d)?.get(target_name).copied())
+                };
+                let id = found.ok_or_else(|| {
                     format!(
                         "hardlink target {:?} does not exist",
                         String::from_utf8_lossy(&target)
@@ -788,9 +871,13 @@ impl Builder {
             Kind::Block(a, b) => BKind::Block(a, b),
             Kind::Fifo => BKind::Fifo,
         };
+        let mut meta = entry.meta;
+        if matches!(kind, BKind::Symlink(_)) {
+            meta.mode = SYMLINK_MODE;
+        }
         let id = self.push(BNode {
             kind,
-            meta: entry.meta,
+            meta,
             xattrs: entry.xattrs,
             layer: layer_no,
         });
@@ -1228,6 +1315,149 @@ mod tests {
     }
 
     #[test]
+    fn entry_through_same_layer_symlink_lands_where_it_points_clamped_to_the_root() {
+        // buildah's test image: `symldir1 -> ..` then `symldir1/etc/myfile`.
+        assert_tree(
+            &[&["l symldir1 ..", "f symldir1/etc/myfile"]],
+            ". d 0755 0:0 n3
+             etc d 0755 0:0 n2
+             etc/myfile f 1@1:1 0644 0:0 n1
+             symldir1 l .. 0777 0:0 n1",
+        );
+        assert_tree(
+            &[&[
+                "d sub",
+                "l sub/up ../../..",
+                "f sub/up/top",
+                "l abs /",
+                "f abs/x",
+            ]],
+            ". d 0755 0:0 n3
+             abs l / 0777 0:0 n1
+             sub d 0644 0:0 n2
+             sub/up l ../../.. 0777 0:0 n1
+             top f 1@1:2 0644 0:0 n1
+             x f 1@1:4 0644 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn symlink_chains_resolve_and_missing_targets_become_directories() {
+        assert_tree(
+            &[&[
+                "l a b",
+                "l b c/d",
+                "d c",
+                "f a/x",
+                "l dangling e/f",
+                "f dangling/y",
+            ]],
+            ". d 0755 0:0 n4
+             a l b 0777 0:0 n1
+             b l c/d 0777 0:0 n1
+             c d 0644 0:0 n3
+             c/d d 0755 0:0 n2
+             c/d/x f 1@1:3 0644 0:0 n1
+             dangling l e/f 0777 0:0 n1
+             e d 0755 0:0 n3
+             e/f d 0755 0:0 n2
+             e/f/y f 1@1:5 0644 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn same_layer_symlink_counts_only_from_where_the_tar_puts_it() {
+        // The entry comes first and makes a directory; the symlink then replaces it, as an
+        // extraction in tar order does. A directory over the symlink is a plain directory.
+        assert_tree(
+            &[&["f s/x", "l s /etc", "l t /etc", "d t", "f t/y"]],
+            ". d 0755 0:0 n3
+             s l /etc 0777 0:0 n1
+             t d 0644 0:0 n2
+             t/y f 1@1:4 0644 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn same_layer_symlink_to_a_file_is_replaced_like_any_file() {
+        // A chrooted extraction (and umoci) fails with ENOTDIR; flatfs applies rule 2 to the
+        // file it reaches, as for an entry under any file.
+        assert_tree(
+            &[&["f file", "l s file", "f s/x"]],
+            ". d 0755 0:0 n3
+             file d 0755 0:0 n2
+             file/x f 1@1:2 0644 0:0 n1
+             s l file 0777 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn lower_symlink_is_not_followed_even_from_a_same_layer_one() {
+        assert_tree(
+            &[&["d etc", "l lib /etc"], &["l l /lib/x", "f l/f"]],
+            ". d 0755 0:0 n4
+             etc d 0644 0:0 n2
+             l l /lib/x 0777 0:0 n1
+             lib d 0755 0:0 n3
+             lib/x d 0755 0:0 n2
+             lib/x/f f 1@2:1 0644 0:0 n1",
+        );
+    }
+
+    #[test]
+    fn hardlink_target_resolves_through_same_layer_symlinks_only() {
+        assert_tree(
+            &[&["f real/f", "l s real", "h link s/f"]],
+            ". d 0755 0:0 n3
+             link f 1@1:0 0644 0:0 n2
+             real d 0755 0:0 n2
+             real/f f 1@1:0 0644 0:0 n2 => link
+             s l real 0777 0:0 n1",
+        );
+        let err = merge(&[
+            layer(1, &["f real/f", "l s real"]),
+            layer(2, &["h link s/f"]),
+        ])
+        .expect_err("a lower symlink is not followed");
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn symlink_loop_is_an_error_naming_layer_and_entry() {
+        let deep = format!("f {}/f", ["a"; 41].join("/"));
+        for lines in [
+            &["l a b", "l b a", "f a/x"][..],
+            &["l a .", &deep],
+            &["f t", "l a b", "l b a", "h x a/t"],
+        ] {
+            let err = merge(&[layer(1, lines)]).expect_err("loop");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("layer 1") && msg.contains("symbolic links"),
+                "{msg}"
+            );
+        }
+        // 40 symlinks are still fine, as for Linux.
+        let path = ["a"; 40].join("/");
+        let ok = merge(&[layer(1, &["l a .", &format!("f {path}/f")])]).expect("40 links");
+        assert!(ok.resolve(b"f").is_some());
+    }
+
+    #[test]
+    fn whiteout_under_same_layer_symlink_changes_nothing() {
+        // Whiteouts go before the layer's entries, so its symlinks do not exist yet: the
+        // whiteout names `s/foo` literally (podman shows the same when the whiteout comes
+        // first in the tar; umoci follows the symlink, podman fails when it comes second).
+        assert_tree(
+            &[&["d etc", "f etc/foo"], &["l s /etc", "s/.wh.foo"]],
+            ". d 0755 0:0 n3
+             etc d 0644 0:0 n2
+             etc/foo f 1@1:1 0644 0:0 n1
+             s l /etc 0777 0:0 n1",
+        );
+    }
+
+    #[test]
     fn whiteout_under_lower_symlink_changes_nothing() {
         assert_tree(
             &[
@@ -1281,6 +1511,17 @@ mod tests {
              s l a 0777 0:0 n2
              t l a 0777 0:0 n2 => s",
         );
+    }
+
+    #[test]
+    fn symlink_mode_is_0777_whatever_the_header_says() {
+        let mut index = layer(1, &["f a", "l s a", "h t s"]);
+        index.entries[1].meta.mode = 0o4640;
+        let tree = merge(&[index]).expect("merge");
+        for name in ["s", "t"] {
+            let id = tree.resolve(name.as_bytes()).expect("link");
+            assert_eq!(tree.node(id).meta.mode, 0o777, "{name}");
+        }
     }
 
     #[test]

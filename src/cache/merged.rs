@@ -26,7 +26,7 @@ use crate::zran::Checkpoints;
 
 const MAGIC: &[u8; 8] = b"FLATFSMT";
 /// Bump when the encoding, the merge rules or the meaning of a field change.
-const VERSION: u32 = 2;
+const VERSION: u32 = 4;
 /// Encoded sizes of the arena's records.
 const NODE: usize = 64;
 const CHILD: usize = 16;

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use super::{Family, Image, Store, diff_ids, make_layer, read_config};
+use super::{Family, Image, Store, diff_ids, is_schema1, make_layer, parse_config};
 use crate::error::{Error, Result};
 
 #[derive(Deserialize)]
@@ -29,7 +29,25 @@ fn digest_from_name(name: &str) -> Option<String> {
 }
 
 pub(super) fn open(store: &Store, name: &str, reference: Option<&str>) -> Result<Image> {
-    let entries: Vec<Entry> = store.json(name, "manifest.json")?;
+    let entries: Vec<Entry> = match store.json(name, "manifest.json") {
+        Ok(entries) => entries,
+        // `skopeo copy … dir:DIR` of a schema-1 image: say what it is, not what JSON we wanted.
+        Err(e @ Error::Json { .. }) => {
+            let bytes = store
+                .need(name, "manifest.json")?
+                .read_all(super::MAX_JSON)
+                .map_err(|e| Error::io("manifest.json", e))?;
+            return Err(if is_schema1(&bytes) {
+                Error::Schema1 {
+                    image: name.to_string(),
+                    what: "manifest.json".to_string(),
+                }
+            } else {
+                e
+            });
+        }
+        Err(e) => return Err(e),
+    };
     let entry = match (reference, entries.len()) {
         (_, 0) => return Err(Error::invalid("manifest.json", "lists no image")),
         (None, 1) => &entries[0],
@@ -58,18 +76,24 @@ pub(super) fn open(store: &Store, name: &str, reference: Option<&str>) -> Result
             .ok_or_else(|| Error::invalid(name, format!("no image tagged {r}")))?,
     };
 
-    let config_digest = digest_from_name(&entry.config);
+    // The config's name is only a name: `docker load`, skopeo and podman read the file that
+    // manifest.json names and take the image ID from its content, and tools that edit a config
+    // in place (go-containerregistry's `mutate`) leave the old name on it.
     let config_blob = store.need(name, &entry.config)?;
-    let config = read_config(&config_blob, config_digest.as_deref(), &entry.config)?;
-    let config_digest = match config_digest {
-        Some(d) => d,
-        None => {
-            let bytes = config_blob
-                .read_all(super::MAX_JSON)
-                .map_err(|e| Error::io(&entry.config, e))?;
-            crate::blob::sha256_of(&bytes)
-        }
-    };
+    let bytes = config_blob
+        .read_all(super::MAX_JSON)
+        .map_err(|e| Error::io(&entry.config, e))?;
+    let config_digest = crate::blob::sha256_of(&bytes);
+    if let Some(named) = digest_from_name(&entry.config)
+        && named != config_digest
+    {
+        log::warn!(
+            "{name}: config {} is named for {named} but its content is {config_digest}; \
+             the image ID is the content's digest",
+            entry.config
+        );
+    }
+    let config = parse_config(&bytes, &entry.config)?;
     let ids = diff_ids(&config, &entry.config)?;
     if ids.len() != entry.layers.len() {
         return Err(Error::invalid(
@@ -100,6 +124,7 @@ pub(super) fn open(store: &Store, name: &str, reference: Option<&str>) -> Result
         config,
         layers,
         tags: entry.repo_tags.clone().unwrap_or_default(),
+        platform_from_index: false,
         _spool: None,
     })
 }

@@ -77,6 +77,9 @@ pub struct Image {
     pub layers: Vec<Layer>,
     /// Tags the image carried (`RepoTags`, or OCI ref names / `io.containerd.image.name`).
     pub tags: Vec<String>,
+    /// True when an index entry with a platform selected the manifest: that platform is the
+    /// image's, whatever the config says (containerd and skopeo select by the index too).
+    pub platform_from_index: bool,
     // Keeps a spooled stdin alive as long as the blobs that point into it.
     _spool: Option<tempfile::TempPath>,
 }
@@ -142,6 +145,42 @@ impl std::fmt::Display for Platform {
         }
         Ok(())
     }
+}
+
+/// The config's `os`, `architecture` and `variant` (empty when missing).
+fn config_platform(config: &serde_json::Value) -> (&str, &str, &str) {
+    let field = |k: &str| config.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    (field("os"), field("architecture"), field("variant"))
+}
+
+/// The config's platform as `os/arch[/variant]`.
+fn platform_text(config: &serde_json::Value) -> String {
+    match config_platform(config) {
+        (os, arch, "") => format!("{os}/{arch}"),
+        (os, arch, variant) => format!("{os}/{arch}/{variant}"),
+    }
+}
+
+/// Media types of Docker schema-1 manifests, unsigned and signed.
+/// See: <https://distribution.github.io/distribution/spec/deprecated-schema-v1/>
+pub(super) const SCHEMA1: [&str; 2] = [
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+];
+
+/// Whether a document is a schema-1 manifest, whatever its descriptor said: checked before
+/// parsing, so that the error names what it is rather than a field a schema-2 parser missed.
+pub(super) fn is_schema1(bytes: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Head {
+        schema_version: Option<serde_json::Value>,
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Head>(bytes).is_ok_and(|h| {
+        h.schema_version.and_then(|v| v.as_u64()) == Some(1)
+            || h.media_type.is_some_and(|m| SCHEMA1.contains(&m.as_str()))
+    })
 }
 
 /// Where the image's files live: a directory, or members of one tar file read in place.
@@ -307,21 +346,19 @@ pub fn open_with(
     // An index entry without a platform (or a docker archive) says nothing about its platform;
     // the config does. Check it only when the user asked for one: by default the only image
     // there is is the one wanted.
-    if let Some(want) = wanted {
-        let field = |k: &str| image.config.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    if let Some(want) = wanted
+        && !image.platform_from_index
+    {
+        let (os, arch, variant) = config_platform(&image.config);
         let variant_ok = want
             .variant
             .as_deref()
-            .is_none_or(|v| field("variant").is_empty() || field("variant") == v);
-        if field("os") != want.os || field("architecture") != want.arch || !variant_ok {
-            let mut have = format!("{}/{}", field("os"), field("architecture"));
-            if !field("variant").is_empty() {
-                have = format!("{have}/{}", field("variant"));
-            }
+            .is_none_or(|v| variant.is_empty() || variant == v);
+        if os != want.os || arch != want.arch || !variant_ok {
             return Err(Error::NoPlatform {
                 image: spec.to_string(),
                 wanted: want.to_string(),
-                available: have,
+                available: platform_text(&image.config),
             });
         }
     }
@@ -483,7 +520,12 @@ fn read_config(blob: &Blob, expected: Option<&str>, what: &str) -> Result<serde_
             });
         }
     }
-    let config: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+    parse_config(&bytes, what)
+}
+
+/// Parses config bytes whose digest is already settled.
+fn parse_config(bytes: &[u8], what: &str) -> Result<serde_json::Value> {
+    let config: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| Error::Json {
         what: what.to_string(),
         source: e,
     })?;

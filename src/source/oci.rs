@@ -4,7 +4,10 @@
 
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 
-use super::{Family, Image, Platform, Store, diff_ids, make_layer, read_config};
+use super::{
+    Family, Image, Platform, SCHEMA1, Store, config_platform, diff_ids, is_schema1, make_layer,
+    platform_text, read_config,
+};
 use crate::blob::sha256_of;
 use crate::error::{Error, Result};
 
@@ -67,6 +70,17 @@ pub(super) fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) ->
     })
 }
 
+/// Parses an index or manifest, refusing a schema-1 manifest by name.
+pub(super) fn parse_doc<T: serde::de::DeserializeOwned>(bytes: &[u8], image: &str, what: &str) -> Result<T> {
+    if is_schema1(bytes) {
+        return Err(Error::Schema1 {
+            image: image.to_string(),
+            what: what.to_string(),
+        });
+    }
+    parse(bytes, what)
+}
+
 pub(super) fn is_index(mt: &MediaType) -> bool {
     matches!(mt, MediaType::ImageIndex)
         || mt.to_string() == "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -124,6 +138,8 @@ pub(super) fn pick_manifest(
         return Err(Error::invalid(image, "image indexes nest too deeply"));
     }
     let mut seen = Vec::new();
+    // A schema-1 manifest for the platform: the error if nothing else matches.
+    let mut schema1: Option<Error> = None;
     for desc in &candidates {
         if is_attestation(desc) {
             continue;
@@ -134,6 +150,13 @@ pub(super) fn pick_manifest(
         }
         if is_manifest(desc.media_type()) {
             return Ok(desc.clone());
+        }
+        if SCHEMA1.contains(&desc.media_type().to_string().as_str()) {
+            schema1.get_or_insert(Error::Schema1 {
+                image: image.to_string(),
+                what: format!("manifest {}", desc.digest()),
+            });
+            continue;
         }
         if !is_index(desc.media_type()) {
             // Say why a matching entry was passed over, or the error blames the platform.
@@ -147,7 +170,7 @@ pub(super) fn pick_manifest(
         }
         let what = format!("index {}", desc.digest());
         let bytes = read_checked(store, image, desc, &what)?;
-        let index: ImageIndex = parse(&bytes, &what)?;
+        let index: ImageIndex = parse_doc(&bytes, image, &what)?;
         match pick_manifest(store, image, index.manifests().clone(), platform, depth + 1) {
             Ok(d) => return Ok(d),
             // On offer are the nested index's platforms, not its descriptor's "unspecified".
@@ -157,8 +180,14 @@ pub(super) fn pick_manifest(
                     seen.extend(available.split(", ").map(str::to_string));
                 }
             }
+            Err(e @ Error::Schema1 { .. }) => {
+                schema1.get_or_insert(e);
+            }
             Err(e) => return Err(e),
         }
+    }
+    if let Some(e) = schema1 {
+        return Err(e);
     }
     seen.sort();
     seen.dedup();
@@ -189,7 +218,7 @@ pub(super) fn open(
     let bytes = index_blob
         .read_all(super::MAX_JSON)
         .map_err(|e| Error::io("index.json", e))?;
-    let index: ImageIndex = parse(&bytes, "index.json")?;
+    let index: ImageIndex = parse_doc(&bytes, name, "index.json")?;
 
     let annotation = |d: &Descriptor, key: &str| -> Option<String> {
         d.annotations().as_ref().and_then(|a| a.get(key)).cloned()
@@ -236,12 +265,30 @@ pub(super) fn open(
     let desc = pick_manifest(store, name, top, platform, 0)?;
     let what = format!("manifest {}", desc.digest());
     let bytes = read_checked(store, name, &desc, &what)?;
-    let manifest: ImageManifest = parse(&bytes, &what)?;
+    let manifest: ImageManifest = parse_doc(&bytes, name, &what)?;
 
     let config_desc = manifest.config();
     let config_path = blob_path(config_desc);
     let config_blob = store.need(name, &config_path)?;
     let config = read_config(&config_blob, Some(config_desc.digest().as_ref()), "config")?;
+    let platform_from_index = desc.platform().is_some();
+    if platform_from_index {
+        let (os, arch, variant) = config_platform(&config);
+        let p = desc.platform().as_ref().expect("checked above");
+        let index_variant = p.variant().as_deref().unwrap_or("");
+        if os != p.os().to_string()
+            || arch != p.architecture().to_string()
+            || !(variant.is_empty() || index_variant.is_empty() || variant == index_variant)
+        {
+            log::warn!(
+                "{name}: the index lists manifest {} as {} but its config says {}; going by \
+                 the index, as containerd and skopeo do",
+                desc.digest(),
+                platform_string(&desc),
+                platform_text(&config)
+            );
+        }
+    }
     let ids = diff_ids(&config, "config")?;
     if ids.len() != manifest.layers().len() {
         return Err(Error::invalid(
@@ -290,6 +337,7 @@ pub(super) fn open(
         config,
         layers,
         tags,
+        platform_from_index,
         _spool: None,
     })
 }

@@ -73,7 +73,7 @@ pub(super) fn open(
         m.bytes
     };
     let what = format!("manifest {}", desc.digest());
-    let manifest: ImageManifest = oci::parse(&manifest_bytes, &what)?;
+    let manifest: ImageManifest = oci::parse_doc(&manifest_bytes, spec, &what)?;
     for (i, layer) in manifest.layers().iter().enumerate() {
         oci::check_layer_media_type(layer, i + 1)?;
     }
@@ -126,7 +126,7 @@ fn fetch_nested_indexes(
     if depth > MAX_NESTING {
         return Err(client.error(format!("{repo}: image indexes nest too deeply")));
     }
-    let index: ImageIndex = oci::parse(bytes, &format!("index {}", desc.digest()))?;
+    let index: ImageIndex = oci::parse_doc(bytes, repo, &format!("index {}", desc.digest()))?;
     for child in index.manifests() {
         if !oci::is_index(child.media_type()) {
             continue;

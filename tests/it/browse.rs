@@ -172,6 +172,27 @@ fn ls_lists_like_ls_and_tar() {
 }
 
 #[test]
+fn ls_long_shows_symlinks_as_lrwxrwxrwx_whatever_the_header_says() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layers = vec![layer([file("a", "A"), symlink("s", "a").mode(0o644)])];
+    let img = tmp.path().join("img");
+    write_oci_layout(&layers, &default_config(&layers), &img, Some("latest"));
+    let out = flatfs()
+        .env("FLATFS_CACHE_DIR", tmp.path().join("cache"))
+        .args(["ls", "-l"])
+        .arg(&img)
+        .output()
+        .expect("run flatfs");
+    assert_success(&out);
+    let text = String::from_utf8(out.stdout).expect("utf-8 output");
+    let long = text
+        .lines()
+        .find(|l| l.ends_with(" s -> a"))
+        .unwrap_or_else(|| panic!("no line for s:\n{text}"));
+    assert!(long.starts_with("lrwxrwxrwx "), "{long:?}");
+}
+
+#[test]
 fn cat_prints_files_and_follows_symlinks_inside_the_image() {
     let e = env();
     assert_eq!(

@@ -327,6 +327,53 @@ fn input_classic_docker_archive() {
 }
 
 #[test]
+fn input_docker_archive_whose_config_name_is_not_its_digest() {
+    // go-containerregistry's `mutate` edits a config in place and keeps its old name;
+    // `docker load`, skopeo and podman read the file manifest.json names.
+    let f = Fixture::new();
+    let mut files = tar_files(&std::fs::read(f.docker()).expect("read archive"));
+    let name = files
+        .keys()
+        .find(|k| k.ends_with(".json") && k.len() == 69)
+        .expect("config member")
+        .clone();
+    let mut config = json_of(&files[&name], "config");
+    config["config"]["Env"] = json!(["EDITED=in place"]);
+    let edited = serde_json::to_vec(&config).expect("json");
+    let content_digest = digest_of(&edited);
+    files.insert(name.clone(), edited);
+    let entries: Vec<Entry> = files.iter().map(|(p, d)| file(p, d)).collect();
+    let image = f.path("edited.tar");
+    std::fs::write(&image, tar_of(&entries, false)).expect("write archive");
+
+    let out = f.path("flat.tar");
+    let res = run_flatfs([
+        OsStr::new("export"),
+        image.as_os_str(),
+        OsStr::new("-o"),
+        out.as_os_str(),
+        OsStr::new("--format"),
+        OsStr::new("docker-archive"),
+    ]);
+    assert_success(&res);
+    let stderr = stderr_of(&res);
+    let named = format!("sha256:{}", name.trim_end_matches(".json"));
+    assert!(
+        stderr.contains(&named) && stderr.contains(&content_digest),
+        "the warning names both digests:\n{stderr}"
+    );
+    let flat = read_docker(&output_files(&out));
+    assert_eq!(flat.config["config"]["Env"], json!(["EDITED=in place"]));
+    let history = flat.config["history"].as_array().expect("history");
+    let last = history.last().expect("flatfs entry")["created_by"].to_string();
+    assert!(
+        last.contains(&content_digest),
+        "image ID is the content's: {last}"
+    );
+    check_layer_tree(&flat);
+}
+
+#[test]
 fn input_docker25_archive() {
     let f = Fixture::new();
     assert_listing(&rootfs_listing(f.docker25()), SAMPLE);
@@ -975,6 +1022,67 @@ fn attestation_manifest_is_never_picked() {
 }
 
 #[test]
+fn index_platform_wins_over_a_config_that_disagrees() {
+    // The index says darwin/amd64 for an image whose config says linux/amd64: containerd
+    // and skopeo select by the index entry, and so does flatfs, with a warning.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("mislabelled");
+    let mut oci = OciLayout::new();
+    let darwin = {
+        let layers = vec![layer([file("arch", "darwin-in-index")])];
+        let mut config = default_config(&layers);
+        config["os"] = json!("linux");
+        config["architecture"] = json!("amd64");
+        let (desc, _) = oci.add_image(&layers, &config);
+        with_platform(desc, "darwin", "amd64", None)
+    };
+    let darwin_digest = darwin["digest"].as_str().expect("digest").to_string();
+    oci.add_index_entry(darwin);
+    let linux = platform_image(&mut oci, "amd64", None);
+    oci.add_index_entry(linux);
+    oci.write_dir(&dir);
+
+    let out = tmp.path().join("rootfs.tar");
+    let res = run_flatfs([
+        OsStr::new("export"),
+        dir.as_os_str(),
+        OsStr::new("-o"),
+        out.as_os_str(),
+        OsStr::new("--format"),
+        OsStr::new("rootfs"),
+        OsStr::new("--platform"),
+        OsStr::new("darwin/amd64"),
+    ]);
+    assert_success(&res);
+    let listing = tar_listing(&std::fs::read(&out).expect("read rootfs"));
+    assert_eq!(picked(&listing), "darwin-in-index");
+    let stderr = stderr_of(&res);
+    assert!(
+        stderr.contains(&darwin_digest)
+            && stderr.contains("darwin/amd64")
+            && stderr.contains("linux/amd64"),
+        "the warning names the manifest and both platforms:\n{stderr}"
+    );
+    // The entry whose index and config agree is still the one linux/amd64 selects.
+    let listing = tar_listing(&export_rootfs(&dir, &["--platform", "linux/amd64"]));
+    assert_eq!(picked(&listing), "amd64");
+}
+
+#[test]
+fn config_platform_is_checked_when_the_index_entry_has_none() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("single");
+    let layers = vec![layer([file("arch", "arm64")])];
+    let mut config = default_config(&layers);
+    config["architecture"] = json!("arm64");
+    write_oci_layout(&layers, &config, &dir, Some(OCI_REF));
+    let listing = tar_listing(&export_rootfs(&dir, &["--platform", "linux/arm64"]));
+    assert_eq!(picked(&listing), "arm64");
+    let stderr = export_fails(&dir, &["--format", "rootfs", "--platform", "linux/s390x"]);
+    assert!(stderr.contains("linux/arm64"), "{stderr}");
+}
+
+#[test]
 fn platform_missing_from_index_is_an_error() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("multi");
@@ -987,6 +1095,150 @@ fn platform_missing_from_index_is_an_error() {
 }
 
 // --- Errors --------------------------------------------------------------------------------
+
+/// A schema-1 manifest as registries served them before 2017: `fsLayers` and v1 history,
+/// no config.
+fn schema1_manifest(oci: &mut OciLayout, media_type: Option<&str>) -> Vec<u8> {
+    let layer_desc = oci.add_blob(MT_LAYER_GZIP, b"not read".to_vec());
+    let mut m = json!({
+        "schemaVersion": 1,
+        "name": "library/old",
+        "tag": "latest",
+        "architecture": "amd64",
+        "fsLayers": [{"blobSum": layer_desc["digest"]}],
+        "history": [{"v1Compatibility": "{\"id\":\"0\"}"}],
+    });
+    if let Some(mt) = media_type {
+        m["mediaType"] = json!(mt);
+    }
+    serde_json::to_vec(&m).expect("json")
+}
+
+#[track_caller]
+fn assert_schema1_error(stderr: &str, names: &str) {
+    assert!(
+        stderr.contains("schema-1") && stderr.contains("skopeo copy") && stderr.contains(names),
+        "the error says it is a schema-1 image, how to convert it, and names {names}:\n{stderr}"
+    );
+    assert!(!stderr.contains("no manifest for platform"), "{stderr}");
+}
+
+#[test]
+fn schema1_manifest_is_refused_by_name_with_how_to_convert_it() {
+    const V1_JSON: &str = "application/vnd.docker.distribution.manifest.v1+json";
+    const V1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The index entry says schema 1 (with and without a platform), or only the manifest
+    // itself does, under a schema-2 media type, with or without its own mediaType field.
+    let cases = [
+        (V1_SIGNED, Some(V1_SIGNED), false),
+        (V1_JSON, None, true),
+        (MT_OCI_MANIFEST, None, false),
+        (MT_DOCKER_MANIFEST, Some(V1_JSON), false),
+    ];
+    for (i, (entry_type, doc_type, platform)) in cases.into_iter().enumerate() {
+        let mut oci = OciLayout::new();
+        let bytes = schema1_manifest(&mut oci, doc_type);
+        let mut desc = oci.add_blob(entry_type, bytes);
+        if platform {
+            desc = with_platform(desc, "linux", host_arch(), None);
+        }
+        let digest = desc["digest"].as_str().expect("digest").to_string();
+        oci.add_index_entry(desc);
+        let dir = tmp.path().join(format!("case{i}"));
+        oci.write_dir(&dir);
+        let stderr = export_fails(&dir, &["--format", "rootfs"]);
+        assert_schema1_error(&stderr, &digest);
+    }
+
+    // Nested: an index whose only entry for the host is schema 1.
+    let mut oci = OciLayout::new();
+    let bytes = schema1_manifest(&mut oci, Some(V1_SIGNED));
+    let desc = with_platform(oci.add_blob(V1_SIGNED, bytes), "linux", host_arch(), None);
+    let digest = desc["digest"].as_str().expect("digest").to_string();
+    let index = oci.add_index(vec![desc]);
+    oci.add_index_entry(index);
+    let dir = tmp.path().join("nested");
+    oci.write_dir(&dir);
+    assert_schema1_error(&export_fails(&dir, &["--format", "rootfs"]), &digest);
+
+    // A schema-1 entry does not hide a schema-2 image for the same platform.
+    let mut oci = OciLayout::new();
+    let bytes = schema1_manifest(&mut oci, None);
+    let desc = oci.add_blob(V1_JSON, bytes);
+    oci.add_index_entry(desc);
+    let image = platform_image(&mut oci, host_arch(), None);
+    oci.add_index_entry(image);
+    let dir = tmp.path().join("both");
+    oci.write_dir(&dir);
+    assert_eq!(picked(&rootfs_listing(&dir)), host_arch());
+
+    // index.json that is itself a schema-1 manifest.
+    let mut oci = OciLayout::new();
+    let bytes = schema1_manifest(&mut oci, None);
+    let dir = tmp.path().join("as-index");
+    oci.write_dir(&dir);
+    std::fs::write(dir.join("index.json"), bytes).expect("write index.json");
+    assert_schema1_error(&export_fails(&dir, &["--format", "rootfs"]), "index.json");
+}
+
+#[test]
+fn schema1_skopeo_dir_is_refused_and_skopeo_converts_it_as_the_error_says() {
+    // `skopeo copy docker://… dir:DIR` of a schema-1 image: manifest.json is the manifest.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("dir");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let blob = layer([file("hello.txt", "hello\n")]).blob(Compression::Gzip);
+    let hex = blob.digest.trim_start_matches("sha256:");
+    std::fs::write(dir.join(hex), &blob.bytes).expect("write layer");
+    let v1 = json!({"id": "a".repeat(64), "os": "linux", "architecture": "amd64",
+                    "created": "2017-01-01T00:00:00Z", "config": {"Cmd": ["/bin/sh"]}});
+    let manifest = json!({
+        "schemaVersion": 1,
+        "name": "library/old",
+        "tag": "latest",
+        "architecture": "amd64",
+        "fsLayers": [{"blobSum": blob.digest}],
+        "history": [{"v1Compatibility": v1.to_string()}],
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).expect("write manifest");
+    std::fs::write(dir.join("version"), "Directory Transport Version: 1.1\n").expect("write");
+    assert_schema1_error(
+        &export_fails(&dir, &["--format", "rootfs"]),
+        "manifest.json",
+    );
+
+    let have_skopeo = std::process::Command::new("skopeo")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_skopeo {
+        let msg = "schema1 conversion check needs skopeo";
+        assert!(
+            std::env::var("FLATFS_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "{msg} (FLATFS_REQUIRE_TOOLS=1)"
+        );
+        eprintln!("SKIPPED: {msg}");
+        return;
+    }
+    let converted = tmp.path().join("converted");
+    let out = std::process::Command::new("skopeo")
+        .arg("copy")
+        .arg(format!("dir:{}", dir.display()))
+        .arg(format!("oci:{}:latest", converted.display()))
+        .output()
+        .expect("run skopeo");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = rootfs_listing(&converted);
+    assert!(
+        listing.contains("hello.txt f 0644 0 0 6 \"hello\\x0a\""),
+        "{listing}"
+    );
+}
 
 #[test]
 fn layer_digest_mismatch_is_an_error_naming_the_layer() {

@@ -972,9 +972,14 @@ fn symlinks_then_entries_through_them(outside: &Path) -> Vec<Layer> {
             file("lib2/shadow", "evil"),
             file("out/planted", "evil"),
             file("up/planted", "evil"),
-            // A symlink and an entry through it in the same layer.
+            // Symlinks and entries through them in the same layer: resolved as a chrooted
+            // extraction would, so clamped to the root.
             symlink("same", "/etc"),
-            file("same/group", "evil"),
+            file("same/group", "in-etc"),
+            symlink("same-up", "../../.."),
+            file("same-up/top", "at-the-root"),
+            symlink("same-out", &outside),
+            file("same-out/planted", "under-the-root"),
         ]),
     ]
 }
@@ -985,13 +990,23 @@ fn entry_through_a_lower_symlink_never_lands_in_its_target() {
     let outside = tmp.path().join("outside");
     let layers = symlinks_then_entries_through_them(&outside);
     let listing = listing_of(layers);
-    // Each symlink became a directory (0755 root, mtime 0) holding the upper entry; etc/ is
-    // as the lower layer left it.
+    // Each lower symlink became a directory (0755 root, mtime 0) holding the upper entry;
+    // etc/ is as the lower layer left it but for what the upper layer put there through its
+    // own symlink, and the upper layer's symlinks led inside the root.
+    let under_root = outside.strip_prefix("/").expect("absolute tempdir");
+    let mut implicit = String::new();
+    let mut dir = std::path::PathBuf::new();
+    for c in under_root.components() {
+        dir.push(c);
+        implicit.push_str(&format!("{} d 0755 0 0 - - - 0 -\n", dir.display()));
+    }
     assert_listing(
         &listing,
-        r#"
+        &format!(
+            r#"
         .            d 0755 0 0 - -            - 0    -
         etc          d 0755 0 0 - -            - 1000 -
+        etc/group    f 0644 0 0 6 "in-etc"     - 1000 -
         etc/passwd   f 0644 0 0 10 "root:x:0:0" - 1000 -
         lib          d 0755 0 0 - -            - 0    -
         lib/passwd   f 0644 0 0 4 "evil"       - 1000 -
@@ -999,11 +1014,19 @@ fn entry_through_a_lower_symlink_never_lands_in_its_target() {
         lib2/shadow  f 0644 0 0 4 "evil"       - 1000 -
         out          d 0755 0 0 - -            - 0    -
         out/planted  f 0644 0 0 4 "evil"       - 1000 -
-        same         d 0755 0 0 - -            - 0    -
-        same/group   f 0644 0 0 4 "evil"       - 1000 -
+        same         l 0777 0 0 4 ->/etc       - 1000 -
+        same-out     l 0777 0 0 {len} ->{outside} - 1000 -
+        same-up      l 0777 0 0 8 ->../../..   - 1000 -
+        top          f 0644 0 0 11 "at-the-root" - 1000 -
         up           d 0755 0 0 - -            - 0    -
         up/planted   f 0644 0 0 4 "evil"       - 1000 -
+        {implicit}
+        {planted} f 0644 0 0 14 "under-the-root" - 1000 -
         "#,
+            len = outside.as_os_str().len(),
+            outside = outside.display(),
+            planted = under_root.join("planted").display(),
+        ),
     );
 }
 
@@ -1716,9 +1739,10 @@ fn leftovers(dir: &Path) -> Vec<String> {
 }
 
 fn signal_during_export(signal: i32, name: &str) {
-    // Big enough that the export is still writing when the signal comes, in either profile.
+    // Big enough that the export is still writing when the signal comes, in either profile,
+    // also on a loaded machine (8 MiB was seen to finish between two 2 ms polls).
     let size: u64 = if cfg!(debug_assertions) {
-        8 << 20
+        64 << 20
     } else {
         512 << 20
     };

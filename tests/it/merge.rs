@@ -554,6 +554,72 @@ fn entry_under_lower_symlink_makes_it_a_directory() {
     );
 }
 
+/// One layer with symlinks and entries through them: buildah's `symldir1 -> ..`, a chain,
+/// a relative climb past the root, a dangling target, and a hardlink target through one.
+pub fn same_layer_symlinks() -> Layer {
+    layer([
+        symlink("symldir1", ".."),
+        file("symldir1/etc/myfile", "hello"),
+        symlink("a", "b"),
+        symlink("b", "/c/d"),
+        file("a/x", "X"),
+        dir("sub"),
+        symlink("sub/up", "../.."),
+        file("sub/up/top", "T"),
+        symlink("s", "missing/dir"),
+        file("s/y", "Y"),
+        file("real/f", "R"),
+        symlink("r", "real"),
+        hardlink("link", "r/f"),
+    ])
+}
+
+#[test]
+fn entry_under_same_layer_symlink_lands_where_a_chrooted_extraction_puts_it() {
+    // Written from `umoci unpack` of this layer (podman, overlay driver, agrees on the
+    // buildah case): the symlinks stay, and what goes through them lands at their targets,
+    // inside the root.
+    assert_listing(
+        &listing_of(vec![same_layer_symlinks()]),
+        r#"
+        .              d 0755 0 0 - -           - 0    -
+        a              l 0777 0 0 1 ->b         - 1000 -
+        b              l 0777 0 0 4 ->/c/d      - 1000 -
+        c              d 0755 0 0 - -           - 0    -
+        c/d            d 0755 0 0 - -           - 0    -
+        c/d/x          f 0644 0 0 1 "X"         - 1000 -
+        etc            d 0755 0 0 - -           - 0    -
+        etc/myfile     f 0644 0 0 5 "hello"     - 1000 -
+        link           f 0644 0 0 1 "R"         - 1000 -
+        missing        d 0755 0 0 - -           - 0    -
+        missing/dir    d 0755 0 0 - -           - 0    -
+        missing/dir/y  f 0644 0 0 1 "Y"         - 1000 -
+        r              l 0777 0 0 4 ->real      - 1000 -
+        real           d 0755 0 0 - -           - 0    -
+        real/f         f 0644 0 0 1 "R"         - 1000 =>link
+        s              l 0777 0 0 11 ->missing/dir - 1000 -
+        sub            d 0755 0 0 - -           - 1000 -
+        sub/up         l 0777 0 0 5 ->../..     - 1000 -
+        symldir1       l 0777 0 0 2 ->..        - 1000 -
+        top            f 0644 0 0 1 "T"         - 1000 -
+        "#,
+    );
+}
+
+#[test]
+fn symlink_loop_in_a_layer_is_an_error_naming_layer_and_entry() {
+    let (stderr, written) = export_error(vec![layer([
+        symlink("a", "b"),
+        symlink("b", "a"),
+        file("a/x", "X"),
+    ])]);
+    assert_names_layer(&stderr, &written, 0);
+    assert!(
+        stderr.contains("\"a/x\"") && stderr.contains("symbolic links"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn entry_under_lower_file_makes_it_a_directory() {
     let l1 = layer([file("x", "f").mode(0o600).uid(9)]);
@@ -805,6 +871,25 @@ fn absolute_and_dot_slash_paths_are_the_same_path() {
         e    d 0755 0 0 - -   - 1000 -
         e/y  f 0644 0 0 1 "4" - 1000 -
         rel  f 0644 0 0 1 "6" - 1000 -
+        "#,
+    );
+}
+
+#[test]
+fn symlink_mode_is_exported_as_0777_as_the_kernel_shows_it() {
+    // Writers put the umask's 0644 (or anything) in a symlink's header; Linux ignores it.
+    let l1 = layer([
+        file("a", "A"),
+        symlink("s", "a").mode(0o644),
+        symlink("t", "/a").mode(0o4700),
+    ]);
+    assert_listing(
+        &listing_of(vec![l1]),
+        r#"
+        .  d 0755 0 0 - -      - 0    -
+        a  f 0644 0 0 1 "A"    - 1000 -
+        s  l 0777 0 0 1 ->a    - 1000 -
+        t  l 0777 0 0 2 ->/a   - 1000 -
         "#,
     );
 }

@@ -617,6 +617,29 @@ fn mount_serves_symlinks_devices_and_fifos() {
 }
 
 #[test]
+fn mount_shows_symlinks_as_0777_whatever_the_header_says() {
+    require_fuse!("mount_shows_symlinks_as_0777_whatever_the_header_says");
+    let layers = [layer([
+        file("a", "A"),
+        symlink("s", "a").mode(0o644),
+        dir("d"),
+        symlink("d/t", "../a").mode(0o600),
+    ])];
+    let m = Mounted::new();
+    m.mount(&oci_image(&m, &layers), &[]);
+    // lstat goes through lookup, the listing through readdirplus: check both.
+    for name in ["s", "d/t"] {
+        let meta = fs::symlink_metadata(m.path(name)).expect("lstat");
+        assert!(meta.file_type().is_symlink(), "{name}");
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o777, "{name}");
+    }
+    for entry in fs::read_dir(m.path("d")).expect("readdir") {
+        let meta = entry.expect("entry").metadata().expect("lstat");
+        assert_eq!(meta.permissions().mode(), 0o120777);
+    }
+}
+
+#[test]
 fn mount_returns_xattrs_byte_exact() {
     require_fuse!("mount_returns_xattrs_byte_exact");
     let m = Mounted::new();

@@ -270,3 +270,40 @@ fn debian_image_exports_match_umoci_in_every_format() {
     }
     check_image("debian");
 }
+
+/// The layer of `merge::same_layer_symlinks`, unpacked by umoci, against flatfs's rootfs:
+/// within one layer, entries go through the symlinks it made earlier, as umoci puts them.
+#[test]
+fn same_layer_symlinks_resolve_as_umoci_unpacks_them() {
+    let Some(tools) = prerequisites() else { return };
+    let work = tempfile::tempdir().expect("tempdir");
+    let layers = vec![crate::merge::same_layer_symlinks()];
+    let layout = work.path().join("layout");
+    crate::util::write_oci_layout(
+        &layers,
+        &crate::util::default_config(&layers),
+        &layout,
+        Some("latest"),
+    );
+    let rootfs = work.path().join("rootfs.tar");
+    flatfs(&[
+        "export",
+        layout.to_str().expect("utf-8 path"),
+        "-o",
+        rootfs.to_str().expect("utf-8 path"),
+        "--format",
+        "rootfs",
+    ]);
+    // The root's metadata is umoci's own (a bundle directory), not the layer's.
+    let without_root = |l: String| -> String {
+        l.lines()
+            .filter(|l| !l.starts_with(".\t"))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    assert_same(
+        "same-layer symlinks",
+        &without_root(tar_manifest(&tools, &rootfs)),
+        &without_root(umoci_listing(&tools, &layout, work.path())),
+    );
+}
