@@ -16,7 +16,7 @@ use ureq::{Body, SendBody};
 
 use super::Options;
 use super::auth::{self, Challenge, Credentials};
-use super::store::BlobStore;
+use super::store::{BlobStore, BlobWriter};
 use crate::error::{Error, Result};
 
 /// What a manifest GET asks for: every manifest and index type flatfs reads.
@@ -208,7 +208,7 @@ impl Client {
 
     /// Downloads blob `digest` of `repo` into `store` unless it is there already; every byte
     /// is hashed on the way in, and only a blob with the right digest and size enters the
-    /// store. A dropped connection resumes with a `Range` request where it stopped.
+    /// store.
     pub fn fetch_blob(
         &self,
         repo: &str,
@@ -223,10 +223,46 @@ impl Client {
                 .path(digest)
                 .ok_or_else(|| self.error(format!("bad digest {digest}")));
         }
-        let what = format!("GET blob {repo}@{digest}");
         let mut w = store
             .writer(digest)
             .map_err(|e| Error::io(store.root().display(), e))?;
+        let done = std::cell::Cell::new(0);
+        self.fetch_into(repo, digest, size, &mut w, &|written| {
+            progress(written - done.get().min(written));
+            done.set(written);
+        })?;
+        self.commit(w, repo, digest, store)
+    }
+
+    /// Checks a downloaded blob's digest and moves it into the store.
+    pub fn commit(
+        &self,
+        w: BlobWriter,
+        repo: &str,
+        digest: &str,
+        store: &BlobStore,
+    ) -> Result<PathBuf> {
+        w.commit().map_err(|e| {
+            if e.kind() == io::ErrorKind::InvalidData {
+                self.error(format!("GET blob {repo}@{digest}: {e}"))
+            } else {
+                Error::io(store.root().display(), e)
+            }
+        })
+    }
+
+    /// Streams blob `digest` (`size` bytes) of `repo` into `w`, telling `written` how many
+    /// bytes are in so far. A dropped connection resumes with a `Range` request where it
+    /// stopped; bytes once written are never rewritten (a reader may have them already).
+    pub fn fetch_into(
+        &self,
+        repo: &str,
+        digest: &str,
+        size: u64,
+        w: &mut BlobWriter,
+        written: &dyn Fn(u64),
+    ) -> Result<()> {
+        let what = format!("GET blob {repo}@{digest}");
         let scopes = [pull_scope(repo)];
         let mut buf = vec![0u8; 256 * 1024];
         let mut resumes = 0;
@@ -245,13 +281,11 @@ impl Client {
                 what: &what,
                 attempts: ATTEMPTS,
             })?;
-            match resp.status().as_u16() {
-                200 if from > 0 => {
-                    // The server ignored the range: start over.
-                    w.restart().map_err(|e| Error::io(&what, e))?;
-                }
-                200 => {}
-                206 if content_range_start(&resp) == Some(from) => {}
+            // Bytes of the answer that are already in the file (a server that ignores Range
+            // sends the blob from the start again).
+            let mut skip = match resp.status().as_u16() {
+                200 => from,
+                206 if content_range_start(&resp) == Some(from) => 0,
                 206 => {
                     return Err(self.error(format!(
                         "{what}: asked for bytes {from}- and got {:?}",
@@ -259,7 +293,7 @@ impl Client {
                     )));
                 }
                 s => return Err(self.status_error(&what, s, resp)),
-            }
+            };
             let mut body = resp.into_body().into_reader();
             let dropped = loop {
                 let n = match body.read(&mut buf) {
@@ -268,16 +302,18 @@ impl Client {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => break Some(e),
                 };
-                if w.written() + n as u64 > size {
+                let fresh = &buf[(skip.min(n as u64) as usize)..n];
+                skip -= skip.min(n as u64);
+                if w.written() + fresh.len() as u64 > size {
                     return Err(self.error(format!(
                         "{what}: the registry sends more than the {size} bytes the descriptor says"
                     )));
                 }
-                w.write_all(&buf[..n]).map_err(|e| Error::io(&what, e))?;
-                progress(n as u64);
+                w.write_all(fresh).map_err(|e| Error::io(&what, e))?;
+                written(w.written());
             };
             if w.written() == size {
-                break;
+                return Ok(());
             }
             resumes += 1;
             let why = dropped.map_or("connection closed early".to_string(), |e| e.to_string());
@@ -293,13 +329,6 @@ impl Client {
                 w.written()
             );
         }
-        w.commit().map_err(|e| {
-            if e.kind() == io::ErrorKind::InvalidData {
-                self.error(format!("{what}: {e}"))
-            } else {
-                Error::io(store.root().display(), e)
-            }
-        })
     }
 
     /// True when the registry has blob `digest` in `repo` (HEAD).

@@ -218,14 +218,15 @@ impl BlobWriter {
         self.written
     }
 
-    /// Forgets everything written, for a download that must start over.
-    pub fn restart(&mut self) -> io::Result<()> {
-        self.tmp.as_file().set_len(0)?;
-        use std::io::Seek;
-        self.tmp.as_file_mut().seek(io::SeekFrom::Start(0))?;
-        self.hasher = Sha256::new();
-        self.written = 0;
-        Ok(())
+    /// Sizes the file to the blob's size up front (sparse), so that a reader opening it
+    /// while it downloads sees the final length.
+    pub fn preallocate(&mut self, size: u64) -> io::Result<()> {
+        self.tmp.as_file().set_len(size)
+    }
+
+    /// Where the blob is being written (a temp file beside its final place, same file system).
+    pub fn temp_path(&self) -> &Path {
+        self.tmp.path()
     }
 
     /// Checks the digest and moves the blob into place; returns its path. On a mismatch the

@@ -71,7 +71,11 @@ pub(super) fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) ->
 }
 
 /// Parses an index or manifest, refusing a schema-1 manifest by name.
-pub(super) fn parse_doc<T: serde::de::DeserializeOwned>(bytes: &[u8], image: &str, what: &str) -> Result<T> {
+pub(super) fn parse_doc<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    image: &str,
+    what: &str,
+) -> Result<T> {
     if is_schema1(bytes) {
         return Err(Error::Schema1 {
             image: image.to_string(),

@@ -3,14 +3,17 @@
 //! against its digest, then opens them as an OCI layout, so the rest of flatfs reads a pulled
 //! image exactly like a local one.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
 
 use super::{Image, Platform, Store, oci};
+use crate::blob::Arrival;
 use crate::error::{Error, Result};
 use crate::reference::{DEFAULT_TAG, Reference};
+use crate::registry::store::BlobWriter;
 use crate::registry::{BlobStore, Client, Options, store};
 
 /// How deep nested indexes may go before we call it a loop (as for local layouts).
@@ -25,7 +28,7 @@ pub(super) fn open(
     platform: &Platform,
     opts: &Options,
 ) -> Result<Image> {
-    let client = Client::connect(reference.domain(), opts)?;
+    let client = Arc::new(Client::connect(reference.domain(), opts)?);
     let repo = reference.path();
     let wanted = reference
         .digest()
@@ -33,12 +36,14 @@ pub(super) fn open(
         .unwrap_or(DEFAULT_TAG);
     // Without a cache, blobs go to a temp store that is gone (unlinked) once the image's files
     // are open: the open files keep the bytes as long as the image lives.
-    let temp_store;
+    let mut temp_store = None;
     let blobs = match &opts.cache_dir {
         Some(dir) => BlobStore::in_cache(dir),
         None => {
-            temp_store = tempfile::tempdir().map_err(|e| Error::io("temp blob store", e))?;
-            BlobStore::in_cache(temp_store.path())
+            let dir = tempfile::tempdir().map_err(|e| Error::io("temp blob store", e))?;
+            let store = BlobStore::in_cache(dir.path());
+            temp_store = Some(dir);
+            store
         }
     };
     let put = |digest: &str, bytes: &[u8]| {
@@ -57,12 +62,38 @@ pub(super) fn open(
         top.media_type
     );
     let top_desc = descriptor(&top.media_type, &top.digest, top.bytes.len() as u64)?;
-    fetch_nested_indexes(&client, repo, &top_desc, &top.bytes, &blobs, &put, 0)?;
+    let mut documents = vec![top.digest.clone()];
+    fetch_nested_indexes(
+        &client,
+        repo,
+        &top_desc,
+        &top.bytes,
+        &blobs,
+        0,
+        &mut documents,
+    )?;
 
-    // A layout of one index entry whose blobs are the store: the OCI source then picks the
-    // platform, checks digests and media types, and finds the blobs, as for a local image.
-    let layout = tempfile::tempdir().map_err(|e| Error::io("temp layout", e))?;
-    write_layout(layout.path(), &top_desc, &blobs)?;
+    // A layout of one index entry whose blobs are hard links to the store's (or to blobs
+    // still downloading): the OCI source then picks the platform, checks digests and media
+    // types and opens the blobs, as for a local image. Inside the store, so links work.
+    std::fs::create_dir_all(blobs.root()).map_err(|e| Error::io(blobs.root().display(), e))?;
+    let layout = tempfile::Builder::new()
+        .prefix(".layout-")
+        .tempdir_in(blobs.root())
+        .map_err(|e| Error::io(blobs.root().display(), e))?;
+    write_layout(layout.path(), &top_desc)?;
+    let link = |digest: &str, from: &Path| -> Result<()> {
+        let to = layout_path(layout.path(), digest)?;
+        std::fs::hard_link(from, &to).map_err(|e| Error::io(to.display(), e))
+    };
+    let stored = |digest: &str| {
+        blobs
+            .path(digest)
+            .ok_or_else(|| client.error(format!("unsupported digest {digest:?}")))
+    };
+    for d in &documents {
+        link(d, &stored(d)?)?;
+    }
     let store = Store::Dir(layout.path().to_path_buf());
     let desc = oci::pick_manifest(&store, spec, vec![top_desc.clone()], platform, 0)?;
     let manifest_bytes = if desc.digest() == top_desc.digest() {
@@ -70,6 +101,7 @@ pub(super) fn open(
     } else {
         let m = client.manifest(repo, desc.digest().as_ref())?;
         put(&m.digest, &m.bytes)?;
+        link(&m.digest, &stored(&m.digest)?)?;
         m.bytes
     };
     let what = format!("manifest {}", desc.digest());
@@ -77,19 +109,74 @@ pub(super) fn open(
     for (i, layer) in manifest.layers().iter().enumerate() {
         oci::check_layer_media_type(layer, i + 1)?;
     }
+    let config = manifest.config();
+    let config_digest = config.digest().to_string();
+    let path = client.fetch_blob(repo, &config_digest, config.size(), &blobs, &|_| {})?;
+    link(&config_digest, &path)?;
 
-    let mut wanted_blobs: Vec<&Descriptor> = vec![manifest.config()];
-    wanted_blobs.extend(manifest.layers());
-    fetch_blobs(&client, repo, &wanted_blobs, &blobs)?;
+    // Layers: those in the store are linked; the others start downloading now, and the
+    // image opens on their growing files, so indexing reads each layer as it arrives
+    // (download | hash | inflate | index in one pass).
+    let mut jobs = Vec::new();
+    let mut arriving: HashMap<String, Arc<Arrival>> = HashMap::new();
+    for layer in manifest.layers() {
+        let digest = layer.digest().to_string();
+        if arriving.contains_key(&digest) {
+            continue;
+        }
+        if blobs.has(&digest, layer.size()) {
+            if !layout_path(layout.path(), &digest)?.exists() {
+                link(&digest, &stored(&digest)?)?;
+            }
+            continue;
+        }
+        let mut w = blobs
+            .writer(&digest)
+            .map_err(|e| Error::io(blobs.root().display(), e))?;
+        w.preallocate(layer.size())
+            .map_err(|e| Error::io(w.temp_path().display(), e))?;
+        link(&digest, w.temp_path())?;
+        let arrival = Arc::new(Arrival::default());
+        arriving.insert(digest.clone(), arrival.clone());
+        jobs.push((digest, layer.size(), w, arrival));
+    }
+    let total: u64 = jobs.iter().map(|j| j.1).sum();
+    if !jobs.is_empty() {
+        log::info!(
+            "{}: downloading {} layers ({total} bytes) while indexing",
+            client.host(),
+            jobs.len()
+        );
+    }
+    // A temp store lives until both this function and the downloads are done with it.
+    let temp_store = Arc::new(temp_store);
+    download(
+        client.clone(),
+        repo,
+        jobs,
+        blobs.clone(),
+        temp_store.clone(),
+    );
+    // Compression is sniffed from a layer's first bytes when it is opened.
+    for a in arriving.values() {
+        a.wait(4).map_err(|e| client.error(e))?;
+    }
 
     let mut image = oci::open(&store, spec, None, platform)?;
+    for layer in &mut image.layers {
+        if let Some(a) = layer.digest.as_ref().and_then(|d| arriving.get(d)) {
+            layer.blob = layer.blob.clone().arriving(a.clone());
+        }
+    }
     image.tags = vec![reference.familiar()];
     if opts.cache_dir.is_some() {
-        let mut keep: Vec<String> = wanted_blobs
+        let mut keep: Vec<String> = manifest
+            .layers()
             .iter()
             .map(|d| d.digest().to_string())
             .collect();
-        keep.push(top_desc.digest().to_string());
+        keep.push(config_digest);
+        keep.extend(documents);
         keep.push(desc.digest().to_string());
         match blobs.evict(&keep, store::max_size()) {
             Ok(0) => {}
@@ -98,6 +185,64 @@ pub(super) fn open(
         }
     }
     Ok(image)
+}
+
+/// A layer download: digest, size, where it goes, who waits for it.
+type Job = (String, u64, BlobWriter, Arc<Arrival>);
+
+/// Downloads `jobs` on a few threads of their own, in order, and returns at once: readers
+/// of the layers wait on each [`Arrival`]. The last byte of a blob is only announced once
+/// its digest is checked and it is in the store, so no reader ever finishes a layer whose
+/// blob is wrong; a failure is handed to the readers as the error. `keep` (a temp store)
+/// lives until the downloads end.
+fn download(
+    client: Arc<Client>,
+    repo: &str,
+    jobs: Vec<Job>,
+    blobs: BlobStore,
+    keep: Arc<Option<tempfile::TempDir>>,
+) {
+    if jobs.is_empty() {
+        return;
+    }
+    let threads = PARALLEL.min(jobs.len());
+    let queue = Arc::new(Mutex::new(jobs.into_iter().collect::<VecDeque<Job>>()));
+    for _ in 0..threads {
+        let (client, queue, blobs, keep, repo) = (
+            client.clone(),
+            queue.clone(),
+            blobs.clone(),
+            keep.clone(),
+            repo.to_string(),
+        );
+        std::thread::spawn(move || {
+            let _keep = keep;
+            loop {
+                let job = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                let Some((digest, size, mut w, arrival)) = job else {
+                    break;
+                };
+                let r = client
+                    .fetch_into(&repo, &digest, size, &mut w, &|n| {
+                        arrival.advance(n.min(size.saturating_sub(1)));
+                    })
+                    .and_then(|()| client.commit(w, &repo, &digest, &blobs));
+                arrival.finish(r.map(drop).map_err(|e| e.to_string()));
+            }
+        });
+    }
+}
+
+/// `blobs/sha256/HEX` of the layout, for a digest that names no other path.
+fn layout_path(layout: &Path, digest: &str) -> Result<PathBuf> {
+    match digest.strip_prefix("sha256:") {
+        Some(hex)
+            if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+        {
+            Ok(layout.join("blobs/sha256").join(hex))
+        }
+        _ => Err(Error::invalid(digest, "unsupported digest")),
+    }
 }
 
 /// A descriptor for a document fetched by reference.
@@ -117,8 +262,8 @@ fn fetch_nested_indexes(
     desc: &Descriptor,
     bytes: &[u8],
     blobs: &BlobStore,
-    put: &dyn Fn(&str, &[u8]) -> Result<()>,
     depth: usize,
+    documents: &mut Vec<String>,
 ) -> Result<()> {
     if !oci::is_index(desc.media_type()) {
         return Ok(());
@@ -137,69 +282,23 @@ fn fetch_nested_indexes(
             std::fs::read(&path).map_err(|e| Error::io(path.display(), e))?
         } else {
             let m = client.manifest(repo, &digest)?;
-            put(&m.digest, &m.bytes)?;
+            blobs
+                .put_bytes(&m.digest, &m.bytes)
+                .map_err(|e| Error::io(blobs.root().display(), e))?;
             m.bytes
         };
-        fetch_nested_indexes(client, repo, child, &m, blobs, put, depth + 1)?;
+        documents.push(digest);
+        fetch_nested_indexes(client, repo, child, &m, blobs, depth + 1, documents)?;
     }
     Ok(())
 }
 
-/// `oci-layout`, an `index.json` naming `top`, and `blobs` pointing at the store.
-fn write_layout(dir: &std::path::Path, top: &Descriptor, blobs: &BlobStore) -> Result<()> {
+/// `oci-layout`, an `index.json` naming `top`, and an empty `blobs/sha256`.
+fn write_layout(dir: &Path, top: &Descriptor) -> Result<()> {
     let io = |e| Error::io(dir.display(), e);
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io)?;
     let index = serde_json::json!({"schemaVersion": 2, "manifests": [top]});
     std::fs::write(dir.join("index.json"), index.to_string()).map_err(io)?;
-    std::fs::create_dir_all(blobs.root()).map_err(|e| Error::io(blobs.root().display(), e))?;
-    std::os::unix::fs::symlink(blobs.root(), dir.join("blobs")).map_err(io)?;
-    Ok(())
-}
-
-/// Downloads the blobs missing from the store, a few at a time; the first error (in
-/// descriptor order) is the one reported.
-fn fetch_blobs(
-    client: &Client,
-    repo: &str,
-    descs: &[&Descriptor],
-    blobs: &BlobStore,
-) -> Result<()> {
-    let total: u64 = descs.iter().map(|d| d.size()).sum();
-    let fetched = std::sync::atomic::AtomicU64::new(0);
-    let progress = |n: u64| {
-        fetched.fetch_add(n, Ordering::Relaxed);
-    };
-    let next = AtomicUsize::new(0);
-    let errors: Mutex<Vec<(usize, Error)>> = Mutex::new(Vec::new());
-    let started = std::time::Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..PARALLEL.min(descs.len()) {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(d) = descs.get(i) else { break };
-                    let digest = d.digest().to_string();
-                    if let Err(e) = client.fetch_blob(repo, &digest, d.size(), blobs, &progress) {
-                        errors
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push((i, e));
-                        next.store(descs.len(), Ordering::Relaxed);
-                    }
-                }
-            });
-        }
-    });
-    let mut errors = errors.into_inner().unwrap_or_else(|e| e.into_inner());
-    errors.sort_by_key(|(i, _)| *i);
-    if let Some((_, e)) = errors.into_iter().next() {
-        return Err(e);
-    }
-    log::info!(
-        "{}: {} blobs ({total} bytes) in the store in {:.2?}",
-        client.host(),
-        descs.len(),
-        started.elapsed()
-    );
+    std::fs::create_dir_all(dir.join("blobs/sha256")).map_err(io)?;
     Ok(())
 }
