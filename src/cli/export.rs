@@ -38,8 +38,15 @@ pub struct ExportArgs {
     #[arg(long, value_name = "NAME[:TAG]", value_parser = parse_tag)]
     tag: Option<Reference>,
     /// Platform to pick from a multi-platform image [default: this host's].
-    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    #[arg(
+        long,
+        value_name = "OS/ARCH[/VARIANT]",
+        conflicts_with = "all_platforms"
+    )]
     platform: Option<Platform>,
+    /// Flatten every platform of an index and write (oci, oci-archive) or push a new index.
+    #[arg(long)]
+    all_platforms: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -66,6 +73,7 @@ pub fn run(args: ExportArgs, ui: &Ui) -> Result<()> {
         compression,
         tag,
         platform,
+        all_platforms,
     } = args;
     export::catch_interrupts();
     // `-o docker://…`: export to an OCI layout in a temp dir, then push that.
@@ -77,6 +85,31 @@ pub fn run(args: ExportArgs, ui: &Ui) -> Result<()> {
         ),
         None => None,
     };
+    if all_platforms {
+        use super::export_all::{AllPlatforms, Dest};
+        let dest = match (&target, format) {
+            (Some(t), None | Some(FormatArg::Oci)) => Dest::Push(t),
+            (None, Some(FormatArg::Oci)) => Dest::Layout(Path::new(&output)),
+            (None, None | Some(FormatArg::OciArchive)) if output != "-" => {
+                Dest::Archive(Path::new(&output))
+            }
+            _ => anyhow::bail!(
+                "--all-platforms writes an index: -o DIR --format oci, -o FILE (oci-archive) or \
+                 -o docker://…"
+            ),
+        };
+        let job = AllPlatforms {
+            image: &image,
+            compression: compression.map(|c| match c {
+                CompressionArg::Gzip => OutCompression::Gzip,
+                CompressionArg::Zstd => OutCompression::Zstd,
+                CompressionArg::None => OutCompression::None,
+            }),
+            tag: target.as_ref().or(tag.as_ref()),
+            source_date_epoch: source_date_epoch()?,
+        };
+        return super::export_all::run(&job, dest, ui);
+    }
     let push_dir = match &target {
         Some(_) if format.is_some_and(|f| !matches!(f, FormatArg::Oci)) => {
             anyhow::bail!("-o docker://… pushes an image: --format must be oci or left out")

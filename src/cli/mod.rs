@@ -5,6 +5,7 @@ mod cache;
 mod cat;
 mod diff;
 mod export;
+mod export_all;
 mod inspect;
 mod ls;
 mod misc;

@@ -434,6 +434,40 @@ fn open_any(
     open_store(store, spec, reference.as_deref(), platform)
 }
 
+/// The platforms the image `spec` offers, for `export --all-platforms`: every image manifest
+/// of its index (nested indexes walked, attestations left out). Empty for a single image.
+pub fn platforms(spec: &str, registry: &crate::registry::Options) -> Result<Vec<Platform>> {
+    if let Some(name) = spec.strip_prefix("docker://") {
+        let reference: crate::reference::Reference = name
+            .parse()
+            .map_err(|e: crate::reference::ReferenceError| Error::invalid(spec, e.reason))?;
+        return registry::platforms(&reference, spec, registry);
+    }
+    let rest = spec
+        .strip_prefix("oci:")
+        .or_else(|| spec.strip_prefix("oci-archive:"));
+    let (path, reference) = match rest {
+        Some(rest) => match rest.split_once(':') {
+            Some((p, r)) if !r.is_empty() => (PathBuf::from(p), Some(r.to_string())),
+            _ => (PathBuf::from(rest.trim_end_matches(':')), None),
+        },
+        None if spec == "-" => {
+            return Err(Error::invalid(spec, "stdin can be read only once"));
+        }
+        None => split_reference(spec),
+    };
+    let meta = std::fs::metadata(&path).map_err(|e| Error::io(path.display(), e))?;
+    let store = if meta.is_dir() {
+        Store::Dir(path)
+    } else {
+        Store::open_tar(&path, spec)?
+    };
+    if store.has("manifest.json") || !store.has("index.json") {
+        return Ok(Vec::new());
+    }
+    oci::platforms(&store, spec, reference.as_deref())
+}
+
 /// Splits `DIR:REF` when the whole string is not itself an existing path.
 fn split_reference(spec: &str) -> (PathBuf, Option<String>) {
     if !Path::new(spec).exists()

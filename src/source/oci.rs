@@ -395,3 +395,66 @@ pub(super) fn check_layer_media_type(desc: &Descriptor, number: usize) -> Result
         media_type: mt,
     })
 }
+
+/// The platforms an image offers (`DIR:REF` picks the image), nested indexes walked,
+/// attestations left out; empty for a single image whose index entry names no platform.
+pub(super) fn platforms(
+    store: &Store,
+    name: &str,
+    reference: Option<&str>,
+) -> Result<Vec<Platform>> {
+    let bytes = store
+        .need(name, "index.json")?
+        .read_all(super::MAX_JSON)
+        .map_err(|e| Error::io("index.json", e))?;
+    let index: ImageIndex = parse_doc(&bytes, name, "index.json")?;
+    let named = |d: &Descriptor| {
+        let a = d.annotations().as_ref();
+        reference.is_none_or(|r| {
+            a.and_then(|a| a.get(REF_NAME)).map(String::as_str) == Some(r)
+                || a.and_then(|a| a.get(CONTAINERD_NAME)).map(String::as_str) == Some(r)
+        })
+    };
+    let mut out = Vec::new();
+    let top: Vec<Descriptor> = index
+        .manifests()
+        .iter()
+        .filter(|d| named(d))
+        .cloned()
+        .collect();
+    collect_platforms(store, name, &top, 0, &mut out)?;
+    Ok(out)
+}
+
+fn collect_platforms(
+    store: &Store,
+    image: &str,
+    descs: &[Descriptor],
+    depth: usize,
+    out: &mut Vec<Platform>,
+) -> Result<()> {
+    if depth > MAX_NESTING {
+        return Err(Error::invalid(image, "image indexes nest too deeply"));
+    }
+    for desc in descs {
+        if is_attestation(desc) {
+            continue;
+        }
+        if is_index(desc.media_type()) {
+            let what = format!("index {}", desc.digest());
+            let bytes = read_checked(store, image, desc, &what)?;
+            let index: ImageIndex = parse_doc(&bytes, image, &what)?;
+            collect_platforms(store, image, index.manifests(), depth + 1, out)?;
+        } else if let (true, Some(p)) = (is_manifest(desc.media_type()), desc.platform()) {
+            let platform = Platform {
+                os: p.os().to_string(),
+                arch: p.architecture().to_string(),
+                variant: p.variant().clone(),
+            };
+            if !out.contains(&platform) {
+                out.push(platform);
+            }
+        }
+    }
+    Ok(())
+}

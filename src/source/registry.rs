@@ -28,60 +28,22 @@ pub(super) fn open(
     platform: &Platform,
     opts: &Options,
 ) -> Result<Image> {
-    let client = Arc::new(Client::connect(reference.domain(), opts)?);
+    let Top {
+        client,
+        blobs,
+        temp_store,
+        top,
+        top_desc,
+        documents,
+        layout,
+    } = open_top(reference, opts)?;
     let repo = reference.path();
-    let wanted = reference
-        .digest()
-        .or(reference.tag())
-        .unwrap_or(DEFAULT_TAG);
-    // Without a cache, blobs go to a temp store that is gone (unlinked) once the image's files
-    // are open: the open files keep the bytes as long as the image lives.
-    let mut temp_store = None;
-    let blobs = match &opts.cache_dir {
-        Some(dir) => BlobStore::in_cache(dir),
-        None => {
-            let dir = tempfile::tempdir().map_err(|e| Error::io("temp blob store", e))?;
-            let store = BlobStore::in_cache(dir.path());
-            temp_store = Some(dir);
-            store
-        }
-    };
     let put = |digest: &str, bytes: &[u8]| {
         blobs
             .put_bytes(digest, bytes)
             .map(drop)
             .map_err(|e| Error::io(blobs.root().display(), e))
     };
-
-    let top = client.manifest(repo, wanted)?;
-    put(&top.digest, &top.bytes)?;
-    log::info!(
-        "{}: {repo}:{wanted} is {} ({})",
-        client.host(),
-        top.digest,
-        top.media_type
-    );
-    let top_desc = descriptor(&top.media_type, &top.digest, top.bytes.len() as u64)?;
-    let mut documents = vec![top.digest.clone()];
-    fetch_nested_indexes(
-        &client,
-        repo,
-        &top_desc,
-        &top.bytes,
-        &blobs,
-        0,
-        &mut documents,
-    )?;
-
-    // A layout of one index entry whose blobs are hard links to the store's (or to blobs
-    // still downloading): the OCI source then picks the platform, checks digests and media
-    // types and opens the blobs, as for a local image. Inside the store, so links work.
-    std::fs::create_dir_all(blobs.root()).map_err(|e| Error::io(blobs.root().display(), e))?;
-    let layout = tempfile::Builder::new()
-        .prefix(".layout-")
-        .tempdir_in(blobs.root())
-        .map_err(|e| Error::io(blobs.root().display(), e))?;
-    write_layout(layout.path(), &top_desc)?;
     let link = |digest: &str, from: &Path| -> Result<()> {
         let to = layout_path(layout.path(), digest)?;
         std::fs::hard_link(from, &to).map_err(|e| Error::io(to.display(), e))
@@ -91,9 +53,6 @@ pub(super) fn open(
             .path(digest)
             .ok_or_else(|| client.error(format!("unsupported digest {digest:?}")))
     };
-    for d in &documents {
-        link(d, &stored(d)?)?;
-    }
     let store = Store::Dir(layout.path().to_path_buf());
     let desc = oci::pick_manifest(&store, spec, vec![top_desc.clone()], platform, 0)?;
     let manifest_bytes = if desc.digest() == top_desc.digest() {
@@ -243,6 +202,99 @@ fn layout_path(layout: &Path, digest: &str) -> Result<PathBuf> {
         }
         _ => Err(Error::invalid(digest, "unsupported digest")),
     }
+}
+
+/// The platforms `reference` offers (empty for a single image without a platform).
+pub(super) fn platforms(
+    reference: &Reference,
+    spec: &str,
+    opts: &Options,
+) -> Result<Vec<Platform>> {
+    let top = open_top(reference, opts)?;
+    oci::platforms(&Store::Dir(top.layout.path().to_path_buf()), spec, None)
+}
+
+/// What every pull starts with: the connection, the store, the top document and its nested
+/// indexes in the store, and a layout naming it with those documents linked in.
+struct Top {
+    client: Arc<Client>,
+    blobs: BlobStore,
+    /// The temp store under `--no-cache`.
+    temp_store: Option<tempfile::TempDir>,
+    top: crate::registry::client::Manifest,
+    top_desc: Descriptor,
+    /// Digests of the top document and its nested indexes.
+    documents: Vec<String>,
+    /// Inside the store (a temp store's removal takes it along; removing it twice is harmless).
+    layout: tempfile::TempDir,
+}
+
+fn open_top(reference: &Reference, opts: &Options) -> Result<Top> {
+    let client = Arc::new(Client::connect(reference.domain(), opts)?);
+    let repo = reference.path();
+    let wanted = reference
+        .digest()
+        .or(reference.tag())
+        .unwrap_or(DEFAULT_TAG);
+    // Without a cache, blobs go to a temp store that is gone (unlinked) once the image's files
+    // are open: the open files keep the bytes as long as the image lives.
+    let mut temp_store = None;
+    let blobs = match &opts.cache_dir {
+        Some(dir) => BlobStore::in_cache(dir),
+        None => {
+            let dir = tempfile::tempdir().map_err(|e| Error::io("temp blob store", e))?;
+            let store = BlobStore::in_cache(dir.path());
+            temp_store = Some(dir);
+            store
+        }
+    };
+    let top = client.manifest(repo, wanted)?;
+    blobs
+        .put_bytes(&top.digest, &top.bytes)
+        .map_err(|e| Error::io(blobs.root().display(), e))?;
+    log::info!(
+        "{}: {repo}:{wanted} is {} ({})",
+        client.host(),
+        top.digest,
+        top.media_type
+    );
+    let top_desc = descriptor(&top.media_type, &top.digest, top.bytes.len() as u64)?;
+    let mut documents = vec![top.digest.clone()];
+    fetch_nested_indexes(
+        &client,
+        repo,
+        &top_desc,
+        &top.bytes,
+        &blobs,
+        0,
+        &mut documents,
+    )?;
+
+    // A layout of one index entry whose blobs are hard links to the store's (or to blobs
+    // still downloading): the OCI source then picks the platform, checks digests and media
+    // types and opens the blobs, as for a local image. Inside the store, so links work.
+    std::fs::create_dir_all(blobs.root()).map_err(|e| Error::io(blobs.root().display(), e))?;
+    let layout = tempfile::Builder::new()
+        .prefix(".layout-")
+        .tempdir_in(blobs.root())
+        .map_err(|e| Error::io(blobs.root().display(), e))?;
+    write_layout(layout.path(), &top_desc)?;
+    for d in &documents {
+        let from = blobs
+            .path(d)
+            .ok_or_else(|| client.error(format!("unsupported digest {d:?}")))?;
+        let to = layout_path(layout.path(), d)?;
+        std::fs::hard_link(&from, &to).map_err(|e| Error::io(to.display(), e))?;
+    }
+    Ok(Top {
+        client,
+        blobs,
+        temp_store,
+        top,
+        top_desc,
+        documents,
+        layout,
+    })
 }
 
 /// A descriptor for a document fetched by reference.

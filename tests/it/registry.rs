@@ -176,13 +176,9 @@ fn registry_every_command_matches_the_file() {
     assert!(!ls.contains("blob"), "{ls}");
 }
 
-#[test]
-fn registry_index_gives_the_wanted_platform_and_nested_indexes_resolve() {
-    if !registry_tools(&[]) {
-        return;
-    }
-    let reg = Registry::start();
-    let tmp = tempfile::tempdir().unwrap();
+/// Pushes `repo:tag`, an index of two images, `which` saying `amd64` or `arm64`, arm64
+/// behind a nested index, amd64 with Docker media types.
+fn push_multi(reg: &Registry, at: &Path, repo: &str, tag: &str) {
     // Two platforms, arm64 behind a nested index; Docker media types for one of them.
     // skopeo does not push nested indexes: the blobs and documents go in by hand.
     let mut oci = OciLayout::new();
@@ -204,7 +200,7 @@ fn registry_index_gives_the_wanted_platform_and_nested_indexes_resolve() {
         with_platform(amd_desc.clone(), "linux", "amd64", None),
         nested.clone(),
     ]);
-    let layout = tmp.path().join("multi");
+    let layout = at.join("multi");
     oci.write_dir(&layout);
     let blob_dir = layout.join("blobs/sha256");
     let bytes_of = |desc: &Value| {
@@ -216,7 +212,7 @@ fn registry_index_gives_the_wanted_platform_and_nested_indexes_resolve() {
         .enumerate()
         .map(|(i, d)| {
             let reference = if i == 3 {
-                "1".to_string()
+                tag.to_string()
             } else {
                 d["digest"].as_str().unwrap().to_string()
             };
@@ -240,7 +236,17 @@ fn registry_index_gives_the_wanted_platform_and_nested_indexes_resolve() {
         })
         .map(|e| std::fs::read(e.path()).unwrap())
         .collect();
-    reg.put_raw("multi", &blobs, &docs);
+    reg.put_raw(repo, &blobs, &docs);
+}
+
+#[test]
+fn registry_index_gives_the_wanted_platform_and_nested_indexes_resolve() {
+    if !registry_tools(&[]) {
+        return;
+    }
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    push_multi(&reg, tmp.path(), "multi", "1");
 
     let r = Runner::new(tmp.path());
     let remote = reg.url("multi:1");
@@ -965,4 +971,100 @@ fn registry_bearer_tokens_scopes_refresh_and_redirects_keep_credentials_home() {
                 && s.path.contains("scope=repository:team/app:pull")),
         "a push from another repository asks for both scopes (for the mount): {tokens:#?}"
     );
+}
+
+#[test]
+fn registry_all_platforms_export_writes_and_pushes_an_index_of_flattened_images() {
+    if !registry_tools(&[]) {
+        return;
+    }
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    push_multi(&reg, tmp.path(), "multi", "1");
+    let r = Runner::new(tmp.path());
+    let src = reg.url("multi:1");
+    let archive = tmp.path().join("flat.oci.tar");
+    let layout = tmp.path().join("flat-layout");
+    let outs = [
+        reg.url("multi:flat"),
+        archive.to_str().unwrap().to_string(),
+        layout.to_str().unwrap().to_string(),
+    ];
+    r.ok(&[
+        "export",
+        "--all-platforms",
+        &src,
+        "-o",
+        &outs[0],
+        "--tls-verify=false",
+    ]);
+    r.ok(&[
+        "export",
+        "--all-platforms",
+        &src,
+        "-o",
+        &outs[1],
+        "--tls-verify=false",
+    ]);
+    r.ok(&[
+        "export",
+        "--all-platforms",
+        &src,
+        "-o",
+        &outs[2],
+        "--format",
+        "oci",
+        "--tls-verify=false",
+    ]);
+    for out in &outs {
+        for arch in ["amd64", "arm64"] {
+            let platform = format!("linux/{arch}");
+            let got = r.ok(&[
+                "cat",
+                out,
+                "which",
+                "--platform",
+                &platform,
+                "--tls-verify=false",
+            ]);
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                format!("{arch}\n"),
+                "{out} {arch}"
+            );
+            let info: Value = serde_json::from_slice(&r.ok(&[
+                "inspect",
+                "--json",
+                out,
+                "--platform",
+                &platform,
+                "--tls-verify=false",
+            ]))
+            .unwrap();
+            assert_eq!(info["platform"], platform.as_str(), "{out}");
+        }
+    }
+    // skopeo reads the pushed index and both images.
+    let copy = tmp.path().join("copy");
+    let out = std::process::Command::new("skopeo")
+        .args(["copy", "-q", "--all", "--src-tls-verify=false"])
+        .arg(&outs[0])
+        .arg(format!("oci:{}:latest", copy.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A single image is not an index.
+    let img = image(tmp.path());
+    let err = r.fails(&[
+        "export",
+        "--all-platforms",
+        img.to_str().unwrap(),
+        "-o",
+        "x.tar",
+    ]);
+    assert!(err.contains("not an index"), "{err}");
 }
