@@ -229,10 +229,9 @@ impl BlobWriter {
         self.tmp.path()
     }
 
-    /// Checks the digest and moves the blob into place; returns its path. On a mismatch the
-    /// temp file is removed and the error says what arrived.
-    pub fn commit(self) -> io::Result<PathBuf> {
-        let found = crate::blob::digest_string(self.hasher);
+    /// Checks that what was written hashes to the digest; the error says what arrived.
+    pub fn check(&self) -> io::Result<()> {
+        let found = crate::blob::digest_string(self.hasher.clone());
         if found != self.digest {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -242,6 +241,14 @@ impl BlobWriter {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Checks the digest and moves the blob into place (flushed to disk first, so a crash
+    /// never leaves a torn file under a digest's name); returns its path. On a mismatch the
+    /// temp file is removed.
+    pub fn commit(self) -> io::Result<PathBuf> {
+        self.check()?;
         self.tmp.as_file().sync_data()?;
         self.tmp.persist(&self.path).map_err(|e| e.error)?;
         Ok(self.path)

@@ -185,8 +185,17 @@ fn download(
                     .fetch_into(&repo, &digest, size, &mut w, &|n| {
                         arrival.advance(n.min(size.saturating_sub(1)));
                     })
-                    .and_then(|()| client.commit(w, &repo, &digest, &blobs));
-                arrival.finish(r.map(drop).map_err(|e| e.to_string()));
+                    .and_then(|()| {
+                        w.check()
+                            .map_err(|e| client.error(format!("GET blob {repo}@{digest}: {e}")))
+                    });
+                // Readers go on once the bytes are known good; flushing and renaming into the
+                // store happens behind them.
+                let ok = r.is_ok();
+                arrival.finish(r.map_err(|e| e.to_string()));
+                if ok && let Err(e) = client.commit(w, &repo, &digest, &blobs) {
+                    log::warn!("cannot keep {digest} in the blob store: {e}");
+                }
             }
         });
     }
