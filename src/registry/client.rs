@@ -370,85 +370,131 @@ impl Client {
             return Ok(Pushed::Present);
         }
         let what = format!("upload blob {repo}@{digest}");
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.upload(repo, digest, path, size, mount_from, &scopes, &what) {
+                Ok(p) => return Ok(p),
+                // Lost at the POST (auth, a registry that refuses): trying again changes nothing.
+                Err((false, e)) => return Err(e),
+                Err((true, e)) => {
+                    // The answer may be what got lost, not the blob.
+                    if self.has_blob(repo, digest, &scopes).unwrap_or(false) {
+                        return Ok(Pushed::Uploaded);
+                    }
+                    if tries >= 3 {
+                        return Err(e);
+                    }
+                    log::warn!("{e}; starting the upload again");
+                }
+            }
+        }
+    }
+
+    /// One upload session: POST (or mount), then the bytes. An error says whether a new
+    /// session might do better (`true` once the session exists).
+    #[allow(clippy::too_many_arguments)]
+    fn upload(
+        &self,
+        repo: &str,
+        digest: &str,
+        path: &Path,
+        size: u64,
+        mount_from: Option<&str>,
+        scopes: &[String],
+        what: &str,
+    ) -> std::result::Result<Pushed, (bool, Error)> {
+        let fatal = |e| (false, e);
+        let again = |e| (true, e);
         let mut url = format!("{}/v2/{repo}/blobs/uploads/", self.base);
         if let Some(from) = mount_from.filter(|f| *f != repo) {
             url = format!("{url}?mount={digest}&from={from}");
         }
-        let resp = self.send(&Req {
-            method: "POST",
-            url,
-            scopes: &scopes,
-            headers: vec![("content-length", "0".to_string())],
-            body: Payload::Empty,
-            what: &what,
-            attempts: ATTEMPTS,
-        })?;
+        let resp = self
+            .send(&Req {
+                method: "POST",
+                url,
+                scopes,
+                headers: vec![("content-length", "0".to_string())],
+                body: Payload::Empty,
+                what,
+                attempts: ATTEMPTS,
+            })
+            .map_err(fatal)?;
         let location = match resp.status().as_u16() {
             201 => return Ok(Pushed::Mounted),
-            202 => self.location(&resp, &what)?,
-            s => return Err(self.status_error(&what, s, resp)),
+            202 => self.location(&resp, what).map_err(fatal)?,
+            s => return Err(fatal(self.status_error(what, s, resp))),
         };
         let put_url = format!("{location}{}digest={digest}", query_sep(&location));
-        let resp = self.send(&Req {
-            method: "PUT",
-            url: put_url,
-            scopes: &scopes,
-            headers: vec![
-                ("content-type", "application/octet-stream".to_string()),
-                ("content-length", size.to_string()),
-            ],
-            body: Payload::File(path, size),
-            what: &what,
-            attempts: ATTEMPTS,
-        })?;
+        let resp = self
+            .send(&Req {
+                method: "PUT",
+                url: put_url,
+                scopes,
+                headers: vec![
+                    ("content-type", "application/octet-stream".to_string()),
+                    ("content-length", size.to_string()),
+                ],
+                body: Payload::File(path, size),
+                what,
+                attempts: ATTEMPTS,
+            })
+            .map_err(again)?;
         match resp.status().as_u16() {
             201 => return Ok(Pushed::Uploaded),
             // Monolithic PUT refused: the chunked form, in one chunk.
             400 | 405 | 416 => log::info!("{what}: monolithic upload refused, trying PATCH"),
-            s => return Err(self.status_error(&what, s, resp)),
+            s => return Err(again(self.status_error(what, s, resp))),
         }
-        let resp = self.send(&Req {
-            method: "POST",
-            url: format!("{}/v2/{repo}/blobs/uploads/", self.base),
-            scopes: &scopes,
-            headers: vec![("content-length", "0".to_string())],
-            body: Payload::Empty,
-            what: &what,
-            attempts: ATTEMPTS,
-        })?;
+        let resp = self
+            .send(&Req {
+                method: "POST",
+                url: format!("{}/v2/{repo}/blobs/uploads/", self.base),
+                scopes,
+                headers: vec![("content-length", "0".to_string())],
+                body: Payload::Empty,
+                what,
+                attempts: ATTEMPTS,
+            })
+            .map_err(again)?;
         let location = match resp.status().as_u16() {
-            202 => self.location(&resp, &what)?,
-            s => return Err(self.status_error(&what, s, resp)),
+            202 => self.location(&resp, what).map_err(again)?,
+            s => return Err(again(self.status_error(what, s, resp))),
         };
-        let resp = self.send(&Req {
-            method: "PATCH",
-            url: location,
-            scopes: &scopes,
-            headers: vec![
-                ("content-type", "application/octet-stream".to_string()),
-                ("content-length", size.to_string()),
-                ("content-range", format!("0-{}", size.saturating_sub(1))),
-            ],
-            body: Payload::File(path, size),
-            what: &what,
-            attempts: ATTEMPTS,
-        })?;
+        let resp = self
+            .send(&Req {
+                method: "PATCH",
+                url: location,
+                scopes,
+                headers: vec![
+                    ("content-type", "application/octet-stream".to_string()),
+                    ("content-length", size.to_string()),
+                    ("content-range", format!("0-{}", size.saturating_sub(1))),
+                ],
+                body: Payload::File(path, size),
+                what,
+                attempts: ATTEMPTS,
+            })
+            .map_err(again)?;
         let location = match resp.status().as_u16() {
-            202 => self.location(&resp, &what)?,
-            s => return Err(self.status_error(&what, s, resp)),
+            202 => self.location(&resp, what).map_err(again)?,
+            s => return Err(again(self.status_error(what, s, resp))),
         };
-        let resp = self.send(&Req {
-            method: "PUT",
-            url: format!("{location}{}digest={digest}", query_sep(&location)),
-            scopes: &scopes,
-            headers: vec![("content-length", "0".to_string())],
-            body: Payload::Empty,
-            what: &what,
-            attempts: ATTEMPTS,
-        })?;
+        let resp = self
+            .send(&Req {
+                method: "PUT",
+                url: format!("{location}{}digest={digest}", query_sep(&location)),
+                scopes,
+                headers: vec![("content-length", "0".to_string())],
+                body: Payload::Empty,
+                what,
+                attempts: ATTEMPTS,
+            })
+            .map_err(again)?;
         match resp.status().as_u16() {
             201 => Ok(Pushed::Uploaded),
-            s => Err(self.status_error(&what, s, resp)),
+            s => Err(again(self.status_error(what, s, resp))),
         }
     }
 

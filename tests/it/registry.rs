@@ -1068,3 +1068,57 @@ fn registry_all_platforms_export_writes_and_pushes_an_index_of_flattened_images(
     ]);
     assert!(err.contains("not an index"), "{err}");
 }
+
+#[test]
+fn registry_stalled_download_resumes_and_lost_upload_answer_is_checked() {
+    if !registry_tools(&[]) {
+        return;
+    }
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, big) = big_image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "big:1");
+    let proxy = FaultProxy::start(&reg.host);
+    // The connection goes silent after 100000 bytes: the read times out (1 s here), and the
+    // download resumes from there.
+    proxy.inject(Fault::Stall {
+        path: format!("/blobs/{big}"),
+        after: 100_000,
+        secs: 5,
+        times: 1,
+    });
+    let r = Runner::new(tmp.path());
+    let started = std::time::Instant::now();
+    let out = r.run_env(
+        &["ls", "-R", &proxy.url("big:1"), "--tls-verify=false"],
+        &[("FLATFS_REGISTRY_TIMEOUT", std::ffi::OsStr::new("1"))],
+    );
+    assert_success(&out);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "did not wait out the stall"
+    );
+    assert_eq!(out.stdout, r.ok(&["ls", "-R", img.to_str().unwrap()]));
+    assert!(
+        proxy
+            .seen()
+            .iter()
+            .any(|s| s.header("range") == Some("bytes=100000-")),
+        "resumed with a range"
+    );
+
+    // A blob PUT that the registry completes but whose answer is lost: the push checks with
+    // HEAD and goes on instead of failing or uploading again into a finished session.
+    proxy.inject(Fault::Lose {
+        path: "digest=sha256".into(),
+        times: 1,
+    });
+    r.ok(&[
+        "export",
+        img.to_str().unwrap(),
+        "-o",
+        &proxy.url("flat:1"),
+        "--tls-verify=false",
+    ]);
+    assert_eq!(reg.tags("flat"), vec!["1"]);
+}

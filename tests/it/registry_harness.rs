@@ -374,6 +374,15 @@ pub enum Fault {
     Corrupt { path: String, times: usize },
     /// Close the connection without an answer; the request never reaches the registry.
     Refuse { path: String, times: usize },
+    /// Forward, then close without an answer: the registry did it, the client never hears.
+    Lose { path: String, times: usize },
+    /// Forward, send this many body bytes, then go silent for `secs` before closing.
+    Stall {
+        path: String,
+        after: usize,
+        secs: u64,
+        times: usize,
+    },
 }
 
 impl Fault {
@@ -382,7 +391,9 @@ impl Fault {
             Fault::Status { path, .. }
             | Fault::Drop { path, .. }
             | Fault::Corrupt { path, .. }
-            | Fault::Refuse { path, .. } => path,
+            | Fault::Refuse { path, .. }
+            | Fault::Lose { path, .. }
+            | Fault::Stall { path, .. } => path,
         }
     }
 
@@ -391,7 +402,9 @@ impl Fault {
             Fault::Status { times, .. }
             | Fault::Drop { times, .. }
             | Fault::Corrupt { times, .. }
-            | Fault::Refuse { times, .. } => *times,
+            | Fault::Refuse { times, .. }
+            | Fault::Lose { times, .. }
+            | Fault::Stall { times, .. } => *times,
         }
     }
 
@@ -400,7 +413,9 @@ impl Fault {
             Fault::Status { times, .. }
             | Fault::Drop { times, .. }
             | Fault::Corrupt { times, .. }
-            | Fault::Refuse { times, .. } => times,
+            | Fault::Refuse { times, .. }
+            | Fault::Lose { times, .. }
+            | Fault::Stall { times, .. } => times,
         }
     }
 }
@@ -555,6 +570,14 @@ fn serve(
             let end = (body_at + after).min(answer.len());
             conn.write_all(&answer[..end])?;
             conn.flush()?;
+            conn.shutdown(Shutdown::Both)?;
+        }
+        Some(Fault::Lose { .. }) => conn.shutdown(Shutdown::Both)?,
+        Some(Fault::Stall { after, secs, .. }) => {
+            let end = (body_at + after).min(answer.len());
+            conn.write_all(&answer[..end])?;
+            conn.flush()?;
+            std::thread::sleep(Duration::from_secs(secs));
             conn.shutdown(Shutdown::Both)?;
         }
         Some(Fault::Corrupt { .. }) if answer.len() > body_at => {
