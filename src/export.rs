@@ -68,8 +68,11 @@ pub struct Report {
     pub layer_digest: String,
     /// Size of the layer blob.
     pub layer_size: u64,
-    /// Manifest digest (not for rootfs).
+    /// Manifest digest, when the output holds a manifest (OCI formats; not docker-archive,
+    /// whose manifest.json has no digest, nor rootfs).
     pub manifest_digest: Option<String>,
+    /// The image ID: the digest of the config written (not for rootfs).
+    pub image_id: Option<String>,
     /// Names (nodes) written.
     pub entries: u64,
 }
@@ -170,6 +173,7 @@ pub fn export_with_progress(
             layer_digest: layer.digest,
             layer_size: layer.size,
             manifest_digest: None,
+            image_id: None,
             entries,
         });
     }
@@ -294,7 +298,8 @@ pub fn export_with_progress(
         diff_id: layer.diff_id,
         layer_digest: layer.digest,
         layer_size: layer.size,
-        manifest_digest: Some(manifest_digest),
+        manifest_digest: (format != Format::DockerArchive).then_some(manifest_digest),
+        image_id: Some(config_digest),
         entries,
     })
 }

@@ -38,7 +38,7 @@ pub struct Inspect {
     pub totals: Totals,
 }
 
-/// Cmd, Entrypoint, Env, WorkingDir, User, ExposedPorts.
+/// Cmd, Entrypoint, Env, WorkingDir, User, ExposedPorts, Labels.
 #[derive(Debug, Serialize, Default)]
 pub struct RuntimeConfig {
     /// Entrypoint.
@@ -53,6 +53,8 @@ pub struct RuntimeConfig {
     pub user: Option<String>,
     /// ExposedPorts keys.
     pub exposed_ports: Vec<String>,
+    /// Labels, by key (string values only, as the config holds them).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// One layer's numbers.
@@ -139,6 +141,14 @@ pub fn inspect(image: &Image, indexes: &[LayerIndex]) -> Result<Inspect> {
         exposed_ports: get("ExposedPorts")
             .and_then(|v| v.as_object())
             .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default(),
+        labels: get("Labels")
+            .and_then(|v| v.as_object())
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
             .unwrap_or_default(),
     };
 
@@ -288,40 +298,41 @@ pub fn human(n: u64) -> String {
 
 /// Writes the report as text.
 pub fn write_text(r: &Inspect, w: &mut impl Write) -> std::io::Result<()> {
-    writeln!(w, "Image:     {}", r.image)?;
-    writeln!(w, "Format:    {}", r.format)?;
-    writeln!(w, "Platform:  {}", r.platform)?;
+    // Labels padded to the longest ("Entrypoint:"), so every value starts in one column.
+    let field = |w: &mut dyn Write, label: &str, value: &str| writeln!(w, "{label:<12}{value}");
+    let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_default();
+    field(w, "Image:", &r.image)?;
+    field(w, "Format:", &r.format)?;
+    field(w, "Platform:", &r.platform)?;
     if !r.tags.is_empty() {
-        writeln!(w, "Tags:      {}", r.tags.join(", "))?;
+        field(w, "Tags:", &r.tags.join(", "))?;
     }
-    writeln!(w, "Manifest:  {}", r.manifest_digest)?;
-    writeln!(w, "Config:    {}", r.config_digest)?;
+    // A docker archive's manifest.json has no digest: the one recorded is the image ID's.
+    if r.format != "docker-archive" {
+        field(w, "Manifest:", &r.manifest_digest)?;
+    }
+    field(w, "Image ID:", &r.config_digest)?;
     let c = &r.config;
     if let Some(e) = &c.entrypoint {
-        writeln!(
-            w,
-            "Entrypoint: {}",
-            serde_json::to_string(e).unwrap_or_default()
-        )?;
+        field(w, "Entrypoint:", &json(e))?;
     }
     if let Some(cmd) = &c.cmd {
-        writeln!(
-            w,
-            "Cmd:       {}",
-            serde_json::to_string(cmd).unwrap_or_default()
-        )?;
+        field(w, "Cmd:", &json(cmd))?;
     }
     if let Some(d) = &c.working_dir {
-        writeln!(w, "WorkingDir: {d}")?;
+        field(w, "WorkingDir:", d)?;
     }
     if let Some(u) = &c.user {
-        writeln!(w, "User:      {u}")?;
+        field(w, "User:", u)?;
     }
     if !c.exposed_ports.is_empty() {
-        writeln!(w, "Ports:     {}", c.exposed_ports.join(" "))?;
+        field(w, "Ports:", &c.exposed_ports.join(" "))?;
     }
     for e in &c.env {
-        writeln!(w, "Env:       {e}")?;
+        field(w, "Env:", e)?;
+    }
+    for (k, v) in &c.labels {
+        field(w, "Label:", &format!("{k}={v}"))?;
     }
     writeln!(w)?;
     // One column layout for the header, the layer rows and the history-only rows.
@@ -379,23 +390,32 @@ pub fn write_text(r: &Inspect, w: &mut impl Write) -> std::io::Result<()> {
     }
     let t = &r.totals;
     writeln!(w)?;
-    writeln!(
+    field(
         w,
-        "Merged:    {} entries, {} of file content",
-        t.entries,
-        human(t.merged_size)
+        "Merged:",
+        &format!(
+            "{} entries, {} of file content",
+            t.entries,
+            human(t.merged_size)
+        ),
     )?;
-    writeln!(
+    field(
         w,
-        "Layers:    {} uncompressed ({} stored)",
-        human(t.layers_uncompressed),
-        human(t.layers_compressed)
+        "Layers:",
+        &format!(
+            "{} uncompressed ({} stored)",
+            human(t.layers_uncompressed),
+            human(t.layers_compressed)
+        ),
     )?;
-    writeln!(
+    field(
         w,
-        "Flat:      {} uncompressed layer; flattening removes {}",
-        human(t.flat_size),
-        human(t.waste)
+        "Flat:",
+        &format!(
+            "{} uncompressed layer; flattening removes {}",
+            human(t.flat_size),
+            human(t.waste)
+        ),
     )?;
     Ok(())
 }

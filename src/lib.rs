@@ -215,7 +215,7 @@ pub fn check_layer_count(image: &Image, layers: Option<usize>) -> Result<()> {
         Some(n) if n == 0 || n > image.layers.len() => Err(Error::invalid(
             &image.name,
             format!(
-                "has {} layers; --layers must be 1..={}",
+                "has {} layers; --layers takes 1 to {}",
                 image.layers.len(),
                 image.layers.len()
             ),

@@ -1,12 +1,13 @@
 //! `flatfs export`: the merged tree written out as a single-layer image or a rootfs tar.
 
+use std::io::{self, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 
-use super::ui::Ui;
+use super::ui::{Ui, UiArgs};
 use crate::Opened;
 use crate::export::{self, Format, OutCompression};
 use crate::reference::Reference;
@@ -47,6 +48,11 @@ pub struct ExportArgs {
     /// Flatten every platform of an index and write (oci, oci-archive) or push a new index.
     #[arg(long)]
     all_platforms: bool,
+    /// Write to stdout even when it is a terminal.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    pub ui: UiArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -65,7 +71,7 @@ enum CompressionArg {
 }
 
 /// Runs `flatfs export`.
-pub fn run(args: ExportArgs, ui: &Ui) -> Result<()> {
+pub fn run(ui: &Ui, args: ExportArgs) -> Result<()> {
     let ExportArgs {
         image,
         output,
@@ -74,7 +80,15 @@ pub fn run(args: ExportArgs, ui: &Ui) -> Result<()> {
         tag,
         platform,
         all_platforms,
+        force,
+        ..
     } = args;
+    // As gzip and zstd do: an image is no use on a screen, and can upset the terminal.
+    if output == "-" && !force && io::stdout().is_terminal() {
+        anyhow::bail!(
+            "refusing to write an image to a terminal: redirect stdout, pipe it, or use --force"
+        );
+    }
     export::catch_interrupts();
     // `-o docker://…`: export to an OCI layout in a temp dir, then push that.
     let target = match output.strip_prefix("docker://") {
@@ -193,15 +207,34 @@ pub fn run(args: ExportArgs, ui: &Ui) -> Result<()> {
         return Ok(());
     }
     if !ui.quiet {
-        eprintln!(
-            "flatfs: flattened {} layers ({} entries) into {} ({})",
-            img.layers.len(),
-            report.entries,
-            if output == "-" { "stdout" } else { &output },
-            report.manifest_digest.as_deref().unwrap_or(&report.diff_id)
-        );
+        eprint!("{}", summary(img.layers.len(), &output, &report));
     }
     Ok(())
+}
+
+/// What was written, on stderr: where, from how many layers, and the digests that name it,
+/// each labelled (a docker archive has no manifest digest: its manifest.json is not hashed).
+fn summary(layers: usize, output: &str, report: &export::Report) -> String {
+    let layers = match layers {
+        1 => "1 layer".to_string(),
+        n => format!("{n} layers"),
+    };
+    let into = if output == "-" { "stdout" } else { output };
+    let mut s = format!(
+        "flatfs: flattened {layers} ({} entries) into {into}\n",
+        report.entries
+    );
+    let mut label = |what: &str, value: &str| s.push_str(&format!("  {what:<9} {value}\n"));
+    match (&report.image_id, &report.manifest_digest) {
+        (None, _) => label("tar", &report.diff_id),
+        (Some(id), manifest) => {
+            label("image ID", id);
+            if let Some(m) = manifest {
+                label("manifest", m);
+            }
+        }
+    }
+    s
 }
 
 /// `--tag`, checked by the reference grammar while the command line is parsed: a bad name is

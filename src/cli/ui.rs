@@ -6,12 +6,108 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Result;
+use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::cache::Cache;
 use crate::layer::LayerIndex;
 use crate::source::{self, Image, Platform};
 use crate::{IndexOptions, Opened};
+
+/// `-q` and `-v`, for the commands that have something to be quiet or verbose about.
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct LogArgs {
+    /// No progress bar or summary on stderr (errors are still printed).
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Log what flatfs does to stderr (-vv for more; RUST_LOG works too).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// The options of every command that reads an image. They are also taken before the command
+/// name (`flatfs -q export …`), where every command accepts them.
+#[derive(Args, Debug, Clone, Default)]
+pub struct UiArgs {
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Neither read nor write the cache of layer indexes and merged trees ($FLATFS_CACHE_DIR, else
+    /// $XDG_CACHE_HOME/flatfs, else ~/.cache/flatfs).
+    #[arg(long)]
+    pub no_cache: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// How to reach registries, for `docker://` images; skopeo's names and meanings.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RegistryArgs {
+    /// Registry credentials from this auth file only [default: $REGISTRY_AUTH_FILE, else
+    /// $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json,
+    /// ~/.docker/config.json].
+    #[arg(long, value_name = "PATH")]
+    pub authfile: Option<std::path::PathBuf>,
+    /// Registry credentials from a file holding USER:PASSWORD (never on the command line).
+    #[arg(long, value_name = "PATH")]
+    pub creds_file: Option<std::path::PathBuf>,
+    /// CA certificates (*.crt) and a client certificate (*.cert, *.key) for the registry
+    /// [default: /etc/containers/certs.d/HOST:PORT].
+    #[arg(long, value_name = "DIR")]
+    pub cert_dir: Option<std::path::PathBuf>,
+    /// Require HTTPS and a valid certificate [default: true]; `--tls-verify=false` also
+    /// allows plain HTTP.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub tls_verify: Option<bool>,
+}
+
+impl UiArgs {
+    /// Starts logging and builds the [`Ui`] for these options and those given before the
+    /// command name (`top`).
+    pub fn start(&self, top: &UiArgs) -> Ui {
+        let quiet = self.log.quiet || top.log.quiet;
+        init_logging(self.log.verbose.saturating_add(top.log.verbose));
+        let cache = if self.no_cache || top.no_cache {
+            None
+        } else {
+            crate::cache::default_dir().and_then(usable_cache)
+        };
+        let (here, there) = (self.registry.clone(), top.registry.clone());
+        let registry = crate::registry::Options {
+            authfile: here.authfile.or(there.authfile),
+            creds_file: here.creds_file.or(there.creds_file),
+            cert_dir: here.cert_dir.or(there.cert_dir),
+            insecure: !here.tls_verify.or(there.tls_verify).unwrap_or(true),
+            cache_dir: cache.as_ref().map(|c| c.dir().to_path_buf()),
+        };
+        Ui {
+            quiet,
+            cache,
+            registry,
+        }
+    }
+}
+
+/// The cache in `dir`, if the directory is there or can be made: one warning when it cannot,
+/// rather than one per layer and merged tree that could not be saved.
+fn usable_cache(dir: std::path::PathBuf) -> Option<Cache> {
+    match std::fs::create_dir_all(&dir) {
+        Ok(()) => Some(Cache::new(dir)),
+        Err(e) => {
+            log::warn!(
+                "cannot create the cache directory {}: {e}; going on without a cache (set \
+                 FLATFS_CACHE_DIR, or --no-cache)",
+                dir.display()
+            );
+            None
+        }
+    }
+}
 
 /// What every command shares: quietness, the cache, the progress bar.
 pub struct Ui {
@@ -24,18 +120,24 @@ pub struct Ui {
 }
 
 impl Ui {
-    /// A progress bar on stderr, only when stderr is a terminal and not `--quiet`.
+    /// A progress bar on stderr, only when stderr is a terminal, not `--quiet`, and the job is
+    /// big enough to watch (at least 1 MiB). It fills the terminal's width and no more: a line
+    /// that wraps is redrawn as a new line at every tick.
     pub fn bar(&self, total: u64, what: &str) -> Option<ProgressBar> {
-        if self.quiet || !io::stderr().is_terminal() || total == 0 {
+        const TINY: u64 = 1 << 20;
+        if self.quiet || !io::stderr().is_terminal() || total < TINY {
             return None;
         }
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-        let style = ProgressStyle::with_template(
-            "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-        )
-        .map(|s| s.progress_chars("=> "));
-        if let Ok(style) = style {
-            bar.set_style(style);
+        // `wide_bar` takes what the rest leaves of the width indicatif reads from the terminal;
+        // below ~60 columns the rest alone would wrap, so the bar goes.
+        let template = if terminal_width().is_some_and(|w| w < 60) {
+            "{msg} {bytes}/{total_bytes} ETA {eta}"
+        } else {
+            "{msg:>9} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}"
+        };
+        if let Ok(style) = ProgressStyle::with_template(template) {
+            bar.set_style(style.progress_chars("=> "));
         }
         bar.set_message(what.to_string());
         Some(bar)
@@ -102,10 +204,19 @@ impl Ui {
     }
 }
 
+/// The width of the terminal on stderr, if it is one that says.
+fn terminal_width() -> Option<u16> {
+    // SAFETY: TIOCGWINSZ writes a winsize into the struct passed, and nothing else.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    (ok && ws.ws_col > 0).then_some(ws.ws_col)
+}
+
 /// Logs to stderr: warnings by default, more with each `-v`; `RUST_LOG` overrides.
 pub fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
+        // fuser warns that it could not unmount what `flatfs umount` already had: not news.
+        0 => "warn,fuser=error",
         1 => "flatfs=info,warn",
         _ => "debug",
     };

@@ -15,4 +15,5 @@ mod props;
 mod registry;
 mod registry_harness;
 mod util;
+mod writers;
 mod zran;
