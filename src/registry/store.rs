@@ -146,6 +146,7 @@ impl BlobStore {
     /// `max` bytes. An image already open keeps its blobs' open files, so evicting under a
     /// running mount is safe.
     pub fn evict(&self, keep: &[String], max: u64) -> io::Result<u64> {
+        self.remove_stale();
         let blobs = self.list()?;
         let mut total: u64 = blobs.iter().map(|b| b.size).sum();
         let mut freed = 0;
@@ -168,6 +169,39 @@ impl BlobStore {
             }
         }
         Ok(freed)
+    }
+}
+
+impl BlobStore {
+    /// Removes what a killed pull left behind (`.tmp-*` files, `.layout-*` directories) once
+    /// it is a day old: a pull running now is never that old.
+    fn remove_stale(&self) {
+        let day = std::time::Duration::from_secs(24 * 3600);
+        let old = |m: &fs::Metadata| {
+            m.modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|a| a > day)
+        };
+        for (dir, prefix) in [
+            (self.root.join("sha256"), ".tmp-"),
+            (self.root.clone(), ".layout-"),
+        ] {
+            let Ok(rd) = fs::read_dir(&dir) else { continue };
+            for e in rd.flatten() {
+                let stale = e.file_name().to_string_lossy().starts_with(prefix)
+                    && e.metadata().is_ok_and(|m| old(&m));
+                if stale {
+                    let p = e.path();
+                    // Best effort: what cannot be removed now is tried again next time.
+                    let _ = if p.is_dir() {
+                        fs::remove_dir_all(&p)
+                    } else {
+                        fs::remove_file(&p)
+                    };
+                }
+            }
+        }
     }
 }
 
@@ -296,6 +330,30 @@ mod tests {
         assert!(store.path("sha256:../../etc/passwd").is_none());
         assert!(store.path(&format!("sha512:{}", "a".repeat(64))).is_none());
         assert!(store.path(&format!("sha256:{}", "A".repeat(64))).is_none());
+    }
+
+    #[test]
+    fn leftovers_of_a_killed_pull_go_after_a_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_cache(dir.path());
+        let sha = store.root().join("sha256");
+        fs::create_dir_all(&sha).unwrap();
+        let two_days_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(48 * 3600);
+        let old_tmp = sha.join(".tmp-old");
+        let new_tmp = sha.join(".tmp-new");
+        let old_layout = store.root().join(".layout-old");
+        fs::write(&old_tmp, b"x").unwrap();
+        fs::write(&new_tmp, b"x").unwrap();
+        fs::create_dir_all(old_layout.join("blobs")).unwrap();
+        for p in [&old_tmp, &old_layout] {
+            fs::File::open(p)
+                .unwrap()
+                .set_times(fs::FileTimes::new().set_modified(two_days_ago))
+                .unwrap();
+        }
+        store.evict(&[], u64::MAX).unwrap();
+        assert!(!old_tmp.exists() && !old_layout.exists());
+        assert!(new_tmp.exists(), "a pull running now keeps its temp file");
     }
 
     #[test]
