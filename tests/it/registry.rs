@@ -137,8 +137,12 @@ fn registry_every_command_matches_the_file() {
             "{args:?}"
         );
     }
+    let remote_json = r.ok(&["inspect", "--json", &remote, insecure]);
+    let v: Value = serde_json::from_slice(&remote_json).unwrap();
+    assert_eq!(v["format"], "registry");
+    assert_eq!(v["tags"][0], format!("{}/team/app:1.0", reg.host));
     assert_eq!(
-        inspect_sans_source(&r.ok(&["inspect", "--json", &remote, insecure])),
+        inspect_sans_source(&remote_json),
         inspect_sans_source(&r.ok(&["inspect", "--json", local]))
     );
     let (a, b) = (tmp.path().join("a.tar"), tmp.path().join("b.tar"));
