@@ -152,7 +152,13 @@ impl Ui {
     ) -> Result<Vec<LayerIndex>> {
         let limit = layers.unwrap_or(img.layers.len()).min(img.layers.len());
         let total = img.layers[..limit].iter().map(|l| l.blob.len()).sum();
-        let bar = self.bar(total, "indexing");
+        // A registry image's layers are indexed as they download: the bar is the pull's.
+        let what = if img.name.starts_with("docker://") {
+            "pulling"
+        } else {
+            "indexing"
+        };
+        let bar = self.bar(total, what);
         let started = Instant::now();
         let progress = |n: u64| {
             if let Some(b) = &bar {
