@@ -1126,3 +1126,83 @@ fn registry_stalled_download_resumes_and_lost_upload_answer_is_checked() {
     ]);
     assert_eq!(reg.tags("flat"), vec!["1"]);
 }
+
+#[test]
+fn registry_push_falls_back_to_a_chunked_upload_when_a_monolithic_put_is_refused() {
+    if !registry_tools(&[]) {
+        return;
+    }
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path());
+    let proxy = FaultProxy::start(&reg.host);
+    // The first blob PUT with its bytes is refused as a registry without monolithic uploads
+    // would; the next ones (the closing PUT of the chunked form among them) go through.
+    proxy.inject(Fault::Status {
+        path: "digest=sha256".into(),
+        status: 405,
+        retry_after: None,
+        times: 1,
+    });
+    let r = Runner::new(tmp.path());
+    r.ok(&[
+        "export",
+        img.to_str().unwrap(),
+        "-o",
+        &proxy.url("chunked:1"),
+        "--tls-verify=false",
+    ]);
+    assert!(
+        proxy.seen().iter().any(|s| s.method == "PATCH"),
+        "a PATCH upload: {:#?}",
+        proxy.seen()
+    );
+    assert_eq!(
+        r.ok(&[
+            "cat",
+            &reg.url("chunked:1"),
+            "etc/small.txt",
+            "--tls-verify=false"
+        ]),
+        b"version 2\n"
+    );
+}
+
+#[test]
+fn registry_image_mounts_and_reads_without_a_cache() {
+    if !registry_tools(&[]) {
+        return;
+    }
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "team/app:1.0");
+    let url = reg.url("team/app:1.0");
+    let r = Runner::new(tmp.path());
+    // --no-cache: a temp blob store, gone when the command ends.
+    assert_eq!(
+        r.ok(&["ls", "-R", "--no-cache", &url, "--tls-verify=false"]),
+        r.ok(&["ls", "-R", img.to_str().unwrap()])
+    );
+    assert!(
+        !r.cache.join("blobs/sha256").exists(),
+        "--no-cache wrote the store"
+    );
+    if !fuse_available("registry_image_mounts_and_reads_without_a_cache") {
+        return;
+    }
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    r.ok(&[
+        "mount",
+        "--no-cache",
+        &url,
+        mnt.to_str().unwrap(),
+        "--tls-verify=false",
+    ]);
+    let small = std::fs::read(mnt.join("etc/small.txt"));
+    let link = std::fs::read(mnt.join("data/target.txt"));
+    r.ok(&["umount", mnt.to_str().unwrap()]);
+    assert_eq!(small.unwrap(), b"version 2\n");
+    assert_eq!(link.unwrap(), b"through the link\n");
+}
