@@ -18,6 +18,9 @@ const DEFAULT_MAX: u64 = 20 << 30;
 pub struct BlobStore {
     /// The directory holding `sha256/` (so a layout's `blobs` can point at it).
     root: PathBuf,
+    /// Blobs are flushed to disk before they take their name; not for a temp store, which
+    /// no crash can leave behind to be trusted.
+    durable: bool,
 }
 
 /// One stored blob, for `flatfs cache ls`.
@@ -36,6 +39,15 @@ impl BlobStore {
     pub fn in_cache(cache_dir: &Path) -> Self {
         BlobStore {
             root: cache_dir.join("blobs"),
+            durable: true,
+        }
+    }
+
+    /// A store in a temp dir that lives for one command (`--no-cache`): not flushed to disk.
+    pub fn temporary(dir: &Path) -> Self {
+        BlobStore {
+            root: dir.join("blobs"),
+            durable: false,
         }
     }
 
@@ -93,6 +105,7 @@ impl BlobStore {
             written: 0,
             digest: digest.to_string(),
             path,
+            durable: self.durable,
         })
     }
 
@@ -244,6 +257,7 @@ pub struct BlobWriter {
     written: u64,
     digest: String,
     path: PathBuf,
+    durable: bool,
 }
 
 impl BlobWriter {
@@ -283,7 +297,9 @@ impl BlobWriter {
     /// temp file is removed.
     pub fn commit(self) -> io::Result<PathBuf> {
         self.check()?;
-        self.tmp.as_file().sync_data()?;
+        if self.durable {
+            self.tmp.as_file().sync_data()?;
+        }
         self.tmp.persist(&self.path).map_err(|e| e.error)?;
         Ok(self.path)
     }

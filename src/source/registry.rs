@@ -252,7 +252,7 @@ fn open_top(reference: &Reference, opts: &Options) -> Result<Top> {
         Some(dir) => BlobStore::in_cache(dir),
         None => {
             let dir = tempfile::tempdir().map_err(|e| Error::io("temp blob store", e))?;
-            let store = BlobStore::in_cache(dir.path());
+            let store = BlobStore::temporary(dir.path());
             temp_store = Some(dir);
             store
         }
