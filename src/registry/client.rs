@@ -234,7 +234,7 @@ impl Client {
         self.commit(w, repo, digest, store)
     }
 
-    /// Checks a downloaded blob's digest and moves it into the store.
+    /// Checks a downloaded blob's digest and moves it into the store, flushed.
     pub fn commit(
         &self,
         w: BlobWriter,

@@ -303,6 +303,16 @@ impl BlobWriter {
         self.tmp.persist(&self.path).map_err(|e| e.error)?;
         Ok(self.path)
     }
+
+    /// Like [`BlobWriter::commit`], but renames first and leaves the flush to the caller
+    /// (the returned file, `None` for a temp store), for a download whose reader should not
+    /// wait for the disk: the blob is in the store as soon as this returns.
+    pub fn commit_unflushed(self) -> io::Result<(PathBuf, Option<std::fs::File>)> {
+        self.check()?;
+        let durable = self.durable;
+        let file = self.tmp.persist(&self.path).map_err(|e| e.error)?;
+        Ok((self.path, durable.then_some(file)))
+    }
 }
 
 impl Write for BlobWriter {

@@ -186,15 +186,23 @@ fn download(
                         arrival.advance(n.min(size.saturating_sub(1)));
                     })
                     .and_then(|()| {
-                        w.check()
-                            .map_err(|e| client.error(format!("GET blob {repo}@{digest}: {e}")))
+                        w.commit_unflushed().map_err(|e| match e.kind() {
+                            std::io::ErrorKind::InvalidData => {
+                                client.error(format!("GET blob {repo}@{digest}: {e}"))
+                            }
+                            _ => Error::io(blobs.root().display(), e),
+                        })
                     });
-                // Readers go on once the bytes are known good; flushing and renaming into the
-                // store happens behind them.
-                let ok = r.is_ok();
-                arrival.finish(r.map_err(|e| e.to_string()));
-                if ok && let Err(e) = client.commit(w, &repo, &digest, &blobs) {
-                    log::warn!("cannot keep {digest} in the blob store: {e}");
+                // The blob is in the store (renamed) before readers finish with it, so a short
+                // command leaves it there; the flush to disk happens behind them.
+                match r {
+                    Ok((_, file)) => {
+                        arrival.finish(Ok(()));
+                        if let Some(Err(e)) = file.map(|f| f.sync_data()) {
+                            log::warn!("blob store: cannot flush {digest}: {e}");
+                        }
+                    }
+                    Err(e) => arrival.finish(Err(e.to_string())),
                 }
             }
         });
