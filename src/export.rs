@@ -904,7 +904,7 @@ impl<'a> LayerPasses<'a> {
         let mut wanted = vec![Vec::new(); image.layers.len()];
         tree.walk(|_, id, first| {
             if first && let NodeKind::File(e) = &tree.node(id).kind {
-                wanted[e.layer as usize].push((e.offset, e.size, id));
+                wanted[e.layer as usize].push((e.offset, e.stored(), id));
             }
             Ok(())
         })?;
@@ -924,8 +924,27 @@ impl<'a> LayerPasses<'a> {
         })
     }
 
-    /// Copies the content of file `id` into `w`.
+    /// Copies the content of file `id` into `w`: a sparse file's stored runs with its holes
+    /// filled in as zeros, so the output is a plain file of its real size.
     fn copy(&mut self, id: NodeId, extent: &Extent, w: &mut impl Write) -> Result<()> {
+        let Some(map) = extent.sparse else {
+            return self.copy_stored(id, extent, w);
+        };
+        let mut filled = Holes {
+            inner: w,
+            runs: map,
+            pos: 0,
+            left: 0,
+        };
+        self.copy_stored(id, extent, &mut filled)?;
+        filled
+            .zeros_to(extent.size)
+            .map_err(|e| Error::io("output", e))
+    }
+
+    /// Copies the bytes the layer stores for file `id` into `w`.
+    fn copy_stored(&mut self, id: NodeId, extent: &Extent, w: &mut impl Write) -> Result<()> {
+        let stored = extent.stored();
         let li = extent.layer as usize;
         let layer = &self.image.layers[li];
         let layer_err = |e: io::Error| Error::Layer {
@@ -934,14 +953,14 @@ impl<'a> LayerPasses<'a> {
         };
         if let Some(&at) = self.spilled.get(&id) {
             let spill = self.spill.as_ref().expect("spilled implies a spill file");
-            return copy_range(|buf, pos| spill.read_at(buf, pos), at, extent.size, w)
+            return copy_range(|buf, pos| spill.read_at(buf, pos), at, stored, w)
                 .map_err(|e| Error::io("spill file", e));
         }
         if layer.compression == Compression::None {
             // Random access is free: read in place.
             return self
                 .windows
-                .copy(li, &layer.blob, extent.offset, extent.size, w)
+                .copy(li, &layer.blob, extent.offset, stored, w)
                 .map_err(layer_err);
         }
         // Everything this layer delivers before our offset is wanted later: spill it.
@@ -972,8 +991,7 @@ impl<'a> LayerPasses<'a> {
             self.spilled.insert(other, at);
         }
         let pass = pass_for(&mut self.passes[li], layer).map_err(layer_err)?;
-        pass.read_to(extent.offset, extent.size, w)
-            .map_err(layer_err)
+        pass.read_to(extent.offset, stored, w).map_err(layer_err)
     }
 }
 
@@ -1005,6 +1023,62 @@ impl Pass {
             ));
         }
         Ok(())
+    }
+}
+
+/// Puts a sparse file's stored runs, written to it in order, at their places in the file, with
+/// zeros for the holes before each.
+struct Holes<'a, W> {
+    inner: W,
+    runs: &'a [crate::layer::Segment],
+    /// Bytes of the file written so far.
+    pos: u64,
+    /// Bytes left of the current run.
+    left: u64,
+}
+
+impl<W: Write> Holes<'_, W> {
+    /// Writes zeros up to `end` of the file.
+    fn zeros_to(&mut self, end: u64) -> io::Result<()> {
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        while self.pos < end {
+            // A hole can be terabytes: let a signal stop it.
+            check_interrupt()?;
+            let n = (end - self.pos).min(ZEROS.len() as u64) as usize;
+            self.inner.write_all(&ZEROS[..n])?;
+            self.pos += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for Holes<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            let Some((run, rest)) = self.runs.split_first() else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "more stored bytes than the sparse map places",
+                ));
+            };
+            self.runs = rest;
+            self.zeros_to(run.logical)?;
+            self.left = run.len;
+        }
+        let n = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        self.inner.write_all(&buf[..n])?;
+        self.pos += n as u64;
+        self.left -= n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 

@@ -264,6 +264,10 @@ fn take_read_aids(
                     // The copy holds only contents: entries now point into it. (The cache, filled
                     // before this, keeps the offsets in the layer's tar.)
                     for (entry, offset) in index.entries.iter_mut().zip(copy.offsets) {
+                        // A sparse file's runs stay back to back, now from its new offset.
+                        for s in entry.sparse.iter_mut().flat_map(|m| m.iter_mut()) {
+                            s.tar = s.tar - entry.offset + offset;
+                        }
                         entry.offset = offset;
                     }
                     None

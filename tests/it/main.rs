@@ -14,6 +14,7 @@ mod oracle;
 mod props;
 mod registry;
 mod registry_harness;
+mod sparse;
 mod util;
 mod writers;
 mod zran;
