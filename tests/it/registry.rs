@@ -794,6 +794,21 @@ fn registry_basic_auth_over_tls_takes_credentials_from_each_place() {
     );
     assert_success(&out);
     assert_eq!(out.stdout, want, "credHelpers");
+    // The same helper as the default store for every host (`credsStore`).
+    std::fs::write(
+        dhome.join(".docker/config.json"),
+        r#"{"auths": {}, "credsStore": "flatfstest"}"#,
+    )
+    .unwrap();
+    let out = r.run_env(
+        &["ls", "-R", &url, "--cert-dir", certs],
+        &[
+            ("HOME", dhome.as_os_str()),
+            ("PATH", std::ffi::OsStr::new(&path)),
+        ],
+    );
+    assert_success(&out);
+    assert_eq!(out.stdout, want, "credsStore");
 
     // The password never shows in the most verbose log, not even base64-encoded.
     let out = r.run(&[
