@@ -9,6 +9,9 @@
 # job, flatfs's time, the baseline's, the ratio (flatfs / baseline) and flatfs's peak RSS.
 # Then, if ratarmount is installed, a second table with the mounting peer: ratarmount union-mounting
 # the layer blobs (it ignores whiteouts), its time against the same baselines, and its peak RSS.
+# With docker-registry and skopeo installed, a row per image for `export docker://…` from a
+# registry on 127.0.0.1 (started here, storage under $TMP) against `skopeo copy` to a layout plus
+# `flatfs export` of that; REGISTRY=none skips it.
 # Needs: hyperfine, pigz, zstd, umoci, fuse3, python3; optional: ratarmount, e.g.
 #   python3 -m venv $BENCH_DIR/ratarmount-venv && $BENCH_DIR/ratarmount-venv/bin/pip install ratarmount
 # Env: RUNS (default 3), FLATFS (binary; default target/release/flatfs, built if missing),
@@ -56,6 +59,10 @@ cleanup() {
   for m in "$MNT" "$RMNT"; do
     fusermount3 -u "$m" 2>/dev/null || fusermount3 -uz "$m" 2>/dev/null || true
   done
+  if [ -n "${REG_PID:-}" ]; then
+    kill "$REG_PID" 2>/dev/null || true
+    wait "$REG_PID" 2>/dev/null || true
+  fi
   if [ -n "$RM_PID" ]; then   # still indexing, so not mounted yet: stop it
     kill "$RM_PID" 2>/dev/null || true
     wait "$RM_PID" 2>/dev/null || true
@@ -143,6 +150,35 @@ ratarmount_index_rss() {
   RM_PID=
 }
 
+# A registry of our own on a free port, for the pull rows (skipped, and said so, without one).
+REG=
+REG_PID=
+if [ "${REGISTRY:-}" != none ] && command -v docker-registry >/dev/null && command -v skopeo >/dev/null; then
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  printf 'version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\n' \
+    "$TMP/registry" "$port" > "$TMP/registry.yml"
+  docker-registry serve "$TMP/registry.yml" >"$TMP/registry.log" 2>&1 &
+  REG_PID=$!
+  for _ in $(seq 100); do
+    python3 -c "import socket; socket.create_connection(('127.0.0.1', $port))" 2>/dev/null && break
+    sleep 0.1
+  done
+  REG=127.0.0.1:$port
+else
+  echo "bench.sh: registry rows will be skipped (REGISTRY=none, or no docker-registry/skopeo)" >&2
+fi
+# export from the registry (download, hash, inflate and index overlapping) against skopeo copy to
+# a layout, then flatfs export of that: the same bytes travel, want <= 0.7.
+registry_row() {
+  local ref=docker://$REG/bench/$name:latest
+  skopeo copy -q --dest-tls-verify=false "oci:$layout:latest" "$ref"
+  local t base
+  t=$(mean "$FLATFS export $ref --tls-verify=false -o $TMP/out.tar --format oci-archive --no-cache -q")
+  base=$(mean "sh -c 'rm -rf $TMP/pulled && skopeo copy -q --src-tls-verify=false $ref oci:$TMP/pulled:latest && $FLATFS export $TMP/pulled:latest -o $TMP/out.tar --format oci-archive --no-cache -q'")
+  row "$name" "export docker:// / skopeo copy + export (<= 0.7)" "$t" "$base" "$(ratio "$t" "$base")" \
+    "$(rss_mib "$FLATFS export $ref --tls-verify=false -o $TMP/out.tar --format oci-archive --no-cache -q")"
+}
+
 row IMAGE JOB FLATFS BASELINE RATIO RSS_MiB
 for name in "${IMAGES[@]}"; do
   layout=$(layout_of "$name")
@@ -166,6 +202,7 @@ for name in "${IMAGES[@]}"; do
   peer=$(RUNS=1 mean "sh -c 'rm -rf $TMP/bundle && umoci unpack --image $img $TMP/bundle >/dev/null && tar -cf - -C $TMP/bundle/rootfs . | cat >/dev/null'")
   t=$(mean "sh -c '$FLATFS export $img -o - --format rootfs --no-cache -q > /dev/null'")
   row "$name" "export rootfs / umoci unpack + tar (want <= 0.2)" "$t" "$peer" "$(ratio "$t" "$peer")" "-"
+  [ -z "$REG" ] || registry_row
 
   # Partial squash: keep the base layers (big: debian's 3; others: the first), squash the rest;
   # against the full squash, same compression, same run. Then the same with the layer indexes

@@ -7,7 +7,8 @@
 #   ./layout                        examples/demo.oci.tar unpacked (ref "latest")
 #   /mnt/NAME                       an empty directory in the scratch directory
 # `cargo run --release --` stands for FLATFS (default: target/debug/flatfs). Left out, and
-# listed: lines marked "(needs docker)", and scripts/test.sh (the suite that runs this). A
+# listed: lines marked "(needs docker)" or "(needs a registry)" (tests/it/registry.rs runs those
+# against a registry of its own), and scripts/test.sh (the suite that runs this). A
 # `mount -f` line is started in the background and unmounted once its mount is up. Mount
 # lines need /dev/fuse: without it the script fails, unless ALLOW_NO_FUSE=1 (then it says
 # which lines it did not run). Also checks that README names every package scripts/test.sh
@@ -52,6 +53,7 @@ ran=0 left_out=()
 while IFS=$'\t' read -r number line; do
   case "$line" in
     *"(needs docker)"*) left_out+=("README.md:$number: $line"); continue ;;
+    *"(needs a registry)"*) left_out+=("README.md:$number: $line (tests/it/registry.rs)"); continue ;;
     scripts/test.sh*) left_out+=("README.md:$number: $line (the suite running this)"); continue ;;
   esac
   if [[ "$line" == *docker\ * && "$line" != *flatfs* ]] || [[ "$line" =~ (^|[|;&]\ *)docker\  ]]; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite, installing first what it needs on Debian/Ubuntu:
-# fuse3 (fusermount3) for the mount tests, umoci + skopeo + podman as independent oracles, attr, python3.
+# fuse3 (fusermount3) for the mount tests, umoci + skopeo + podman as independent oracles, attr, python3;
+# docker-registry (+ apache2-utils for htpasswd, openssl for certificates) for the registry tests.
 # Extra arguments go to `cargo test` (e.g. a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,8 @@ cd "$(dirname "$0")/.."
 packages=(fuse3 umoci skopeo podman runc attr python3 tar gzip zstd pigz jq libcap2-bin busybox-static debootstrap time util-linux)
 # The writer corpus (tests/it/writers.rs) archives with every tar writer there is.
 packages+=(libarchive-tools golang-go pax git)
+# The registry tests (tests/it/registry.rs): a real registry, htpasswd, certificates.
+packages+=(docker-registry apache2-utils openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -5,7 +5,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use sha2::{Digest as _, Sha256};
 
@@ -19,6 +19,45 @@ pub struct Blob {
     offset: u64,
     len: u64,
     name: Arc<str>,
+    /// Set while the file is still being downloaded: reads wait for their bytes.
+    arrival: Option<Arc<Arrival>>,
+}
+
+/// How much of a blob that is still being written (a registry download) is in its file, so
+/// that indexing can read it as it streams in; or why the rest will never come.
+#[derive(Debug, Default)]
+pub struct Arrival {
+    state: Mutex<(u64, Option<Result<(), String>>)>,
+    cond: Condvar,
+}
+
+impl Arrival {
+    /// The first `upto` bytes are in the file.
+    pub fn advance(&self, upto: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 = s.0.max(upto);
+        self.cond.notify_all();
+    }
+
+    /// No more bytes will come: all are there (`Ok`), or the download failed (the message).
+    pub fn finish(&self, result: Result<(), String>) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.1 = Some(result);
+        self.cond.notify_all();
+    }
+
+    /// Waits until the first `end` bytes are in the file.
+    pub fn wait(&self, end: u64) -> io::Result<()> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match &s.1 {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(msg)) => return Err(io::Error::other(msg.clone())),
+                None if s.0 >= end => return Ok(()),
+                None => s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner()),
+            }
+        }
+    }
 }
 
 impl fmt::Debug for Blob {
@@ -35,7 +74,15 @@ impl Blob {
             offset,
             len,
             name: name.into(),
+            arrival: None,
         }
+    }
+
+    /// The same blob, whose file is still being written: reads wait for their bytes to
+    /// arrive (or fail with the reason they never will).
+    pub fn arriving(mut self, arrival: Arc<Arrival>) -> Self {
+        self.arrival = Some(arrival);
+        self
     }
 
     /// Where the blob starts in its file.
@@ -69,6 +116,9 @@ impl Blob {
             return Ok(0);
         }
         let n = buf.len().min((self.len - pos) as usize);
+        if let Some(a) = &self.arrival {
+            a.wait(pos + n as u64)?;
+        }
         self.file.read_at(&mut buf[..n], self.offset + pos)
     }
 
@@ -81,6 +131,9 @@ impl Blob {
                 io::ErrorKind::UnexpectedEof,
                 format!("{}: read past the end of the blob", self.name),
             ));
+        }
+        if let Some(a) = &self.arrival {
+            a.wait(pos + buf.len() as u64)?;
         }
         self.file.read_exact_at(buf, self.offset + pos)
     }

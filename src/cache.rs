@@ -70,6 +70,8 @@ pub enum CacheKind {
     LayerIndex,
     /// The merged tree of a stack of layers (`HEX.tree`).
     MergedTree,
+    /// A blob pulled from a registry (`blobs/sha256/HEX`).
+    Blob,
 }
 
 /// The identity of the blob bytes an index was verified against: if the file is the same file,
@@ -191,6 +193,7 @@ impl Cache {
             let entries = fs::read(e.path()).ok().and_then(|b| match kind {
                 CacheKind::LayerIndex => decode(&b).map(|(i, _, _)| i.entries.len() as u64),
                 CacheKind::MergedTree => merged::node_count(&b),
+                CacheKind::Blob => None,
             });
             out.push(CacheEntry {
                 digest: format!("sha256:{hex}"),
@@ -199,18 +202,27 @@ impl Cache {
                 entries,
             });
         }
+        for b in crate::registry::BlobStore::in_cache(&self.dir).list()? {
+            out.push(CacheEntry {
+                digest: b.digest,
+                kind: CacheKind::Blob,
+                size: b.size,
+                entries: None,
+            });
+        }
         out.sort_by(|a, b| a.digest.cmp(&b.digest));
         Ok(out)
     }
 
     /// Removes every cache file; returns how many bytes were freed.
     pub fn clear(&self) -> io::Result<u64> {
-        let mut freed = 0;
+        let mut freed = crate::registry::BlobStore::in_cache(&self.dir).clear()?;
         for e in self.list()? {
             let hex = e.digest.trim_start_matches("sha256:");
             let ext = match e.kind {
                 CacheKind::LayerIndex => "idx",
                 CacheKind::MergedTree => "tree",
+                CacheKind::Blob => continue,
             };
             fs::remove_file(self.dir.join(format!("{hex}.{ext}")))?;
             freed += e.size;

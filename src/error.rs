@@ -93,6 +93,14 @@ pub enum Error {
         /// The platforms the index offers.
         available: String,
     },
+    /// A registry request that failed: the host, what was asked and what went wrong, in one line.
+    #[error("registry {host}: {msg}")]
+    Registry {
+        /// The registry host (`docker.io`, `127.0.0.1:5000`).
+        host: String,
+        /// "GET manifest app:1.0: 404 not found: manifest unknown (MANIFEST_UNKNOWN)".
+        msg: String,
+    },
     /// A Docker schema-1 manifest (registries before 2017), which flatfs does not read.
     #[error(
         "{image}: {what} is a Docker schema-1 image, which flatfs does not read; copy it again \

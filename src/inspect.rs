@@ -18,7 +18,7 @@ use crate::tree::{Merger, NodeId, NodeKind, ROOT, Tree};
 pub struct Inspect {
     /// The IMAGE argument.
     pub image: String,
-    /// `docker-archive`, `oci-layout` or `oci-archive`.
+    /// `docker-archive`, `oci-layout`, `oci-archive` or `registry`.
     pub format: String,
     /// `os/arch[/variant]` from the config.
     pub platform: String,
@@ -397,6 +397,8 @@ pub fn inspect(image: &Image, indexes: &[LayerIndex]) -> Result<Inspect> {
     Ok(Inspect {
         image: image.name.clone(),
         format: match (image.family, image.archive) {
+            // Pulled into the blob store and opened as a layout, but it came from a registry.
+            _ if image.name.starts_with("docker://") => "registry",
             (Family::Docker, _) => "docker-archive",
             (Family::Oci, true) => "oci-archive",
             (Family::Oci, false) => "oci-layout",

@@ -23,6 +23,7 @@ pub mod layer;
 pub mod mount;
 pub mod pipe;
 pub mod reference;
+pub mod registry;
 pub mod source;
 pub mod squash;
 pub mod tree;

@@ -20,11 +20,12 @@ pub struct CacheArgs {
 
 #[derive(Subcommand, Debug)]
 enum CacheAction {
-    /// One line per cached layer index or merged tree: digest (or key), size, entries.
+    /// One line per cached layer index, merged tree or pulled blob: digest (or key), size,
+    /// entries.
     Ls,
     /// Total size of the cache and where it is.
     Du,
-    /// Delete every cached index and merged tree.
+    /// Delete every cached index, merged tree and pulled blob.
     Clear,
 }
 
@@ -44,18 +45,21 @@ pub fn run(quiet: bool, args: CacheArgs) -> Result<()> {
                 let what = match e.kind {
                     CacheKind::LayerIndex => "entries",
                     CacheKind::MergedTree => "nodes (merged tree)",
+                    CacheKind::Blob => "",
                 };
-                let n = e
-                    .entries
-                    .map_or("unreadable".to_string(), |n| format!("{n} {what}"));
+                let n = match (e.kind, e.entries) {
+                    (CacheKind::Blob, _) => "blob (pulled)".to_string(),
+                    (_, Some(n)) => format!("{n} {what}"),
+                    (_, None) => "unreadable".to_string(),
+                };
                 writeln!(out, "{}  {:>10}  {}", e.digest, inspect::human(e.size), n)?;
             }
         }
         CacheAction::Du => {
             let total: u64 = entries.iter().map(|e| e.size).sum();
-            let (indexes, trees) = count_kinds(&entries);
+            let (indexes, trees, blobs) = count_kinds(&entries);
             println!(
-                "{}\t{indexes} layer indexes, {trees} merged trees\t{}",
+                "{}\t{indexes} layer indexes, {trees} merged trees, {blobs} blobs\t{}",
                 inspect::human(total),
                 cache.dir().display()
             );
@@ -65,9 +69,10 @@ pub fn run(quiet: bool, args: CacheArgs) -> Result<()> {
                 .clear()
                 .with_context(|| format!("clearing {}", cache.dir().display()))?;
             if !quiet {
-                let (indexes, trees) = count_kinds(&entries);
+                let (indexes, trees, blobs) = count_kinds(&entries);
                 eprintln!(
-                    "flatfs: removed {indexes} layer indexes and {trees} merged trees ({})",
+                    "flatfs: removed {indexes} layer indexes, {trees} merged trees and {blobs} \
+                     blobs ({})",
                     inspect::human(freed)
                 );
             }
@@ -76,11 +81,12 @@ pub fn run(quiet: bool, args: CacheArgs) -> Result<()> {
     Ok(())
 }
 
-/// How many layer indexes and merged trees.
-fn count_kinds(entries: &[CacheEntry]) -> (usize, usize) {
-    let indexes = entries
-        .iter()
-        .filter(|e| e.kind == CacheKind::LayerIndex)
-        .count();
-    (indexes, entries.len() - indexes)
+/// How many layer indexes, merged trees and blobs.
+fn count_kinds(entries: &[CacheEntry]) -> (usize, usize, usize) {
+    let count = |k| entries.iter().filter(|e| e.kind == k).count();
+    (
+        count(CacheKind::LayerIndex),
+        count(CacheKind::MergedTree),
+        count(CacheKind::Blob),
+    )
 }

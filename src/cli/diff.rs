@@ -7,7 +7,7 @@ use clap::{ArgGroup, Args};
 
 use super::ui::{Ui, UiArgs};
 use crate::inspect;
-use crate::source::{self, Platform};
+use crate::source::Platform;
 use crate::tree;
 
 /// What a layer changed: added (+), modified (~) and deleted (-) paths, with sizes.
@@ -61,7 +61,7 @@ pub fn run(ui: &Ui, args: DiffArgs) -> Result<()> {
         platform,
         ..
     } = args;
-    let img = source::open(&image, platform.as_ref())?;
+    let img = ui.open_image(&image, platform.as_ref())?;
     let n = img.layers.len();
     let count = match n {
         1 => "1 layer".to_string(),

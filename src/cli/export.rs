@@ -30,7 +30,7 @@ use crate::source::Platform;
 pub struct ExportArgs {
     /// The image to flatten.
     image: String,
-    /// Where to write (`-` for stdout).
+    /// Where to write (`-` for stdout; `docker://[HOST/]REPO[:TAG]` pushes to a registry).
     #[arg(short, long, value_name = "OUT")]
     output: String,
     /// Output format [default: docker-archive for docker input, oci-archive for OCI input].
@@ -44,7 +44,11 @@ pub struct ExportArgs {
     #[arg(long, value_name = "NAME[:TAG]", value_parser = parse_tag)]
     tag: Option<Reference>,
     /// Platform to pick from a multi-platform image [default: this host's].
-    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    #[arg(
+        long,
+        value_name = "OS/ARCH[/VARIANT]",
+        conflicts_with = "all_platforms"
+    )]
     platform: Option<Platform>,
     /// Keep the bottom N layers as they are and squash only the layers above them into one
     /// (0: squash everything, the default). Not with --format rootfs.
@@ -58,6 +62,9 @@ pub struct ExportArgs {
     /// python or debian image the application was built FROM.
     #[arg(long, value_name = "BASE", group = "keeping")]
     keep_base: Option<String>,
+    /// Flatten every platform of an index and write (oci, oci-archive) or push a new index.
+    #[arg(long, conflicts_with = "keeping")]
+    all_platforms: bool,
     /// Write to stdout even when it is a terminal.
     #[arg(long)]
     force: bool,
@@ -92,6 +99,7 @@ pub fn run(ui: &Ui, args: ExportArgs) -> Result<()> {
         keep,
         keep_until,
         keep_base,
+        all_platforms,
         force,
         ..
     } = args;
@@ -102,6 +110,55 @@ pub fn run(ui: &Ui, args: ExportArgs) -> Result<()> {
         );
     }
     export::catch_interrupts();
+    // `-o docker://…`: export to an OCI layout in a temp dir, then push that.
+    let target = match output.strip_prefix("docker://") {
+        Some(name) => Some(
+            Reference::parse_tag_arg(name)
+                .with_context(|| format!("-o {output}"))?
+                .with_default_tag(),
+        ),
+        None => None,
+    };
+    if all_platforms {
+        use super::export_all::{AllPlatforms, Dest};
+        let dest = match (&target, format) {
+            (Some(t), None | Some(FormatArg::Oci)) => Dest::Push(t),
+            (None, Some(FormatArg::Oci)) => Dest::Layout(Path::new(&output)),
+            (None, None | Some(FormatArg::OciArchive)) if output != "-" => {
+                Dest::Archive(Path::new(&output))
+            }
+            _ => anyhow::bail!(
+                "--all-platforms writes an index: -o DIR --format oci, -o FILE (oci-archive) or \
+                 -o docker://…"
+            ),
+        };
+        let job = AllPlatforms {
+            image: &image,
+            compression: compression.map(|c| match c {
+                CompressionArg::Gzip => OutCompression::Gzip,
+                CompressionArg::Zstd => OutCompression::Zstd,
+                CompressionArg::None => OutCompression::None,
+            }),
+            tag: target.as_ref().or(tag.as_ref()),
+            source_date_epoch: source_date_epoch()?,
+        };
+        return super::export_all::run(&job, dest, ui);
+    }
+    let push_dir = match &target {
+        Some(_) if format.is_some_and(|f| !matches!(f, FormatArg::Oci)) => {
+            anyhow::bail!("-o docker://… pushes an image: --format must be oci or left out")
+        }
+        Some(_) => Some(tempfile::tempdir().context("temp dir for the image to push")?),
+        None => None,
+    };
+    let (output, format, tag) = match (&push_dir, &target) {
+        (Some(dir), Some(t)) => (
+            dir.path().join("layout").to_string_lossy().into_owned(),
+            Some(FormatArg::Oci),
+            Some(t.clone()),
+        ),
+        _ => (output, format, tag),
+    };
     let opts = export::Options {
         format: format.map(|f| match f {
             FormatArg::DockerArchive => Format::DockerArchive,
@@ -126,38 +183,67 @@ pub fn run(ui: &Ui, args: ExportArgs) -> Result<()> {
             _ => PathBuf::from("."),
         },
     };
-    if keep.is_some_and(|k| k > 0) || keep_until.is_some() || keep_base.is_some() {
+    let keeping = keep.is_some_and(|k| k > 0) || keep_until.is_some() || keep_base.is_some();
+    let (layers, report, summary_text) = if keeping {
         if opts.format == Some(Format::Rootfs) {
             anyhow::bail!(
                 "--keep, --keep-until and --keep-base keep layers: a rootfs tar has none (use --format oci, oci-archive or docker-archive)"
             );
         }
-        let img = crate::source::open(&image, platform.as_ref())?;
+        let img = ui.open_image(&image, platform.as_ref())?;
         let keep = match (keep, keep_until, keep_base) {
             (Some(n), _, _) => n,
             (_, Some(digest), _) => layers_until(&img, &digest)?,
-            (_, _, Some(base)) => base_layers(&img, &base, platform.as_ref())?,
+            (_, _, Some(base)) => base_layers(ui, &img, &base, platform.as_ref())?,
             (None, None, None) => unreachable!("one of them is given"),
         };
-        return export_keeping(ui, img, keep, &spool_dir, &output, &opts);
-    }
-    let Opened {
-        image: img, tree, ..
-    } = ui.open(&image, platform.as_ref(), None, Some(&spool_dir))?;
-    let started = Instant::now();
-    let bar = ui.bar(export::content_bytes(&tree), "exporting");
-    let report = export::export_with_progress(&img, &tree, &output, &opts, &|n| {
-        if let Some(b) = &bar {
-            b.inc(n);
+        let layers = img.layers.len();
+        let (report, text) = export_keeping(ui, img, keep, &spool_dir, &output, &opts)?;
+        (layers, report, text)
+    } else {
+        let Opened {
+            image: img, tree, ..
+        } = ui.open(&image, platform.as_ref(), None, Some(&spool_dir))?;
+        let started = Instant::now();
+        let bar = ui.bar(export::content_bytes(&tree), "exporting");
+        let report = export::export_with_progress(&img, &tree, &output, &opts, &|n| {
+            if let Some(b) = &bar {
+                b.inc(n);
+            }
+        })
+        .with_context(|| format!("exporting {image} to {output}"))?;
+        if let Some(b) = bar {
+            b.finish_and_clear();
         }
-    })
-    .with_context(|| format!("exporting {image} to {output}"))?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
+        log::info!("exported in {:.2?}", started.elapsed());
+        let text = summary(img.layers.len(), &output, &report);
+        (img.layers.len(), report, text)
+    };
+    if let Some(target) = &target {
+        // Blobs of a source in the same registry can be mounted rather than uploaded.
+        let mount_from = image
+            .strip_prefix("docker://")
+            .and_then(|s| s.parse::<Reference>().ok())
+            .filter(|r| r.domain() == target.domain())
+            .map(|r| r.path().to_string());
+        let pushed = crate::registry::push::push_layout(
+            std::path::Path::new(&output),
+            target,
+            mount_from.as_deref(),
+            &ui.registry,
+        )
+        .with_context(|| format!("pushing {image} flattened to {target}"))?;
+        if !ui.quiet {
+            eprintln!(
+                "flatfs: flattened {layers} layers ({} entries) and pushed {target}@{} ({} blobs \
+                 uploaded, {} mounted, {} already there)",
+                report.entries, pushed.digest, pushed.uploaded, pushed.mounted, pushed.present
+            );
+        }
+        return Ok(());
     }
-    log::info!("exported in {:.2?}", started.elapsed());
     if !ui.quiet {
-        eprint!("{}", summary(img.layers.len(), &output, &report));
+        eprint!("{summary_text}");
     }
     Ok(())
 }
@@ -170,7 +256,7 @@ fn export_keeping(
     spool_dir: &Path,
     output: &str,
     opts: &export::Options,
-) -> Result<()> {
+) -> Result<(export::Report, String)> {
     let name = img.name.clone();
     // The kept layers are indexed (or their indexes loaded) but never spooled: only the
     // layers above them are read for their contents.
@@ -196,21 +282,19 @@ fn export_keeping(
         b.finish_and_clear();
     }
     log::info!("exported in {:.2?}", started.elapsed());
-    if !ui.quiet {
-        let s = report.squash.unwrap_or_default();
-        eprint!(
-            "flatfs: kept {} layers, squashed {} into one ({} changed, {} names, {} whiteouts, {} opaque) in {}\n{}",
-            keep.layers,
-            img.layers.len() - keep.layers,
-            s.changed,
-            s.names,
-            s.whiteouts,
-            s.opaques,
-            if output == "-" { "stdout" } else { output },
-            digests(&report)
-        );
-    }
-    Ok(())
+    let s = report.squash.unwrap_or_default();
+    let text = format!(
+        "flatfs: kept {} layers, squashed {} into one ({} changed, {} names, {} whiteouts, {} opaque) in {}\n{}",
+        keep.layers,
+        img.layers.len() - keep.layers,
+        s.changed,
+        s.names,
+        s.whiteouts,
+        s.opaques,
+        if output == "-" { "stdout" } else { output },
+        digests(&report)
+    );
+    Ok((report, text))
 }
 
 /// `--keep-until DIGEST`: the number of the one layer whose digest or diff_id starts with it.
@@ -256,11 +340,13 @@ fn layers_until(img: &crate::source::Image, digest: &str) -> Result<usize> {
 /// `--keep-base BASE`: how many layers BASE has, once IMAGE is seen to start with them (same
 /// diff_ids, that is the same uncompressed contents, in the same order).
 fn base_layers(
+    ui: &Ui,
     img: &crate::source::Image,
     base: &str,
     platform: Option<&Platform>,
 ) -> Result<usize> {
-    let b = crate::source::open(base, platform)
+    let b = ui
+        .open_image(base, platform)
         .with_context(|| format!("reading --keep-base {base}"))?;
     if b.layers.len() > img.layers.len() {
         anyhow::bail!(

@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::ui::{Ui, UiArgs};
 use crate::inspect;
-use crate::source::{self, Platform};
+use crate::source::Platform;
 
 /// Show an image at a glance: config, one row per layer, and what flattening would save.
 ///
@@ -31,7 +31,7 @@ pub struct InspectArgs {
 
 /// Runs `flatfs inspect`.
 pub fn run(ui: &Ui, args: InspectArgs) -> Result<()> {
-    let img = source::open(&args.image, args.platform.as_ref())?;
+    let img = ui.open_image(&args.image, args.platform.as_ref())?;
     let indexes = ui.index(&img, None, None)?;
     let report = inspect::inspect(&img, &indexes)?;
     let mut out = io::stdout().lock();

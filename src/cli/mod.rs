@@ -5,6 +5,7 @@ mod cache;
 mod cat;
 mod diff;
 mod export;
+mod export_all;
 mod inspect;
 mod ls;
 mod misc;
@@ -57,12 +58,12 @@ pub struct Reported;
 pub fn run(cli: Cli) -> Result<()> {
     let top = cli.top;
     match cli.command {
-        Command::Export(a) => export::run(&a.ui.start(top), a),
-        Command::Mount(a) => mount::run(&a.ui.start(top), a),
-        Command::Inspect(a) => inspect::run(&a.ui.start(top), a),
-        Command::Ls(a) => ls::run(&a.ui.start(top), a),
-        Command::Cat(a) => cat::run(&a.ui.start(top), a),
-        Command::Diff(a) => diff::run(&a.ui.start(top), a),
+        Command::Export(a) => export::run(&a.ui.start(&top), a),
+        Command::Mount(a) => mount::run(&a.ui.start(&top), a),
+        Command::Inspect(a) => inspect::run(&a.ui.start(&top), a),
+        Command::Ls(a) => ls::run(&a.ui.start(&top), a),
+        Command::Cat(a) => cat::run(&a.ui.start(&top), a),
+        Command::Diff(a) => diff::run(&a.ui.start(&top), a),
         Command::Cache(a) => cache::run(top.log.quiet, a),
         Command::Completions(a) => misc::completions(a),
         Command::Man(a) => misc::man(a),

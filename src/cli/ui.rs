@@ -27,7 +27,7 @@ pub struct LogArgs {
 
 /// The options of every command that reads an image. They are also taken before the command
 /// name (`flatfs -q export …`), where every command accepts them.
-#[derive(Args, Debug, Clone, Copy, Default)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct UiArgs {
     #[command(flatten)]
     pub log: LogArgs,
@@ -35,21 +35,60 @@ pub struct UiArgs {
     /// $XDG_CACHE_HOME/flatfs, else ~/.cache/flatfs).
     #[arg(long)]
     pub no_cache: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// How to reach registries, for `docker://` images; skopeo's names and meanings.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RegistryArgs {
+    /// Registry credentials from this auth file only [default: $REGISTRY_AUTH_FILE, else
+    /// $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json,
+    /// ~/.docker/config.json].
+    #[arg(long, value_name = "PATH")]
+    pub authfile: Option<std::path::PathBuf>,
+    /// Registry credentials from a file holding USER:PASSWORD (never on the command line).
+    #[arg(long, value_name = "PATH")]
+    pub creds_file: Option<std::path::PathBuf>,
+    /// CA certificates (*.crt) and a client certificate (*.cert, *.key) for the registry
+    /// [default: /etc/containers/certs.d/HOST:PORT].
+    #[arg(long, value_name = "DIR")]
+    pub cert_dir: Option<std::path::PathBuf>,
+    /// Require HTTPS and a valid certificate [default: true]; `--tls-verify=false` also
+    /// allows plain HTTP.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub tls_verify: Option<bool>,
 }
 
 impl UiArgs {
     /// Starts logging and builds the [`Ui`] for these options and those given before the
     /// command name (`top`).
-    pub fn start(self, top: UiArgs) -> Ui {
+    pub fn start(&self, top: &UiArgs) -> Ui {
         let quiet = self.log.quiet || top.log.quiet;
         init_logging(self.log.verbose.saturating_add(top.log.verbose));
+        let cache = if self.no_cache || top.no_cache {
+            None
+        } else {
+            crate::cache::default_dir().and_then(usable_cache)
+        };
+        let (here, there) = (self.registry.clone(), top.registry.clone());
+        let registry = crate::registry::Options {
+            authfile: here.authfile.or(there.authfile),
+            creds_file: here.creds_file.or(there.creds_file),
+            cert_dir: here.cert_dir.or(there.cert_dir),
+            insecure: !here.tls_verify.or(there.tls_verify).unwrap_or(true),
+            cache_dir: cache.as_ref().map(|c| c.dir().to_path_buf()),
+        };
         Ui {
             quiet,
-            cache: if self.no_cache || top.no_cache {
-                None
-            } else {
-                crate::cache::default_dir().and_then(usable_cache)
-            },
+            cache,
+            registry,
         }
     }
 }
@@ -76,6 +115,8 @@ pub struct Ui {
     pub quiet: bool,
     /// Where layer indexes and merged trees are kept, unless `--no-cache`.
     pub cache: Option<Cache>,
+    /// How to reach registries (`docker://` images).
+    pub registry: crate::registry::Options,
 }
 
 impl Ui {
@@ -123,7 +164,13 @@ impl Ui {
     ) -> Result<Vec<LayerIndex>> {
         let limit = layers.unwrap_or(img.layers.len()).min(img.layers.len());
         let total = img.layers[..limit].iter().map(|l| l.blob.len()).sum();
-        let bar = self.bar(total, "indexing");
+        // A registry image's layers are indexed as they download: the bar is the pull's.
+        let what = if img.name.starts_with("docker://") {
+            "pulling"
+        } else {
+            "indexing"
+        };
+        let bar = self.bar(total, what);
         let started = Instant::now();
         let progress = |n: u64| {
             if let Some(b) = &bar {
@@ -151,6 +198,11 @@ impl Ui {
         Ok(indexes)
     }
 
+    /// Opens `spec` (pulling it first if it is in a registry).
+    pub fn open_image(&self, spec: &str, platform: Option<&Platform>) -> Result<Image> {
+        Ok(source::open_with(spec, platform, &self.registry)?)
+    }
+
     /// Opens `spec` and builds its merged tree (from the cache when it can).
     pub fn open(
         &self,
@@ -159,7 +211,7 @@ impl Ui {
         layers: Option<usize>,
         spool_dir: Option<&Path>,
     ) -> Result<Opened> {
-        let img = source::open(spec, platform)?;
+        let img = self.open_image(spec, platform)?;
         crate::check_layer_count(&img, layers)?;
         let opts = IndexOptions {
             layers,

@@ -3,6 +3,7 @@
 
 mod docker_archive;
 mod oci;
+mod registry;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -354,9 +355,20 @@ fn normalise_member(name: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Opens IMAGE as the CLI takes it: a path, `DIR:REF`, or `-` for a tar on stdin.
+/// Opens IMAGE as the CLI takes it: a path, `DIR:REF`, or `-` for a tar on stdin, or
+/// skopeo's transports `docker://REF`, `oci:PATH[:REF]`, `oci-archive:PATH[:REF]`,
+/// `docker-archive:PATH[:REF]`; registries are reached with the default options.
 pub fn open(spec: &str, wanted: Option<&Platform>) -> Result<Image> {
-    let image = open_any(spec, wanted)?;
+    open_with(spec, wanted, &crate::registry::Options::default())
+}
+
+/// [`open`], with registry options (credentials, certificates, the blob store).
+pub fn open_with(
+    spec: &str,
+    wanted: Option<&Platform>,
+    registry: &crate::registry::Options,
+) -> Result<Image> {
+    let image = open_any(spec, wanted, registry)?;
     // An index entry without a platform (or a docker archive) says nothing about its platform;
     // the config does. Check it only when the user asked for one: by default the only image
     // there is is the one wanted.
@@ -379,9 +391,50 @@ pub fn open(spec: &str, wanted: Option<&Platform>) -> Result<Image> {
     Ok(image)
 }
 
-fn open_any(spec: &str, platform: Option<&Platform>) -> Result<Image> {
+fn open_any(
+    spec: &str,
+    platform: Option<&Platform>,
+    registry: &crate::registry::Options,
+) -> Result<Image> {
     let host = Platform::host();
     let platform = platform.unwrap_or(&host);
+    if let Some(name) = spec.strip_prefix("docker://") {
+        let reference: crate::reference::Reference = name
+            .parse()
+            .map_err(|e: crate::reference::ReferenceError| Error::invalid(spec, e.reason))?;
+        return registry::open(&reference, spec, platform, registry);
+    }
+    // skopeo's local transports: the path ends at the first ':' (as containers/image splits).
+    for transport in ["oci:", "oci-archive:", "docker-archive:"] {
+        if let Some(rest) = spec.strip_prefix(transport) {
+            let (path, reference) = match rest.split_once(':') {
+                Some((p, r)) if !r.is_empty() => (p, Some(r)),
+                _ => (rest.trim_end_matches(':'), None),
+            };
+            let path = PathBuf::from(path);
+            let meta = std::fs::metadata(&path).map_err(|e| Error::io(path.display(), e))?;
+            let store = match (transport, meta.is_dir()) {
+                ("oci:", true) => Store::Dir(path),
+                ("oci:", false) => {
+                    return Err(Error::invalid(spec, "oci: names a layout directory"));
+                }
+                (_, true) => return Err(Error::invalid(spec, "names a directory, not an archive")),
+                (_, false) => Store::open_tar(&path, spec)?,
+            };
+            let want_docker = transport == "docker-archive:";
+            if store.has("manifest.json") != want_docker {
+                return Err(Error::invalid(
+                    spec,
+                    if want_docker {
+                        "not a docker-archive (no manifest.json)"
+                    } else {
+                        "not an OCI layout (no index.json)"
+                    },
+                ));
+            }
+            return open_store(store, spec, reference, platform);
+        }
+    }
     if spec == "-" {
         let mut spool = tempfile::NamedTempFile::new().map_err(|e| Error::io("stdin spool", e))?;
         let n = io::copy(&mut io::stdin().lock(), spool.as_file_mut())
@@ -405,6 +458,40 @@ fn open_any(spec: &str, platform: Option<&Platform>) -> Result<Image> {
         Store::open_tar(&path, spec)?
     };
     open_store(store, spec, reference.as_deref(), platform)
+}
+
+/// The platforms the image `spec` offers, for `export --all-platforms`: every image manifest
+/// of its index (nested indexes walked, attestations left out). Empty for a single image.
+pub fn platforms(spec: &str, registry: &crate::registry::Options) -> Result<Vec<Platform>> {
+    if let Some(name) = spec.strip_prefix("docker://") {
+        let reference: crate::reference::Reference = name
+            .parse()
+            .map_err(|e: crate::reference::ReferenceError| Error::invalid(spec, e.reason))?;
+        return registry::platforms(&reference, spec, registry);
+    }
+    let rest = spec
+        .strip_prefix("oci:")
+        .or_else(|| spec.strip_prefix("oci-archive:"));
+    let (path, reference) = match rest {
+        Some(rest) => match rest.split_once(':') {
+            Some((p, r)) if !r.is_empty() => (PathBuf::from(p), Some(r.to_string())),
+            _ => (PathBuf::from(rest.trim_end_matches(':')), None),
+        },
+        None if spec == "-" => {
+            return Err(Error::invalid(spec, "stdin can be read only once"));
+        }
+        None => split_reference(spec),
+    };
+    let meta = std::fs::metadata(&path).map_err(|e| Error::io(path.display(), e))?;
+    let store = if meta.is_dir() {
+        Store::Dir(path)
+    } else {
+        Store::open_tar(&path, spec)?
+    };
+    if store.has("manifest.json") || !store.has("index.json") {
+        return Ok(Vec::new());
+    }
+    oci::platforms(&store, spec, reference.as_deref())
 }
 
 /// Splits `DIR:REF` when the whole string is not itself an existing path.

@@ -63,7 +63,7 @@ fn check_digest(desc: &Descriptor, bytes: &[u8], what: &str) -> Result<()> {
 
 /// Parses an index or manifest. Straight through serde_json rather than oci-spec's
 /// `from_reader`, whose error says only "serde failed" and drops what and where.
-fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
+pub(super) fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| Error::Json {
         what: what.to_string(),
         source: e,
@@ -71,7 +71,11 @@ fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> 
 }
 
 /// Parses an index or manifest, refusing a schema-1 manifest by name.
-fn parse_doc<T: serde::de::DeserializeOwned>(bytes: &[u8], image: &str, what: &str) -> Result<T> {
+pub(super) fn parse_doc<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    image: &str,
+    what: &str,
+) -> Result<T> {
     if is_schema1(bytes) {
         return Err(Error::Schema1 {
             image: image.to_string(),
@@ -81,7 +85,7 @@ fn parse_doc<T: serde::de::DeserializeOwned>(bytes: &[u8], image: &str, what: &s
     parse(bytes, what)
 }
 
-fn is_index(mt: &MediaType) -> bool {
+pub(super) fn is_index(mt: &MediaType) -> bool {
     matches!(mt, MediaType::ImageIndex)
         || mt.to_string() == "application/vnd.docker.distribution.manifest.list.v2+json"
 }
@@ -127,7 +131,7 @@ fn platform_matches(desc: &Descriptor, want: &Platform) -> bool {
 }
 
 /// Walks indexes down to one image manifest descriptor for `platform`.
-fn pick_manifest(
+pub(super) fn pick_manifest(
     store: &Store,
     image: &str,
     candidates: Vec<Descriptor>,
@@ -369,7 +373,7 @@ fn full_name(image: &str, reference: &str) -> Option<String> {
 }
 
 /// Accepts the tar layer types of OCI and Docker; refuses the rest by name.
-fn check_layer_media_type(desc: &Descriptor, number: usize) -> Result<()> {
+pub(super) fn check_layer_media_type(desc: &Descriptor, number: usize) -> Result<()> {
     let mt = desc.media_type().to_string();
     let ok = matches!(
         mt.as_str(),
@@ -387,4 +391,67 @@ fn check_layer_media_type(desc: &Descriptor, number: usize) -> Result<()> {
         layer: format!("{} ({})", number, desc.digest()),
         media_type: mt,
     })
+}
+
+/// The platforms an image offers (`DIR:REF` picks the image), nested indexes walked,
+/// attestations left out; empty for a single image whose index entry names no platform.
+pub(super) fn platforms(
+    store: &Store,
+    name: &str,
+    reference: Option<&str>,
+) -> Result<Vec<Platform>> {
+    let bytes = store
+        .need(name, "index.json")?
+        .read_all(super::MAX_JSON)
+        .map_err(|e| Error::io("index.json", e))?;
+    let index: ImageIndex = parse_doc(&bytes, name, "index.json")?;
+    let named = |d: &Descriptor| {
+        let a = d.annotations().as_ref();
+        reference.is_none_or(|r| {
+            a.and_then(|a| a.get(REF_NAME)).map(String::as_str) == Some(r)
+                || a.and_then(|a| a.get(CONTAINERD_NAME)).map(String::as_str) == Some(r)
+        })
+    };
+    let mut out = Vec::new();
+    let top: Vec<Descriptor> = index
+        .manifests()
+        .iter()
+        .filter(|d| named(d))
+        .cloned()
+        .collect();
+    collect_platforms(store, name, &top, 0, &mut out)?;
+    Ok(out)
+}
+
+fn collect_platforms(
+    store: &Store,
+    image: &str,
+    descs: &[Descriptor],
+    depth: usize,
+    out: &mut Vec<Platform>,
+) -> Result<()> {
+    if depth > MAX_NESTING {
+        return Err(Error::invalid(image, "image indexes nest too deeply"));
+    }
+    for desc in descs {
+        if is_attestation(desc) {
+            continue;
+        }
+        if is_index(desc.media_type()) {
+            let what = format!("index {}", desc.digest());
+            let bytes = read_checked(store, image, desc, &what)?;
+            let index: ImageIndex = parse_doc(&bytes, image, &what)?;
+            collect_platforms(store, image, index.manifests(), depth + 1, out)?;
+        } else if let (true, Some(p)) = (is_manifest(desc.media_type()), desc.platform()) {
+            let platform = Platform {
+                os: p.os().to_string(),
+                arch: p.architecture().to_string(),
+                variant: p.variant().clone(),
+            };
+            if !out.contains(&platform) {
+                out.push(platform);
+            }
+        }
+    }
+    Ok(())
 }

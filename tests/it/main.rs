@@ -12,6 +12,8 @@ mod mount;
 mod names;
 mod oracle;
 mod props;
+mod registry;
+mod registry_harness;
 mod sparse;
 mod squash;
 mod util;

@@ -1,0 +1,419 @@
+//! The blob store under the registry source: pulled blobs by digest (`blobs/sha256/HEX` in the
+//! cache directory), shared by every image, so a base layer is fetched once per host. A blob
+//! enters only whole and digest-checked (temp file, then rename); the store is bounded in size
+//! and evicts the least recently used blobs.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+/// Default bound on the store's size: `$FLATFS_BLOB_CACHE_MAX` bytes overrides it.
+const DEFAULT_MAX: u64 = 20 << 30;
+
+/// A directory of blobs named by digest.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    /// The directory holding `sha256/` (so a layout's `blobs` can point at it).
+    root: PathBuf,
+    /// Blobs are flushed to disk before they take their name; not for a temp store, which
+    /// no crash can leave behind to be trusted.
+    durable: bool,
+}
+
+/// One stored blob, for `flatfs cache ls`.
+#[derive(Debug, Clone)]
+pub struct StoredBlob {
+    /// `sha256:HEX`.
+    pub digest: String,
+    /// Bytes.
+    pub size: u64,
+    /// Last use (access time, seconds since the epoch).
+    pub used: i64,
+}
+
+impl BlobStore {
+    /// The store of a cache directory: `DIR/blobs`.
+    pub fn in_cache(cache_dir: &Path) -> Self {
+        BlobStore {
+            root: cache_dir.join("blobs"),
+            durable: true,
+        }
+    }
+
+    /// A store in a temp dir that lives for one command (`--no-cache`): not flushed to disk.
+    pub fn temporary(dir: &Path) -> Self {
+        BlobStore {
+            root: dir.join("blobs"),
+            durable: false,
+        }
+    }
+
+    /// The directory holding `sha256/HEX` files.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a digest's blob lives, or `None` for a digest that is not `sha256:` + 64 hex
+    /// digits (digests come from the network: never let one name another path).
+    pub fn path(&self, digest: &str) -> Option<PathBuf> {
+        let hex = digest.strip_prefix("sha256:")?;
+        if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        Some(self.root.join("sha256").join(hex))
+    }
+
+    /// True when the blob is stored with the expected size; marks it used.
+    pub fn has(&self, digest: &str, size: u64) -> bool {
+        let Some(path) = self.path(digest) else {
+            return false;
+        };
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() && m.len() == size => {
+                touch(&path);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Stores small bytes (a manifest, a config) under their digest.
+    pub fn put_bytes(&self, digest: &str, bytes: &[u8]) -> io::Result<PathBuf> {
+        let mut w = self.writer(digest)?;
+        w.write_all(bytes)?;
+        w.commit()
+    }
+
+    /// A writer for one blob: hashes what it is given and only puts it in the store when the
+    /// hash is the digest ([`BlobWriter::commit`]); dropped uncommitted, it leaves nothing.
+    pub fn writer(&self, digest: &str) -> io::Result<BlobWriter> {
+        let path = self.path(digest).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unsupported digest {digest:?}"),
+            )
+        })?;
+        let dir = self.root.join("sha256");
+        fs::create_dir_all(&dir)?;
+        let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir)?;
+        Ok(BlobWriter {
+            tmp,
+            hasher: Sha256::new(),
+            written: 0,
+            digest: digest.to_string(),
+            path,
+            durable: self.durable,
+        })
+    }
+
+    /// Every stored blob, least recently used first.
+    pub fn list(&self) -> io::Result<Vec<StoredBlob>> {
+        let dir = self.root.join("sha256");
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for e in rd {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let digest = format!("sha256:{name}");
+            if self.path(&digest).is_none() {
+                continue;
+            }
+            let m = e.metadata()?;
+            out.push(StoredBlob {
+                digest,
+                size: m.len(),
+                used: m.atime(),
+            });
+        }
+        out.sort_by(|a, b| a.used.cmp(&b.used).then(a.digest.cmp(&b.digest)));
+        Ok(out)
+    }
+
+    /// Removes every blob and leftover temp file; returns the bytes freed.
+    pub fn clear(&self) -> io::Result<u64> {
+        let dir = self.root.join("sha256");
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut freed = 0;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".tmp-") || self.path(&format!("sha256:{name}")).is_some() {
+                freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(e.path())?;
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Evicts least recently used blobs, other than `keep`, until the store holds at most
+    /// `max` bytes. An image already open keeps its blobs' open files, so evicting under a
+    /// running mount is safe.
+    pub fn evict(&self, keep: &[String], max: u64) -> io::Result<u64> {
+        self.remove_stale();
+        let blobs = self.list()?;
+        let mut total: u64 = blobs.iter().map(|b| b.size).sum();
+        let mut freed = 0;
+        for b in blobs {
+            if total <= max {
+                break;
+            }
+            if keep.contains(&b.digest) {
+                continue;
+            }
+            if let Some(path) = self.path(&b.digest) {
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                log::info!("blob store: evicted {} ({} bytes)", b.digest, b.size);
+                total -= b.size;
+                freed += b.size;
+            }
+        }
+        Ok(freed)
+    }
+}
+
+impl BlobStore {
+    /// Removes what a killed pull left behind (`.tmp-*` files, `.layout-*` directories) once
+    /// it is a day old: a pull running now is never that old.
+    fn remove_stale(&self) {
+        let day = std::time::Duration::from_secs(24 * 3600);
+        let old = |m: &fs::Metadata| {
+            m.modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|a| a > day)
+        };
+        for (dir, prefix) in [
+            (self.root.join("sha256"), ".tmp-"),
+            (self.root.clone(), ".layout-"),
+        ] {
+            let Ok(rd) = fs::read_dir(&dir) else { continue };
+            for e in rd.flatten() {
+                let stale = e.file_name().to_string_lossy().starts_with(prefix)
+                    && e.metadata().is_ok_and(|m| old(&m));
+                if stale {
+                    let p = e.path();
+                    // Best effort: what cannot be removed now is tried again next time.
+                    let _ = if p.is_dir() {
+                        fs::remove_dir_all(&p)
+                    } else {
+                        fs::remove_file(&p)
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// The store's bound: `$FLATFS_BLOB_CACHE_MAX` bytes, default 20 GiB.
+pub fn max_size() -> u64 {
+    std::env::var("FLATFS_BLOB_CACHE_MAX")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_MAX)
+}
+
+/// Marks a blob used: sets its access time to now (explicitly, so `noatime`/`relatime` mounts
+/// do not matter), leaving the modification time alone, which the index cache's stamp includes.
+fn touch(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+    ];
+    // SAFETY: `c` is a NUL-terminated path and `times` two valid timespecs, as utimensat wants.
+    // LRU order is best effort: a failure only makes the blob look older.
+    unsafe {
+        libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0);
+    }
+}
+
+/// A blob being written into the store (see [`BlobStore::writer`]).
+pub struct BlobWriter {
+    tmp: tempfile::NamedTempFile,
+    hasher: Sha256,
+    written: u64,
+    digest: String,
+    path: PathBuf,
+    durable: bool,
+}
+
+impl BlobWriter {
+    /// Bytes written so far (where a resumed download starts).
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Sizes the file to the blob's size up front (sparse), so that a reader opening it
+    /// while it downloads sees the final length.
+    pub fn preallocate(&mut self, size: u64) -> io::Result<()> {
+        self.tmp.as_file().set_len(size)
+    }
+
+    /// Where the blob is being written (a temp file beside its final place, same file system).
+    pub fn temp_path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Checks that what was written hashes to the digest; the error says what arrived.
+    pub fn check(&self) -> io::Result<()> {
+        let found = crate::blob::digest_string(self.hasher.clone());
+        if found != self.digest {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "digest mismatch: expected {}, the {} bytes received hash to {found}",
+                    self.digest, self.written
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the digest and moves the blob into place (flushed to disk first, so a crash
+    /// never leaves a torn file under a digest's name); returns its path. On a mismatch the
+    /// temp file is removed.
+    pub fn commit(self) -> io::Result<PathBuf> {
+        self.check()?;
+        if self.durable {
+            self.tmp.as_file().sync_data()?;
+        }
+        self.tmp.persist(&self.path).map_err(|e| e.error)?;
+        Ok(self.path)
+    }
+
+    /// Like [`BlobWriter::commit`], but renames first and leaves the flush to the caller
+    /// (the returned file, `None` for a temp store), for a download whose reader should not
+    /// wait for the disk: the blob is in the store as soon as this returns.
+    pub fn commit_unflushed(self) -> io::Result<(PathBuf, Option<std::fs::File>)> {
+        self.check()?;
+        let durable = self.durable;
+        let file = self.tmp.persist(&self.path).map_err(|e| e.error)?;
+        Ok((self.path, durable.then_some(file)))
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.tmp.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tmp.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ABC: &str = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    #[test]
+    fn a_blob_enters_only_with_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_cache(dir.path());
+        let mut w = store.writer(ABC).unwrap();
+        w.write_all(b"abd").unwrap();
+        assert!(w.commit().is_err());
+        assert!(!store.has(ABC, 3));
+        assert!(store.list().unwrap().is_empty(), "no temp file left");
+        store.put_bytes(ABC, b"abc").unwrap();
+        assert!(store.has(ABC, 3));
+        assert!(!store.has(ABC, 4), "a wrong size is not the blob");
+        assert_eq!(store.clear().unwrap(), 3);
+        assert!(!store.has(ABC, 3));
+    }
+
+    #[test]
+    fn digests_that_name_other_paths_are_refused() {
+        let store = BlobStore::in_cache(Path::new("/nonexistent"));
+        assert!(store.path("sha256:../../etc/passwd").is_none());
+        assert!(store.path(&format!("sha512:{}", "a".repeat(64))).is_none());
+        assert!(store.path(&format!("sha256:{}", "A".repeat(64))).is_none());
+    }
+
+    #[test]
+    fn leftovers_of_a_killed_pull_go_after_a_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_cache(dir.path());
+        let sha = store.root().join("sha256");
+        fs::create_dir_all(&sha).unwrap();
+        let two_days_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(48 * 3600);
+        let old_tmp = sha.join(".tmp-old");
+        let new_tmp = sha.join(".tmp-new");
+        let old_layout = store.root().join(".layout-old");
+        fs::write(&old_tmp, b"x").unwrap();
+        fs::write(&new_tmp, b"x").unwrap();
+        fs::create_dir_all(old_layout.join("blobs")).unwrap();
+        for p in [&old_tmp, &old_layout] {
+            fs::File::open(p)
+                .unwrap()
+                .set_times(fs::FileTimes::new().set_modified(two_days_ago))
+                .unwrap();
+        }
+        store.evict(&[], u64::MAX).unwrap();
+        assert!(!old_tmp.exists() && !old_layout.exists());
+        assert!(new_tmp.exists(), "a pull running now keeps its temp file");
+    }
+
+    #[test]
+    fn eviction_removes_the_least_recently_used_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_cache(dir.path());
+        let blobs: Vec<(String, Vec<u8>)> = (0..3u8)
+            .map(|i| {
+                let b = vec![i; 100];
+                (crate::blob::sha256_of(&b), b)
+            })
+            .collect();
+        for (d, b) in &blobs {
+            store.put_bytes(d, b).unwrap();
+        }
+        // Ages in order: 0 oldest, then 2, then 1.
+        for (i, age) in [(0, 300), (2, 200), (1, 100)] {
+            let p = store.path(&blobs[i].0).unwrap();
+            let t = std::time::SystemTime::now() - std::time::Duration::from_secs(age);
+            fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_times(fs::FileTimes::new().set_accessed(t))
+                .unwrap();
+        }
+        let freed = store.evict(&[blobs[0].0.clone()], 150).unwrap();
+        assert_eq!(freed, 200);
+        let left: Vec<String> = store
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|b| b.digest)
+            .collect();
+        assert_eq!(left, vec![blobs[0].0.clone()], "kept the one in use");
+    }
+}

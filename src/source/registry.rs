@@ -1,0 +1,373 @@
+//! The `docker://` source: fetches an image's manifest (through its indexes, for the wanted
+//! platform), config and layers from a registry into the blob store, every blob checked
+//! against its digest, then opens them as an OCI layout, so the rest of flatfs reads a pulled
+//! image exactly like a local one.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
+
+use super::{Image, Platform, Store, oci};
+use crate::blob::Arrival;
+use crate::error::{Error, Result};
+use crate::reference::{DEFAULT_TAG, Reference};
+use crate::registry::store::BlobWriter;
+use crate::registry::{BlobStore, Client, Options, store};
+
+/// How deep nested indexes may go before we call it a loop (as for local layouts).
+const MAX_NESTING: usize = 8;
+/// Blobs downloaded at once.
+const PARALLEL: usize = 4;
+
+/// Pulls `reference` (what the user wrote as `spec`) for `platform` and opens it.
+pub(super) fn open(
+    reference: &Reference,
+    spec: &str,
+    platform: &Platform,
+    opts: &Options,
+) -> Result<Image> {
+    let Top {
+        client,
+        blobs,
+        temp_store,
+        top,
+        top_desc,
+        documents,
+        layout,
+    } = open_top(reference, opts)?;
+    let repo = reference.path();
+    let put = |digest: &str, bytes: &[u8]| {
+        blobs
+            .put_bytes(digest, bytes)
+            .map(drop)
+            .map_err(|e| Error::io(blobs.root().display(), e))
+    };
+    let link = |digest: &str, from: &Path| -> Result<()> {
+        let to = layout_path(layout.path(), digest)?;
+        std::fs::hard_link(from, &to).map_err(|e| Error::io(to.display(), e))
+    };
+    let stored = |digest: &str| {
+        blobs
+            .path(digest)
+            .ok_or_else(|| client.error(format!("unsupported digest {digest:?}")))
+    };
+    let store = Store::Dir(layout.path().to_path_buf());
+    let desc = oci::pick_manifest(&store, spec, vec![top_desc.clone()], platform, 0)?;
+    let manifest_bytes = if desc.digest() == top_desc.digest() {
+        top.bytes
+    } else {
+        let m = client.manifest(repo, desc.digest().as_ref())?;
+        put(&m.digest, &m.bytes)?;
+        link(&m.digest, &stored(&m.digest)?)?;
+        m.bytes
+    };
+    let what = format!("manifest {}", desc.digest());
+    let manifest: ImageManifest = oci::parse_doc(&manifest_bytes, spec, &what)?;
+    for (i, layer) in manifest.layers().iter().enumerate() {
+        oci::check_layer_media_type(layer, i + 1)?;
+    }
+    let config = manifest.config();
+    let config_digest = config.digest().to_string();
+    let path = client.fetch_blob(repo, &config_digest, config.size(), &blobs, &|_| {})?;
+    link(&config_digest, &path)?;
+
+    // Layers: those in the store are linked; the others start downloading now, and the
+    // image opens on their growing files, so indexing reads each layer as it arrives
+    // (download | hash | inflate | index in one pass).
+    let mut jobs = Vec::new();
+    let mut arriving: HashMap<String, Arc<Arrival>> = HashMap::new();
+    for layer in manifest.layers() {
+        let digest = layer.digest().to_string();
+        if arriving.contains_key(&digest) {
+            continue;
+        }
+        if blobs.has(&digest, layer.size()) {
+            if !layout_path(layout.path(), &digest)?.exists() {
+                link(&digest, &stored(&digest)?)?;
+            }
+            continue;
+        }
+        let mut w = blobs
+            .writer(&digest)
+            .map_err(|e| Error::io(blobs.root().display(), e))?;
+        w.preallocate(layer.size())
+            .map_err(|e| Error::io(w.temp_path().display(), e))?;
+        link(&digest, w.temp_path())?;
+        let arrival = Arc::new(Arrival::default());
+        arriving.insert(digest.clone(), arrival.clone());
+        jobs.push((digest, layer.size(), w, arrival));
+    }
+    let total: u64 = jobs.iter().map(|j| j.1).sum();
+    if !jobs.is_empty() {
+        log::info!(
+            "{}: downloading {} layers ({total} bytes) while indexing",
+            client.host(),
+            jobs.len()
+        );
+    }
+    // A temp store lives until both this function and the downloads are done with it.
+    let temp_store = Arc::new(temp_store);
+    download(
+        client.clone(),
+        repo,
+        jobs,
+        blobs.clone(),
+        temp_store.clone(),
+    );
+    // Compression is sniffed from a layer's first bytes when it is opened.
+    for a in arriving.values() {
+        a.wait(4).map_err(|e| client.error(e))?;
+    }
+
+    let mut image = oci::open(&store, spec, None, platform)?;
+    for layer in &mut image.layers {
+        if let Some(a) = layer.digest.as_ref().and_then(|d| arriving.get(d)) {
+            layer.blob = layer.blob.clone().arriving(a.clone());
+        }
+    }
+    image.tags = vec![reference.familiar()];
+    if opts.cache_dir.is_some() {
+        let mut keep: Vec<String> = manifest
+            .layers()
+            .iter()
+            .map(|d| d.digest().to_string())
+            .collect();
+        keep.push(config_digest);
+        keep.extend(documents);
+        keep.push(desc.digest().to_string());
+        match blobs.evict(&keep, store::max_size()) {
+            Ok(0) => {}
+            Ok(n) => log::info!("blob store: evicted {n} bytes"),
+            Err(e) => log::warn!("cannot evict from {}: {e}", blobs.root().display()),
+        }
+    }
+    Ok(image)
+}
+
+/// A layer download: digest, size, where it goes, who waits for it.
+type Job = (String, u64, BlobWriter, Arc<Arrival>);
+
+/// Downloads `jobs` on a few threads of their own, in order, and returns at once: readers
+/// of the layers wait on each [`Arrival`]. The last byte of a blob is only announced once
+/// its digest is checked and it is in the store, so no reader ever finishes a layer whose
+/// blob is wrong; a failure is handed to the readers as the error. `keep` (a temp store)
+/// lives until the downloads end.
+fn download(
+    client: Arc<Client>,
+    repo: &str,
+    jobs: Vec<Job>,
+    blobs: BlobStore,
+    keep: Arc<Option<tempfile::TempDir>>,
+) {
+    if jobs.is_empty() {
+        return;
+    }
+    let threads = PARALLEL.min(jobs.len());
+    let queue = Arc::new(Mutex::new(jobs.into_iter().collect::<VecDeque<Job>>()));
+    for _ in 0..threads {
+        let (client, queue, blobs, keep, repo) = (
+            client.clone(),
+            queue.clone(),
+            blobs.clone(),
+            keep.clone(),
+            repo.to_string(),
+        );
+        std::thread::spawn(move || {
+            let _keep = keep;
+            loop {
+                let job = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                let Some((digest, size, mut w, arrival)) = job else {
+                    break;
+                };
+                let r = client
+                    .fetch_into(&repo, &digest, size, &mut w, &|n| {
+                        arrival.advance(n.min(size.saturating_sub(1)));
+                    })
+                    .and_then(|()| {
+                        w.commit_unflushed().map_err(|e| match e.kind() {
+                            std::io::ErrorKind::InvalidData => {
+                                client.error(format!("GET blob {repo}@{digest}: {e}"))
+                            }
+                            _ => Error::io(blobs.root().display(), e),
+                        })
+                    });
+                // The blob is in the store (renamed) before readers finish with it, so a short
+                // command leaves it there; the flush to disk happens behind them.
+                match r {
+                    Ok((_, file)) => {
+                        arrival.finish(Ok(()));
+                        if let Some(Err(e)) = file.map(|f| f.sync_data()) {
+                            log::warn!("blob store: cannot flush {digest}: {e}");
+                        }
+                    }
+                    Err(e) => arrival.finish(Err(e.to_string())),
+                }
+            }
+        });
+    }
+}
+
+/// `blobs/sha256/HEX` of the layout, for a digest that names no other path.
+fn layout_path(layout: &Path, digest: &str) -> Result<PathBuf> {
+    match digest.strip_prefix("sha256:") {
+        Some(hex)
+            if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+        {
+            Ok(layout.join("blobs/sha256").join(hex))
+        }
+        _ => Err(Error::invalid(digest, "unsupported digest")),
+    }
+}
+
+/// The platforms `reference` offers (empty for a single image without a platform).
+pub(super) fn platforms(
+    reference: &Reference,
+    spec: &str,
+    opts: &Options,
+) -> Result<Vec<Platform>> {
+    let top = open_top(reference, opts)?;
+    oci::platforms(&Store::Dir(top.layout.path().to_path_buf()), spec, None)
+}
+
+/// What every pull starts with: the connection, the store, the top document and its nested
+/// indexes in the store, and a layout naming it with those documents linked in.
+struct Top {
+    client: Arc<Client>,
+    blobs: BlobStore,
+    /// The temp store under `--no-cache`.
+    temp_store: Option<tempfile::TempDir>,
+    top: crate::registry::client::Manifest,
+    top_desc: Descriptor,
+    /// Digests of the top document and its nested indexes.
+    documents: Vec<String>,
+    /// Inside the store (a temp store's removal takes it along; removing it twice is harmless).
+    layout: tempfile::TempDir,
+}
+
+fn open_top(reference: &Reference, opts: &Options) -> Result<Top> {
+    let client = Arc::new(Client::connect(reference.domain(), opts)?);
+    let repo = reference.path();
+    let wanted = reference
+        .digest()
+        .or(reference.tag())
+        .unwrap_or(DEFAULT_TAG);
+    // Without a cache, blobs go to a temp store that is gone (unlinked) once the image's files
+    // are open: the open files keep the bytes as long as the image lives.
+    let mut temp_store = None;
+    let blobs = match &opts.cache_dir {
+        Some(dir) => BlobStore::in_cache(dir),
+        None => {
+            let dir = tempfile::tempdir().map_err(|e| Error::io("temp blob store", e))?;
+            let store = BlobStore::temporary(dir.path());
+            temp_store = Some(dir);
+            store
+        }
+    };
+    let top = client.manifest(repo, wanted)?;
+    blobs
+        .put_bytes(&top.digest, &top.bytes)
+        .map_err(|e| Error::io(blobs.root().display(), e))?;
+    log::info!(
+        "{}: {repo}:{wanted} is {} ({})",
+        client.host(),
+        top.digest,
+        top.media_type
+    );
+    let top_desc = descriptor(&top.media_type, &top.digest, top.bytes.len() as u64)?;
+    let mut documents = vec![top.digest.clone()];
+    fetch_nested_indexes(
+        &client,
+        repo,
+        &top_desc,
+        &top.bytes,
+        &blobs,
+        0,
+        &mut documents,
+    )?;
+
+    // A layout of one index entry whose blobs are hard links to the store's (or to blobs
+    // still downloading): the OCI source then picks the platform, checks digests and media
+    // types and opens the blobs, as for a local image. Inside the store, so links work.
+    std::fs::create_dir_all(blobs.root()).map_err(|e| Error::io(blobs.root().display(), e))?;
+    let layout = tempfile::Builder::new()
+        .prefix(".layout-")
+        .tempdir_in(blobs.root())
+        .map_err(|e| Error::io(blobs.root().display(), e))?;
+    write_layout(layout.path(), &top_desc)?;
+    for d in &documents {
+        let from = blobs
+            .path(d)
+            .ok_or_else(|| client.error(format!("unsupported digest {d:?}")))?;
+        let to = layout_path(layout.path(), d)?;
+        std::fs::hard_link(&from, &to).map_err(|e| Error::io(to.display(), e))?;
+    }
+    Ok(Top {
+        client,
+        blobs,
+        temp_store,
+        top,
+        top_desc,
+        documents,
+        layout,
+    })
+}
+
+/// A descriptor for a document fetched by reference.
+fn descriptor(media_type: &str, digest: &str, size: u64) -> Result<Descriptor> {
+    let json = serde_json::json!({"mediaType": media_type, "digest": digest, "size": size});
+    serde_json::from_value(json).map_err(|e| Error::Json {
+        what: format!("descriptor of {digest}"),
+        source: e,
+    })
+}
+
+/// Index entries that are themselves indexes are fetched now, so that the platform choice
+/// (which reads them from the store) finds them; image manifests wait until one is chosen.
+fn fetch_nested_indexes(
+    client: &Client,
+    repo: &str,
+    desc: &Descriptor,
+    bytes: &[u8],
+    blobs: &BlobStore,
+    depth: usize,
+    documents: &mut Vec<String>,
+) -> Result<()> {
+    if !oci::is_index(desc.media_type()) {
+        return Ok(());
+    }
+    if depth > MAX_NESTING {
+        return Err(client.error(format!("{repo}: image indexes nest too deeply")));
+    }
+    let index: ImageIndex = oci::parse_doc(bytes, repo, &format!("index {}", desc.digest()))?;
+    for child in index.manifests() {
+        if !oci::is_index(child.media_type()) {
+            continue;
+        }
+        let digest = child.digest().to_string();
+        let m = if blobs.has(&digest, child.size()) {
+            let path = blobs.path(&digest).expect("has() checked the digest");
+            std::fs::read(&path).map_err(|e| Error::io(path.display(), e))?
+        } else {
+            let m = client.manifest(repo, &digest)?;
+            blobs
+                .put_bytes(&m.digest, &m.bytes)
+                .map_err(|e| Error::io(blobs.root().display(), e))?;
+            m.bytes
+        };
+        documents.push(digest);
+        fetch_nested_indexes(client, repo, child, &m, blobs, depth + 1, documents)?;
+    }
+    Ok(())
+}
+
+/// `oci-layout`, an `index.json` naming `top`, and an empty `blobs/sha256`.
+fn write_layout(dir: &Path, top: &Descriptor) -> Result<()> {
+    let io = |e| Error::io(dir.display(), e);
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io)?;
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [top]});
+    std::fs::write(dir.join("index.json"), index.to_string()).map_err(io)?;
+    std::fs::create_dir_all(dir.join("blobs/sha256")).map_err(io)?;
+    Ok(())
+}
