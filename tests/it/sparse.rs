@@ -24,21 +24,15 @@ const FORMATS: [(&str, Option<&str>); 5] = [
     ("posix", Some("1.0")),
 ];
 
-/// Whether GNU tar is here; a skip says why, and fails under `FLATFS_REQUIRE_TOOLS=1`.
+/// GNU tar is here (true), or the test fails saying so.
 fn gnu_tar_available(test: &str) -> bool {
     let gnu = Command::new("tar")
         .arg("--version")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("GNU tar"));
-    if gnu {
-        return true;
-    }
-    let msg = format!("{test}: SKIPPED: GNU tar is not installed");
-    if std::env::var("FLATFS_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("{msg} (FLATFS_REQUIRE_TOOLS=1)");
-    }
-    eprintln!("{msg}");
-    false
+    // scripts/test.sh installs it: a test that cannot run fails rather than pass unchecked.
+    assert!(gnu, "{test}: needs GNU tar (scripts/test.sh installs it)");
+    true
 }
 
 /// Creates a sparse file of `size` bytes at `path` holding `runs` at their offsets.
