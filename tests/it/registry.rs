@@ -1193,3 +1193,44 @@ fn registry_image_mounts_and_reads_without_a_cache() {
     assert_eq!(small.unwrap(), b"version 2\n");
     assert_eq!(link.unwrap(), b"through the link\n");
 }
+
+/// `export docker://… --keep 1 -o docker://…`: the base layer is pushed as the very blob the
+/// source has (so the registry already holds it), and the result lists as the source does.
+#[test]
+fn registry_keep_export_pushes_the_base_blob_unchanged() {
+    registry_tools(&[]);
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "team/app:1.0");
+    let r = Runner::new(tmp.path());
+    let out = r.run(&[
+        "export",
+        &reg.url("team/app:1.0"),
+        "--keep",
+        "1",
+        "-o",
+        &reg.url("team/kept:1"),
+        "--tls-verify=false",
+    ]);
+    assert_success(&out);
+    assert_eq!(reg.tags("team/kept"), vec!["1"]);
+    let inspect = |name: &str| -> Value {
+        serde_json::from_slice(&r.ok(&["inspect", "--json", &reg.url(name), "--tls-verify=false"]))
+            .unwrap()
+    };
+    let (src, kept) = (inspect("team/app:1.0"), inspect("team/kept:1"));
+    let layers = |v: &Value| v["layers"].as_array().unwrap().clone();
+    assert_eq!(layers(&kept).len(), 2, "{kept:#}");
+    assert_eq!(
+        layers(&kept)[0]["digest"],
+        layers(&src)[0]["digest"],
+        "the kept base layer is the source's blob"
+    );
+    let listing = |name: &str| r.ok(&["ls", "-lR", &reg.url(name), "--tls-verify=false"]);
+    assert_eq!(
+        String::from_utf8_lossy(&listing("team/kept:1")),
+        String::from_utf8_lossy(&listing("team/app:1.0")),
+        "the pushed image merges to the source's tree"
+    );
+}
