@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde_json::{Value, json};
 
 use crate::blob::{BlobReader, Compression, Decoder, HashWriter, open_decoded, sha256_of};
-use crate::compress::ParallelGzip;
+use crate::compress::{ParallelGzip, ParallelZstd};
 use crate::error::{Error, Result};
 use crate::layer::Meta;
 use crate::pipe::{CHUNK, DEPTH, PipeReader, PipeWriter, drain_into, is_hangup, joined, pipe};
@@ -561,7 +561,7 @@ struct LayerOut {
 enum Compressor<W: Write> {
     None(W),
     Gzip(ParallelGzip<W>),
-    Zstd(zstd::stream::write::Encoder<'static, W>),
+    Zstd(ParallelZstd<W>),
 }
 
 impl<W: Write> Compressor<W> {
@@ -571,12 +571,8 @@ impl<W: Write> Compressor<W> {
             OutCompression::None => Compressor::None(w),
             // Level 6, like gzip's and pigz's default.
             OutCompression::Gzip => Compressor::Gzip(ParallelGzip::new(w, 6, threads)),
-            OutCompression::Zstd => {
-                let mut e = zstd::stream::write::Encoder::new(w, 3)?;
-                // zstd's output is the same for any worker count >= 1, so this stays reproducible.
-                e.multithread(threads as u32)?;
-                Compressor::Zstd(e)
-            }
+            // Level 3, zstd's default; many frames, so the layer is seekable.
+            OutCompression::Zstd => Compressor::Zstd(ParallelZstd::new(w, 3, threads)?),
         })
     }
 
