@@ -4,7 +4,9 @@
 # IMAGE: debian (from ../shared/tools/make-images.sh), synthetic (scripts/make-synthetic.py:
 # 200k small files, a second layer whiting out and rewriting 10%), big (scripts/make-big.sh:
 # debian plus a real `apt-get install` of a build tool chain, ~800 MB of tar, ~30k entries, and a
-# layer of whiteouts), or a path to an OCI layout directory with tag latest. Default: debian
+# layer of whiteouts), manylayers (scripts/make-manylayers.py: 100 layers, each touching 1-2% of
+# a 50k-entry tree; its "first mount" row is the issue-15 merge + mount row), or a path to an
+# OCI layout directory with tag latest. Default: debian
 # synthetic. Images are built once into $BENCH_DIR (default target/bench). Prints, per image and
 # job, flatfs's time, the baseline's, the ratio (flatfs / baseline) and flatfs's peak RSS.
 # Then, if ratarmount is installed, a second table with the mounting peer: ratarmount union-mounting
@@ -73,6 +75,9 @@ layout_of() {
     synthetic)
       [ -d "$BENCH_DIR/synthetic" ] || python3 scripts/make-synthetic.py "$BENCH_DIR" >&2
       echo "$BENCH_DIR/synthetic" ;;
+    manylayers)
+      [ -d "$BENCH_DIR/manylayers" ] || python3 scripts/make-manylayers.py "$BENCH_DIR" >&2
+      echo "$BENCH_DIR/manylayers" ;;
     big)   # built on top of the debian image
       if [ ! -d "$BENCH_DIR/big" ]; then
         layout_of debian >/dev/null
@@ -80,7 +85,7 @@ layout_of() {
       fi
       echo "$BENCH_DIR/big" ;;
     *)
-      [ -f "$1/index.json" ] || { echo "bench.sh: $1 is neither debian, synthetic, big nor an OCI layout" >&2; exit 1; }
+      [ -f "$1/index.json" ] || { echo "bench.sh: $1 is neither debian, synthetic, manylayers, big nor an OCI layout" >&2; exit 1; }
       echo "$1" ;;
   esac
 }
