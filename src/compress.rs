@@ -104,7 +104,8 @@ impl Drop for Pool {
 
 /// A gzip writer that deflates 1 MiB blocks on worker threads and writes them in order.
 /// Each block ends with a sync flush (byte-aligned, not final) except the last, so the
-/// concatenation is one deflate stream; CRC-32 and length are computed here, in order.
+/// concatenation is one deflate stream; CRC-32 and length are computed here, in order. Blocks
+/// are deflated without a dictionary, and the header says so, for flatfs's indexing pass.
 pub struct ParallelGzip<W: Write> {
     inner: Option<W>,
     level: u32,
@@ -144,8 +145,12 @@ impl<W: Write> ParallelGzip<W> {
                 1 => 4,
                 _ => 0,
             };
-            self.inner()
-                .write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, xfl, 255])?;
+            // FEXTRA: flatfs's note that no back-reference crosses a block, so the indexing
+            // pass keeps no window at block starts (`zran::INDEPENDENT_BLOCKS_ID`).
+            let [a, b] = crate::zran::INDEPENDENT_BLOCKS_ID;
+            let mut header = vec![0x1f, 0x8b, 8, 4, 0, 0, 0, 0, xfl, 255, 8, 0, a, b, 4, 0];
+            header.extend((BLOCK as u32).to_le_bytes());
+            self.inner().write_all(&header)?;
             self.header_written = true;
         }
         let input = std::mem::replace(&mut self.buf, Vec::with_capacity(BLOCK));
@@ -443,5 +448,29 @@ mod tests {
         let z = zstd(b"", 2);
         assert_eq!(zstd::decode_all(&z[..]).expect("decode"), b"");
         assert_eq!(seek_table(&z), [(z.len() as u32 - 8 - 8 - 9, 0)]);
+    }
+
+    #[test]
+    fn gzip_block_starts_are_checkpoints_without_windows() {
+        use crate::zran::{GzipReader, SPAN};
+        let data = crate::zran::tests::sample(33, BLOCK * 4 + 999);
+        let gz = compress(&data, 2);
+        let mut reader = GzipReader::recording(&gz[..], SPAN).expect("reader");
+        let mut out = Vec::new();
+        reader.read_to_end(&mut out).expect("decode");
+        assert_eq!(out, data);
+        let points = reader.take_checkpoints();
+        let b = BLOCK as u64;
+        let outputs: Vec<u64> = points.iter().map(|p| p.output).collect();
+        assert_eq!(outputs, [b, 2 * b, 3 * b, 4 * b]);
+        for p in &points {
+            assert!(p.window.is_empty(), "{p:?}");
+            let mut rest = Vec::new();
+            GzipReader::resume(&gz[p.read_from() as usize..], p)
+                .expect("resume")
+                .read_to_end(&mut rest)
+                .expect("decode from a block start");
+            assert!(rest == data[p.output as usize..], "from {p:?}");
+        }
     }
 }

@@ -724,3 +724,51 @@ fn a_zstd_export_is_one_stream_for_zstd_and_seekable_for_flatfs() {
         );
     }
 }
+
+/// flatfs's own gzip export deflates 1 MiB blocks without a dictionary and says so in its
+/// header (issue 15, item 2): indexing it keeps checkpoints at block starts with no 32 KiB
+/// window, and reads from them give the layer's bytes.
+#[test]
+fn a_gzip_export_is_indexed_without_windows() {
+    let tmp = TempDir::new().expect("tempdir");
+    let entries = (0..6).map(|i| file(format!("f{i}"), filler(200 + i, 1 << 20)));
+    let source = layer(entries).compression(Compression::Gzip);
+    let image = tmp.path().join("image");
+    let layers = std::slice::from_ref(&source);
+    write_oci_layout(layers, &default_config(layers), &image, None);
+    let flat = tmp.path().join("flat");
+    let res = flatfs()
+        .args([
+            "--no-cache",
+            "export",
+            "-q",
+            "--format",
+            "oci",
+            "--compression",
+            "gzip",
+        ])
+        .arg(&image)
+        .arg("-o")
+        .arg(&flat)
+        .output()
+        .expect("run flatfs export");
+    assert_success(&res);
+    let (blob, diff_id) = only_layer(&flat);
+    let tar = decompress(&blob);
+    assert_eq!(digest_of(&tar), diff_id);
+    let cache = Cache::new(tmp.path().join("cache"));
+    let opened = open(&flat, &cache);
+    let points = checkpoints(&opened);
+    assert!(points.len() >= 5, "{points:?}");
+    assert_eq!(points.window_bytes(), 0, "{:?}", points.points());
+    let content = opened.content();
+    let tar_len = tar.len() as u64;
+    for p in points.points().iter().rev() {
+        assert_range(
+            &read_tar(&content, tar_len, p.output, 5000),
+            &tar,
+            p.output,
+            5000,
+        );
+    }
+}
