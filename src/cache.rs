@@ -24,7 +24,7 @@ mod merged;
 
 const MAGIC: &[u8; 8] = b"FLATFSIX";
 /// Bump when the encoding or the meaning of a field changes; old files are then ignored.
-const VERSION: u32 = 4;
+const VERSION: u32 = 5;
 /// Length of a [`checksum`].
 const SUM: usize = 4;
 /// Magic, version and the head's length.
@@ -337,6 +337,19 @@ fn encode(index: &LayerIndex, stamp: [u64; 6], key: &str) -> Vec<u8> {
             e.bytes(k);
             e.bytes(v);
         }
+        // A sparse map as (offset, length) runs: where each run's bytes lie follows from
+        // `offset`, so a file cannot place them anywhere else.
+        match &en.sparse {
+            None => e.u8(0),
+            Some(map) => {
+                e.u8(1);
+                e.u64(map.len() as u64);
+                for s in map.iter() {
+                    e.u64(s.logical);
+                    e.u64(s.len);
+                }
+            }
+        }
     }
     let sum = checksum(&e.0[body..]);
     e.0.extend_from_slice(&sum);
@@ -526,7 +539,7 @@ fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
     let whiteouts = (0..n).map(|_| d.path()).collect::<Option<Vec<_>>>()?;
     let n = d.count(8)?;
     let opaques = (0..n).map(|_| d.path()).collect::<Option<Vec<_>>>()?;
-    let n = d.count(60)?;
+    let n = d.count(61)?;
     let mut entries = Vec::with_capacity(n);
     for _ in 0..n {
         let path = d.path()?;
@@ -550,14 +563,34 @@ fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
         };
         let size = d.u64()?;
         let offset = d.u64()?;
-        // A file's bytes lie inside the layer's tar: readers slice and add with these.
-        if offset.checked_add(size)? > head.tar_size {
-            return None;
-        }
         let nx = d.count(16)?;
         let xattrs = (0..nx)
             .map(|_| Some((d.bytes()?, d.bytes()?)))
             .collect::<Option<Vec<_>>>()?;
+        let (sparse, stored) = match d.u8()? {
+            0 => (None, size),
+            1 if kind == Kind::File => {
+                let n = d.count(16)?;
+                if n > crate::layer::sparse::MAX_SEGMENTS {
+                    return None;
+                }
+                let pairs = (0..n)
+                    .map(|_| Some((d.u64()?, d.u64()?)))
+                    .collect::<Option<Vec<_>>>()?;
+                let stored = pairs.iter().try_fold(0u64, |sum, p| sum.checked_add(p.1))?;
+                let map = crate::layer::sparse::SparseMap {
+                    real_size: size,
+                    pairs: Ok(pairs),
+                };
+                let segments = crate::layer::sparse::segments(&map, offset, stored).ok()?;
+                (Some(segments), stored)
+            }
+            _ => return None,
+        };
+        // A file's bytes lie inside the layer's tar: readers slice and add with these.
+        if offset.checked_add(stored)? > head.tar_size {
+            return None;
+        }
         entries.push(Entry {
             path,
             kind,
@@ -565,6 +598,7 @@ fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
             size,
             offset,
             xattrs,
+            sparse,
         });
     }
     if !d.0.is_empty() {
@@ -625,6 +659,27 @@ mod tests {
                         (b"security.capability".to_vec(), b"\x01\n\x00".to_vec()),
                         (b"user.e".to_vec(), Vec::new()),
                     ],
+                    sparse: None,
+                },
+                Entry {
+                    path: b"s".to_vec(),
+                    kind: Kind::File,
+                    meta: Meta::default(),
+                    size: 1 << 40,
+                    offset: 2048,
+                    xattrs: Vec::new(),
+                    sparse: Some(Box::new([
+                        crate::layer::Segment {
+                            logical: 100,
+                            len: 10,
+                            tar: 2048,
+                        },
+                        crate::layer::Segment {
+                            logical: 5000,
+                            len: 20,
+                            tar: 2058,
+                        },
+                    ])),
                 },
                 Entry {
                     path: b"c".to_vec(),
@@ -633,6 +688,7 @@ mod tests {
                     size: 0,
                     offset: 1024,
                     xattrs: Vec::new(),
+                    sparse: None,
                 },
             ],
             whiteouts: vec![b"w".to_vec()],
@@ -702,6 +758,30 @@ mod tests {
     }
 
     /// Recomputes both checksums of an edited file, as a buggy writer would have.
+    #[test]
+    fn bad_sparse_maps_are_rejected() {
+        fn runs(index: &mut LayerIndex) -> &mut [crate::layer::Segment] {
+            index.entries[1].sparse.as_deref_mut().expect("sparse")
+        }
+        type Edit = fn(&mut [crate::layer::Segment]);
+        let edits: [(&str, Edit); 4] = [
+            ("overlapping", |r| r[1].logical = 105),
+            ("past the real size", |r| r[1].logical = (1 << 40) - 5),
+            ("stored past the tar", |r| r[1].len = 3000),
+            ("out of order", |r| r.swap(0, 1)),
+        ];
+        for (what, edit) in edits {
+            let mut index = sample();
+            edit(runs(&mut index));
+            let bytes = encode(&index, [0; 6], "sha256:ab");
+            assert!(decode(&bytes).is_none(), "{what}");
+        }
+        // A map on a directory.
+        let mut index = sample();
+        index.entries[1].kind = Kind::Dir;
+        assert!(decode(&encode(&index, [0; 6], "sha256:ab")).is_none());
+    }
+
     fn reseal(bytes: &mut [u8]) {
         let head = head_end(bytes).expect("prefix");
         let sum = checksum(&bytes[..head]);
@@ -787,6 +867,7 @@ mod containment_tests {
                     size: 0,
                     offset: 0,
                     xattrs: Vec::new(),
+                    sparse: None,
                 }],
                 ..LayerIndex::default()
             };

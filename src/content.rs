@@ -118,25 +118,73 @@ impl Content {
         }
         let n = buf.len().min((extent.size - offset) as usize);
         let buf = &mut buf[..n];
+        let Some(map) = extent.sparse else {
+            let pos = extent.offset.checked_add(offset).ok_or_else(out_of_range)?;
+            self.read_stored(extent.layer, pos, buf)?;
+            return Ok(n);
+        };
+        // A sparse file: its runs read like any file's bytes, holes are zeros.
+        let mut done = 0;
+        // The first run that ends after `offset`.
+        let mut i = map.partition_point(|s| s.logical + s.len <= offset);
+        while done < n {
+            let at = offset + done as u64;
+            let left = n - done;
+            match map.get(i) {
+                Some(s) if s.logical <= at => {
+                    let within = at - s.logical;
+                    let len = left.min((s.len - within) as usize);
+                    let pos = s.tar.checked_add(within).ok_or_else(out_of_range)?;
+                    self.read_stored(extent.layer, pos, &mut buf[done..done + len])?;
+                    done += len;
+                    i += 1;
+                }
+                next => {
+                    let hole = next.map_or(u64::MAX, |s| s.logical - at);
+                    let len = left.min(usize::try_from(hole).unwrap_or(usize::MAX));
+                    buf[done..done + len].fill(0);
+                    done += len;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Where the data run or hole holding `offset` ends (`SEEK_HOLE`/`SEEK_DATA` answers):
+    /// `Some((true, end))` inside data, `Some((false, end))` inside a hole, `None` at or past
+    /// the end of the file. Every file ends in a hole, the virtual one at its end.
+    pub fn region(extent: &Extent, offset: u64) -> Option<(bool, u64)> {
+        if offset >= extent.size {
+            return None;
+        }
+        let Some(map) = extent.sparse else {
+            return Some((true, extent.size));
+        };
+        let i = map.partition_point(|s| s.logical + s.len <= offset);
+        Some(match map.get(i) {
+            Some(s) if s.logical <= offset => (true, s.logical + s.len),
+            Some(s) => (false, s.logical),
+            None => (false, extent.size),
+        })
+    }
+
+    /// Fills `buf` with the bytes at `pos` of layer `index`'s decompressed tar.
+    fn read_stored(&self, index: u32, pos: u64, buf: &mut [u8]) -> io::Result<()> {
+        let n = buf.len();
         let layer = self
             .layers
-            .get(extent.layer as usize)
+            .get(index as usize)
             .ok_or_else(|| io::Error::other("file refers to a missing layer"))?;
-        let pos = extent
-            .offset
-            .checked_add(offset)
-            .filter(|pos| pos.checked_add(n as u64).is_some())
-            .ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidData, "file extent out of range")
-            })?;
+        if pos.checked_add(n as u64).is_none() {
+            return Err(out_of_range());
+        }
         if layer.compression == Compression::None {
-            layer.blob.read_exact_at(buf, pos)?;
-            return Ok(n);
+            return layer.blob.read_exact_at(buf, pos);
         }
         let mut done = 0;
         while done < n {
             let at = pos + done as u64;
-            let block = self.block(extent.layer, layer, at / BLOCK)?;
+            let block = self.block(index, layer, at / BLOCK)?;
             let within = (at % BLOCK) as usize;
             if within >= block.len() {
                 return Err(io::Error::new(
@@ -148,7 +196,7 @@ impl Content {
             buf[done..done + len].copy_from_slice(&block[within..within + len]);
             done += len;
         }
-        Ok(n)
+        Ok(())
     }
 
     /// Block `number` of a compressed layer: from the cache, or decompressed (and cached).
@@ -192,6 +240,10 @@ impl Content {
         drop(loading);
         result
     }
+}
+
+fn out_of_range() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "file extent out of range")
 }
 
 /// A block being loaded; dropping it (after the load, or while unwinding) ends the load.
@@ -333,6 +385,7 @@ mod tests {
             compression,
             digest: None,
             diff_id: None,
+            descriptor: None,
         };
         (layer, copy)
     }
@@ -350,11 +403,12 @@ mod tests {
     }
 
     /// The whole of layer 0 as one file.
-    fn whole(plain: &[u8]) -> Extent {
+    fn whole(plain: &[u8]) -> Extent<'static> {
         Extent {
             layer: 0,
             offset: 0,
             size: plain.len() as u64,
+            sparse: None,
         }
     }
 
@@ -534,5 +588,83 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn sparse_files_read_runs_from_the_layer_and_zeros_in_holes() {
+        use crate::layer::Segment;
+        // The stored runs lie back to back in the layer from 1000 on; the file is 1 MiB.
+        let plain = sample(3, 300_000);
+        let runs = [
+            Segment {
+                logical: 0,
+                len: 10,
+                tar: 1000,
+            },
+            Segment {
+                logical: 10,
+                len: 5,
+                tar: 1010,
+            },
+            Segment {
+                logical: 200_000,
+                len: 100_000,
+                tar: 1015,
+            },
+            Segment {
+                logical: (1 << 20) - 7,
+                len: 7,
+                tar: 101_015,
+            },
+        ];
+        let mut file = vec![0u8; 1 << 20];
+        for r in &runs {
+            let (l, t, n) = (r.logical as usize, r.tar as usize, r.len as usize);
+            file[l..l + n].copy_from_slice(&plain[t..t + n]);
+        }
+        let extent = Extent {
+            layer: 0,
+            offset: 1000,
+            size: 1 << 20,
+            sparse: Some(&runs),
+        };
+        assert_eq!(extent.stored(), 100_022);
+        let (gz, _, _) = gzip_layer(&plain, 40_000);
+        let (plain_layer, _) = layer_of(&plain, Compression::None);
+        let flat = Content::new(&[plain_layer], &[None]);
+        for content in [&gz, &flat] {
+            for (at, len) in [
+                (0, 1 << 20),
+                (0, 3),
+                (8, 4),
+                (14, 10),
+                (100, 1000),
+                (199_990, 20),
+                (250_000, 100_000),
+                ((1 << 20) - 10, 100),
+                (1 << 20, 5),
+            ] {
+                let mut buf = vec![7u8; len];
+                let n = content.read_at(&extent, at, &mut buf).expect("read");
+                let want = &file[(at as usize).min(file.len())..][..n];
+                assert_eq!(n, len.min((1 << 20) - at as usize), "{len} at {at}");
+                assert!(buf[..n] == *want, "{len} at {at}");
+            }
+        }
+        // Where data and holes end, as SEEK_DATA and SEEK_HOLE see them.
+        assert_eq!(Content::region(&extent, 0), Some((true, 10)));
+        assert_eq!(Content::region(&extent, 12), Some((true, 15)));
+        assert_eq!(Content::region(&extent, 15), Some((false, 200_000)));
+        assert_eq!(
+            Content::region(&extent, 300_000),
+            Some((false, (1 << 20) - 7))
+        );
+        assert_eq!(
+            Content::region(&extent, (1 << 20) - 1),
+            Some((true, 1 << 20))
+        );
+        assert_eq!(Content::region(&extent, 1 << 20), None);
+        let dense = whole(&plain);
+        assert_eq!(Content::region(&dense, 5), Some((true, plain.len() as u64)));
     }
 }

@@ -18,6 +18,7 @@ use crate::layer::Meta;
 use crate::pipe::{CHUNK, DEPTH, PipeReader, PipeWriter, drain_into, is_hangup, joined, pipe};
 use crate::reference::Reference;
 use crate::source::{Family, Image};
+use crate::squash::Plan;
 use crate::tree::{Extent, NodeId, NodeKind, Tree, Xattrs};
 
 /// Output container format.
@@ -68,10 +69,15 @@ pub struct Report {
     pub layer_digest: String,
     /// Size of the layer blob.
     pub layer_size: u64,
-    /// Manifest digest (not for rootfs).
+    /// Manifest digest, when the output holds a manifest (OCI formats; not docker-archive,
+    /// whose manifest.json has no digest, nor rootfs).
     pub manifest_digest: Option<String>,
+    /// The image ID: the digest of the config written (not for rootfs).
+    pub image_id: Option<String>,
     /// Names (nodes) written.
     pub entries: u64,
+    /// With `--keep`: what the squashed layer holds.
+    pub squash: Option<crate::squash::Stats>,
 }
 
 const BLOCK: usize = 512;
@@ -133,6 +139,69 @@ pub fn export_with_progress(
     opts: &Options,
     progress: &dyn Fn(u64),
 ) -> Result<Report> {
+    export_image(image, tree, None, out, opts, progress)
+}
+
+/// What `export --keep N` keeps: the first `layers` layers, and the plan of the layer that
+/// replaces the rest ([`Plan::new`] of those layers' merged tree and the full one).
+#[derive(Clone, Copy)]
+pub struct Keep<'a> {
+    /// How many layers, from the bottom, are kept as they are.
+    pub layers: usize,
+    /// What the new layer holds.
+    pub plan: &'a Plan,
+}
+
+/// Writes `image` with its first `keep.layers` layers as they are (same blobs, descriptors
+/// and diff_ids) and the rest replaced by one layer, as `keep.plan` says (see
+/// src/squash.rs). `keep.layers == 0` is [`export_with_progress`].
+pub fn export_keeping(
+    image: &Image,
+    tree: &Tree,
+    keep: Keep,
+    out: &str,
+    opts: &Options,
+    progress: &dyn Fn(u64),
+) -> Result<Report> {
+    if keep.layers == 0 {
+        return export_with_progress(image, tree, out, opts, progress);
+    }
+    if keep.layers > image.layers.len() {
+        return Err(Error::invalid(
+            &image.name,
+            format!(
+                "has {} layers; cannot keep {}",
+                image.layers.len(),
+                keep.layers
+            ),
+        ));
+    }
+    export_image(image, tree, Some(keep), out, opts, progress)
+}
+
+/// Total bytes of file content an export keeping `keep` writes into its new layer.
+pub fn planned_content_bytes(tree: &Tree, plan: &Plan) -> u64 {
+    let mut total = 0;
+    let _ = tree.walk(|_, id, first| {
+        if first
+            && plan.writes(id)
+            && let NodeKind::File(e) = &tree.node(id).kind
+        {
+            total += e.size;
+        }
+        Ok(())
+    });
+    total
+}
+
+fn export_image(
+    image: &Image,
+    tree: &Tree,
+    keep: Option<Keep>,
+    out: &str,
+    opts: &Options,
+    progress: &dyn Fn(u64),
+) -> Result<Report> {
     let format = opts.format.unwrap_or(match image.family {
         Family::Docker => Format::DockerArchive,
         Family::Oci => Format::OciArchive,
@@ -151,6 +220,17 @@ pub fn export_with_progress(
         "-" => std::env::temp_dir(),
         path => parent_dir(Path::new(path)),
     };
+    if keep.is_some() && format == Format::Rootfs {
+        return Err(Error::invalid(
+            "--keep",
+            "a rootfs tar has no layers to keep (use --format oci, oci-archive or docker-archive)",
+        ));
+    }
+    let plan = keep.map(|k| k.plan);
+    let kept = match keep {
+        Some(k) => crate::squash::kept_layers(image, k.layers)?,
+        None => Vec::new(),
+    };
 
     if format == Format::Rootfs {
         let mut dest = Dest::open(out)?;
@@ -162,6 +242,7 @@ pub fn export_with_progress(
             opts.source_date_epoch,
             &out_dir,
             progress,
+            None,
         )?;
         dest.commit()?;
         return Ok(Report {
@@ -170,7 +251,9 @@ pub fn export_with_progress(
             layer_digest: layer.digest,
             layer_size: layer.size,
             manifest_digest: None,
+            image_id: None,
             entries,
+            squash: None,
         });
     }
 
@@ -184,10 +267,11 @@ pub fn export_with_progress(
         opts.source_date_epoch,
         &out_dir,
         progress,
+        plan,
     )?;
     spool.rewind().map_err(|e| Error::io("layer spool", e))?;
 
-    let config = new_config(image, &layer.diff_id, opts.source_date_epoch);
+    let config = new_config(image, kept.len(), &layer.diff_id, opts.source_date_epoch);
     let config_bytes = serde_json::to_vec(&config).map_err(|e| Error::Json {
         what: "new config".into(),
         source: e,
@@ -206,11 +290,11 @@ pub fn export_with_progress(
             "digest": config_digest,
             "size": config_bytes.len(),
         },
-        "layers": [{
+        "layers": kept.iter().map(|k| k.descriptor.clone()).chain([json!({
             "mediaType": layer_media_type,
             "digest": layer.digest,
             "size": layer.size,
-        }],
+        })]).collect::<Vec<_>>(),
     });
     let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Json {
         what: "new manifest".into(),
@@ -225,11 +309,23 @@ pub fn export_with_progress(
         Format::DockerArchive => {
             // RepoTags in the short form, as `docker save` writes them.
             let tags: Vec<String> = tag.iter().map(Reference::familiar).collect();
+            let layer_names: Vec<String> = kept
+                .iter()
+                .map(|k| &k.digest)
+                .chain([&layer.digest])
+                .map(|d| format!("{}/layer.tar", hex(d)))
+                .collect();
             let docker_manifest = json!([{
                 "Config": format!("{}.json", hex(&config_digest)),
                 "RepoTags": if tags.is_empty() { Value::Null } else { json!(tags) },
-                "Layers": [format!("{}/layer.tar", hex(&layer.digest))],
+                "Layers": layer_names,
             }]);
+            for k in &kept {
+                files.push((
+                    format!("{}/layer.tar", hex(&k.digest)),
+                    Member::Blob(k.blob.clone()),
+                ));
+            }
             files.push((format!("{}/layer.tar", hex(&layer.digest)), Member::Spool));
             files.push((
                 format!("{}.json", hex(&config_digest)),
@@ -265,6 +361,12 @@ pub fn export_with_progress(
                 "oci-layout".into(),
                 Member::Bytes(br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()),
             ));
+            for k in &kept {
+                files.push((
+                    format!("blobs/sha256/{}", hex(&k.digest)),
+                    Member::Blob(k.blob.clone()),
+                ));
+            }
             files.push((
                 format!("blobs/sha256/{}", hex(&layer.digest)),
                 Member::Spool,
@@ -281,6 +383,10 @@ pub fn export_with_progress(
         }
         Format::Rootfs => unreachable!("handled above"),
     }
+    // Two kept layers, or a kept layer and the new one, can be the same blob (an empty tar,
+    // say): one copy, as the content-addressed name promises.
+    let mut names = std::collections::HashSet::new();
+    files.retain(|(name, _)| names.insert(name.clone()));
 
     if format == Format::Oci {
         write_layout_dir(Path::new(out), &files, &mut spool)?;
@@ -294,8 +400,10 @@ pub fn export_with_progress(
         diff_id: layer.diff_id,
         layer_digest: layer.digest,
         layer_size: layer.size,
-        manifest_digest: Some(manifest_digest),
+        manifest_digest: (format != Format::DockerArchive).then_some(manifest_digest),
+        image_id: Some(config_digest),
         entries,
+        squash: plan.map(|p| p.stats),
     })
 }
 
@@ -339,6 +447,8 @@ fn parent_dir(path: &Path) -> PathBuf {
 enum Member {
     Bytes(Vec<u8>),
     Spool,
+    /// A kept layer's blob, copied as it is.
+    Blob(crate::blob::Blob),
 }
 
 fn write_archive(
@@ -367,6 +477,14 @@ fn write_archive(
                     &mut header,
                     name,
                     BufReader::with_capacity(1 << 20, &mut *spool),
+                )
+            }
+            Member::Blob(blob) => {
+                header.set_size(blob.len());
+                builder.append_data(
+                    &mut header,
+                    name,
+                    BufReader::with_capacity(1 << 20, blob.reader()),
                 )
             }
         };
@@ -408,6 +526,11 @@ fn write_layout_dir(out: &Path, files: &[(String, Member)], spool: &mut File) ->
             Member::Spool => spool
                 .rewind()
                 .and_then(|()| io::copy(spool, &mut f).map(|_| ())),
+            Member::Blob(blob) => io::copy(
+                &mut BufReader::with_capacity(1 << 20, blob.reader()),
+                &mut f,
+            )
+            .map(|_| ()),
         }
         .map_err(|e| Error::io(path.display(), e))?;
     }
@@ -481,23 +604,38 @@ impl Dest {
     }
 }
 
-/// The new config: the old one with one diff_id and the squash recorded in history.
-fn new_config(image: &Image, diff_id: &str, epoch: Option<i64>) -> Value {
+/// The new config: the old one with the kept layers' diff_ids and one new one, and the squash
+/// recorded in history. History entries map to layers by skipping `empty_layer` ones: the kept
+/// layers' entries (and the empty ones among them) stay as they are, the rest become empty.
+fn new_config(image: &Image, keep: usize, diff_id: &str, epoch: Option<i64>) -> Value {
     let mut config = image.config.clone();
     let obj = config
         .as_object_mut()
         .expect("config was checked to be an object");
+    let kept_ids = obj
+        .get("rootfs")
+        .and_then(|r| r.get("diff_ids"))
+        .and_then(|d| d.as_array())
+        .map(|d| d[..keep.min(d.len())].to_vec())
+        .unwrap_or_default();
+    let diff_ids: Vec<Value> = kept_ids.into_iter().chain([json!(diff_id)]).collect();
     obj.insert(
         "rootfs".into(),
-        json!({"type": "layers", "diff_ids": [diff_id]}),
+        json!({"type": "layers", "diff_ids": diff_ids}),
     );
     let mut history: Vec<Value> = obj
         .get("history")
         .and_then(|h| h.as_array())
         .cloned()
         .unwrap_or_default();
+    let mut layers_seen = 0;
     for h in &mut history {
         if let Some(h) = h.as_object_mut() {
+            if layers_seen < keep {
+                let empty = h.get("empty_layer").and_then(Value::as_bool) == Some(true);
+                layers_seen += usize::from(!empty);
+                continue;
+            }
             h.insert("empty_layer".into(), Value::Bool(true));
         }
     }
@@ -512,14 +650,21 @@ fn new_config(image: &Image, diff_id: &str, epoch: Option<i64>) -> Value {
     if let Some(c) = created {
         entry.insert("created".into(), c);
     }
-    entry.insert(
-        "created_by".into(),
-        json!(format!(
+    let created_by = if keep == 0 {
+        format!(
             "flatfs export: flattened {} layers of {}",
             image.layers.len(),
             image.manifest_digest
-        )),
-    );
+        )
+    } else {
+        format!(
+            "flatfs export: kept {keep} layers, squashed layers {}-{} of {}",
+            keep + 1,
+            image.layers.len(),
+            image.manifest_digest
+        )
+    };
+    entry.insert("created_by".into(), json!(created_by));
     entry.insert(
         "comment".into(),
         json!(format!("flatfs {}", env!("CARGO_PKG_VERSION"))),
@@ -604,6 +749,8 @@ impl<W: Write> Write for Compressor<W> {
 }
 
 /// Writes the merged tree as one tar through `compression` into `w`.
+// The walk's inputs, handed on to write_entries on one side of the pipe.
+#[allow(clippy::too_many_arguments)]
 fn write_layer<W: Write + Send>(
     image: &Image,
     tree: &Tree,
@@ -612,13 +759,14 @@ fn write_layer<W: Write + Send>(
     epoch: Option<i64>,
     spill_dir: &Path,
     progress: &dyn Fn(u64),
+    plan: Option<&Plan>,
 ) -> Result<(LayerOut, u64)> {
     // Building the tar (headers, contents read from the layers) and hashing, compressing and
     // writing it run on two threads: each is about half the work.
     let (tx, rx) = pipe(DEPTH, CHUNK);
     let (walked, written) = std::thread::scope(|s| {
         let writing = s.spawn(move || write_stage(rx, w, compression));
-        let walked = write_entries(image, tree, tx, epoch, spill_dir, progress);
+        let walked = write_entries(image, tree, tx, epoch, spill_dir, progress, plan);
         (walked, joined(writing.join()))
     });
     match (walked, written) {
@@ -663,7 +811,8 @@ fn write_stage<W: Write>(
     })
 }
 
-/// Streams the merged tree as one tar into `tar`; returns the number of names written.
+/// Streams the merged tree as one tar into `tar` (with a plan, only what it writes, and its
+/// whiteouts and opaque markers); returns the number of names written.
 fn write_entries(
     image: &Image,
     tree: &Tree,
@@ -671,13 +820,17 @@ fn write_entries(
     epoch: Option<i64>,
     spill_dir: &Path,
     progress: &dyn Fn(u64),
+    plan: Option<&Plan>,
 ) -> Result<u64> {
-    let mut contents = LayerPasses::new(image, tree, spill_dir)?;
+    let mut contents = LayerPasses::new(image, tree, spill_dir, plan)?;
     let mut first_name: HashMap<NodeId, Vec<u8>> = HashMap::new();
     let mut entries = 0u64;
     let out_err = |e: io::Error| Error::io("output", e);
     tree.walk(|path, id, first| {
         check_interrupt().map_err(out_err)?;
+        if plan.is_some_and(|p| !p.writes(id)) {
+            return Ok(());
+        }
         entries += 1;
         let node = tree.node(id);
         let mut meta = node.meta;
@@ -729,6 +882,11 @@ fn write_entries(
             xattrs: node.xattrs,
         };
         h.write(&mut tar).map_err(out_err)?;
+        if let Some(plan) = plan
+            && node.is_dir()
+        {
+            write_markers(plan, id, path, &mut tar).map_err(out_err)?;
+        }
         if let NodeKind::File(extent) = &node.kind {
             contents.copy(id, extent, &mut tar)?;
             progress(extent.size);
@@ -740,6 +898,46 @@ fn write_entries(
     tar.write_all(&[0; 2 * BLOCK]).map_err(out_err)?;
     tar.finish().map_err(out_err)?;
     Ok(entries)
+}
+
+/// Directory `dir`'s opaque marker and whiteouts, right after its entry: the spec asks for
+/// whiteouts before their siblings, and some appliers apply them in tar order.
+fn write_markers(plan: &Plan, dir: NodeId, path: &[u8], w: &mut impl Write) -> io::Result<()> {
+    let (opaque, names) = plan.markers(dir);
+    let marker = |name: &[u8]| {
+        let mut p = path.to_vec();
+        if !p.is_empty() {
+            p.push(b'/');
+        }
+        p.extend_from_slice(crate::layer::path::WHITEOUT_PREFIX);
+        p.extend_from_slice(name);
+        p
+    };
+    let meta = Meta {
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        mtime_nsec: 0,
+    };
+    let mut paths: Vec<Vec<u8>> = Vec::with_capacity(names.len() + 1);
+    if opaque {
+        paths.push(marker(b".wh..opq"));
+    }
+    paths.extend(names.iter().map(|n| marker(n)));
+    for p in &paths {
+        Header {
+            path: p,
+            kind: tar::EntryType::Regular,
+            meta: &meta,
+            size: 0,
+            link: &[],
+            dev: (0, 0),
+            xattrs: Xattrs::default(),
+        }
+        .write(w)?;
+    }
+    Ok(())
 }
 
 fn pad(w: &mut impl Write, size: u64) -> io::Result<()> {
@@ -891,11 +1089,14 @@ struct Pass {
 }
 
 impl<'a> LayerPasses<'a> {
-    fn new(image: &'a Image, tree: &Tree, spill_dir: &Path) -> Result<Self> {
+    fn new(image: &'a Image, tree: &Tree, spill_dir: &Path, plan: Option<&Plan>) -> Result<Self> {
         let mut wanted = vec![Vec::new(); image.layers.len()];
         tree.walk(|_, id, first| {
-            if first && let NodeKind::File(e) = &tree.node(id).kind {
-                wanted[e.layer as usize].push((e.offset, e.size, id));
+            if first
+                && plan.is_none_or(|p| p.writes(id))
+                && let NodeKind::File(e) = &tree.node(id).kind
+            {
+                wanted[e.layer as usize].push((e.offset, e.stored(), id));
             }
             Ok(())
         })?;
@@ -915,8 +1116,27 @@ impl<'a> LayerPasses<'a> {
         })
     }
 
-    /// Copies the content of file `id` into `w`.
+    /// Copies the content of file `id` into `w`: a sparse file's stored runs with its holes
+    /// filled in as zeros, so the output is a plain file of its real size.
     fn copy(&mut self, id: NodeId, extent: &Extent, w: &mut impl Write) -> Result<()> {
+        let Some(map) = extent.sparse else {
+            return self.copy_stored(id, extent, w);
+        };
+        let mut filled = Holes {
+            inner: w,
+            runs: map,
+            pos: 0,
+            left: 0,
+        };
+        self.copy_stored(id, extent, &mut filled)?;
+        filled
+            .zeros_to(extent.size)
+            .map_err(|e| Error::io("output", e))
+    }
+
+    /// Copies the bytes the layer stores for file `id` into `w`.
+    fn copy_stored(&mut self, id: NodeId, extent: &Extent, w: &mut impl Write) -> Result<()> {
+        let stored = extent.stored();
         let li = extent.layer as usize;
         let layer = &self.image.layers[li];
         let layer_err = |e: io::Error| Error::Layer {
@@ -925,14 +1145,14 @@ impl<'a> LayerPasses<'a> {
         };
         if let Some(&at) = self.spilled.get(&id) {
             let spill = self.spill.as_ref().expect("spilled implies a spill file");
-            return copy_range(|buf, pos| spill.read_at(buf, pos), at, extent.size, w)
+            return copy_range(|buf, pos| spill.read_at(buf, pos), at, stored, w)
                 .map_err(|e| Error::io("spill file", e));
         }
         if layer.compression == Compression::None {
             // Random access is free: read in place.
             return self
                 .windows
-                .copy(li, &layer.blob, extent.offset, extent.size, w)
+                .copy(li, &layer.blob, extent.offset, stored, w)
                 .map_err(layer_err);
         }
         // Everything this layer delivers before our offset is wanted later: spill it.
@@ -963,8 +1183,7 @@ impl<'a> LayerPasses<'a> {
             self.spilled.insert(other, at);
         }
         let pass = pass_for(&mut self.passes[li], layer).map_err(layer_err)?;
-        pass.read_to(extent.offset, extent.size, w)
-            .map_err(layer_err)
+        pass.read_to(extent.offset, stored, w).map_err(layer_err)
     }
 }
 
@@ -996,6 +1215,62 @@ impl Pass {
             ));
         }
         Ok(())
+    }
+}
+
+/// Puts a sparse file's stored runs, written to it in order, at their places in the file, with
+/// zeros for the holes before each.
+struct Holes<'a, W> {
+    inner: W,
+    runs: &'a [crate::layer::Segment],
+    /// Bytes of the file written so far.
+    pos: u64,
+    /// Bytes left of the current run.
+    left: u64,
+}
+
+impl<W: Write> Holes<'_, W> {
+    /// Writes zeros up to `end` of the file.
+    fn zeros_to(&mut self, end: u64) -> io::Result<()> {
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        while self.pos < end {
+            // A hole can be terabytes: let a signal stop it.
+            check_interrupt()?;
+            let n = (end - self.pos).min(ZEROS.len() as u64) as usize;
+            self.inner.write_all(&ZEROS[..n])?;
+            self.pos += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for Holes<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            let Some((run, rest)) = self.runs.split_first() else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "more stored bytes than the sparse map places",
+                ));
+            };
+            self.runs = rest;
+            self.zeros_to(run.logical)?;
+            self.left = run.len;
+        }
+        let n = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        self.inner.write_all(&buf[..n])?;
+        self.pos += n as u64;
+        self.left -= n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 

@@ -17,8 +17,8 @@ use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
     Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, Notifier,
     OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::content::Content;
@@ -83,7 +83,7 @@ impl FlatFs {
     pub fn new(tree: Tree, content: Content) -> Self {
         let blocks = (0..tree.len() as NodeId)
             .map(|id| match &tree.node(id).kind {
-                NodeKind::File(e) => e.size.div_ceil(u64::from(BLOCK_SIZE)),
+                NodeKind::File(e) => e.stored().div_ceil(u64::from(BLOCK_SIZE)),
                 _ => 0,
             })
             .sum();
@@ -197,11 +197,16 @@ impl FlatFs {
             _ => 0,
         };
         let size = node.size();
+        // What the image stores: a sparse file's holes take no space.
+        let stored = match node.kind {
+            NodeKind::File(e) => e.stored(),
+            _ => size,
+        };
         let mtime = system_time(node.meta.mtime, node.meta.mtime_nsec);
         FileAttr {
             ino: ino_of(id),
             size,
-            blocks: size.div_ceil(512),
+            blocks: stored.div_ceil(512),
             // Images record only mtime; a fixed atime and ctime keep stat stable.
             atime: mtime,
             mtime,
@@ -305,6 +310,39 @@ impl FlatFs {
             .map_err(|e| self.read_error(id, e))?;
         buf.truncate(n);
         Ok(buf)
+    }
+
+    /// `SEEK_DATA` / `SEEK_HOLE` from `offset` (the kernel answers the other kinds itself):
+    /// the holes of sparse files, and the one at the end of every file.
+    fn seek_file(&self, ino: INodeNo, offset: i64, whence: i32) -> Result<i64, Errno> {
+        let (_, node) = self.node(ino)?;
+        let NodeKind::File(extent) = node.kind else {
+            return Err(Errno::EINVAL);
+        };
+        let start = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
+        let found = match whence {
+            libc::SEEK_DATA => match Content::region(&extent, start) {
+                None => None,
+                Some((true, _)) => Some(start),
+                // A hole is followed by data, or by the end of the file.
+                Some((false, end)) => (end < extent.size).then_some(end),
+            },
+            libc::SEEK_HOLE => {
+                let mut at = start;
+                loop {
+                    match Content::region(&extent, at) {
+                        None if at == start => break None,
+                        None => break Some(at),
+                        Some((false, _)) => break Some(at),
+                        // Runs may touch: the hole is after the last of them.
+                        Some((true, end)) => at = end,
+                    }
+                }
+            }
+            _ => return Err(Errno::EINVAL),
+        };
+        let found = found.ok_or(Errno::ENXIO)?;
+        i64::try_from(found).map_err(|_| Errno::EOVERFLOW)
     }
 
     fn read_error(&self, id: NodeId, err: io::Error) -> Errno {
@@ -552,6 +590,21 @@ impl Filesystem for FlatFs {
     ) {
         match self.read_file(ino, offset, size) {
             Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.seek_file(ino, offset, whence) {
+            Ok(at) => reply.offset(at),
             Err(e) => reply.error(e),
         }
     }
@@ -895,6 +948,7 @@ mod tests {
             size: 0,
             offset: 0,
             xattrs: Vec::new(),
+            sparse: None,
         }
     }
 

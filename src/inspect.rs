@@ -1,12 +1,12 @@
 //! Consumers that explain an image without mounting it: `inspect` (config, per-layer numbers,
 //! the waste flattening removes), `diff` (what a layer range changed), `ls` and `cat`.
 
-use std::collections::HashMap;
 use std::io::Write;
 
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::changes::{Event, Status};
 use crate::content::Content;
 use crate::error::{Error, Result};
 use crate::layer::{Kind, LayerIndex};
@@ -36,9 +36,142 @@ pub struct Inspect {
     pub trailing_history: Vec<String>,
     /// Sums over the merged tree.
     pub totals: Totals,
+    /// Where the base image seems to end, when the history says so (see [`guess_base`]).
+    pub base: Option<BaseGuess>,
 }
 
-/// Cmd, Entrypoint, Env, WorkingDir, User, ExposedPorts.
+/// The layers a partial squash would keep as the base, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BaseGuess {
+    /// `export --keep N`: the base is layers 1..=N.
+    pub keep: usize,
+    /// What in the history says so.
+    pub reason: String,
+}
+
+/// Where the base image ends, read from the history, or `None` when it does not say. Two
+/// signs, in this order:
+/// 1. A base image's build ends with its `CMD` or `ENTRYPOINT`, a history entry without a
+///    layer. When more layers follow one, they are a later build's (a Dockerfile's `FROM`):
+///    the base is the layers before the last such entry.
+/// 2. Failing that, a pause between two layers that is at least an hour and longer than all
+///    the layers after it took to build: one build stopped there and another began later.
+pub fn guess_base(history: &[Value], layers: usize) -> Option<BaseGuess> {
+    let mut seen = 0;
+    let mut found = None;
+    let mut pending = None;
+    let mut created: Vec<Option<i64>> = Vec::new();
+    for h in history {
+        let empty = h.get("empty_layer").and_then(Value::as_bool) == Some(true);
+        if empty {
+            let by = h.get("created_by").and_then(Value::as_str).unwrap_or("");
+            let by = by.trim();
+            let step = by
+                .strip_prefix("/bin/sh -c #(nop)")
+                .unwrap_or(by)
+                .trim_start();
+            if (step.starts_with("CMD") || step.starts_with("ENTRYPOINT")) && seen > 0 {
+                pending = Some((seen, one_line(step)));
+            }
+        } else {
+            // A layer after the CMD: that CMD ended an earlier build.
+            found = pending.take().or(found);
+            seen += 1;
+            created.push(
+                h.get("created")
+                    .and_then(Value::as_str)
+                    .and_then(parse_rfc3339),
+            );
+        }
+    }
+    if seen != layers {
+        // History and layers disagree: the history says nothing reliable about them.
+        return None;
+    }
+    if let Some((keep, step)) = found {
+        return Some(BaseGuess {
+            keep,
+            reason: format!(
+                "`{step}` ends a build after layer {keep}; the layers above it are another build's"
+            ),
+        });
+    }
+    let times: Vec<i64> = created.into_iter().collect::<Option<_>>()?;
+    let last = *times.last()?;
+    let (keep, gap) = times
+        .windows(2)
+        .enumerate()
+        .map(|(i, w)| (i + 1, w[1] - w[0]))
+        .max_by_key(|&(i, gap)| (gap, std::cmp::Reverse(i)))?;
+    let rest = last - times[keep];
+    (gap >= 3600 && gap > rest).then(|| BaseGuess {
+        keep,
+        reason: format!(
+            "layer {} was made {} after layer {keep}, and the {} layers from it on took {}",
+            keep + 1,
+            duration(gap),
+            layers - keep,
+            duration(rest)
+        ),
+    })
+}
+
+/// `3 days`, `5 h`, `12 min`, `40 s`: the largest unit that fits.
+fn duration(secs: i64) -> String {
+    match secs {
+        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
+        s if s >= 3600 => format!("{} h", s / 3600),
+        s if s >= 60 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
+/// Seconds since the epoch of an RFC 3339 time (`2024-01-02T03:04:05.5+01:00`); fractions are
+/// dropped. `None` for anything else.
+pub fn parse_rfc3339(t: &str) -> Option<i64> {
+    let b = t.as_bytes();
+    let num = |r| num_at(t, r);
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    let mut rest = &t[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && matches!(rest.as_bytes()[0], b'+' | b'-') => {
+            let sign = if rest.starts_with('-') { -1 } else { 1 };
+            sign * (num_at(rest, 1..3)? * 3600 + num_at(rest, 4..6)? * 60)
+        }
+        _ => return None,
+    };
+    // Howard Hinnant's days_from_civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss - offset)
+}
+
+/// The decimal number at `r` of `s`, digits only.
+fn num_at(s: &str, r: std::ops::Range<usize>) -> Option<i64> {
+    let s = s.get(r)?;
+    s.bytes()
+        .all(|c| c.is_ascii_digit())
+        .then(|| s.parse().ok())?
+}
+
+/// Cmd, Entrypoint, Env, WorkingDir, User, ExposedPorts, Labels.
 #[derive(Debug, Serialize, Default)]
 pub struct RuntimeConfig {
     /// Entrypoint.
@@ -53,6 +186,8 @@ pub struct RuntimeConfig {
     pub user: Option<String>,
     /// ExposedPorts keys.
     pub exposed_ports: Vec<String>,
+    /// Labels, by key (string values only, as the config holds them).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// One layer's numbers.
@@ -139,6 +274,14 @@ pub fn inspect(image: &Image, indexes: &[LayerIndex]) -> Result<Inspect> {
         exposed_ports: get("ExposedPorts")
             .and_then(|v| v.as_object())
             .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default(),
+        labels: get("Labels")
+            .and_then(|v| v.as_object())
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
             .unwrap_or_default(),
     };
 
@@ -261,6 +404,10 @@ pub fn inspect(image: &Image, indexes: &[LayerIndex]) -> Result<Inspect> {
         layers,
         trailing_history,
         totals,
+        base: cfg
+            .get("history")
+            .and_then(Value::as_array)
+            .and_then(|h| guess_base(h, image.layers.len())),
     })
 }
 
@@ -282,40 +429,41 @@ pub fn human(n: u64) -> String {
 
 /// Writes the report as text.
 pub fn write_text(r: &Inspect, w: &mut impl Write) -> std::io::Result<()> {
-    writeln!(w, "Image:     {}", r.image)?;
-    writeln!(w, "Format:    {}", r.format)?;
-    writeln!(w, "Platform:  {}", r.platform)?;
+    // Labels padded to the longest ("Entrypoint:"), so every value starts in one column.
+    let field = |w: &mut dyn Write, label: &str, value: &str| writeln!(w, "{label:<12}{value}");
+    let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_default();
+    field(w, "Image:", &r.image)?;
+    field(w, "Format:", &r.format)?;
+    field(w, "Platform:", &r.platform)?;
     if !r.tags.is_empty() {
-        writeln!(w, "Tags:      {}", r.tags.join(", "))?;
+        field(w, "Tags:", &r.tags.join(", "))?;
     }
-    writeln!(w, "Manifest:  {}", r.manifest_digest)?;
-    writeln!(w, "Config:    {}", r.config_digest)?;
+    // A docker archive's manifest.json has no digest: the one recorded is the image ID's.
+    if r.format != "docker-archive" {
+        field(w, "Manifest:", &r.manifest_digest)?;
+    }
+    field(w, "Image ID:", &r.config_digest)?;
     let c = &r.config;
     if let Some(e) = &c.entrypoint {
-        writeln!(
-            w,
-            "Entrypoint: {}",
-            serde_json::to_string(e).unwrap_or_default()
-        )?;
+        field(w, "Entrypoint:", &json(e))?;
     }
     if let Some(cmd) = &c.cmd {
-        writeln!(
-            w,
-            "Cmd:       {}",
-            serde_json::to_string(cmd).unwrap_or_default()
-        )?;
+        field(w, "Cmd:", &json(cmd))?;
     }
     if let Some(d) = &c.working_dir {
-        writeln!(w, "WorkingDir: {d}")?;
+        field(w, "WorkingDir:", d)?;
     }
     if let Some(u) = &c.user {
-        writeln!(w, "User:      {u}")?;
+        field(w, "User:", u)?;
     }
     if !c.exposed_ports.is_empty() {
-        writeln!(w, "Ports:     {}", c.exposed_ports.join(" "))?;
+        field(w, "Ports:", &c.exposed_ports.join(" "))?;
     }
     for e in &c.env {
-        writeln!(w, "Env:       {e}")?;
+        field(w, "Env:", e)?;
+    }
+    for (k, v) in &c.labels {
+        field(w, "Label:", &format!("{k}={v}"))?;
     }
     writeln!(w)?;
     // One column layout for the header, the layer rows and the history-only rows.
@@ -373,24 +521,40 @@ pub fn write_text(r: &Inspect, w: &mut impl Write) -> std::io::Result<()> {
     }
     let t = &r.totals;
     writeln!(w)?;
-    writeln!(
+    field(
         w,
-        "Merged:    {} entries, {} of file content",
-        t.entries,
-        human(t.merged_size)
+        "Merged:",
+        &format!(
+            "{} entries, {} of file content",
+            t.entries,
+            human(t.merged_size)
+        ),
     )?;
-    writeln!(
+    field(
         w,
-        "Layers:    {} uncompressed ({} stored)",
-        human(t.layers_uncompressed),
-        human(t.layers_compressed)
+        "Layers:",
+        &format!(
+            "{} uncompressed ({} stored)",
+            human(t.layers_uncompressed),
+            human(t.layers_compressed)
+        ),
     )?;
-    writeln!(
+    field(
         w,
-        "Flat:      {} uncompressed layer; flattening removes {}",
-        human(t.flat_size),
-        human(t.waste)
+        "Flat:",
+        &format!(
+            "{} uncompressed layer; flattening removes {}",
+            human(t.flat_size),
+            human(t.waste)
+        ),
     )?;
+    if let Some(b) = &r.base {
+        writeln!(
+            w,
+            "Base:      layers 1-{} look like the base image: `flatfs export --keep {}` keeps them ({})",
+            b.keep, b.keep, b.reason
+        )?;
+    }
     Ok(())
 }
 
@@ -418,61 +582,29 @@ pub struct Change {
     pub size: u64,
 }
 
-/// What a node looks like for comparison: type, data identity, metadata.
-fn fingerprint(tree: &Tree, id: NodeId) -> String {
-    let n = tree.node(id);
-    let kind = match &n.kind {
-        NodeKind::Dir(_) => "d".to_string(),
-        NodeKind::File(e) => format!("f{}:{}:{}", e.layer, e.offset, e.size),
-        NodeKind::Symlink(t) => format!("l{t:?}"),
-        NodeKind::Char(a, b) => format!("c{a},{b}"),
-        NodeKind::Block(a, b) => format!("b{a},{b}"),
-        NodeKind::Fifo => "p".into(),
-    };
-    format!("{kind} {:?} {:?}", n.meta, n.xattrs)
-}
-
-fn paths(tree: &Tree) -> Result<Vec<(Vec<u8>, NodeId)>> {
-    let mut v = Vec::with_capacity(tree.len());
-    tree.walk(|p, id, _| {
-        if !p.is_empty() {
-            v.push((p.to_vec(), id));
-        }
+/// Changes from tree `a` to tree `b` (see [`crate::changes::compare`]), sorted by path; every
+/// deleted name is listed, also those under a deleted directory.
+pub fn diff(a: &Tree, b: &Tree) -> Result<Vec<Change>> {
+    let mut out = Vec::new();
+    crate::changes::compare(a, b, |e| {
+        let (op, path, size) = match *e {
+            Event::Name { path: [], .. } => return Ok(()),
+            Event::Name {
+                path, id, status, ..
+            } => match status {
+                Status::Same => return Ok(()),
+                Status::Added => ('+', path, b.node(id).size()),
+                Status::Modified => ('~', path, b.node(id).size()),
+            },
+            Event::Removed { path, id, .. } => ('-', path, a.node(id).size()),
+        };
+        out.push(Change {
+            op,
+            path: String::from_utf8_lossy(path).into_owned(),
+            size,
+        });
         Ok(())
     })?;
-    Ok(v)
-}
-
-/// Changes from tree `a` to tree `b`, in `b`'s walk order with deletions where they were.
-pub fn diff(a: &Tree, b: &Tree) -> Result<Vec<Change>> {
-    let pa = paths(a)?;
-    let pb = paths(b)?;
-    let index_a: HashMap<&[u8], NodeId> = pa.iter().map(|(p, id)| (p.as_slice(), *id)).collect();
-    let index_b: HashMap<&[u8], NodeId> = pb.iter().map(|(p, id)| (p.as_slice(), *id)).collect();
-    let mut out = Vec::new();
-    for (p, id) in &pb {
-        let change = match index_a.get(p.as_slice()) {
-            None => Some('+'),
-            Some(old) if fingerprint(a, *old) != fingerprint(b, *id) => Some('~'),
-            Some(_) => None,
-        };
-        if let Some(op) = change {
-            out.push(Change {
-                op,
-                path: String::from_utf8_lossy(p).into_owned(),
-                size: b.node(*id).size(),
-            });
-        }
-    }
-    for (p, id) in &pa {
-        if !index_b.contains_key(p.as_slice()) {
-            out.push(Change {
-                op: '-',
-                path: String::from_utf8_lossy(p).into_owned(),
-                size: a.node(*id).size(),
-            });
-        }
-    }
     out.sort_by(|x, y| x.path.cmp(&y.path));
     Ok(out)
 }
@@ -554,4 +686,76 @@ pub fn cat(tree: &Tree, content: &Content, path: &[u8], w: &mut impl Write) -> R
         off += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn rfc3339_parses_back_what_export_writes_and_offsets() {
+        for secs in [0, 951_782_400, 1_700_000_000, -86_401] {
+            assert_eq!(parse_rfc3339(&crate::export::rfc3339(secs)), Some(secs));
+        }
+        assert_eq!(
+            parse_rfc3339("2023-11-14T23:13:20.123456789+01:00"),
+            Some(1_700_000_000)
+        );
+        for bad in [
+            "",
+            "2023-11-14",
+            "2023-13-14T00:00:00Z",
+            "2023-11-14T00:00:00",
+            "x023-11-14T00:00:00Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+
+    fn layer(created: &str, by: &str) -> Value {
+        json!({"created": created, "created_by": by})
+    }
+
+    fn empty(created: &str, by: &str) -> Value {
+        json!({"created": created, "created_by": by, "empty_layer": true})
+    }
+
+    #[test]
+    fn a_cmd_followed_by_layers_ends_the_base() {
+        let t = "2024-01-01T00:00:00Z";
+        let h = [
+            layer(t, "/bin/sh -c #(nop) ADD file:abc in / "),
+            empty(t, "/bin/sh -c #(nop)  CMD [\"bash\"]"),
+            layer(t, "RUN apt-get update"),
+            empty(t, "ENV A=b"),
+            layer(t, "COPY . /app"),
+            empty(t, "CMD [\"/app/run\"]"),
+        ];
+        let g = guess_base(&h, 3).expect("a guess");
+        assert_eq!(g.keep, 1);
+        assert!(g.reason.contains("CMD [\"bash\"]"), "{}", g.reason);
+        // The history does not describe these layers: no guess.
+        assert_eq!(guess_base(&h, 4), None);
+    }
+
+    #[test]
+    fn a_long_pause_before_a_quick_build_ends_the_base() {
+        let h = [
+            layer("2024-01-01T00:00:00Z", "ADD rootfs"),
+            layer("2024-01-01T00:05:00Z", "RUN install"),
+            layer("2024-03-01T10:00:00Z", "RUN app"),
+            layer("2024-03-01T10:02:00Z", "COPY app"),
+        ];
+        let g = guess_base(&h, 4).expect("a guess");
+        assert_eq!(g.keep, 2, "{}", g.reason);
+        // Evenly spread steps, or no times: nothing to say.
+        let even = [
+            layer("2024-01-01T00:00:00Z", "a"),
+            layer("2024-01-01T02:00:00Z", "b"),
+            layer("2024-01-01T04:00:00Z", "c"),
+        ];
+        assert_eq!(guess_base(&even, 3), None);
+        assert_eq!(guess_base(&[json!({}), json!({})], 2), None);
+    }
 }

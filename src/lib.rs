@@ -11,6 +11,7 @@
 
 pub mod blob;
 pub mod cache;
+pub mod changes;
 pub mod cli;
 pub mod compress;
 pub mod content;
@@ -23,6 +24,7 @@ pub mod mount;
 pub mod pipe;
 pub mod reference;
 pub mod source;
+pub mod squash;
 pub mod tree;
 pub mod zran;
 pub mod zstd_frames;
@@ -43,6 +45,9 @@ pub struct IndexOptions<'a> {
     /// Keep decompressed copies of compressed layers here (for export; see
     /// [`layer::index_layer`]).
     pub spool_dir: Option<&'a std::path::Path>,
+    /// The first this many layers get no spooled copy: `export --keep` copies their blobs
+    /// as they are and reads their contents (if ever) in place.
+    pub unspooled: usize,
     /// Load and save layer indexes here.
     pub cache: Option<&'a cache::Cache>,
     /// Told of every blob byte read (or skipped thanks to the cache).
@@ -75,7 +80,8 @@ pub fn index_layers(image: &Image, opts: &IndexOptions) -> Result<Vec<LayerIndex
                 return Ok(index);
             }
         }
-        let index = layer::index_layer(layer, progress, opts.spool_dir)?;
+        let spool_dir = opts.spool_dir.filter(|_| layer.number > opts.unspooled);
+        let index = layer::index_layer(layer, progress, spool_dir)?;
         log::info!(
             "layer {}: indexed {} entries",
             layer.label(),
@@ -83,7 +89,7 @@ pub fn index_layers(image: &Image, opts: &IndexOptions) -> Result<Vec<LayerIndex
         );
         // A compressed layer indexed for export has no checkpoints (it is read from its spooled
         // copy); cached like that, it would leave later mounts without random access.
-        let complete = opts.spool_dir.is_none() || layer.compression == blob::Compression::None;
+        let complete = spool_dir.is_none() || layer.compression == blob::Compression::None;
         if let Some(cache) = opts.cache.filter(|_| complete)
             && let Err(e) = cache.store(layer, &index)
         {
@@ -208,13 +214,46 @@ pub fn open_tree<E: From<Error>>(
     Ok(opened)
 }
 
+/// An image opened for `export --keep N`: its merged tree, and the merged tree of its first
+/// `keep` layers (the base the squashed layer applies to). `index` should leave those layers
+/// unspooled ([`IndexOptions::unspooled`]): they are copied as they are, not read.
+pub fn open_keeping<E: From<Error>>(
+    image: Image,
+    keep: usize,
+    index: impl FnOnce(&Image) -> std::result::Result<Vec<LayerIndex>, E>,
+) -> std::result::Result<(Opened, tree::Tree), E> {
+    if keep > image.layers.len() {
+        return Err(Error::invalid(
+            &image.name,
+            format!(
+                "has {} layers; --keep must be 0..={}",
+                image.layers.len(),
+                image.layers.len()
+            ),
+        )
+        .into());
+    }
+    let indexes = index(&image)?;
+    if indexes[..keep.min(indexes.len())]
+        .iter()
+        .any(|i| i.decompressed.is_some())
+    {
+        // A spooled copy would replace the blob that the output must copy as it is.
+        return Err(
+            Error::invalid(&image.name, "a kept layer was indexed with a spooled copy").into(),
+        );
+    }
+    let base = tree::merge(&indexes[..keep.min(indexes.len())])?;
+    Ok((merge_image(image, indexes)?, base))
+}
+
 /// Refuses a `--layers N` the image cannot satisfy.
 pub fn check_layer_count(image: &Image, layers: Option<usize>) -> Result<()> {
     match layers {
         Some(n) if n == 0 || n > image.layers.len() => Err(Error::invalid(
             &image.name,
             format!(
-                "has {} layers; --layers must be 1..={}",
+                "has {} layers; --layers takes 1 to {}",
                 image.layers.len(),
                 image.layers.len()
             ),
@@ -263,6 +302,10 @@ fn take_read_aids(
                     // The copy holds only contents: entries now point into it. (The cache, filled
                     // before this, keeps the offsets in the layer's tar.)
                     for (entry, offset) in index.entries.iter_mut().zip(copy.offsets) {
+                        // A sparse file's runs stay back to back, now from its new offset.
+                        for s in entry.sparse.iter_mut().flat_map(|m| m.iter_mut()) {
+                            s.tar = s.tar - entry.offset + offset;
+                        }
                         entry.offset = offset;
                     }
                     None

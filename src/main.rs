@@ -18,6 +18,7 @@ fn main() -> ExitCode {
             eprintln!("flatfs: interrupted");
             ExitCode::from(130)
         }
+        Err(err) if err.is::<flatfs::cli::Reported>() => ExitCode::FAILURE,
         Err(err) => {
             let mut msg = format!("flatfs: {err}");
             for cause in err.chain().skip(1) {

@@ -74,9 +74,32 @@ impl Mountpoint {
             mountpoint: shown.clone(),
             msg,
         };
-        let fsname = format!("flatfs:{image}");
+        // Absolute, so that the mount table says which file is mounted wherever it is read.
+        let source = match image {
+            "-" => "stdin".to_string(),
+            _ => std::path::absolute(image).map_or(image.to_string(), |p| p.display().to_string()),
+        };
+        let fsname = format!("flatfs:{source}");
         let config = fuse_config(&fsname, opts).map_err(error)?;
-        let canonical = check_dir(path).map_err(error)?;
+        let canonical = check_dir(path).map_err(|msg| {
+            // `flatfs mount DIR IMAGE`: say so rather than only that IMAGE is no directory.
+            if path.is_file() && Path::new(image).is_dir() {
+                error(format!(
+                    "{msg}; the image comes first: flatfs mount {} {image}",
+                    path.display()
+                ))
+            } else {
+                error(msg)
+            }
+        })?;
+        let nonempty = opts
+            .options
+            .iter()
+            .flat_map(|o| o.split(','))
+            .any(|o| o == "nonempty");
+        if !nonempty {
+            check_empty(&canonical).map_err(error)?;
+        }
         check_fuse().map_err(error)?;
         Ok(Mountpoint {
             path: canonical,
@@ -201,7 +224,8 @@ impl Ready {
         match self {
             Ready::Foreground => eprintln!(
                 "flatfs: {} mounted on {}; serving in the foreground (Ctrl-C unmounts)",
-                mount.fsname, mount.shown
+                mount.fsname.trim_start_matches("flatfs:"),
+                mount.shown
             ),
             Ready::Report(fd) => {
                 // Whoever ran `flatfs mount` may wait for end-of-file on its stdout and stderr
@@ -334,10 +358,29 @@ fn fuse_config(fsname: &str, opts: &Options) -> std::result::Result<Config, Stri
             "async" => MountOption::Async,
             "dirsync" => MountOption::DirSync,
             "auto_unmount" => MountOption::AutoUnmount,
+            // Ours: checked in `Mountpoint::check`, nothing for the kernel.
+            "nonempty" => continue,
             _ => match opt.split_once('=') {
                 Some(("fsname", name)) => MountOption::FSName(name.replace(',', "_")),
                 Some(("subtype", name)) => subtype(name),
-                _ => MountOption::CUSTOM(opt.to_string()),
+                Some(("max_read" | "blksize", n)) if n.parse::<u32>().is_ok_and(|n| n > 0) => {
+                    MountOption::CUSTOM(opt.to_string())
+                }
+                Some((key @ ("max_read" | "blksize"), _)) => {
+                    return Err(format!("-o {opt}: {key} takes a number of bytes"));
+                }
+                // SELinux labels and userspace `x-` options, which the kernel or mount(8) know.
+                Some((key, _)) if key.ends_with("context") || key.starts_with("x-") => {
+                    MountOption::CUSTOM(opt.to_string())
+                }
+                _ => {
+                    return Err(format!(
+                        "-o {opt}: not a mount option flatfs knows (it takes ro, nosuid, nodev, \
+                         suid, dev, exec, noexec, atime, noatime, sync, async, dirsync, \
+                         allow_other, allow_root, auto_unmount, default_permissions, nonempty, \
+                         fsname=NAME, subtype=NAME, max_read=BYTES, blksize=BYTES)"
+                    ));
+                }
             },
         };
         // A later option replaces an earlier one of the same slot (`dev` after `nodev`).
@@ -406,6 +449,19 @@ fn check_dir(path: &Path) -> std::result::Result<PathBuf, String> {
     Ok(canonical)
 }
 
+/// A mount hides what the directory holds: refused unless `-o nonempty`, as fusermount did.
+fn check_empty(path: &Path) -> std::result::Result<(), String> {
+    let entries = fs::read_dir(path).map_err(|e| e.to_string())?.count();
+    if entries == 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "not empty: the mount would hide its {entries} {} (mount on an empty directory, or add \
+         -o nonempty)",
+        if entries == 1 { "entry" } else { "entries" }
+    ))
+}
+
 fn check_fuse() -> std::result::Result<(), String> {
     if !Path::new("/dev/fuse").exists() {
         return Err(
@@ -445,7 +501,9 @@ fn explain(err: &io::Error) -> String {
     } else if err.kind() == io::ErrorKind::NotFound {
         format!("{msg} (is fusermount3 installed? it comes with fuse3)")
     } else if msg.contains("EINVAL") {
-        format!("{msg} (the kernel refused a mount option: check -o)")
+        // fuser's message lists its internal mount flags; the user gave -o options.
+        let cause = msg.split_once("): ").map_or(msg.as_str(), |(_, c)| c);
+        format!("the kernel refused to mount ({cause}): check the -o options")
     } else {
         msg
     }
@@ -459,6 +517,10 @@ pub fn umount(path: &Path) -> Result<Unmounted> {
         msg,
     };
     let abs = absolute(path).map_err(|e| error(e.to_string()))?;
+    // A dead mount cannot be looked at (ENOTCONN), but it is there.
+    if fs::symlink_metadata(&abs).is_err_and(|e| e.kind() == io::ErrorKind::NotFound) {
+        return Err(error("no such file or directory".into()));
+    }
     let fstype = mount_type(&abs).map_err(|e| {
         error(format!(
             "cannot read the mount table /proc/self/mountinfo: {e}"

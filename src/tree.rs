@@ -4,7 +4,8 @@
 //!
 //! The frozen arena is four flat vectors: fixed-size node records, a directory's children as a
 //! contiguous run of (name, id) records sorted by name, xattr records sorted by node, and one
-//! byte buffer holding every name, symlink target and xattr. That is about 80 bytes per entry
+//! byte buffer holding every name, symlink target and xattr (plus, for sparse files only, a side
+//! table of their maps' segments). That is about 80 bytes per entry
 //! plus its name, against ~150 for boxed children, targets and xattrs per node, and it can be
 //! saved and loaded as is (`cache/merged.rs`), which is what makes a warm mount cheap.
 
@@ -13,7 +14,7 @@ use std::fmt;
 
 use crate::error::{Error, Result};
 use crate::layer::path::{join, split_parent};
-use crate::layer::{Entry, Kind, LayerIndex, Meta};
+use crate::layer::{Entry, Kind, LayerIndex, Meta, Segment};
 
 /// Index of a node in the arena.
 pub type NodeId = u32;
@@ -39,13 +40,27 @@ const MAX_SYMLINKS: usize = 40;
 
 /// Where a regular file's bytes are: a range of one layer's decompressed tar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
+pub struct Extent<'a> {
     /// 0-based index of the layer.
     pub layer: u32,
-    /// Offset in the decompressed layer tar.
+    /// Offset in the decompressed layer tar (a sparse file's first stored byte).
     pub offset: u64,
-    /// Length.
+    /// Length (a sparse file's real size).
     pub size: u64,
+    /// A sparse file's data runs, stored back to back from `offset`; the rest of the file is
+    /// holes, read as zeros.
+    pub sparse: Option<&'a [Segment]>,
+}
+
+impl Extent<'_> {
+    /// How many bytes the layer stores: `size`, less a sparse file's holes.
+    pub fn stored(&self) -> u64 {
+        match self.sparse {
+            // Runs are back to back (checked when a tree is built or loaded).
+            Some(map) => map.last().map_or(0, |l| l.tar + l.len - self.offset),
+            None => self.size,
+        }
+    }
 }
 
 /// The type of a node, with its type-specific data (borrowed from the arena).
@@ -54,7 +69,7 @@ pub enum NodeKind<'a> {
     /// Children sorted by name bytes.
     Dir(Children<'a>),
     /// Regular file.
-    File(Extent),
+    File(Extent<'a>),
     /// Symlink target, raw.
     Symlink(&'a [u8]),
     /// Character device.
@@ -281,6 +296,8 @@ pub(crate) const TAG_SYMLINK: u8 = 2;
 pub(crate) const TAG_CHAR: u8 = 3;
 pub(crate) const TAG_BLOCK: u8 = 4;
 pub(crate) const TAG_FIFO: u8 = 5;
+/// A regular file with holes: `a` is its [`MapRec`], `b` its real size.
+pub(crate) const TAG_SPARSE: u8 = 6;
 /// Set in [`NodeRec::tag`] when the node has xattr records, so most lookups skip the search.
 pub(crate) const HAS_XATTRS: u8 = 0x80;
 
@@ -300,6 +317,13 @@ pub(crate) struct NodeRec {
     pub(crate) parent: NodeId,
     pub(crate) layer: u32,
     pub(crate) tag: u8,
+}
+
+/// A sparse file's runs: `segments[start..start + count]`. Maps are numbered in node order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MapRec {
+    pub(crate) start: u64,
+    pub(crate) count: u64,
 }
 
 /// One directory entry: the name's place in the byte buffer and the node it names.
@@ -363,6 +387,9 @@ pub struct Tree {
     pub(crate) children: Vec<ChildRec>,
     pub(crate) xattrs: Vec<XattrRec>,
     pub(crate) bytes: Vec<u8>,
+    /// Sparse files' maps, a side table so that other nodes stay 64 bytes.
+    pub(crate) maps: Vec<MapRec>,
+    pub(crate) segments: Vec<Segment>,
 }
 
 impl Tree {
@@ -397,7 +424,17 @@ impl Tree {
                 layer: r.layer.saturating_sub(1),
                 offset: r.a,
                 size: r.b,
+                sparse: None,
             }),
+            TAG_SPARSE => {
+                let map = self.map(r.a);
+                NodeKind::File(Extent {
+                    layer: r.layer.saturating_sub(1),
+                    offset: map.first().map_or(0, |s| s.tar),
+                    size: r.b,
+                    sparse: Some(map),
+                })
+            }
             TAG_SYMLINK => NodeKind::Symlink(slice(&self.bytes, r.a, r.b)),
             TAG_CHAR => NodeKind::Char(r.a as u32, r.b as u32),
             TAG_BLOCK => NodeKind::Block(r.a as u32, r.b as u32),
@@ -427,6 +464,18 @@ impl Tree {
             parent: r.parent,
             layer: r.layer,
         })
+    }
+
+    /// The runs of sparse map `index` (empty if out of range: checked on build and load).
+    fn map(&self, index: u64) -> &[Segment] {
+        let Some(m) = usize::try_from(index).ok().and_then(|i| self.maps.get(i)) else {
+            return &[];
+        };
+        usize::try_from(m.start)
+            .ok()
+            .zip(usize::try_from(m.start.saturating_add(m.count)).ok())
+            .and_then(|(s, e)| self.segments.get(s..e))
+            .unwrap_or(&[])
     }
 
     fn child_range(&self, start: u64, count: u64) -> Children<'_> {
@@ -487,6 +536,7 @@ impl Tree {
         let mut names = vec![0u32; n];
         let mut subdirs = vec![0u32; n];
         let mut next_child = 0u64;
+        let (mut next_map, mut next_segment) = (0u64, 0u64);
         for (i, r) in self.nodes.iter().enumerate() {
             let id = i as NodeId;
             let layer_ok = r.layer as usize <= layers;
@@ -525,6 +575,24 @@ impl Tree {
                 // a, b: offset and size of the bytes in the layer's tar; their sum must not
                 // wrap (readers add them).
                 TAG_FILE if r.layer == 0 || r.a.checked_add(r.b).is_none() => return false,
+                // Each map used once, in node order, its runs right after the previous map's.
+                TAG_SPARSE => {
+                    let Some(m) = self.maps.get(next_map as usize) else {
+                        return false;
+                    };
+                    if r.layer == 0 || r.a != next_map || m.start != next_segment {
+                        return false;
+                    }
+                    next_map += 1;
+                    next_segment = match m.start.checked_add(m.count) {
+                        Some(end) if end <= self.segments.len() as u64 => end,
+                        _ => return false,
+                    };
+                    if !runs_are_valid(&self.segments[m.start as usize..next_segment as usize], r.b)
+                    {
+                        return false;
+                    }
+                }
                 TAG_SYMLINK if !in_bytes(r.a, r.b) => return false,
                 TAG_CHAR | TAG_BLOCK if r.a > u32::MAX.into() || r.b > u32::MAX.into() => {
                     return false;
@@ -533,7 +601,10 @@ impl Tree {
                 _ => return false,
             }
         }
-        if next_child != self.children.len() as u64 {
+        if next_child != self.children.len() as u64
+            || next_map != self.maps.len() as u64
+            || next_segment != self.segments.len() as u64
+        {
             return false;
         }
         let links_ok = self.nodes.iter().enumerate().skip(1).all(|(i, r)| {
@@ -598,6 +669,37 @@ impl Tree {
     }
 }
 
+/// Whether a sparse file's runs are as the indexer makes them: non-empty, in order, not
+/// overlapping, inside the real size `size`, and stored back to back with no sum wrapping.
+fn runs_are_valid(runs: &[Segment], size: u64) -> bool {
+    let mut prev_end = 0;
+    let mut next_tar: Option<u64> = None;
+    runs.iter().all(|s| {
+        let end = s.logical.checked_add(s.len);
+        let tar_end = s.tar.checked_add(s.len);
+        let ok = s.len > 0
+            && s.logical >= prev_end
+            && end.is_some_and(|e| e <= size)
+            && tar_end.is_some()
+            && next_tar.is_none_or(|t| t == s.tar);
+        prev_end = end.unwrap_or(u64::MAX);
+        next_tar = tar_end;
+        ok
+    })
+}
+
+/// A regular file while layers are being applied: the size of an `Extent`, so that the sparse
+/// files most images lack cost every node nothing.
+struct FileData {
+    layer: u32,
+    /// Index in [`Builder::maps`] of a sparse file's runs, or [`NO_MAP`].
+    map: u32,
+    offset: u64,
+    size: u64,
+}
+
+const NO_MAP: u32 = u32::MAX;
+
 /// A node while layers are being applied.
 struct BNode {
     kind: BKind,
@@ -609,7 +711,7 @@ struct BNode {
 enum BKind {
     // Boxed names: 8 bytes less per entry than `Vec` while layers are applied.
     Dir(BTreeMap<Box<[u8]>, usize>),
-    File(Extent),
+    File(FileData),
     Symlink(Vec<u8>),
     Char(u32, u32),
     Block(u32, u32),
@@ -620,6 +722,8 @@ struct Builder {
     nodes: Vec<BNode>,
     /// [`Builder::walk_dirs`]'s stack of directories, kept so that walks do not allocate.
     walk_scratch: Vec<usize>,
+    /// Sparse files' runs, by [`FileData::map`].
+    maps: Vec<Box<[Segment]>>,
     /// Names per node, kept only for [`Merger`] (inspect's account of what each layer removes).
     names: Option<Names>,
 }
@@ -641,6 +745,7 @@ impl Builder {
                 layer: 0,
             }],
             walk_scratch: Vec::new(),
+            maps: Vec::new(),
             names: None,
         }
     }
@@ -910,8 +1015,18 @@ impl Builder {
                 self.renamed(id, old);
                 return Ok(());
             }
-            Kind::File => BKind::File(Extent {
+            Kind::File => BKind::File(FileData {
                 layer: layer_no - 1,
+                map: match entry.sparse {
+                    Some(runs) => {
+                        self.maps.push(runs);
+                        u32::try_from(self.maps.len() - 1)
+                            .ok()
+                            .filter(|&i| i != NO_MAP)
+                            .ok_or("too many sparse files")?
+                    }
+                    None => NO_MAP,
+                },
                 offset: entry.offset,
                 size: entry.size,
             }),
@@ -945,6 +1060,7 @@ impl Builder {
         let mut nlink: Vec<u32> = Vec::new();
         // Sizes of the arena's vectors, so each is allocated once at its final size.
         let (mut edges, mut xattrs, mut bytes) = (0usize, 0usize, 0usize);
+        let (mut maps, mut segments) = (0usize, 0usize);
         new_id[0] = Some(ROOT);
         order.push((0, ROOT));
         nlink.push(0);
@@ -981,6 +1097,10 @@ impl Builder {
                     bytes += children.keys().map(|k| k.len()).sum::<usize>();
                 }
                 BKind::Symlink(t) => bytes += t.len(),
+                BKind::File(f) if f.map != NO_MAP => {
+                    maps += 1;
+                    segments += self.maps[f.map as usize].len();
+                }
                 _ => {}
             }
             xattrs += b.xattrs.len();
@@ -995,8 +1115,11 @@ impl Builder {
             children: Vec::with_capacity(edges),
             xattrs: Vec::with_capacity(xattrs),
             bytes: Vec::with_capacity(bytes),
+            maps: Vec::with_capacity(maps),
+            segments: Vec::with_capacity(segments),
         };
         let mut old_nodes: Vec<Option<BNode>> = self.nodes.into_iter().map(Some).collect();
+        let mut sparse_maps = self.maps;
         for (i, &(old, parent)) in order.iter().enumerate() {
             let id = i as NodeId;
             // Taken, so each builder node's memory goes as its frozen record comes.
@@ -1013,6 +1136,16 @@ impl Builder {
                         });
                     }
                     (TAG_DIR, first, children.len() as u64)
+                }
+                BKind::File(f) if f.map != NO_MAP => {
+                    // Taken, as the nodes are: its memory goes as the arena's grows.
+                    let runs = std::mem::take(&mut sparse_maps[f.map as usize]);
+                    tree.maps.push(MapRec {
+                        start: tree.segments.len() as u64,
+                        count: runs.len() as u64,
+                    });
+                    tree.segments.extend_from_slice(&runs);
+                    (TAG_SPARSE, tree.maps.len() as u64 - 1, f.size)
                 }
                 BKind::File(e) => (TAG_FILE, e.offset, e.size),
                 BKind::Symlink(t) => (TAG_SYMLINK, tree.push_bytes(&t), t.len() as u64),
@@ -1282,6 +1415,7 @@ mod tests {
                 kind,
                 offset: i as u64,
                 xattrs: Vec::new(),
+                sparse: None,
             });
         }
         index

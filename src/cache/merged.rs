@@ -20,17 +20,20 @@ use std::sync::Arc;
 use sha2::{Digest as _, Sha256};
 
 use super::{Cache, Dec, Enc, SUM, SumReader, checksum, stamp, write_atomically};
+use crate::layer::Segment;
 use crate::source::Layer;
-use crate::tree::{ChildRec, NodeRec, Tree, XattrRec};
+use crate::tree::{ChildRec, MapRec, NodeRec, Tree, XattrRec};
 use crate::zran::Checkpoints;
 
 const MAGIC: &[u8; 8] = b"FLATFSMT";
 /// Bump when the encoding, the merge rules or the meaning of a field change.
-const VERSION: u32 = 4;
+const VERSION: u32 = 5;
 /// Encoded sizes of the arena's records.
 const NODE: usize = 64;
 const CHILD: usize = 16;
 const XATTR: usize = 24;
+const MAP: usize = 16;
+const SEGMENT: usize = 24;
 
 /// A tree and what reading its files needs: per layer, the gzip checkpoints.
 pub type CachedTree = (Tree, Vec<Option<Arc<Checkpoints>>>);
@@ -94,6 +97,8 @@ fn encode(tree: &Tree, key: &[u8; 32], stamps: &[[u64; 6]]) -> Vec<u8> {
         + tree.nodes.len() * NODE
         + tree.children.len() * CHILD
         + tree.xattrs.len() * XATTR
+        + tree.maps.len() * MAP
+        + tree.segments.len() * SEGMENT
         + tree.bytes.len();
     let mut e = Enc(Vec::with_capacity(size));
     e.0.extend_from_slice(MAGIC);
@@ -107,6 +112,8 @@ fn encode(tree: &Tree, key: &[u8; 32], stamps: &[[u64; 6]]) -> Vec<u8> {
         tree.nodes.len(),
         tree.children.len(),
         tree.xattrs.len(),
+        tree.maps.len(),
+        tree.segments.len(),
         tree.bytes.len(),
     ] {
         e.u64(n as u64);
@@ -136,6 +143,15 @@ fn encode(tree: &Tree, key: &[u8; 32], stamps: &[[u64; 6]]) -> Vec<u8> {
         e.u32(x.name_len);
         e.u32(x.value_len);
         e.u32(0);
+    }
+    for m in &tree.maps {
+        e.u64(m.start);
+        e.u64(m.count);
+    }
+    for s in &tree.segments {
+        e.u64(s.logical);
+        e.u64(s.len);
+        e.u64(s.tar);
     }
     e.0.extend_from_slice(&tree.bytes);
     let sum = checksum(&e.0);
@@ -218,6 +234,8 @@ fn decode(r: impl Read, len: u64, key: &[u8; 32], stamps: &[[u64; 6]]) -> Option
     let nodes = r.count(NODE)?;
     let children = r.count(CHILD)?;
     let xattrs = r.count(XATTR)?;
+    let maps = r.count(MAP)?;
+    let segments = r.count(SEGMENT)?;
     let bytes = r.count(1)?;
     let tree = Tree {
         nodes: records(&mut r, nodes, NODE, |r| NodeRec {
@@ -243,6 +261,15 @@ fn decode(r: impl Read, len: u64, key: &[u8; 32], stamps: &[[u64; 6]]) -> Option
             node: le32(r, 8),
             name_len: le32(r, 12),
             value_len: le32(r, 16),
+        })?,
+        maps: records(&mut r, maps, MAP, |r| MapRec {
+            start: le64(r, 0),
+            count: le64(r, 8),
+        })?,
+        segments: records(&mut r, segments, SEGMENT, |r| Segment {
+            logical: le64(r, 0),
+            len: le64(r, 8),
+            tar: le64(r, 16),
         })?,
         bytes: r.take(bytes)?,
     };
@@ -271,6 +298,7 @@ mod tests {
             size: 5,
             offset: 512,
             xattrs: Vec::new(),
+            sparse: None,
         }
     }
 
@@ -289,15 +317,61 @@ mod tests {
                     entry("d/e/deep", Kind::Dir),
                     entry("s", Kind::Symlink(b"../../etc".to_vec())),
                     entry("c", Kind::Char(1, 3)),
+                    // Replaced above: its map must not reach the arena.
+                    sparse_entry("gone", &[(1, 1)]),
                 ],
                 ..LayerIndex::default()
             },
             LayerIndex {
-                entries: vec![entry("b", Kind::Block(8, 1)), entry("p", Kind::Fifo)],
+                entries: vec![
+                    entry("b", Kind::Block(8, 1)),
+                    entry("p", Kind::Fifo),
+                    sparse_entry("q", &[(0, 3), (100, 4)]),
+                    sparse_entry("r", &[(10, 1), (11, 2), (1 << 40, 5)]),
+                    entry("qh", Kind::Hardlink(b"q".to_vec())),
+                    entry("gone", Kind::Fifo),
+                ],
                 ..LayerIndex::default()
             },
         ];
         merge(&layers).expect("merge")
+    }
+
+    /// A sparse file of 2^41 bytes with these runs, stored from offset 1024.
+    fn sparse_entry(path: &str, runs: &[(u64, u64)]) -> Entry {
+        let mut e = entry(path, Kind::File);
+        e.size = 1 << 41;
+        e.offset = 1024;
+        let mut tar = 1024;
+        e.sparse = Some(
+            runs.iter()
+                .map(|&(logical, len)| {
+                    tar += len;
+                    crate::layer::Segment {
+                        logical,
+                        len,
+                        tar: tar - len,
+                    }
+                })
+                .collect(),
+        );
+        e
+    }
+
+    #[test]
+    fn sparse_files_keep_their_runs() {
+        let tree = sample();
+        let q = tree.resolve(b"q").expect("q");
+        let crate::tree::NodeKind::File(e) = tree.node(q).kind else {
+            panic!("q is a file");
+        };
+        assert_eq!((e.size, e.offset, e.stored()), (1 << 41, 1024, 7));
+        assert_eq!(e.sparse.map(<[_]>::len), Some(2));
+        // A hardlink shares the map; a replaced sparse file leaves none behind.
+        assert_eq!(tree.resolve(b"qh"), Some(q));
+        assert_eq!(tree.node(q).nlink, 2);
+        assert_eq!(tree.maps.len(), 2);
+        assert_eq!(tree.segments.len(), 5);
     }
 
     const KEY: [u8; 32] = [7; 32];
@@ -365,7 +439,49 @@ mod tests {
                 "root a file",
                 Box::new(|t| t.nodes[0].tag = crate::tree::TAG_FILE),
             ),
-            ("unknown kind", Box::new(|t| t.nodes[1].tag = 6)),
+            ("unknown kind", Box::new(|t| t.nodes[1].tag = 7)),
+            (
+                "a file made sparse",
+                Box::new(|t| {
+                    let f = t.resolve(b"d/f").expect("f") as usize;
+                    t.nodes[f].tag = crate::tree::TAG_SPARSE | (t.nodes[f].tag & 0x80);
+                }),
+            ),
+            ("runs out of order", Box::new(|t| t.segments.swap(0, 1))),
+            ("runs overlapping", Box::new(|t| t.segments[1].logical = 2)),
+            ("an empty run", Box::new(|t| t.segments[2].len = 0)),
+            (
+                "a run past the real size",
+                Box::new(|t| t.segments[4].logical = (1 << 41) - 4),
+            ),
+            (
+                "a run that wraps",
+                Box::new(|t| t.segments[4].logical = u64::MAX - 1),
+            ),
+            (
+                "runs not back to back",
+                Box::new(|t| t.segments[1].tar += 1),
+            ),
+            (
+                "a run's bytes that wrap",
+                Box::new(|t| t.segments[2].tar = u64::MAX),
+            ),
+            (
+                "a map used twice",
+                Box::new(|t| {
+                    let r = t.resolve(b"r").expect("r") as usize;
+                    t.nodes[r].a = 0;
+                }),
+            ),
+            ("a map past the segments", Box::new(|t| t.maps[1].count = 4)),
+            (
+                "a map left over",
+                Box::new(|t| t.maps.push(crate::tree::MapRec { start: 5, count: 0 })),
+            ),
+            (
+                "segments left over",
+                Box::new(|t| t.segments.push(t.segments[4])),
+            ),
             ("name out of range", {
                 Box::new(move |t| {
                     let c = child_of(t, d, b"f");

@@ -5,8 +5,7 @@ use std::io::{self, Write};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
-use super::ui::Ui;
-use crate::cache::{CacheEntry, CacheKind};
+use crate::cache::{Cache, CacheEntry, CacheKind};
 use crate::inspect;
 
 /// Manage the cache of layer indexes and merged trees.
@@ -14,6 +13,9 @@ use crate::inspect;
 pub struct CacheArgs {
     #[command(subcommand)]
     action: CacheAction,
+    /// No summary on stderr after `clear`.
+    #[arg(short, long, global = true)]
+    quiet: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -27,11 +29,10 @@ enum CacheAction {
 }
 
 /// Runs `flatfs cache`.
-pub fn run(args: CacheArgs, ui: &Ui) -> Result<()> {
-    let Some(cache) = ui.cache.as_ref() else {
-        anyhow::bail!(
-            "no cache directory: --no-cache given, or no HOME, XDG_CACHE_HOME or FLATFS_CACHE_DIR"
-        );
+pub fn run(quiet: bool, args: CacheArgs) -> Result<()> {
+    let quiet = quiet || args.quiet;
+    let Some(cache) = crate::cache::default_dir().map(Cache::new) else {
+        anyhow::bail!("no cache directory: no HOME, XDG_CACHE_HOME or FLATFS_CACHE_DIR");
     };
     let entries = cache
         .list()
@@ -63,7 +64,7 @@ pub fn run(args: CacheArgs, ui: &Ui) -> Result<()> {
             let freed = cache
                 .clear()
                 .with_context(|| format!("clearing {}", cache.dir().display()))?;
-            if !ui.quiet {
+            if !quiet {
                 let (indexes, trees) = count_kinds(&entries);
                 eprintln!(
                     "flatfs: removed {indexes} layer indexes and {trees} merged trees ({})",

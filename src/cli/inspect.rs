@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use anyhow::Result;
 use clap::Args;
 
-use super::ui::Ui;
+use super::ui::{Ui, UiArgs};
 use crate::inspect;
 use crate::source::{self, Platform};
 
@@ -14,7 +14,7 @@ use crate::source::{self, Platform};
 /// Per layer: compressed and uncompressed size, entries, files added / changed / whited
 /// out, the bytes of lower layers it deletes or replaces (REMOVES: the waste flattening
 /// removes), and the history line that made it. `--json` prints the same as one JSON
-/// object (documented in docs/inspect-json.md).
+/// object, whose fields keep their names and meaning from one version to the next.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
     /// The image (same forms as for export).
@@ -25,10 +25,12 @@ pub struct InspectArgs {
     /// Platform to pick from a multi-platform image [default: this host's].
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     platform: Option<Platform>,
+    #[command(flatten)]
+    pub ui: UiArgs,
 }
 
 /// Runs `flatfs inspect`.
-pub fn run(args: InspectArgs, ui: &Ui) -> Result<()> {
+pub fn run(ui: &Ui, args: InspectArgs) -> Result<()> {
     let img = source::open(&args.image, args.platform.as_ref())?;
     let indexes = ui.index(&img, None, None)?;
     let report = inspect::inspect(&img, &indexes)?;

@@ -1,22 +1,25 @@
 //! `flatfs ls`: the merged tree listed like `ls` (or `tar tv` with -R).
 
+use std::collections::HashMap;
 use std::io::{self, Write};
 
 use anyhow::Result;
 use clap::Args;
 
-use super::ui::Ui;
+use super::ui::{Ui, UiArgs};
 use crate::export;
 use crate::inspect;
+use crate::layer::LayerIndex;
 use crate::source::Platform;
-use crate::tree::{Node, NodeId, NodeKind, Tree};
+use crate::tree::{Node, NodeId, NodeKind, ROOT, Tree};
 
 /// List the merged tree, like `ls` (or `tar tv` with -R).
 #[derive(Args, Debug)]
 pub struct LsArgs {
     /// The image.
     image: String,
-    /// A path in the image [default: /]; symlinks in it are followed inside the image.
+    /// A path in the image; symlinks in it are followed inside the image (one at the end is
+    /// shown itself with -l, unless PATH ends in `/`).
     #[arg(default_value = "/")]
     path: String,
     /// Long format: mode, links, owner, size, mtime.
@@ -34,10 +37,12 @@ pub struct LsArgs {
     /// List the image as it was after its first N layers.
     #[arg(long, value_name = "N")]
     layers: Option<usize>,
+    #[command(flatten)]
+    pub ui: UiArgs,
 }
 
 /// Runs `flatfs ls`.
-pub fn run(args: LsArgs, ui: &Ui) -> Result<()> {
+pub fn run(ui: &Ui, args: LsArgs) -> Result<()> {
     let LsArgs {
         image,
         path,
@@ -46,14 +51,29 @@ pub fn run(args: LsArgs, ui: &Ui) -> Result<()> {
         layer,
         platform,
         layers,
+        ..
     } = args;
-    let tree = ui.open(&image, platform.as_ref(), layers, None)?.tree;
-    let id = inspect::resolve_following(&tree, path.as_bytes())?;
+    let opened = ui.open(&image, platform.as_ref(), layers, None)?;
+    let tree = &opened.tree;
+    let (id, canonical) = resolve(tree, &path, long)?;
+    // Hardlinked names share one node, which knows only the layer of the first name: the layer
+    // that added a name is read from the layer indexes (see "Which layer" in docs/guide.md).
+    let name_layers = if layer {
+        Some(name_layers(&ui.index(&opened.image, layers, None)?))
+    } else {
+        None
+    };
+    let layer_of = |canonical: &[u8], id: NodeId| -> u32 {
+        name_layers
+            .as_ref()
+            .and_then(|m| m.get(canonical).copied())
+            .unwrap_or(tree.node(id).layer)
+    };
     let mut out = io::BufWriter::new(io::stdout().lock());
-    let show = |out: &mut dyn Write, name: &[u8], id: NodeId| -> io::Result<()> {
+    let show = |out: &mut dyn Write, name: &[u8], canonical: &[u8], id: NodeId| -> io::Result<()> {
         let node = tree.node(id);
         if layer {
-            match node.layer {
+            match layer_of(canonical, id) {
                 0 => write!(out, "{:>3} ", "-")?,
                 n => write!(out, "{n:>3} ")?,
             }
@@ -82,9 +102,10 @@ pub fn run(args: LsArgs, ui: &Ui) -> Result<()> {
     };
     if recursive {
         let mut err = None;
-        let prefix = path.trim_matches('/').as_bytes().to_vec();
-        subtree_walk(&tree, id, &prefix, &mut |p, child| {
-            if let Err(e) = show(&mut out, p, child) {
+        let prefix = path.trim_matches('/').as_bytes();
+        subtree_walk(tree, id, &mut |rel, child| {
+            let (shown, real) = (join(prefix, rel), join(&canonical, rel));
+            if let Err(e) = show(&mut out, &shown, &real, child) {
                 err = Some(e);
             }
         });
@@ -93,13 +114,74 @@ pub fn run(args: LsArgs, ui: &Ui) -> Result<()> {
         }
     } else if tree.node(id).is_dir() {
         for (name, child) in tree.children(id) {
-            show(&mut out, name, child)?;
+            show(&mut out, name, &join(&canonical, name), child)?;
         }
     } else {
-        show(&mut out, path.trim_matches('/').as_bytes(), id)?;
+        // The path as given, as ls prints its operands.
+        show(&mut out, path.as_bytes(), &canonical, id)?;
     }
     out.flush()?;
     Ok(())
+}
+
+/// The node `path` names, and its path with symlinks resolved. Symlinks on the way are
+/// followed inside the image; one at the end too, except with `-l` and no trailing `/`, where
+/// ls shows the link itself.
+fn resolve(tree: &Tree, path: &str, long: bool) -> Result<(NodeId, Vec<u8>)> {
+    let trimmed = path.trim_end_matches('/');
+    let (parent, last) = trimmed.rsplit_once('/').unwrap_or(("", trimmed));
+    if !last.is_empty() && last != "." && last != ".." {
+        let dir = inspect::resolve_following(tree, parent.as_bytes())?;
+        if tree.node(dir).is_dir()
+            && let Some(id) = tree.lookup(dir, last.as_bytes())
+        {
+            // The name looked up, not the node's first name: hardlinks share the node.
+            let here = join(&canonical_path(tree, dir), last.as_bytes());
+            match tree.node(id).kind {
+                NodeKind::Symlink(_) if long && !path.ends_with('/') => return Ok((id, here)),
+                NodeKind::Symlink(_) => {}
+                _ => return Ok((id, here)),
+            }
+        }
+    }
+    let id = inspect::resolve_following(tree, path.as_bytes())?;
+    Ok((id, canonical_path(tree, id)))
+}
+
+/// Where a node is in the image, by the names of its (first) parents: symlinks resolved.
+fn canonical_path(tree: &Tree, id: NodeId) -> Vec<u8> {
+    let mut names: Vec<&[u8]> = Vec::new();
+    let mut cur = id;
+    while cur != ROOT {
+        let parent = tree.node(cur).parent;
+        match tree.children(parent).iter().find(|&(_, c)| c == cur) {
+            Some((name, _)) => names.push(name),
+            None => break,
+        }
+        cur = parent;
+    }
+    names.reverse();
+    names.join(&b'/')
+}
+
+/// For every path some layer has an entry at, the topmost such layer (1-based): the layer that
+/// put the name there, whatever node it names.
+fn name_layers(indexes: &[LayerIndex]) -> HashMap<Vec<u8>, u32> {
+    let mut map = HashMap::new();
+    for (i, index) in indexes.iter().enumerate() {
+        for e in &index.entries {
+            map.insert(e.path.clone(), i as u32 + 1);
+        }
+    }
+    map
+}
+
+fn join(a: &[u8], b: &[u8]) -> Vec<u8> {
+    match (a.is_empty(), b.is_empty()) {
+        (true, _) => b.to_vec(),
+        (_, true) => a.to_vec(),
+        _ => [a, b].join(&b'/'),
+    }
 }
 
 /// `drwxr-xr-x`, as `ls -l` writes it.
@@ -140,18 +222,13 @@ fn short_time(secs: i64) -> String {
     format!("{} {}", &t[..10], &t[11..16])
 }
 
-/// Visits `id` and everything below it, with paths relative to the image root.
-fn subtree_walk(tree: &Tree, id: NodeId, prefix: &[u8], visit: &mut dyn FnMut(&[u8], NodeId)) {
-    let mut stack = vec![(prefix.to_vec(), id)];
+/// Visits `id` and everything below it, with paths relative to `id`.
+fn subtree_walk(tree: &Tree, id: NodeId, visit: &mut dyn FnMut(&[u8], NodeId)) {
+    let mut stack = vec![(Vec::new(), id)];
     while let Some((path, id)) = stack.pop() {
         visit(&path, id);
         for (name, child) in tree.children(id).iter().rev() {
-            let mut p = path.clone();
-            if !p.is_empty() {
-                p.push(b'/');
-            }
-            p.extend_from_slice(name);
-            stack.push((p, child));
+            stack.push((join(&path, name), child));
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Command line: the clap definition of `flatfs` and the dispatch to one module per command.
-//! Each command's arguments sit beside its handler; `anyhow` lives here and in main only.
+//! Each command's arguments sit beside its handler; `anyhow` lives in `cli/` and main only.
 
 mod cache;
 mod cat;
@@ -14,8 +14,7 @@ mod ui;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::cache::Cache;
-use ui::Ui;
+use ui::UiArgs;
 
 /// Flatten a multi-layer container image: mount it as one read-only filesystem, or export it as
 /// a single-layer image. No daemon, nothing extracted.
@@ -30,16 +29,8 @@ use ui::Ui;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// No progress bar or summary on stderr (errors are still printed).
-    #[arg(short, long, global = true)]
-    quiet: bool,
-    /// Log what flatfs does to stderr (-vv for more; RUST_LOG works too).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    verbose: u8,
-    /// Neither read nor write the cache of layer indexes and merged trees ($FLATFS_CACHE_DIR, else
-    /// $XDG_CACHE_HOME/flatfs, else ~/.cache/flatfs).
-    #[arg(long, global = true)]
-    no_cache: bool,
+    #[command(flatten)]
+    top: UiArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -52,32 +43,29 @@ enum Command {
     Diff(diff::DiffArgs),
     Cache(cache::CacheArgs),
     Completions(misc::CompletionsArgs),
-    /// Print the man page (roff), e.g. `flatfs man | man -l -`.
-    Man,
+    Man(misc::ManArgs),
     Umount(mount::UmountArgs),
 }
 
+/// A failure already told on stderr (e.g. `cat` of a missing path among others): exit 1 without
+/// another message.
+#[derive(Debug, thiserror::Error)]
+#[error("errors were reported above")]
+pub struct Reported;
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
-    ui::init_logging(cli.verbose);
-    let ui = Ui {
-        quiet: cli.quiet,
-        cache: if cli.no_cache {
-            None
-        } else {
-            crate::cache::default_dir().map(Cache::new)
-        },
-    };
+    let top = cli.top;
     match cli.command {
-        Command::Export(args) => export::run(args, &ui),
-        Command::Mount(args) => mount::run(args, &ui),
-        Command::Inspect(args) => inspect::run(args, &ui),
-        Command::Ls(args) => ls::run(args, &ui),
-        Command::Cat(args) => cat::run(args, &ui),
-        Command::Diff(args) => diff::run(args, &ui),
-        Command::Cache(args) => cache::run(args, &ui),
-        Command::Completions(args) => misc::completions(args),
-        Command::Man => misc::man(),
-        Command::Umount(args) => mount::umount(args),
+        Command::Export(a) => export::run(&a.ui.start(top), a),
+        Command::Mount(a) => mount::run(&a.ui.start(top), a),
+        Command::Inspect(a) => inspect::run(&a.ui.start(top), a),
+        Command::Ls(a) => ls::run(&a.ui.start(top), a),
+        Command::Cat(a) => cat::run(&a.ui.start(top), a),
+        Command::Diff(a) => diff::run(&a.ui.start(top), a),
+        Command::Cache(a) => cache::run(top.log.quiet, a),
+        Command::Completions(a) => misc::completions(a),
+        Command::Man(a) => misc::man(a),
+        Command::Umount(a) => mount::umount(a),
     }
 }

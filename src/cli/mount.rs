@@ -5,12 +5,12 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::ui::Ui;
-use crate::Opened;
+use super::ui::{Ui, UiArgs};
 use crate::content::Content;
 use crate::fs::FlatFs;
 use crate::mount;
 use crate::source::Platform;
+use crate::{Error, Opened};
 
 /// Mount the merged image as a read-only FUSE filesystem.
 ///
@@ -53,13 +53,16 @@ pub struct MountArgs {
     #[arg(long)]
     no_prefetch: bool,
     /// More mount options, comma-separated, e.g. noexec, noatime, allow_root, fsname=NAME,
-    /// max_read=BYTES; `dev` and `suid` lift the defaults. `rw` is refused.
+    /// max_read=BYTES; `dev` and `suid` lift the defaults; `nonempty` mounts over a directory
+    /// that is not empty (refused otherwise, as its contents would be hidden). `rw` is refused.
     #[arg(short = 'o', value_name = "OPTS")]
     options: Vec<String>,
+    #[command(flatten)]
+    pub ui: UiArgs,
 }
 
 /// Runs `flatfs mount`.
-pub fn run(args: MountArgs, ui: &Ui) -> Result<()> {
+pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
     let MountArgs {
         image,
         mountpoint,
@@ -69,6 +72,7 @@ pub fn run(args: MountArgs, ui: &Ui) -> Result<()> {
         layers,
         no_prefetch,
         options,
+        ..
     } = args;
     let opts = mount::Options {
         foreground,
@@ -105,7 +109,12 @@ pub struct UmountArgs {
 /// Runs `flatfs umount`.
 pub fn umount(args: UmountArgs) -> Result<()> {
     let mountpoint = args.mountpoint;
-    if mount::umount(&mountpoint)? == mount::Unmounted::Lazily {
+    let how = mount::umount(&mountpoint).map_err(|e| match e {
+        // The library's mount errors say "mount DIR"; this is the other way round.
+        Error::Mount { mountpoint, msg } => anyhow::anyhow!("umount {mountpoint}: {msg}"),
+        e => e.into(),
+    })?;
+    if how == mount::Unmounted::Lazily {
         eprintln!(
             "flatfs: {} was busy or its server gone; detached it lazily (it goes away \
              when the last file open in it is closed)",

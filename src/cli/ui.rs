@@ -6,12 +6,69 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Result;
+use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::cache::Cache;
 use crate::layer::LayerIndex;
 use crate::source::{self, Image, Platform};
 use crate::{IndexOptions, Opened};
+
+/// `-q` and `-v`, for the commands that have something to be quiet or verbose about.
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct LogArgs {
+    /// No progress bar or summary on stderr (errors are still printed).
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Log what flatfs does to stderr (-vv for more; RUST_LOG works too).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// The options of every command that reads an image. They are also taken before the command
+/// name (`flatfs -q export …`), where every command accepts them.
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct UiArgs {
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Neither read nor write the cache of layer indexes and merged trees ($FLATFS_CACHE_DIR, else
+    /// $XDG_CACHE_HOME/flatfs, else ~/.cache/flatfs).
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+impl UiArgs {
+    /// Starts logging and builds the [`Ui`] for these options and those given before the
+    /// command name (`top`).
+    pub fn start(self, top: UiArgs) -> Ui {
+        let quiet = self.log.quiet || top.log.quiet;
+        init_logging(self.log.verbose.saturating_add(top.log.verbose));
+        Ui {
+            quiet,
+            cache: if self.no_cache || top.no_cache {
+                None
+            } else {
+                crate::cache::default_dir().and_then(usable_cache)
+            },
+        }
+    }
+}
+
+/// The cache in `dir`, if the directory is there or can be made: one warning when it cannot,
+/// rather than one per layer and merged tree that could not be saved.
+fn usable_cache(dir: std::path::PathBuf) -> Option<Cache> {
+    match std::fs::create_dir_all(&dir) {
+        Ok(()) => Some(Cache::new(dir)),
+        Err(e) => {
+            log::warn!(
+                "cannot create the cache directory {}: {e}; going on without a cache (set \
+                 FLATFS_CACHE_DIR, or --no-cache)",
+                dir.display()
+            );
+            None
+        }
+    }
+}
 
 /// What every command shares: quietness, the cache, the progress bar.
 pub struct Ui {
@@ -22,18 +79,24 @@ pub struct Ui {
 }
 
 impl Ui {
-    /// A progress bar on stderr, only when stderr is a terminal and not `--quiet`.
+    /// A progress bar on stderr, only when stderr is a terminal, not `--quiet`, and the job is
+    /// big enough to watch (at least 1 MiB). It fills the terminal's width and no more: a line
+    /// that wraps is redrawn as a new line at every tick.
     pub fn bar(&self, total: u64, what: &str) -> Option<ProgressBar> {
-        if self.quiet || !io::stderr().is_terminal() || total == 0 {
+        const TINY: u64 = 1 << 20;
+        if self.quiet || !io::stderr().is_terminal() || total < TINY {
             return None;
         }
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-        let style = ProgressStyle::with_template(
-            "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-        )
-        .map(|s| s.progress_chars("=> "));
-        if let Ok(style) = style {
-            bar.set_style(style);
+        // `wide_bar` takes what the rest leaves of the width indicatif reads from the terminal;
+        // below ~60 columns the rest alone would wrap, so the bar goes.
+        let template = if terminal_width().is_some_and(|w| w < 60) {
+            "{msg} {bytes}/{total_bytes} ETA {eta}"
+        } else {
+            "{msg:>9} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}"
+        };
+        if let Ok(style) = ProgressStyle::with_template(template) {
+            bar.set_style(style.progress_chars("=> "));
         }
         bar.set_message(what.to_string());
         Some(bar)
@@ -45,6 +108,18 @@ impl Ui {
         img: &Image,
         layers: Option<usize>,
         spool_dir: Option<&Path>,
+    ) -> Result<Vec<LayerIndex>> {
+        self.index_with(img, layers, spool_dir, 0)
+    }
+
+    /// [`Ui::index`], leaving the first `unspooled` layers without a spooled copy
+    /// (`export --keep`: those are copied as they are).
+    pub fn index_with(
+        &self,
+        img: &Image,
+        layers: Option<usize>,
+        spool_dir: Option<&Path>,
+        unspooled: usize,
     ) -> Result<Vec<LayerIndex>> {
         let limit = layers.unwrap_or(img.layers.len()).min(img.layers.len());
         let total = img.layers[..limit].iter().map(|l| l.blob.len()).sum();
@@ -62,6 +137,7 @@ impl Ui {
                 spool_dir,
                 cache: self.cache.as_ref(),
                 progress: Some(&progress),
+                unspooled,
             },
         )?;
         if let Some(b) = bar {
@@ -90,15 +166,25 @@ impl Ui {
             spool_dir,
             cache: self.cache.as_ref(),
             progress: None,
+            unspooled: 0,
         };
         crate::open_tree(img, &opts, |img| self.index(img, layers, spool_dir))
     }
 }
 
+/// The width of the terminal on stderr, if it is one that says.
+fn terminal_width() -> Option<u16> {
+    // SAFETY: TIOCGWINSZ writes a winsize into the struct passed, and nothing else.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    (ok && ws.ws_col > 0).then_some(ws.ws_col)
+}
+
 /// Logs to stderr: warnings by default, more with each `-v`; `RUST_LOG` overrides.
 pub fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
+        // fuser warns that it could not unmount what `flatfs umount` already had: not news.
+        0 => "warn,fuser=error",
         1 => "flatfs=info,warn",
         _ => "debug",
     };

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::path::{self, Class};
+use super::sparse::{self, Segment};
 use super::tar::TarReader;
 use sha2::{Digest as _, Sha256};
 
@@ -57,12 +58,14 @@ pub struct Entry {
     pub kind: Kind,
     /// Ownership, mode, mtime.
     pub meta: Meta,
-    /// Content length (regular files).
+    /// Content length (regular files; a sparse file's real size).
     pub size: u64,
-    /// Offset of the content in the decompressed layer tar.
+    /// Offset of the content in the decompressed layer tar (a sparse file's first stored byte).
     pub offset: u64,
     /// Extended attributes in tar order, values byte-exact (empty ones kept).
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// A sparse file's data runs, stored back to back from `offset`; holes between them.
+    pub sparse: Option<Box<[Segment]>>,
 }
 
 /// The file contents of a compressed layer, decompressed once by the indexing pass for export.
@@ -72,7 +75,8 @@ pub struct Entry {
 pub struct Spooled {
     /// The contents.
     pub blob: Blob,
-    /// Per entry of [`LayerIndex::entries`] (same order), where its content starts in `blob`.
+    /// Per entry of [`LayerIndex::entries`] (same order), where its content starts in `blob`
+    /// (a sparse file's stored runs, back to back).
     pub offsets: Vec<u64>,
 }
 
@@ -304,6 +308,7 @@ fn index_entries<R: io::BufRead>(
         label: label.to_string(),
         ..LayerIndex::default()
     };
+    let mut sparse_segments = 0usize;
     loop {
         let raw = match reader.next_entry() {
             Ok(Some(raw)) => raw,
@@ -338,9 +343,6 @@ fn index_entries<R: io::BufRead>(
             }
             Class::Entry(p) => p,
         };
-        if raw.sparse {
-            return Err(entry_err("sparse files are not supported".into()));
-        }
         let kind = match raw.typeflag {
             // Old (pre-POSIX) tars mark directories by a trailing slash on a regular entry.
             b'0' | b'\0' | b'7' if raw.path.ends_with(b"/") => Kind::Dir,
@@ -373,17 +375,41 @@ fn index_entries<R: io::BufRead>(
         if path.is_empty() && kind != Kind::Dir {
             return Err(entry_err("the image root must be a directory".into()));
         }
-        let size = if kind == Kind::File { raw.size } else { 0 };
+        let segments = match &raw.sparse {
+            None => None,
+            Some(_) if kind != Kind::File => {
+                return Err(entry_err(
+                    "a sparse map on an entry that is not a regular file".into(),
+                ));
+            }
+            Some(map) => {
+                let segments = sparse::segments(map, raw.offset, raw.size).map_err(entry_err)?;
+                sparse_segments += segments.len();
+                if sparse_segments > sparse::MAX_LAYER_SEGMENTS {
+                    return Err(entry_err(format!(
+                        "the layer's sparse maps exceed {} segments in all",
+                        sparse::MAX_LAYER_SEGMENTS
+                    )));
+                }
+                Some(segments)
+            }
+        };
+        // What the layer stores; a sparse file's real size is its map's.
+        let stored = if kind == Kind::File { raw.size } else { 0 };
+        let size = match &raw.sparse {
+            Some(map) if segments.is_some() => map.real_size,
+            _ => stored,
+        };
         if let Some(spool) = spool.as_deref_mut() {
             spool.offsets.push(spool.len);
-            if size > 0 {
+            if stored > 0 {
                 reader
-                    .copy_data(size, &mut spool.out)
+                    .copy_data(stored, &mut spool.out)
                     .map_err(|source| Error::Layer {
                         layer: format!("{label} (in entry {:?})", shown(&raw.path)),
                         source,
                     })?;
-                spool.len += size;
+                spool.len += stored;
             }
         }
         index.entries.push(Entry {
@@ -399,6 +425,7 @@ fn index_entries<R: io::BufRead>(
             size,
             offset: raw.offset,
             xattrs: raw.xattrs,
+            sparse: segments,
         });
     }
     Ok(index)
@@ -448,6 +475,7 @@ mod tests {
             blob,
             digest: Some(digest),
             diff_id: Some(diff_id),
+            descriptor: None,
         }
     }
 
@@ -554,6 +582,129 @@ mod tests {
         let e = index(&l, true).unwrap_err();
         assert!(
             matches!(&e, Error::Layer { layer, .. } if *layer == l.label()),
+            "{e}"
+        );
+    }
+
+    /// A tar whose last file's 100 bytes end 412 bytes of padding and 1024 of end blocks
+    /// before its end.
+    fn tar_ending_in_data() -> Vec<u8> {
+        // `tar_of` writes its own end blocks: drop them, then append one more file.
+        let mut start = tar_of(3, b"first");
+        start.truncate(start.len() - 1024);
+        let mut b = tar::Builder::new(start);
+        let mut h = tar::Header::new_ustar();
+        h.set_size(100);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, "last", &[9u8; 100][..]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn layers_cut_after_the_last_data_byte_padding_or_one_end_block_are_whole() {
+        let full = tar_ending_in_data();
+        let end = full.len();
+        for cut in [end - 1024 - 412, end - 1024, end - 512, end] {
+            let tar = &full[..cut];
+            let blobs = [tar.to_vec(), gzip(tar), zstd::encode_all(tar, 3).unwrap()];
+            for blob in blobs {
+                let l = layer(&blob, sha256_of(&blob), sha256_of(tar));
+                for spool in [true, false] {
+                    let idx = index(&l, spool).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+                    assert_eq!(idx.entries.len(), 5, "cut at {cut}");
+                    let last = idx.entries.last().unwrap();
+                    assert_eq!((last.path.as_slice(), last.size), (&b"last"[..], 100));
+                    assert_eq!(idx.diff_id, sha256_of(tar));
+                    assert_eq!(idx.tar_size, cut as u64);
+                    if let Some(copy) = idx.decompressed {
+                        let at = *copy.offsets.last().unwrap();
+                        let mut data = vec![0; 100];
+                        copy.blob.read_exact_at(&mut data, at).unwrap();
+                        assert_eq!(data, [9; 100]);
+                    }
+                }
+            }
+        }
+        // One byte short of the data is a short stream, compressed or not.
+        let tar = &full[..end - 1024 - 413];
+        for blob in [tar.to_vec(), gzip(tar), zstd::encode_all(tar, 3).unwrap()] {
+            let l = layer(&blob, sha256_of(&blob), sha256_of(tar));
+            let e = index(&l, true).unwrap_err();
+            assert!(
+                e.to_string().contains("ends inside an entry's data")
+                    && e.to_string().contains(&l.label()),
+                "{e}"
+            );
+        }
+    }
+
+    /// A PAX 0.1 sparse entry `name` of `real` bytes with `map`, storing `stored`.
+    fn sparse_tar(name: &str, real: u64, map: &str, stored: &[u8]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let records = [
+            ("GNU.sparse.size", real.to_string()),
+            ("GNU.sparse.name", name.to_string()),
+            ("GNU.sparse.map", map.to_string()),
+        ];
+        b.append_pax_extensions(records.iter().map(|(k, v)| (*k, v.as_bytes())))
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(stored.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, "GNUSparseFile.1/x", stored).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn sparse_entries_become_files_of_their_real_size_with_placed_runs() {
+        let tar = sparse_tar(
+            "dir/disk",
+            1 << 40,
+            "4096,3,1099511627770,6,1099511627776,0",
+            b"abcdefghi",
+        );
+        let idx = index_tar(&tar[..], "1").unwrap();
+        let e = &idx.entries[0];
+        assert_eq!((e.path.as_slice(), e.size), (&b"dir/disk"[..], 1 << 40));
+        let runs = e.sparse.as_deref().unwrap();
+        assert_eq!(runs.len(), 2);
+        assert_eq!(&tar[runs[0].tar as usize..][..3], b"abc");
+        assert_eq!(&tar[runs[1].tar as usize..][..6], b"defghi");
+        assert_eq!(runs[1].logical, (1 << 40) - 6);
+        assert_eq!(runs.iter().map(|r| r.len).sum::<u64>(), 9);
+    }
+
+    #[test]
+    fn bad_sparse_maps_are_errors_naming_the_layer_and_entry() {
+        for (map, stored, what) in [
+            ("0,5,3,5", &b"0123456789"[..], "overlaps"),
+            ("50,5,0,5", b"0123456789", "overlaps"),
+            ("98,5", b"01234", "real size"),
+            ("0,5", b"012", "more data"),
+            ("0,5", b"0123456", "places only 5"),
+            ("0,x", b"", "bad number"),
+        ] {
+            let tar = sparse_tar("the/file", 100, map, stored);
+            let e = index_tar(&tar[..], "3 (sha256:x)").unwrap_err();
+            assert!(
+                matches!(&e, Error::Entry { layer, entry, msg }
+                    if layer == "3 (sha256:x)" && entry == "the/file" && msg.contains(what)),
+                "{map}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_absurd_sparse_map_is_an_error_not_an_allocation() {
+        let pairs = sparse::MAX_SEGMENTS + 1;
+        let map = vec!["0,0"; pairs].join(",");
+        let tar = sparse_tar("f", 1, &map, b"");
+        let e = index_tar(&tar[..], "1").unwrap_err();
+        assert!(
+            matches!(&e, Error::Entry { entry, msg, .. }
+                if entry == "f" && msg.contains("exceeds the limit")),
             "{e}"
         );
     }

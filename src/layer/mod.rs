@@ -3,6 +3,8 @@
 
 pub mod index;
 pub mod path;
+pub mod sparse;
 pub mod tar;
 
 pub use index::{Entry, Kind, LayerIndex, Meta, index_layer};
+pub use sparse::Segment;

@@ -38,6 +38,9 @@ pub struct Layer {
     pub digest: Option<String>,
     /// The config's diff_id for the uncompressed tar, checked while reading.
     pub diff_id: Option<String>,
+    /// The manifest's descriptor of the blob as JSON (OCI sources; docker archives have none):
+    /// `export --keep` writes it back unchanged, annotations and all.
+    pub descriptor: Option<serde_json::Value>,
 }
 
 impl Layer {
@@ -196,6 +199,7 @@ impl Store {
     fn open_tar(path: &Path, display: &str) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(display, e))?;
         let mut members = HashMap::new();
+        let len = file.metadata().map_err(|e| Error::io(display, e))?.len();
         let mut archive = tar::Archive::new(&file);
         let entries = archive
             .entries_with_seek()
@@ -206,6 +210,17 @@ impl Store {
                 (Ok(entry), _) => entry,
                 // Not even one header: not a tar (often a compressed `docker save`).
                 (Err(_), None) => return Err(not_a_tar(&file, display)),
+                // Tar archives are whole 512-byte blocks: one that is not was cut off.
+                (Err(_), Some(name)) if len % 512 != 0 => {
+                    return Err(Error::invalid(
+                        display,
+                        format!(
+                            "truncated: the file ({len} bytes) ends inside the header after \
+                             member {:?}",
+                            String::from_utf8_lossy(name)
+                        ),
+                    ));
+                }
                 (Err(e), Some(name)) => {
                     return Err(Error::invalid(
                         display,
@@ -224,6 +239,17 @@ impl Store {
             }
             let name = normalise_member(&entry.path_bytes());
             members.insert(name, (entry.raw_file_position(), entry.size()));
+        }
+        // A cut-off archive (an interrupted copy or `docker save`) lists its last member with
+        // more bytes than the file has left: say that, rather than that it is no image at all.
+        if let Some((name, _)) = members.iter().find(|&(_, &(at, size))| at + size > len) {
+            return Err(Error::invalid(
+                display,
+                format!(
+                    "truncated: member {:?} runs past the end of the file ({len} bytes)",
+                    String::from_utf8_lossy(name)
+                ),
+            ));
         }
         if members.is_empty() {
             return Err(Error::UnknownFormat(display.to_string()));
@@ -435,6 +461,7 @@ fn make_layer(
         compression,
         digest,
         diff_id,
+        descriptor: None,
     })
 }
 

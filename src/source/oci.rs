@@ -321,12 +321,9 @@ pub(super) fn open(
                 ),
             ));
         }
-        layers.push(make_layer(
-            i + 1,
-            blob,
-            Some(layer.digest().to_string()),
-            Some(diff_id),
-        )?);
+        let mut made = make_layer(i + 1, blob, Some(layer.digest().to_string()), Some(diff_id))?;
+        made.descriptor = serde_json::to_value(layer).ok();
+        layers.push(made);
     }
     Ok(Image {
         name: name.to_string(),

@@ -12,5 +12,8 @@ mod mount;
 mod names;
 mod oracle;
 mod props;
+mod sparse;
+mod squash;
 mod util;
+mod writers;
 mod zran;

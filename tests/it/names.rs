@@ -304,3 +304,43 @@ fn file_stems_name_the_image_only_when_valid() {
         serde_json::json!(["mine:latest"])
     );
 }
+
+/// A docker archive whose RepoTags are no valid names (hand-edited, or from a broken tool):
+/// the output is left unnamed, with a warning, rather than named something podman refuses.
+#[test]
+fn invalid_input_tags_are_not_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layers = two_layers();
+    let bytes = docker_archive_bytes(&layers, &default_config(&layers));
+    // Rewrite manifest.json's RepoTags, keeping every other member as it is.
+    let mut rebuilt = tar::Builder::new(Vec::new());
+    let mut archive = tar::Archive::new(bytes.as_slice());
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+        if path.to_str() == Some("manifest.json") {
+            let mut m: Value = serde_json::from_slice(&data).unwrap();
+            m[0]["RepoTags"] = serde_json::json!(["Bad Name:1", "x:"]);
+            data = serde_json::to_vec(&m).unwrap();
+        }
+        let mut header = entry.header().clone();
+        header.set_size(data.len() as u64);
+        header.set_cksum();
+        rebuilt.append(&header, data.as_slice()).unwrap();
+    }
+    let img = tmp.path().join("bad-tags.docker.tar");
+    std::fs::write(&img, rebuilt.into_inner().unwrap()).unwrap();
+    let out = tmp.path().join("out.oci.tar");
+    let res = export(&img, &out, &["--format", "oci-archive"]);
+    assert_success(&res);
+    let (_, full, reference) = written_names(&out);
+    assert_eq!(full, Some(Value::Null), "no io.containerd.image.name");
+    assert_eq!(reference.unwrap(), "latest");
+    let stderr = stderr_of(&res);
+    assert!(
+        stderr.contains("warning") && stderr.contains("Bad Name:1") && stderr.contains("--tag"),
+        "{stderr}"
+    );
+}

@@ -230,10 +230,30 @@ impl Model {
         Ok(at)
     }
 
-    /// Applies one layer: opaque markers and whiteouts first (taken literally), then entries
-    /// in order. An error (a hardlink to nothing or to a directory, a symlink loop) is what
-    /// flatfs's message must say.
+    /// Applies one generated layer (see [`Model::apply_with`]).
     fn apply(&mut self, ops: &[Op], layer_no: usize) -> Result<(), String> {
+        let inodes: Vec<Inode> = ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| Inode {
+                kind: match op {
+                    Op::File(_) => Kind::File(content(layer_no, i)),
+                    Op::Symlink(_, t) => Kind::Symlink(t.to_string()),
+                    _ => Kind::Dir,
+                },
+                uid: uid(layer_no, i),
+                mtime: MTIME,
+                layer: layer_no,
+            })
+            .collect();
+        self.apply_with(ops, &inodes, layer_no)
+    }
+
+    /// Applies layer `layer_no`, whose entry `i` makes `inodes[i]` (for files, directories
+    /// and symlinks): opaque markers and whiteouts first (taken literally), then entries in
+    /// order. An error (a hardlink to nothing or to a directory, a symlink loop) is what
+    /// flatfs's message must say.
+    fn apply_with(&mut self, ops: &[Op], inodes: &[Inode], layer_no: usize) -> Result<(), String> {
         for op in ops {
             if let Op::Opaque(d) = op {
                 let d = comps(d);
@@ -249,32 +269,21 @@ impl Model {
             }
         }
         for (i, op) in ops.iter().enumerate() {
-            let entry = |kind| Inode {
-                kind,
-                uid: uid(layer_no, i),
-                mtime: MTIME,
-                layer: layer_no,
-            };
             match op {
                 Op::Dir(p) => {
                     let p = self.place(p, layer_no)?;
                     if self.is_dir(&p) {
                         let id = self.names[&p];
-                        self.inodes[id] = entry(Kind::Dir);
+                        self.inodes[id] = inodes[i].clone();
                     } else {
                         self.remove(&p);
-                        self.add(p, entry(Kind::Dir));
+                        self.add(p, inodes[i].clone());
                     }
                 }
-                Op::File(p) => {
+                Op::File(p) | Op::Symlink(p, _) => {
                     let p = self.place(p, layer_no)?;
                     self.remove(&p);
-                    self.add(p, entry(Kind::File(content(layer_no, i))));
-                }
-                Op::Symlink(p, t) => {
-                    let p = self.place(p, layer_no)?;
-                    self.remove(&p);
-                    self.add(p, entry(Kind::Symlink(t.to_string())));
+                    self.add(p, inodes[i].clone());
                 }
                 Op::Hardlink(p, t) => {
                     let p = self.place(p, layer_no)?;
@@ -378,6 +387,84 @@ fn check_stack(stack: &[(Vec<Op>, Compression)]) {
         flat.as_os_str(),
     ]));
     assert_listing(&rootfs_listing(&flat), &expected);
+
+    // Squashed at every N: the new layer, applied by the model on the model of the first N
+    // layers, gives the full merge; and flatfs reads the output back as that tree.
+    for keep in 1..=stack.len() {
+        let out = tmp.path().join(format!("keep{keep}"));
+        crate::squash::export(&image, &out, keep, &["--format", "oci"]);
+        assert_listing(&rootfs_listing(&out), &expected);
+        let written = crate::squash::read_oci(&out);
+        let tar = decompress(written.blobs.last().expect("new layer"));
+        // The new layer gets a number of its own: only its own symlinks are followed.
+        let (ops, inodes) = parse_layer(&tar, stack.len());
+        let mut model = Model::default();
+        for (n, (ops, _)) in stack[..keep].iter().enumerate() {
+            model.apply(ops, n).expect("the base applied before");
+        }
+        model
+            .apply_with(&ops, &inodes, stack.len())
+            .unwrap_or_else(|e| panic!("keep {keep}: the squashed layer does not apply: {e}"));
+        assert_listing(&model.listing(), &expected);
+    }
+}
+
+/// A layer tar as model ops, with the inode each entry makes (the root entry is left out:
+/// the model's root never changes).
+fn parse_layer(tar: &[u8], layer_no: usize) -> (Vec<Op>, Vec<Inode>) {
+    let mut ops = Vec::new();
+    let mut inodes = Vec::new();
+    for e in raw_entries(tar) {
+        let path = String::from_utf8(normalise(&e.name)).expect("utf-8 path");
+        let (dir, base) = match path.rsplit_once('/') {
+            Some((d, b)) => (d.to_string(), b.to_string()),
+            None => (String::new(), path.clone()),
+        };
+        let inode = |kind| Inode {
+            kind,
+            uid: e.uid,
+            mtime: e.mtime.parse().expect("whole-second mtime"),
+            layer: layer_no,
+        };
+        let sibling = |name: &str| {
+            if dir.is_empty() {
+                name.to_string()
+            } else {
+                format!("{dir}/{name}")
+            }
+        };
+        let (op, node) = if path.is_empty() {
+            continue;
+        } else if base == ".wh..wh..opq" {
+            (Op::Opaque(dir.clone()), inode(Kind::Dir))
+        } else if let Some(name) = base.strip_prefix(".wh.") {
+            (Op::Whiteout(sibling(name)), inode(Kind::Dir))
+        } else {
+            match e.typeflag {
+                b'5' => (Op::Dir(path), inode(Kind::Dir)),
+                b'0' => (
+                    Op::File(path),
+                    inode(Kind::File(
+                        String::from_utf8(e.data.clone()).expect("utf-8"),
+                    )),
+                ),
+                b'2' => (
+                    Op::Symlink(path, ""),
+                    inode(Kind::Symlink(
+                        String::from_utf8(e.link.clone()).expect("utf-8"),
+                    )),
+                ),
+                b'1' => (
+                    Op::Hardlink(path, String::from_utf8(normalise(&e.link)).expect("utf-8")),
+                    inode(Kind::Dir),
+                ),
+                other => panic!("unexpected entry type {}", char::from(other)),
+            }
+        };
+        ops.push(op);
+        inodes.push(node);
+    }
+    (ops, inodes)
 }
 
 proptest! {

@@ -516,6 +516,8 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 #[derive(Clone, Debug)]
 pub struct Layer {
     entries: Vec<Entry>,
+    /// A tar written by another program, stored as is instead of `entries`.
+    raw: Option<Vec<u8>>,
     compression: Option<Compression>,
     omit_eof: bool,
     media_type: Option<String>,
@@ -526,11 +528,21 @@ pub struct Layer {
 pub fn layer(entries: impl IntoIterator<Item = Entry>) -> Layer {
     Layer {
         entries: entries.into_iter().collect(),
+        raw: None,
         compression: None,
         omit_eof: false,
         media_type: None,
         stored_instead: None,
         truncate_by: 0,
+    }
+}
+
+/// A layer whose tar is `tar`, byte for byte (a real writer's output); compression and the
+/// other [`Layer`] options still apply.
+pub fn raw_layer(tar: impl Into<Vec<u8>>) -> Layer {
+    Layer {
+        raw: Some(tar.into()),
+        ..layer([])
     }
 }
 
@@ -575,6 +587,9 @@ impl Layer {
 
     /// The uncompressed tar of this layer.
     pub fn tar(&self) -> Vec<u8> {
+        if let Some(raw) = &self.raw {
+            return raw.clone();
+        }
         tar_of(&self.entries, self.omit_eof)
     }
 

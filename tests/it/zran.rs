@@ -99,11 +99,12 @@ fn checkpoints(opened: &Opened) -> Arc<Checkpoints> {
 }
 
 /// The whole of the first layer's tar, as if it were one file.
-fn whole_layer(tar_len: u64) -> Extent {
+fn whole_layer(tar_len: u64) -> Extent<'static> {
     Extent {
         layer: 0,
         offset: 0,
         size: tar_len,
+        sparse: None,
     }
 }
 

@@ -1,0 +1,3 @@
+module flatfs.test/gotar
+
+go 1.19
