@@ -517,6 +517,14 @@ impl<R: BufRead> GzipReader<R> {
             recorder.span = recorder.span.saturating_mul(2);
         }
         recorder.next = self.output_pos.saturating_add(recorder.span);
+        if let Some(block) = recorder.independent {
+            // Back on a block start even if this one landed beside it (a deflate block of the
+            // encoder's own that ended a byte early).
+            recorder.next = recorder
+                .next
+                .checked_next_multiple_of(block)
+                .unwrap_or(u64::MAX);
+        }
     }
 
     /// Consumes `n` input bytes (a member trailer).
