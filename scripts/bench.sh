@@ -4,7 +4,9 @@
 # IMAGE: debian (from ../shared/tools/make-images.sh), synthetic (scripts/make-synthetic.py:
 # 200k small files, a second layer whiting out and rewriting 10%), big (scripts/make-big.sh:
 # debian plus a real `apt-get install` of a build tool chain, ~800 MB of tar, ~30k entries, and a
-# layer of whiteouts), or a path to an OCI layout directory with tag latest. Default: debian
+# layer of whiteouts), manylayers (scripts/make-manylayers.py: 100 layers, each touching 1-2% of
+# a 50k-entry tree; its "first mount" row is the issue-15 merge + mount row), or a path to an
+# OCI layout directory with tag latest. Default: debian
 # synthetic. Images are built once into $BENCH_DIR (default target/bench). Prints, per image and
 # job, flatfs's time, the baseline's, the ratio (flatfs / baseline) and flatfs's peak RSS.
 # Then, if ratarmount is installed, a second table with the mounting peer: ratarmount union-mounting
@@ -80,6 +82,9 @@ layout_of() {
     synthetic)
       [ -d "$BENCH_DIR/synthetic" ] || python3 scripts/make-synthetic.py "$BENCH_DIR" >&2
       echo "$BENCH_DIR/synthetic" ;;
+    manylayers)
+      [ -d "$BENCH_DIR/manylayers" ] || python3 scripts/make-manylayers.py "$BENCH_DIR" >&2
+      echo "$BENCH_DIR/manylayers" ;;
     big)   # built on top of the debian image
       if [ ! -d "$BENCH_DIR/big" ]; then
         layout_of debian >/dev/null
@@ -87,7 +92,7 @@ layout_of() {
       fi
       echo "$BENCH_DIR/big" ;;
     *)
-      [ -f "$1/index.json" ] || { echo "bench.sh: $1 is neither debian, synthetic, big nor an OCI layout" >&2; exit 1; }
+      [ -f "$1/index.json" ] || { echo "bench.sh: $1 is neither debian, synthetic, manylayers, big nor an OCI layout" >&2; exit 1; }
       echo "$1" ;;
   esac
 }
@@ -259,6 +264,24 @@ PY
     row "$name" "first read, end of largest layer (<= 0.030 s)" "$t" "-" "-" "-"
     fusermount3 -u "$MNT"
   fi
+  # 400 regular files in a random (seeded) order through a fresh mount, against one
+  # decompression of the blobs: any read order should cost about one pass (issue 15).
+  "$FLATFS" ls -R -l "$img" > "$TMP/long.txt"
+  python3 - "$TMP/long.txt" > "$TMP/random400.txt" <<'PY'
+import random, sys
+files = []
+for line in open(sys.argv[1], encoding="utf-8", errors="surrogateescape"):
+    parts = line.rstrip("\n").split(None, 7)  # mode links uid gid size date time path
+    if len(parts) == 8 and parts[0].startswith("-") \
+            and not any(c.isspace() or c in "'\"\\$`" for c in parts[7]):
+        files.append(parts[7])
+random.seed(15)
+print("\n".join(random.sample(files, min(400, len(files)))))
+PY
+  t=$(mean "sh -c 'cd $MNT && xargs cat < $TMP/random400.txt > /dev/null'" \
+    "sh -c 'fusermount3 -u $MNT 2>/dev/null; $FLATFS mount $img $MNT'")
+  row "$name" "read 400 random files, fresh mount / pigz -dc" "$t" "$dec" "$(ratio "$t" "$dec")" "-"
+  fusermount3 -u "$MNT"
   # A fresh mount (index from the warm cache) before each run, so no file is in the page cache.
   # Through a pipe: GNU tar skips reading files when its output is /dev/null itself.
   t=$(mean "sh -c 'tar -cf - -C $MNT . | cat > /dev/null'" \

@@ -12,9 +12,10 @@
 //! decompressed from the start of the layer.
 //!
 //! Decompressed bytes are kept in a small cache of aligned blocks ([`BLOCK`] bytes, at most
-//! [`CACHED_BLOCKS`] of them for the whole image, least recently used out first), so that
-//! neighbouring reads — the small files of one directory, read in any order, or a file read
-//! again after the kernel dropped its pages — cost a copy instead of a decompression.
+//! [`CACHED_BLOCKS`] of them for the whole image plus one per compressed layer, least recently
+//! used out first), so that neighbouring reads — the small files of one directory, read in any
+//! order, or a file read again after the kernel dropped its pages — cost a copy instead of a
+//! decompression.
 //!
 //! No lock is held while decompressing: a cursor is taken out of its layer's pool for the read
 //! and put back after, so readers of other layers, or of the same layer elsewhere, go on. Only
@@ -34,7 +35,7 @@ use crate::zstd_frames::ZstdReader;
 /// Size of a cached block of decompressed layer bytes, aligned on multiples of itself.
 pub const BLOCK: u64 = 256 * 1024;
 
-/// Blocks kept for the whole image: 16 MiB.
+/// Blocks kept for the whole image, 16 MiB, plus one per compressed layer (below).
 pub const CACHED_BLOCKS: usize = 64;
 
 /// Cursors kept per compressed layer.
@@ -104,7 +105,16 @@ impl Content {
                 })
                 .collect(),
             cache: BlockCache {
-                capacity: CACHED_BLOCKS,
+                // A walk in name order takes a file from each layer that touches a directory
+                // in turn: every layer keeps room for the block it is reading, or with 100
+                // layers each is evicted before the walk comes back to it, and its cursor has
+                // moved past it (a read of every file of the 100-layer bench image read 959 MB
+                // of 56 MB of blobs; with this, 60 MB). Issue 15, item 4.
+                capacity: CACHED_BLOCKS
+                    + layers
+                        .iter()
+                        .filter(|l| l.compression != Compression::None)
+                        .count(),
                 blocks: Mutex::default(),
                 loaded: Condvar::new(),
             },
@@ -457,6 +467,31 @@ mod tests {
             let mut keys: Vec<_> = blocks.cached.keys().copied().collect();
             keys.sort();
             keys
+        }
+    }
+
+    #[test]
+    fn every_compressed_layer_keeps_room_for_a_block() {
+        let plains: Vec<Vec<u8>> = (0..100).map(|i| sample(100 + i, 20_000)).collect();
+        let layers: Vec<Layer> = plains
+            .iter()
+            .map(|p| layer_of(&gzip(p, 6), Compression::Gzip).0)
+            .collect();
+        let content = Content::new(&layers, &[]);
+        // A file from each layer in turn, twice, as a walk through a directory every layer
+        // touches: the second round finds every block still cached.
+        for round in 0..2 {
+            for (i, plain) in plains.iter().enumerate() {
+                let extent = Extent {
+                    layer: i as u32,
+                    ..whole(plain)
+                };
+                let mut buf = vec![0; 100];
+                let at = 1000 + round * 5000;
+                content.read_at(&extent, at, &mut buf).expect("read");
+                assert!(buf == plain[at as usize..at as usize + 100], "layer {i}");
+            }
+            assert_eq!(content.cached_blocks().len(), 100, "round {round}");
         }
     }
 

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde_json::{Value, json};
 
 use crate::blob::{BlobReader, Compression, Decoder, HashWriter, open_decoded, sha256_of};
-use crate::compress::ParallelGzip;
+use crate::compress::{ParallelGzip, ParallelZstd};
 use crate::error::{Error, Result};
 use crate::layer::Meta;
 use crate::pipe::{CHUNK, DEPTH, PipeReader, PipeWriter, drain_into, is_hangup, joined, pipe};
@@ -706,7 +706,7 @@ struct LayerOut {
 enum Compressor<W: Write> {
     None(W),
     Gzip(ParallelGzip<W>),
-    Zstd(zstd::stream::write::Encoder<'static, W>),
+    Zstd(ParallelZstd<W>),
 }
 
 impl<W: Write> Compressor<W> {
@@ -716,12 +716,8 @@ impl<W: Write> Compressor<W> {
             OutCompression::None => Compressor::None(w),
             // Level 6, like gzip's and pigz's default.
             OutCompression::Gzip => Compressor::Gzip(ParallelGzip::new(w, 6, threads)),
-            OutCompression::Zstd => {
-                let mut e = zstd::stream::write::Encoder::new(w, 3)?;
-                // zstd's output is the same for any worker count >= 1, so this stays reproducible.
-                e.multithread(threads as u32)?;
-                Compressor::Zstd(e)
-            }
+            // Level 3, zstd's default; many frames, so the layer is seekable.
+            OutCompression::Zstd => Compressor::Zstd(ParallelZstd::new(w, 3, threads)?),
         })
     }
 
@@ -1116,7 +1112,7 @@ impl<'a> LayerPasses<'a> {
             spill_dir: spill_dir.to_path_buf(),
             spill_len: 0,
             spilled: HashMap::new(),
-            windows: Windows::default(),
+            windows: Windows::new(image.layers.len()),
         })
     }
 
@@ -1295,18 +1291,28 @@ impl Write for SpillWriter<'_> {
     }
 }
 
-/// Bytes read ahead per layer read in place. Export visits a layer's files mostly in its tar
-/// order, and most files in an image are small: one read per window instead of one per file
+/// Most bytes read ahead per layer read in place. Export visits a layer's files mostly in its
+/// tar order, and most files in an image are small: one read per window instead of one per file
 /// saves a system call per file.
 const WINDOW: usize = 1 << 20;
-/// Layers with a window at once: memory stays bounded however many layers an image has.
-const MAX_WINDOWS: usize = 4;
+/// Least bytes read ahead, for images of many layers.
+const MIN_WINDOW: usize = 64 << 10;
+/// What all windows together may hold: memory stays bounded however many layers an image has.
+/// Export's walk in name order alternates between layers as often as they touch the same
+/// directories (a file from layer 7, the next from layer 63), so every layer gets a window of
+/// its own while that fits: with 4 windows, a 100-layer image refilled a 1 MiB window for
+/// nearly every small file (12.6 GB read to export 150 MB, issue 15, item 4).
+const WINDOWS_BUDGET: usize = 8 << 20;
 
 /// Read-ahead windows over in-place layers, the least recently used one recycled.
-#[derive(Default)]
 struct Windows {
     windows: Vec<Window>,
     clock: u64,
+    /// Bytes per window and most windows at once, from the number of layers.
+    size: usize,
+    max: usize,
+    /// Bytes read into windows so far (a measure of read-ahead waste, for tests).
+    filled: u64,
 }
 
 struct Window {
@@ -1321,6 +1327,18 @@ struct Window {
 }
 
 impl Windows {
+    /// Windows for an image of `layers` layers: one per layer within [`WINDOWS_BUDGET`].
+    fn new(layers: usize) -> Self {
+        let size = (WINDOWS_BUDGET / layers.max(1)).clamp(MIN_WINDOW, WINDOW);
+        Windows {
+            windows: Vec::new(),
+            clock: 0,
+            size,
+            max: WINDOWS_BUDGET / size,
+            filled: 0,
+        }
+    }
+
     /// Copies `size` bytes at `offset` of `blob` (layer `layer`) into `w`.
     fn copy(
         &mut self,
@@ -1337,7 +1355,7 @@ impl Windows {
         self.clock += 1;
         let slot = match self.windows.iter().position(|win| win.layer == layer) {
             Some(i) => i,
-            None if self.windows.len() < MAX_WINDOWS => {
+            None if self.windows.len() < self.max => {
                 self.windows.push(Window {
                     layer,
                     buf: Vec::new(),
@@ -1354,7 +1372,7 @@ impl Windows {
                     .iter()
                     .enumerate()
                     .min_by_key(|(_, win)| win.used)
-                    .expect("MAX_WINDOWS > 0");
+                    .expect("max > 0");
                 self.windows[i] = Window {
                     layer,
                     buf: std::mem::take(&mut self.windows[i].buf),
@@ -1366,23 +1384,24 @@ impl Windows {
                 i
             }
         };
+        let window = self.size;
         let win = &mut self.windows[slot];
         win.used = self.clock;
         let end = offset.checked_add(size).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidData, "file extent out of range")
         })?;
-        let forward = offset >= win.last_end && offset - win.last_end < WINDOW as u64;
+        let forward = offset >= win.last_end && offset - win.last_end < window as u64;
         win.last_end = end;
         let inside = offset >= win.start && end <= win.start + win.len as u64;
-        if !inside && (!forward || size > WINDOW as u64 / 2) {
+        if !inside && (!forward || size > window as u64 / 2) {
             // A jump or a big file: reading ahead would fetch bytes nobody asked for.
             return copy_range(|buf, pos| blob.read_at(buf, pos), offset, size, w);
         }
         if !inside {
             // Describes nothing until the refill succeeds.
             win.len = 0;
-            win.buf.resize(WINDOW, 0);
-            let want = (blob.len().saturating_sub(offset)).min(WINDOW as u64) as usize;
+            win.buf.resize(window, 0);
+            let want = (blob.len().saturating_sub(offset)).min(window as u64) as usize;
             let mut filled = 0;
             while filled < want {
                 check_interrupt()?;
@@ -1393,6 +1412,7 @@ impl Windows {
             }
             win.start = offset;
             win.len = filled;
+            self.filled += filled as u64;
             if (filled as u64) < size {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -1445,8 +1465,9 @@ mod tests {
         let data: Vec<u8> = (0..3 * WINDOW as u32 + 77)
             .map(|i| (i % 251) as u8)
             .collect();
-        let blobs: Vec<_> = (0..MAX_WINDOWS + 2).map(|_| blob_of(&data)).collect();
-        let mut windows = Windows::default();
+        let mut windows = Windows::new(1);
+        assert_eq!(windows.size, WINDOW);
+        let blobs: Vec<_> = (0..windows.max + 2).map(|_| blob_of(&data)).collect();
         // Forward in small steps, a jump back, a big file, a zero-size one, the very end, and
         // more layers than there are windows, interleaved.
         let reads = [
@@ -1465,13 +1486,37 @@ mod tests {
                 assert_eq!(out, data[off as usize..(off + len) as usize], "{off}+{len}");
             }
         }
-        assert!(windows.windows.len() <= MAX_WINDOWS);
+        assert!(windows.windows.len() <= windows.max);
+    }
+
+    #[test]
+    fn a_walk_alternating_between_a_hundred_layers_reads_each_about_once() {
+        // 100 layers of 300 small files each, read as export's walk in name order reads an
+        // image whose layers all touch the same directories: one file from each layer in turn.
+        let (layers, files, size) = (100, 300u64, 1500u64);
+        let data: Vec<u8> = (0..files * size).map(|i| (i % 251) as u8).collect();
+        let blobs: Vec<_> = (0..layers).map(|_| blob_of(&data)).collect();
+        let mut windows = Windows::new(layers);
+        assert!(windows.size * layers <= WINDOWS_BUDGET && windows.max >= layers);
+        for f in 0..files {
+            for (layer, blob) in blobs.iter().enumerate() {
+                let mut out = Vec::new();
+                windows.copy(layer, blob, f * size, size, &mut out).unwrap();
+                assert!(out[..] == data[(f * size) as usize..((f + 1) * size) as usize]);
+            }
+        }
+        let total = (layers as u64) * files * size;
+        assert!(
+            windows.filled <= total + total / 10,
+            "read {} bytes into windows for {total} bytes of files",
+            windows.filled
+        );
     }
 
     #[test]
     fn a_window_past_the_end_of_the_blob_is_an_error() {
         let blob = blob_of(&[1; 1000]);
-        let mut windows = Windows::default();
+        let mut windows = Windows::new(1);
         windows.copy(0, &blob, 0, 10, &mut Vec::new()).unwrap();
         let e = windows
             .copy(0, &blob, 900, 200, &mut Vec::new())

@@ -310,7 +310,6 @@ pub fn inspect(image: &Image, indexes: &[LayerIndex]) -> Result<Inspect> {
 
     let mut merger = Merger::new();
     let mut layers = Vec::with_capacity(indexes.len());
-    let mut before = merger.file_extents();
     for (i, (index, layer)) in indexes.iter().zip(&image.layers).enumerate() {
         let mut row = LayerRow {
             number: i + 1,
@@ -353,20 +352,15 @@ pub fn inspect(image: &Image, indexes: &[LayerIndex]) -> Result<Inspect> {
                 row.added += 1;
             }
         }
-        merger.apply(index)?;
-        let after = merger.file_extents();
-        row.removed_bytes = before
-            .iter()
-            .filter(|(k, _)| !after.contains_key(k))
-            .map(|(_, s)| s)
-            .sum();
-        before = after;
+        // Counted as names go, not by comparing the tree before and after each layer, which
+        // cost layers x entries (issue 15, item 4).
+        row.removed_bytes = merger.apply(index)?;
         layers.push(row);
     }
     let trailing_history = hist.map(|(_, by)| by).collect();
 
     // Hidden: a layer's file contents that did not survive to the top.
-    let visible = &before;
+    let visible = &merger.file_extents();
     for (i, index) in indexes.iter().enumerate() {
         layers[i].hidden_bytes = index
             .entries

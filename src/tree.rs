@@ -724,6 +724,15 @@ struct Builder {
     walk_scratch: Vec<usize>,
     /// Sparse files' runs, by [`FileData::map`].
     maps: Vec<Box<[Segment]>>,
+    /// Names per node, kept only for [`Merger`] (inspect's account of what each layer removes).
+    names: Option<Names>,
+}
+
+/// How many directory entries name each node, and the nodes whose last name went.
+#[derive(Default)]
+struct Names {
+    count: Vec<u32>,
+    unnamed: Vec<usize>,
 }
 
 impl Builder {
@@ -737,6 +746,30 @@ impl Builder {
             }],
             walk_scratch: Vec::new(),
             maps: Vec::new(),
+            names: None,
+        }
+    }
+
+    /// Notes a directory entry now naming `id` and, if it replaced one, the node it named.
+    fn renamed(&mut self, id: usize, old: Option<usize>) {
+        let Some(names) = &mut self.names else { return };
+        if names.count.len() <= id {
+            names.count.resize(id + 1, 0);
+        }
+        names.count[id] += 1;
+        if let Some(old) = old {
+            self.unnamed(old);
+        }
+    }
+
+    /// Notes a directory entry naming `id` gone.
+    fn unnamed(&mut self, id: usize) {
+        let Some(names) = &mut self.names else { return };
+        if let Some(count) = names.count.get_mut(id) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                names.unnamed.push(id);
+            }
         }
     }
 
@@ -767,18 +800,30 @@ impl Builder {
             && id != 0
         {
             let (_, name) = split_parent(path);
-            self.dir_children(parent)
+            let old = self
+                .dir_children(parent)
                 .expect("parent is a directory")
                 .remove(name);
+            if let Some(old) = old {
+                self.unnamed(old);
+            }
         }
     }
 
     /// `.wh..wh..opq`: empty the directory if it exists as a real directory.
     fn opaque(&mut self, path: &[u8]) {
+        let tracking = self.names.is_some();
         if let Some((_, id)) = self.find(path)
             && let Some(children) = self.dir_children(id)
         {
-            children.clear();
+            if tracking {
+                let old: Vec<usize> = std::mem::take(children).into_values().collect();
+                for old in old {
+                    self.unnamed(old);
+                }
+            } else {
+                children.clear();
+            }
         }
     }
 
@@ -864,9 +909,11 @@ impl Builder {
                 xattrs: Vec::new(),
                 layer,
             });
-            self.dir_children(dir)
+            let old = self
+                .dir_children(dir)
                 .expect("directory")
                 .insert(Box::from(&comp[..]), child);
+            self.renamed(child, old);
             at.push(child);
         };
         self.walk_scratch = at;
@@ -961,9 +1008,11 @@ impl Builder {
                         String::from_utf8_lossy(&target)
                     ));
                 }
-                self.dir_children(parent)
+                let old = self
+                    .dir_children(parent)
                     .expect("directory")
                     .insert(name.into(), id);
+                self.renamed(id, old);
                 return Ok(());
             }
             Kind::File => BKind::File(FileData {
@@ -996,9 +1045,11 @@ impl Builder {
             xattrs: entry.xattrs,
             layer: layer_no,
         });
-        self.dir_children(parent)
+        let old = self
+            .dir_children(parent)
             .expect("directory")
             .insert(name.into(), id);
+        self.renamed(id, old);
         Ok(())
     }
 
@@ -1176,16 +1227,43 @@ impl Default for Merger {
 impl Merger {
     /// An empty tree: just the root.
     pub fn new() -> Self {
-        Merger {
-            builder: Builder::new(),
-            layers: 0,
-        }
+        let mut builder = Builder::new();
+        builder.names = Some(Names::default());
+        Merger { builder, layers: 0 }
     }
 
-    /// Applies the next layer up.
-    pub fn apply(&mut self, index: &LayerIndex) -> Result<()> {
+    /// Applies the next layer up; returns the bytes of the regular files it left without a name
+    /// (content identity: a hardlinked file counts once, and only when its last name goes). The
+    /// cost is that of the layer and of what it removes, not of the tree.
+    pub fn apply(&mut self, index: &LayerIndex) -> Result<u64> {
         self.layers += 1;
-        self.builder.apply(self.layers, index.clone())
+        let before = self.builder.nodes.len();
+        self.builder.apply(self.layers, index.clone())?;
+        let Builder { nodes, names, .. } = &mut self.builder;
+        let names = names.as_mut().expect("a merger counts names");
+        let mut removed = 0;
+        // A directory that lost its last name takes its children's names with it.
+        while let Some(id) = names.unnamed.pop() {
+            if names.count.get(id).is_some_and(|&c| c > 0) {
+                continue; // named again since (a new name made in the same layer)
+            }
+            match &nodes[id].kind {
+                BKind::Dir(children) => {
+                    for &child in children.values() {
+                        if let Some(count) = names.count.get_mut(child) {
+                            *count = count.saturating_sub(1);
+                            if *count == 0 {
+                                names.unnamed.push(child);
+                            }
+                        }
+                    }
+                }
+                // Files this layer added and replaced were never visible below it.
+                BKind::File(e) if id < before => removed += e.size,
+                _ => {}
+            }
+        }
+        Ok(removed)
     }
 
     /// Whether a path exists now (looked up without following symlinks).
@@ -1603,6 +1681,40 @@ mod tests {
              etc/passwd f 1@1:1 0644 0:0 n1
              lib l etc 0777 0:0 n1",
         );
+    }
+
+    #[test]
+    fn merger_counts_removed_files_as_comparing_the_tree_before_and_after_does() {
+        // Whiteouts of files and directories, opaque markers, replacement of a directory by a
+        // file and of a file by an implicit directory, hardlinks losing one name then the
+        // last, and a file added then replaced within one layer.
+        let layers: &[&[&str]] = &[
+            &[
+                "f a", "h b a", "d d", "f d/x", "f d/y", "h d/l a", "d e", "f e/z", "f g",
+            ],
+            &[".wh.a", "f q", "f q"],
+            &["d/.wh..wh..opq", "f d/n", "f g/sub"],
+            &["f b", ".wh.e"],
+            &["f d", "f e/new"],
+            &["f d/l"],
+        ];
+        let mut merger = Merger::new();
+        let mut removals = Vec::new();
+        for (i, lines) in layers.iter().enumerate() {
+            let before = merger.file_extents();
+            let removed = merger.apply(&layer(i + 1, lines)).expect("merge");
+            let after = merger.file_extents();
+            let expected: u64 = before
+                .iter()
+                .filter(|(k, _)| !after.contains_key(k))
+                .map(|(_, s)| s)
+                .sum();
+            assert_eq!(removed, expected, "layer {}", i + 1);
+            removals.push(removed);
+        }
+        // Files are 1 byte each. 3: d/x, d/y, g (d/l is a name of a, which b still names);
+        // 4: a's node with its last name b, and e/z; 5: d/n with d; 6: the file d.
+        assert_eq!(removals, [0, 0, 3, 2, 1, 1]);
     }
 
     #[test]

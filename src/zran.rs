@@ -298,6 +298,36 @@ struct Recorder {
     span: u64,
     next: u64,
     points: Vec<Checkpoint>,
+    /// While in the first member: the block size its header says no back-reference crosses.
+    independent: Option<u64>,
+}
+
+/// Subfield id, in a gzip header's extra field, of flatfs's note that the member's deflate
+/// stream holds no back-reference across multiples of a block size (a little-endian `u32`, the
+/// subfield's data), as export's parallel gzip writes it: checkpoints at those offsets need no
+/// window. Readers skip extra subfields they do not know (RFC 1952, 2.3.1.1). A header that
+/// lies can only make a read from such a checkpoint fail ("invalid distance too far back"):
+/// raw inflate with no dictionary refuses a reference before its start.
+pub const INDEPENDENT_BLOCKS_ID: [u8; 2] = *b"Fb";
+
+/// The block size of an [`INDEPENDENT_BLOCKS_ID`] subfield in the gzip header at the start of
+/// `header`, if there is one (and all of the header's extra field is in `header`).
+fn independent_blocks(header: &[u8]) -> Option<u64> {
+    if header.get(..3)? != [0x1f, 0x8b, 8] || header.get(3)? & 4 == 0 {
+        return None;
+    }
+    let xlen = u16::from_le_bytes([*header.get(10)?, *header.get(11)?]) as usize;
+    let mut extra = header.get(12..12 + xlen)?;
+    while extra.len() >= 4 {
+        let len = u16::from_le_bytes([extra[2], extra[3]]) as usize;
+        let data = extra.get(4..4 + len)?;
+        if extra[..2] == INDEPENDENT_BLOCKS_ID && len == 4 {
+            let block = u32::from_le_bytes(data.try_into().ok()?);
+            return Some(u64::from(block)).filter(|&b| b > 0);
+        }
+        extra = &extra[4 + len..];
+    }
+    None
 }
 
 /// A `Read` decompressing a stream of gzip members from a [`BufRead`], from its start or from a
@@ -340,10 +370,12 @@ impl<R: BufRead> GzipReader<R> {
     pub fn recording(input: R, span: u64) -> io::Result<Self> {
         let mut reader = Self::new(input)?;
         let span = span.max(1);
+        let independent = independent_blocks(reader.input.fill_buf()?);
         reader.recorder = Some(Recorder {
             span,
             next: span,
             points: Vec::new(),
+            independent,
         });
         Ok(reader)
     }
@@ -400,9 +432,17 @@ impl<R: BufRead> GzipReader<R> {
         }
         // Stopping at every block boundary costs a call per block: only ask once a
         // checkpoint is due, and stop right there so the next boundary is taken.
+        // With independent blocks, ask one byte early: zlib, once its output is full, goes on
+        // through a block's end (and a sync flush's empty block) that make no output, so the
+        // boundary at the block's end would be passed by.
         let (due, limit) = match &self.recorder {
-            Some(r) if self.output_pos >= r.next => (true, buf.len()),
-            Some(r) => (false, buf.len().min(clamp(r.next - self.output_pos))),
+            Some(r) => {
+                let at = r.next - u64::from(r.independent.is_some());
+                match at.checked_sub(self.output_pos) {
+                    Some(left) if left > 0 => (false, buf.len().min(clamp(left))),
+                    _ => (true, buf.len()),
+                }
+            }
             None => (false, buf.len()),
         };
         let flush = if due { Z_BLOCK } else { Z_NO_FLUSH };
@@ -453,9 +493,12 @@ impl<R: BufRead> GzipReader<R> {
             return;
         };
         let input = bit.div_ceil(8);
-        let window = self.inflate.window();
         let Some(recorder) = &mut self.recorder else {
             return;
+        };
+        let window = match recorder.independent {
+            Some(block) if self.output_pos.is_multiple_of(block) => Box::default(),
+            _ => self.inflate.window(),
         };
         recorder.points.push(Checkpoint {
             input,
@@ -474,6 +517,14 @@ impl<R: BufRead> GzipReader<R> {
             recorder.span = recorder.span.saturating_mul(2);
         }
         recorder.next = self.output_pos.saturating_add(recorder.span);
+        if let Some(block) = recorder.independent {
+            // Back on a block start even if this one landed beside it (a deflate block of the
+            // encoder's own that ended a byte early).
+            recorder.next = recorder
+                .next
+                .checked_next_multiple_of(block)
+                .unwrap_or(u64::MAX);
+        }
     }
 
     /// Consumes `n` input bytes (a member trailer).
@@ -497,7 +548,11 @@ impl<R: BufRead> GzipReader<R> {
                 if self.input.fill_buf()?.is_empty() {
                     self.state = State::Done;
                 } else {
-                    // Another member: zlib reads its header and checks its trailer.
+                    // Another member: zlib reads its header and checks its trailer. The first
+                    // member's note on independent blocks says nothing about this one.
+                    if let Some(r) = &mut self.recorder {
+                        r.independent = None;
+                    }
                     self.inflate.reset(GZIP_BITS)?;
                     self.state = State::Member { raw: false };
                 }
@@ -593,6 +648,53 @@ pub(crate) mod tests {
         }
         out.truncate(len);
         out
+    }
+
+    #[test]
+    fn a_header_that_lies_about_independent_blocks_gives_errors_not_wrong_bytes() {
+        let plain = sample(34, 2_000_000);
+        let mut extra = INDEPENDENT_BLOCKS_ID.to_vec();
+        extra.extend([4, 0, 1, 0, 0, 0]); // "no reference crosses any byte": a lie
+        let mut enc = flate2::GzBuilder::new()
+            .extra(extra)
+            .write(Vec::new(), Compression::new(6));
+        enc.write_all(&plain).expect("gzip");
+        let gz = enc.finish().expect("gzip");
+        // Level 6 ends a block every few hundred KB here: a checkpoint at each.
+        let mut reader = GzipReader::recording(&gz[..], 10_000).expect("reader");
+        let mut out = Vec::new();
+        reader.read_to_end(&mut out).expect("decode");
+        assert_eq!(out, plain);
+        let points = reader.take_checkpoints();
+        assert!(points.len() >= 5 && points.iter().all(|p| p.window.is_empty()));
+        let mut failed = 0;
+        for p in &points {
+            let mut rest = Vec::new();
+            let read = GzipReader::resume(&gz[p.read_from() as usize..], p)
+                .and_then(|mut r| r.read_to_end(&mut rest));
+            match read {
+                Ok(_) => assert!(rest == plain[p.output as usize..], "wrong bytes from {p:?}"),
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+                    failed += 1;
+                }
+            }
+        }
+        assert!(failed > 0, "text has references across every checkpoint");
+    }
+
+    #[test]
+    fn independent_blocks_note_is_found_among_other_subfields_only_when_whole() {
+        let mut h = vec![0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 255, 14, 0];
+        h.extend(b"AP\x02\x00xy"); // another subfield first
+        h.extend(INDEPENDENT_BLOCKS_ID);
+        h.extend([4, 0, 0, 0, 16, 0]);
+        assert_eq!(independent_blocks(&h), Some(1 << 20));
+        assert_eq!(independent_blocks(&h[..h.len() - 1]), None);
+        let mut no_flag = h.clone();
+        no_flag[3] = 0;
+        assert_eq!(independent_blocks(&no_flag), None);
+        assert_eq!(independent_blocks(&gzip(b"plain", 6)), None);
     }
 
     pub(crate) fn gzip(data: &[u8], level: u32) -> Vec<u8> {

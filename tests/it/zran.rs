@@ -589,3 +589,187 @@ fn cat_reads_the_end_of_a_multi_member_layer() {
         .collect();
     assert!(out.stdout == want, "flatfs cat gave other bytes");
 }
+
+/// The layer blob of the one-layer OCI layout `dir` and its diff_id.
+fn only_layer(dir: &Path) -> (Vec<u8>, String) {
+    let json = |digest: &str| -> serde_json::Value {
+        let path = dir
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        serde_json::from_slice(&fs::read(&path).expect("blob")).expect("json")
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("index.json")).expect("index")).expect("json");
+    let manifest = json(index["manifests"][0]["digest"].as_str().expect("manifest"));
+    let config = json(manifest["config"]["digest"].as_str().expect("config"));
+    let layer = manifest["layers"][0]["digest"].as_str().expect("layer");
+    let blob = fs::read(dir.join("blobs/sha256").join(&layer[7..])).expect("layer blob");
+    let diff_id = config["rootfs"]["diff_ids"][0].as_str().expect("diff_id");
+    (blob, diff_id.to_string())
+}
+
+/// flatfs's own zstd export (issue 15, item 2) is many frames plus the seekable format's frame
+/// table: one stream that `zstd -d` reads whole, that flatfs enters at its frame starts (so a
+/// file at the end of the layer is read without decompressing the layer), and the same bytes
+/// whatever the number of cores.
+#[test]
+fn a_zstd_export_is_one_stream_for_zstd_and_seekable_for_flatfs() {
+    let found = std::process::Command::new("zstd").arg("--version").output();
+    assert!(
+        found.is_ok_and(|o| o.status.success()),
+        "this test needs zstd (scripts/test.sh installs it)"
+    );
+    let tmp = TempDir::new().expect("tempdir");
+    // Incompressible, so blob bytes read measure decompression work.
+    let mut entries: Vec<_> = (0..12)
+        .map(|i| file(format!("d/f{i:02}"), noise(100 + i, 1 << 20)))
+        .collect();
+    let last = b"the last file of the layer\n".repeat(20);
+    entries.push(file("zz/last", &last));
+    let source = layer(entries).compression(Compression::Gzip);
+    let image = tmp.path().join("image");
+    let layers = std::slice::from_ref(&source);
+    write_oci_layout(layers, &default_config(layers), &image, None);
+
+    let export = |out: &Path, one_core: bool| {
+        let mut cmd = if one_core {
+            let mut c = std::process::Command::new("taskset");
+            c.args(["-c", "0"]).arg(env!("CARGO_BIN_EXE_flatfs"));
+            c
+        } else {
+            flatfs()
+        };
+        let res = cmd
+            .args([
+                "--no-cache",
+                "export",
+                "-q",
+                "--format",
+                "oci",
+                "--compression",
+                "zstd",
+            ])
+            .arg(&image)
+            .arg("-o")
+            .arg(out)
+            .output()
+            .expect("run flatfs export");
+        assert_success(&res);
+        only_layer(out)
+    };
+    let flat = tmp.path().join("flat");
+    let (blob, diff_id) = export(&flat, false);
+    let (again, _) = export(&tmp.path().join("flat1"), true);
+    assert!(
+        blob == again,
+        "zstd output differs between 1 core and all cores"
+    );
+
+    // The seekable format's footer: frames, descriptor, magic 0x8F92EAB1.
+    let tail = &blob[blob.len() - 9..];
+    let frames = u32::from_le_bytes(tail[..4].try_into().expect("4 bytes"));
+    assert_eq!(tail[5..], [0xb1, 0xea, 0x92, 0x8f]);
+    assert!(frames >= 6, "{frames} frames for 12 MiB of tar");
+
+    // zstd reads it as one stream, skipping the frame table, and gives the diff_id's tar.
+    let zst = tmp.path().join("layer.tar.zst");
+    fs::write(&zst, &blob).expect("write blob");
+    let out = std::process::Command::new("zstd")
+        .args(["-dc", "-q"])
+        .arg(&zst)
+        .output()
+        .expect("run zstd");
+    assert!(out.status.success(), "zstd -d: {}", stderr_of(&out));
+    assert_eq!(digest_of(&out.stdout), diff_id);
+    assert_eq!(tar_files(&out.stdout)["zz/last"], last);
+
+    // flatfs finds a checkpoint at every frame start and reads from them.
+    let cache = Cache::new(tmp.path().join("cache"));
+    let points = checkpoints(&open(&flat, &cache));
+    assert!(
+        points.len() as u32 >= frames - 1,
+        "{} checkpoints for {frames} frames",
+        points.len()
+    );
+    let cat = flatfs()
+        .env("FLATFS_CACHE_DIR", cache.dir())
+        .arg("cat")
+        .arg(&flat)
+        .args(["zz/last", "d/f07"])
+        .output()
+        .expect("run flatfs cat");
+    assert_success(&cat);
+    assert!(cat.stdout == [&last[..], &noise(107, 1 << 20)].concat());
+
+    if !fuse_available("a_zstd_export_is_one_stream_for_zstd_and_seekable_for_flatfs") {
+        return;
+    }
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&mnt).expect("mountpoint");
+    let served = Served::start(&flat, &mnt, cache.dir());
+    let before = served.bytes_read();
+    assert_eq!(read_file(&mnt.join("zz/last")), last);
+    let after = served.bytes_read();
+    for i in (0..12).rev() {
+        assert!(
+            read_file(&mnt.join(format!("d/f{i:02}"))) == noise(100 + i, 1 << 20),
+            "d/f{i:02} differs"
+        );
+    }
+    if let (Some(before), Some(after)) = (before, after) {
+        assert!(
+            (after - before) * 4 < blob.len() as u64,
+            "reading the last file read {} bytes of a {}-byte layer",
+            after - before,
+            blob.len()
+        );
+    }
+}
+
+/// flatfs's own gzip export deflates 1 MiB blocks without a dictionary and says so in its
+/// header (issue 15, item 2): indexing it keeps checkpoints at block starts with no 32 KiB
+/// window, and reads from them give the layer's bytes.
+#[test]
+fn a_gzip_export_is_indexed_without_windows() {
+    let tmp = TempDir::new().expect("tempdir");
+    let entries = (0..6).map(|i| file(format!("f{i}"), filler(200 + i, 1 << 20)));
+    let source = layer(entries).compression(Compression::Gzip);
+    let image = tmp.path().join("image");
+    let layers = std::slice::from_ref(&source);
+    write_oci_layout(layers, &default_config(layers), &image, None);
+    let flat = tmp.path().join("flat");
+    let res = flatfs()
+        .args([
+            "--no-cache",
+            "export",
+            "-q",
+            "--format",
+            "oci",
+            "--compression",
+            "gzip",
+        ])
+        .arg(&image)
+        .arg("-o")
+        .arg(&flat)
+        .output()
+        .expect("run flatfs export");
+    assert_success(&res);
+    let (blob, diff_id) = only_layer(&flat);
+    let tar = decompress(&blob);
+    assert_eq!(digest_of(&tar), diff_id);
+    let cache = Cache::new(tmp.path().join("cache"));
+    let opened = open(&flat, &cache);
+    let points = checkpoints(&opened);
+    assert!(points.len() >= 5, "{points:?}");
+    assert_eq!(points.window_bytes(), 0, "{:?}", points.points());
+    let content = opened.content();
+    let tar_len = tar.len() as u64;
+    for p in points.points().iter().rev() {
+        assert_range(
+            &read_tar(&content, tar_len, p.output, 5000),
+            &tar,
+            p.output,
+            5000,
+        );
+    }
+}
