@@ -47,7 +47,8 @@ pub struct RegistryArgs {
     /// ~/.docker/config.json].
     #[arg(long, value_name = "PATH")]
     pub authfile: Option<std::path::PathBuf>,
-    /// Registry credentials from a file holding USER:PASSWORD (never on the command line).
+    /// Registry credentials from a file holding USER:PASSWORD, or `-` to read that line from
+    /// standard input (never on the command line, where `ps` shows it).
     #[arg(long, value_name = "PATH")]
     pub creds_file: Option<std::path::PathBuf>,
     /// CA certificates (*.crt) and a client certificate (*.cert, *.key) for the registry

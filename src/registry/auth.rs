@@ -164,9 +164,18 @@ fn auth_files(opts: &Options) -> (Vec<PathBuf>, bool) {
     (files, false)
 }
 
-/// `USER:PASSWORD` on the first line of a file (what `--creds-file` names).
+/// `USER:PASSWORD` on the first line of a file (what `--creds-file` names), or of standard
+/// input for `-`, so that a password never has to be on a command line or in a file.
 fn read_creds_file(path: &Path) -> Result<Credentials> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path.display(), e))?;
+    let text = if path == Path::new("-") {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| Error::io("standard input (--creds-file -)", e))?;
+        line
+    } else {
+        std::fs::read_to_string(path).map_err(|e| Error::io(path.display(), e))?
+    };
     let line = text.lines().next().unwrap_or("");
     match line.split_once(':') {
         Some((u, p)) if !u.is_empty() => Ok(Credentials {

@@ -660,6 +660,27 @@ fn registry_basic_auth_over_tls_takes_credentials_from_each_place() {
         r.ok(&["ls", "-R", &url, "--cert-dir", certs, "--creds-file", creds]),
         want
     );
+    // The same line on standard input.
+    let out = flatfs()
+        .env("FLATFS_CACHE_DIR", &r.cache)
+        .env("HOME", &r.cache)
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env_remove("DOCKER_CONFIG")
+        .args(["ls", "-R", &url, "--cert-dir", certs, "--creds-file", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            writeln!(stdin, "{}:{}", s.user, s.password)?;
+            drop(stdin);
+            child.wait_with_output()
+        })
+        .expect("run flatfs");
+    assert_success(&out);
+    assert_eq!(out.stdout, want, "credentials from standard input");
     // --tls-verify=false accepts the unverified certificate.
     assert_eq!(
         r.ok(&[
