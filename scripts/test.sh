@@ -43,7 +43,7 @@ if [ $# -eq 0 ]; then
   if { [ "$(id -u)" = 0 ] && [ -x "$shared/tools/make-images.sh" ]; } ||
     [ "${FLATFS_REQUIRE_TOOLS:-}" = 1 ]; then
     oracles=(oracle::hello_image oracle::same_layer mount::mount_of_the_hello_image writers::)
-    oracles+=(squash::every_keep_of_the_sample_unpacks squash::podman_runs registry::registry_to_registry)
+    oracles+=(squash::every_keep_of_the_sample_unpacks squash::podman_runs registry::registry_to_registry registry::registry_pushed_flat)
     [ "${FLATFS_TEST_DEBIAN:-}" = 1 ] && oracles+=(oracle::debian_image)
     cargo test --locked --test it -- --ignored "${oracles[@]}"
   else

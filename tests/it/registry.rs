@@ -1255,3 +1255,47 @@ fn registry_keep_export_pushes_the_base_blob_unchanged() {
         "the pushed image merges to the source's tree"
     );
 }
+
+/// The real busybox `hello` image of make-images.sh, flattened from one registry repository
+/// to another by `export docker://… -o docker://…`: podman pulls the pushed image and runs it.
+#[test]
+#[ignore = "needs root, podman and ../shared/tools: scripts/test.sh runs it with the oracle tests"]
+fn registry_pushed_flat_image_is_pulled_and_run_by_podman() {
+    use crate::squash::{podman_setup, run_tool};
+    registry_tools(&["podman"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (tools, env) = podman_setup(tmp.path());
+    let images = tmp.path().join("images");
+    run_tool(
+        std::process::Command::new(tools.join("make-images.sh"))
+            .arg(&images)
+            .arg("hello"),
+    );
+    let reg = Registry::start();
+    reg.push(
+        &format!("oci:{}:latest", images.join("hello").display()),
+        "demo/hello:1",
+    );
+    let r = Runner::new(tmp.path());
+    r.ok(&[
+        "export",
+        &reg.url("demo/hello:1"),
+        "-o",
+        &reg.url("demo/hello-flat:1"),
+        "--tls-verify=false",
+    ]);
+    let podman = || {
+        let mut c = std::process::Command::new("podman");
+        c.envs(env.iter().map(|(k, v)| (k, v)));
+        c
+    };
+    let name = format!("{}/demo/hello-flat:1", reg.host);
+    run_tool(podman().args(["pull", "-q", "--tls-verify=false", &name]));
+    let said = run_tool(podman().args(["run", "--rm", "--pull", "never", &name]));
+    let _ = podman().args(["rmi", "-f", &name]).output();
+    assert_eq!(
+        said.trim(),
+        "Hello, World!",
+        "podman run of the pushed image"
+    );
+}

@@ -566,7 +566,7 @@ fn bad_keep_values_fail_cleanly() {
 /// The tools dir and a podman configuration (make-images.sh's settings: runc, cgroupfs, no
 /// network, explicit rlimits, storage in `dir`). Only an `#[ignore]`d test calls it, so a
 /// missing piece fails.
-fn podman_setup(dir: &Path) -> (PathBuf, Vec<(String, PathBuf)>) {
+pub(crate) fn podman_setup(dir: &Path) -> (PathBuf, Vec<(String, PathBuf)>) {
     let tools = std::env::var_os("FLATFS_SHARED_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
@@ -618,7 +618,7 @@ fn podman_setup(dir: &Path) -> (PathBuf, Vec<(String, PathBuf)>) {
     )
 }
 
-fn run_tool(cmd: &mut Command) -> String {
+pub(crate) fn run_tool(cmd: &mut Command) -> String {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
