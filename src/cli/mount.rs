@@ -82,6 +82,15 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
     // The cheap checks first: a mistyped mountpoint should not wait for a big image to
     // be indexed. Image errors still come before the fork, so both reach the terminal.
     let target = mount::Mountpoint::check(&mountpoint, &image, &opts)?;
+    // Only a mount reads a registry image's layers by ranges: other commands read every byte.
+    let ui = &Ui {
+        quiet: ui.quiet,
+        cache: ui.cache.clone(),
+        registry: crate::registry::Options {
+            lazy: true,
+            ..ui.registry.clone()
+        },
+    };
     let Opened {
         image: img,
         tree,
