@@ -143,6 +143,17 @@ impl Lazy {
     /// Makes bytes `[pos, end)` of the blob local: fetches and verifies the spans that are
     /// not, once, however many readers want them.
     pub fn ensure(&self, pos: u64, end: u64) -> io::Result<()> {
+        self.ensure_spans(pos, end, MIN_FETCH_SPANS)
+    }
+
+    /// Makes the first bytes of the blob local (its magic number), fetching no more than
+    /// the first span: a mount opens every layer, and may read nothing else of most.
+    pub fn fetch_start(&self) -> io::Result<()> {
+        self.ensure_spans(0, 4, 1)
+    }
+
+    /// [`Lazy::ensure`], fetching at least `min_spans` spans when it fetches any.
+    fn ensure_spans(&self, pos: u64, end: u64, min_spans: usize) -> io::Result<()> {
         let n = self.spans.digests.len();
         if end <= pos || n == 0 {
             return Ok(());
@@ -161,7 +172,7 @@ impl Lazy {
                         continue;
                     }
                     let mut b = a + 1;
-                    while b < n && !s[b].0 && !s[b].1 && (b <= last || b < a + MIN_FETCH_SPANS) {
+                    while b < n && !s[b].0 && !s[b].1 && (b <= last || b < a + min_spans) {
                         b += 1;
                     }
                     for span in &mut s[a..b] {

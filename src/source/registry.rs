@@ -197,7 +197,7 @@ fn open_lazy(
     });
     let name = format!("{repo}@{digest}");
     let lazy = Arc::new(Lazy::new(file, spans, &name, fetch));
-    lazy.ensure(0, 4).map_err(|e| client.error(e))?;
+    lazy.fetch_start().map_err(|e| client.error(e))?;
     Ok(lazy)
 }
 
