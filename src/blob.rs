@@ -5,6 +5,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use sha2::{Digest as _, Sha256};
@@ -21,6 +22,210 @@ pub struct Blob {
     name: Arc<str>,
     /// Set while the file is still being downloaded: reads wait for their bytes.
     arrival: Option<Arc<Arrival>>,
+    /// Set for a registry blob fetched on demand: reads fetch and verify their spans first.
+    lazy: Option<Arc<Lazy>>,
+}
+
+/// Blob bytes covered by one span digest: what a lazy read fetches and verifies at a time.
+pub const SPAN_BYTES: u64 = 256 * 1024;
+
+/// Spans fetched at once when a read needs fewer: neighbouring reads (a decompressor's next
+/// input buffer) then cost no request of their own.
+const MIN_FETCH_SPANS: usize = 2;
+
+/// The sha256 of every [`SPAN_BYTES`] of a blob (the last span may be shorter), recorded by
+/// the indexing pass, which reads every byte anyway: a lazy read can check the bytes it
+/// fetched without the rest of the blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpanDigests {
+    /// The blob's length.
+    pub blob_len: u64,
+    /// One digest per span, in order.
+    pub digests: Vec<[u8; 32]>,
+}
+
+impl SpanDigests {
+    /// Checked: exactly one digest per span of a blob of `blob_len` bytes.
+    pub fn new(blob_len: u64, digests: Vec<[u8; 32]>) -> Option<Self> {
+        (digests.len() as u64 == blob_len.div_ceil(SPAN_BYTES))
+            .then_some(SpanDigests { blob_len, digests })
+    }
+}
+
+/// Builds [`SpanDigests`] from a blob's bytes, fed in order in pieces of any size.
+#[derive(Default)]
+pub struct SpanHasher {
+    hasher: Sha256,
+    filled: u64,
+    len: u64,
+    digests: Vec<[u8; 32]>,
+}
+
+impl SpanHasher {
+    /// Hashes the next bytes of the blob.
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let take = bytes.len().min((SPAN_BYTES - self.filled) as usize);
+            self.hasher.update(&bytes[..take]);
+            self.filled += take as u64;
+            self.len += take as u64;
+            bytes = &bytes[take..];
+            if self.filled == SPAN_BYTES {
+                self.digests.push(self.hasher.finalize_reset().into());
+                self.filled = 0;
+            }
+        }
+    }
+
+    /// The digests of everything fed.
+    pub fn finish(mut self) -> SpanDigests {
+        if self.filled > 0 {
+            self.digests.push(self.hasher.finalize().into());
+        }
+        SpanDigests {
+            blob_len: self.len,
+            digests: self.digests,
+        }
+    }
+}
+
+/// Fetches bytes `[start, end)` of a remote blob (an HTTP range request).
+pub type FetchRange = dyn Fn(u64, u64) -> io::Result<Vec<u8>> + Send + Sync;
+
+/// A blob whose bytes are fetched when first read, a few spans at a time, each checked
+/// against its span digest before it is written to the local (sparse) file the blob reads
+/// from, so a re-read is local and unverified bytes are never read. A span that fails its
+/// check is an error for that read and is not kept: a later read fetches it again.
+pub struct Lazy {
+    spans: SpanDigests,
+    fetch: Box<FetchRange>,
+    /// The blob's local file, for writing verified spans.
+    file: File,
+    name: String,
+    /// Per span: (in the file, being fetched by some reader).
+    state: Mutex<Vec<(bool, bool)>>,
+    fetched_cond: Condvar,
+    fetched: AtomicU64,
+    requests: AtomicU64,
+}
+
+impl fmt::Debug for Lazy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Lazy({})", self.name)
+    }
+}
+
+impl Lazy {
+    /// A blob of `spans.blob_len` bytes to be fetched by `fetch` into `file` (opened for
+    /// writing, of the blob's length, empty), called `name` in messages.
+    pub fn new(file: File, spans: SpanDigests, name: &str, fetch: Box<FetchRange>) -> Self {
+        let n = spans.digests.len();
+        Lazy {
+            spans,
+            fetch,
+            file,
+            name: name.into(),
+            state: Mutex::new(vec![(false, false); n]),
+            fetched_cond: Condvar::new(),
+            fetched: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes fetched and requests made so far.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.fetched.load(Ordering::Relaxed),
+            self.requests.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Makes bytes `[pos, end)` of the blob local: fetches and verifies the spans that are
+    /// not, once, however many readers want them.
+    pub fn ensure(&self, pos: u64, end: u64) -> io::Result<()> {
+        self.ensure_spans(pos, end, MIN_FETCH_SPANS)
+    }
+
+    /// Makes the first bytes of the blob local (its magic number), fetching no more than
+    /// the first span: a mount opens every layer, and may read nothing else of most.
+    pub fn fetch_start(&self) -> io::Result<()> {
+        self.ensure_spans(0, 4, 1)
+    }
+
+    /// [`Lazy::ensure`], fetching at least `min_spans` spans when it fetches any.
+    fn ensure_spans(&self, pos: u64, end: u64, min_spans: usize) -> io::Result<()> {
+        let n = self.spans.digests.len();
+        if end <= pos || n == 0 {
+            return Ok(());
+        }
+        let first = (pos / SPAN_BYTES) as usize;
+        let last = (((end - 1) / SPAN_BYTES) as usize).min(n - 1);
+        loop {
+            let (a, b) = {
+                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    let Some(a) = (first..=last).find(|&i| !s[i].0) else {
+                        return Ok(());
+                    };
+                    if s[a].1 {
+                        s = self.fetched_cond.wait(s).unwrap_or_else(|e| e.into_inner());
+                        continue;
+                    }
+                    let mut b = a + 1;
+                    while b < n && !s[b].0 && !s[b].1 && (b <= last || b < a + min_spans) {
+                        b += 1;
+                    }
+                    for span in &mut s[a..b] {
+                        span.1 = true;
+                    }
+                    break (a, b);
+                }
+            };
+            let r = self.fetch_spans(a, b);
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            for span in &mut s[a..b] {
+                *span = (r.is_ok(), false);
+            }
+            self.fetched_cond.notify_all();
+            r?;
+        }
+    }
+
+    /// Fetches spans `a..b`, checks each, and writes them to the file.
+    fn fetch_spans(&self, a: usize, b: usize) -> io::Result<()> {
+        let start = a as u64 * SPAN_BYTES;
+        let end = (b as u64 * SPAN_BYTES).min(self.spans.blob_len);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let bytes = (self.fetch)(start, end)?;
+        self.fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if bytes.len() as u64 != end - start {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: asked for bytes {start}-{} and got {} bytes",
+                    self.name,
+                    end - 1,
+                    bytes.len()
+                ),
+            ));
+        }
+        for (i, span) in bytes.chunks(SPAN_BYTES as usize).enumerate() {
+            let found: [u8; 32] = Sha256::digest(span).into();
+            if found != self.spans.digests[a + i] {
+                let at = start + i as u64 * SPAN_BYTES;
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: bytes {at}-{} do not match the layer index's span digest",
+                        self.name,
+                        at + span.len() as u64 - 1
+                    ),
+                ));
+            }
+        }
+        self.file.write_all_at(&bytes, start)
+    }
 }
 
 /// How much of a blob that is still being written (a registry download) is in its file, so
@@ -75,6 +280,31 @@ impl Blob {
             len,
             name: name.into(),
             arrival: None,
+            lazy: None,
+        }
+    }
+
+    /// The same blob, read from a local file that holds only the spans fetched so far:
+    /// reads fetch (and verify) the spans they need first.
+    pub fn lazy(mut self, lazy: Arc<Lazy>) -> Self {
+        self.lazy = Some(lazy);
+        self
+    }
+
+    /// True for a blob fetched on demand (see [`Blob::lazy`]).
+    pub fn is_lazy(&self) -> bool {
+        self.lazy.is_some()
+    }
+
+    /// Logs what a blob fetched on demand has fetched so far (nothing for other blobs).
+    pub fn log_fetched(&self) {
+        if let Some(l) = &self.lazy {
+            let (bytes, requests) = l.stats();
+            log::info!(
+                "{}: fetched {bytes} of {} bytes in {requests} range requests",
+                l.name,
+                l.spans.blob_len
+            );
         }
     }
 
@@ -119,6 +349,9 @@ impl Blob {
         if let Some(a) = &self.arrival {
             a.wait(pos + n as u64)?;
         }
+        if let Some(l) = &self.lazy {
+            l.ensure(pos, pos + n as u64)?;
+        }
         self.file.read_at(&mut buf[..n], self.offset + pos)
     }
 
@@ -134,6 +367,9 @@ impl Blob {
         }
         if let Some(a) = &self.arrival {
             a.wait(pos + buf.len() as u64)?;
+        }
+        if let Some(l) = &self.lazy {
+            l.ensure(pos, pos + buf.len() as u64)?;
         }
         self.file.read_exact_at(buf, self.offset + pos)
     }
@@ -380,5 +616,131 @@ impl<W: Write> Write for HashWriter<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    fn noise(n: usize) -> Vec<u8> {
+        let mut x: u32 = 0x1234_5678;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn spans_of(data: &[u8]) -> SpanDigests {
+        let mut h = SpanHasher::default();
+        // Pieces that straddle span boundaries.
+        for piece in data.chunks(100_003) {
+            h.update(piece);
+        }
+        h.finish()
+    }
+
+    /// The ranges a test server was asked for.
+    type Asked = Arc<Mutex<Vec<(u64, u64)>>>;
+
+    /// A lazy blob over `data`, served by a closure that records its ranges and
+    /// flips a byte while `lie` is set.
+    fn lazy_blob(data: Arc<Vec<u8>>, lie: Arc<AtomicBool>) -> (Blob, Arc<Lazy>, Asked) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let file = File::create(&path).unwrap();
+        file.set_len(data.len() as u64).unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let (d, a) = (data.clone(), asked.clone());
+        let fetch = Box::new(move |start: u64, end: u64| {
+            a.lock().unwrap().push((start, end));
+            let mut out = d[start as usize..end as usize].to_vec();
+            if lie.load(Ordering::Relaxed) {
+                out[0] ^= 1;
+            }
+            Ok(out)
+        });
+        let lazy = Arc::new(Lazy::new(file, spans_of(&data), "test", fetch));
+        let read = Arc::new(File::open(&path).unwrap());
+        let blob = Blob::new(read, 0, data.len() as u64, "test").lazy(lazy.clone());
+        (blob, lazy, asked)
+    }
+
+    #[test]
+    fn span_digests_match_one_pass_hashing() {
+        let data = noise(SPAN_BYTES as usize * 2 + 5);
+        let spans = spans_of(&data);
+        assert_eq!(spans.blob_len, data.len() as u64);
+        let want: Vec<[u8; 32]> = data
+            .chunks(SPAN_BYTES as usize)
+            .map(|c| Sha256::digest(c).into())
+            .collect();
+        assert_eq!(spans.digests, want);
+        assert!(SpanDigests::new(data.len() as u64, want[..2].to_vec()).is_none());
+    }
+
+    #[test]
+    fn lazy_reads_fetch_only_their_spans_once_and_check_them() {
+        let data = Arc::new(noise(SPAN_BYTES as usize * 8 + 77));
+        let lie = Arc::new(AtomicBool::new(false));
+        let (blob, lazy, asked) = lazy_blob(data.clone(), lie.clone());
+        let at = SPAN_BYTES * 5 + 10;
+        let mut buf = vec![0; 1000];
+        blob.read_exact_at(&mut buf, at).unwrap();
+        assert_eq!(buf, data[at as usize..at as usize + 1000]);
+        // Span 5 and the one after it (a neighbouring read is likely), in one request.
+        assert_eq!(
+            *asked.lock().unwrap(),
+            vec![(SPAN_BYTES * 5, SPAN_BYTES * 7)]
+        );
+        // Again, and from several threads: local, no request.
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    let mut buf = vec![0; 1000];
+                    blob.read_exact_at(&mut buf, at + 5).unwrap();
+                });
+            }
+        });
+        assert_eq!(asked.lock().unwrap().len(), 1);
+        // A lying server: an error, nothing kept; once it behaves, the right bytes.
+        lie.store(true, Ordering::Relaxed);
+        let err = blob.read_exact_at(&mut buf, 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        lie.store(false, Ordering::Relaxed);
+        blob.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, data[..1000]);
+        // The short last span.
+        let end = data.len() as u64;
+        let mut tail = vec![0; 77];
+        blob.read_exact_at(&mut tail, end - 77).unwrap();
+        assert_eq!(tail, data[data.len() - 77..]);
+        let (bytes, requests) = lazy.stats();
+        // Spans 5-6, 0-1 twice (the lie is fetched, not kept), and the last one.
+        assert_eq!((bytes, requests), (SPAN_BYTES * 6 + 77, 4));
+    }
+
+    #[test]
+    fn concurrent_readers_of_one_span_fetch_it_once() {
+        let data = Arc::new(noise(SPAN_BYTES as usize * 4));
+        let (blob, _lazy, asked) = lazy_blob(data.clone(), Arc::new(AtomicBool::new(false)));
+        std::thread::scope(|s| {
+            for i in 0..8u64 {
+                let blob = &blob;
+                let data = &data;
+                s.spawn(move || {
+                    let mut buf = vec![0; 100];
+                    let at = SPAN_BYTES + i * 1000;
+                    blob.read_exact_at(&mut buf, at).unwrap();
+                    assert_eq!(buf, data[at as usize..at as usize + 100]);
+                });
+            }
+        });
+        assert_eq!(*asked.lock().unwrap(), vec![(SPAN_BYTES, SPAN_BYTES * 3)]);
     }
 }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
+use crate::blob::SpanDigests;
 use crate::layer::{Entry, Kind, LayerIndex, Meta};
 use crate::source::Layer;
 use crate::zran::{Checkpoint, Checkpoints};
@@ -24,7 +25,7 @@ mod merged;
 
 const MAGIC: &[u8; 8] = b"FLATFSIX";
 /// Bump when the encoding or the meaning of a field changes; old files are then ignored.
-const VERSION: u32 = 5;
+const VERSION: u32 = 6;
 /// Length of a [`checksum`].
 const SUM: usize = 4;
 /// Magic, version and the head's length.
@@ -77,6 +78,11 @@ pub enum CacheKind {
 /// The identity of the blob bytes an index was verified against: if the file is the same file,
 /// unchanged, the digest check done then still holds.
 fn stamp(layer: &Layer) -> [u64; 6] {
+    if layer.blob.is_lazy() {
+        // Its file fills as it is read; every span is checked against the index's span
+        // digests instead, so the digest alone identifies the bytes.
+        return [u64::MAX, 0, layer.blob.len(), 0, 0, 0];
+    }
     match layer.blob.metadata() {
         Some(m) => [
             m.dev(),
@@ -129,7 +135,14 @@ impl Cache {
         if saved_key != key || layer.diff_id.as_deref().is_some_and(|d| d != index.diff_id) {
             return None;
         }
-        if saved_stamp != stamp(layer) {
+        if layer.blob.is_lazy() {
+            // Fetched by ranges: the index must have the span digests every read is checked
+            // against (the registry source makes a blob lazy only then).
+            index
+                .spans
+                .as_ref()
+                .filter(|s| s.blob_len == layer.blob.len())?;
+        } else if saved_stamp != stamp(layer) {
             // Another copy of the same digest: the index fits it only if the bytes are right.
             if !verify().unwrap_or(false) {
                 return None;
@@ -153,8 +166,19 @@ impl Cache {
         let head = read_head(io::BufReader::with_capacity(1 << 16, file), len)?;
         let fits = head.key == key
             && layer.diff_id.as_deref().is_none_or(|d| d == head.diff_id)
-            && head.stamp == stamp(layer);
+            && (head.stamp == stamp(layer) || layer.blob.is_lazy());
         fits.then_some(head.checkpoints)
+    }
+
+    /// The span digests recorded in the cached index of blob `digest` (`size` bytes), from
+    /// the file's head: what a lazy registry read checks its bytes against.
+    pub fn span_digests(&self, digest: &str, size: u64) -> Option<Arc<SpanDigests>> {
+        let file = File::open(self.path_for(digest)?).ok()?;
+        let len = file.metadata().ok()?.len();
+        let head = read_head(io::BufReader::with_capacity(1 << 16, file), len)?;
+        (head.key == digest)
+            .then_some(head.spans)?
+            .filter(|s| s.blob_len == size)
     }
 
     /// Saves a layer's index (best effort is the caller's choice: errors are returned).
@@ -308,6 +332,17 @@ fn encode(index: &LayerIndex, stamp: [u64; 6], key: &str) -> Vec<u8> {
             }
         }
     }
+    match &index.spans {
+        None => e.u8(0),
+        Some(spans) => {
+            e.u8(1);
+            e.u64(spans.blob_len);
+            e.u64(spans.digests.len() as u64);
+            for d in &spans.digests {
+                e.0.extend_from_slice(d);
+            }
+        }
+    }
     let head_len = (e.0.len() - PREFIX) as u64;
     e.0[PREFIX - 8..PREFIX].copy_from_slice(&head_len.to_le_bytes());
     let sum = checksum(&e.0);
@@ -417,6 +452,7 @@ struct Head {
     diff_id: String,
     tar_size: u64,
     checkpoints: Option<Arc<Checkpoints>>,
+    spans: Option<Arc<SpanDigests>>,
 }
 
 /// Where the head's checksum starts, from the file's first [`PREFIX`] bytes.
@@ -461,6 +497,19 @@ fn read_head(r: impl Read, len: u64) -> Option<Head> {
         }
         _ => return None,
     };
+    let spans = match r.u8()? {
+        0 => None,
+        1 => {
+            let blob_len = r.u64()?;
+            let n = r.count(32)?;
+            let digests = (0..n)
+                .map(|_| r.array::<32>())
+                .collect::<Option<Vec<_>>>()?;
+            // One digest per span of the blob, or the file lies.
+            Some(Arc::new(SpanDigests::new(blob_len, digests)?))
+        }
+        _ => return None,
+    };
     r.finish()?;
     // Checked like the rest: a checkpoint that lies would make reads return wrong data.
     let checkpoints = match checkpoints {
@@ -473,6 +522,7 @@ fn read_head(r: impl Read, len: u64) -> Option<Head> {
         diff_id,
         tar_size,
         checkpoints,
+        spans,
     })
 }
 
@@ -626,6 +676,7 @@ fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
             tar_size: head.tar_size,
             decompressed: None,
             checkpoints: head.checkpoints,
+            spans: head.spans,
         },
         head.stamp,
         head.key,
@@ -709,6 +760,9 @@ mod tests {
             tar_size: 4096,
             decompressed: None,
             checkpoints: Some(Arc::new(sample_checkpoints(3))),
+            spans: Some(Arc::new(
+                SpanDigests::new(crate::blob::SPAN_BYTES + 1, vec![[1; 32], [2; 32]]).unwrap(),
+            )),
         }
     }
 
@@ -743,6 +797,7 @@ mod tests {
         );
         assert_eq!((stamp, key.as_str()), ([1, 2, 3, 4, 5, 6], "sha256:ab"));
         assert_eq!(index.checkpoints, sample().checkpoints);
+        assert_eq!(index.spans, sample().spans);
 
         let plain = LayerIndex {
             checkpoints: None,
@@ -829,6 +884,43 @@ mod tests {
         reseal(&mut same);
         let (index, _, _) = decode(&same).expect("unchanged file decodes");
         assert_eq!(index.checkpoints.as_deref(), Some(&good));
+    }
+
+    #[test]
+    fn span_digests_must_cover_the_blob_exactly() {
+        // Two digests say the blob is one to two spans long; a file claiming another length
+        // (with valid checksums) is refused, so a lazy read can never go unchecked.
+        let bytes = encode(&sample(), [0; 6], "sha256:ab");
+        let len = (crate::blob::SPAN_BYTES + 1).to_le_bytes();
+        let at = bytes
+            .windows(16)
+            .position(|w| w[..8] == len && w[8..] == 2u64.to_le_bytes())
+            .expect("span digests encoded");
+        for claim in [1u64, crate::blob::SPAN_BYTES * 2 + 1, 0] {
+            let mut bad = bytes.clone();
+            bad[at..at + 8].copy_from_slice(&claim.to_le_bytes());
+            reseal(&mut bad);
+            assert!(decode(&bad).is_none(), "blob length {claim} accepted");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let hex = "ab".repeat(32);
+        std::fs::write(dir.path().join(format!("{hex}.idx")), &bytes).unwrap();
+        let cache = Cache::new(dir.path());
+        // Keyed by the digest the file names, and only for the size it was made from.
+        assert!(cache.span_digests(&format!("sha256:{hex}"), 1).is_none());
+        let mut bytes = encode(&sample(), [0; 6], &format!("sha256:{hex}"));
+        reseal(&mut bytes);
+        std::fs::write(dir.path().join(format!("{hex}.idx")), &bytes).unwrap();
+        let size = crate::blob::SPAN_BYTES + 1;
+        assert_eq!(
+            cache.span_digests(&format!("sha256:{hex}"), size),
+            sample().spans
+        );
+        assert!(
+            cache
+                .span_digests(&format!("sha256:{hex}"), size + 1)
+                .is_none()
+        );
     }
 
     #[test]

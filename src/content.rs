@@ -160,6 +160,13 @@ impl Content {
         Ok(n)
     }
 
+    /// Logs what each layer fetched from a registry by ranges (lazy mounts).
+    pub fn log_fetched(&self) {
+        for l in &self.layers {
+            l.blob.log_fetched();
+        }
+    }
+
     /// Where the data run or hole holding `offset` ends (`SEEK_HOLE`/`SEEK_DATA` answers):
     /// `Some((true, end))` inside data, `Some((false, end))` inside a hole, `None` at or past
     /// the end of the file. Every file ends in a hole, the virtual one at its end.

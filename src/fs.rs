@@ -507,6 +507,10 @@ fn xattr_reply(data: Cow<'_, [u8]>, size: u32) -> Result<XattrReply<'_>, Errno> 
 }
 
 impl Filesystem for FlatFs {
+    fn destroy(&mut self) {
+        self.content.log_fetched();
+    }
+
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         if self.prefetch {
             self.start_pushing()?;

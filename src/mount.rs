@@ -75,8 +75,13 @@ impl Mountpoint {
             msg,
         };
         // Absolute, so that the mount table says which file is mounted wherever it is read.
+        // A registry reference or a transport-prefixed name is not a path: keep it as given.
+        let transport = ["docker://", "oci:", "oci-archive:", "docker-archive:"]
+            .iter()
+            .any(|t| image.starts_with(t));
         let source = match image {
             "-" => "stdin".to_string(),
+            _ if transport => image.to_string(),
             _ => std::path::absolute(image).map_or(image.to_string(), |p| p.display().to_string()),
         };
         let fsname = format!("flatfs:{source}");

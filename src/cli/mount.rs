@@ -49,7 +49,8 @@ pub struct MountArgs {
     layers: Option<usize>,
     /// Do not push small files (up to 64 KiB) into the page cache as their directory is
     /// listed. The push makes `tar`, `cp -r` or `grep -r` over many small files several
-    /// times faster, at the cost of decompressing them when only listed (`ls -l`).
+    /// times faster, at the cost of decompressing them when only listed (`ls -l`). Always off
+    /// on a lazy registry mount, where it would fetch them.
     #[arg(long)]
     no_prefetch: bool,
     /// More mount options, comma-separated, e.g. noexec, noatime, allow_root, fsname=NAME,
@@ -82,13 +83,28 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
     // The cheap checks first: a mistyped mountpoint should not wait for a big image to
     // be indexed. Image errors still come before the fork, so both reach the terminal.
     let target = mount::Mountpoint::check(&mountpoint, &image, &opts)?;
+    // Only a mount reads a registry image's layers by ranges: other commands read every byte.
+    let ui = &Ui {
+        quiet: ui.quiet,
+        cache: ui.cache.clone(),
+        registry: crate::registry::Options {
+            lazy: true,
+            ..ui.registry.clone()
+        },
+    };
     let Opened {
         image: img,
         tree,
         checkpoints,
     } = ui.open(&image, platform.as_ref(), layers, None)?;
     let mut fs = FlatFs::new(tree, Content::new(&img.layers, &checkpoints));
-    fs.set_prefetch(!no_prefetch);
+    // On a lazy registry mount a push would fetch every listed small file from the network:
+    // there, only what is read is fetched.
+    let lazy = img.layers.iter().any(|l| l.blob.is_lazy());
+    if lazy && !no_prefetch {
+        log::info!("lazy registry mount: small files are not pushed into the page cache");
+    }
+    fs.set_prefetch(!no_prefetch && !lazy);
     // The blobs keep their files open. Dropping the image now removes a spooled stdin
     // from the temp dir, which the daemon, ending with exit(), never would.
     drop(img);

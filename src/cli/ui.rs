@@ -85,6 +85,7 @@ impl UiArgs {
             cert_dir: here.cert_dir.or(there.cert_dir),
             insecure: !here.tls_verify.or(there.tls_verify).unwrap_or(true),
             cache_dir: cache.as_ref().map(|c| c.dir().to_path_buf()),
+            lazy: false,
         };
         Ui {
             quiet,

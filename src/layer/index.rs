@@ -101,6 +101,9 @@ pub struct LayerIndex {
     /// Where decompression can start inside a gzip layer, or at which frame starts inside a zstd
     /// layer, for random access (`None` for uncompressed layers, read in place).
     pub checkpoints: Option<Arc<crate::zran::Checkpoints>>,
+    /// The sha256 of every span of the compressed blob, so that a registry blob read by
+    /// ranges can be checked span by span ([`crate::blob::Lazy`]).
+    pub spans: Option<Arc<crate::blob::SpanDigests>>,
 }
 
 /// Reads a layer blob once: decompresses, indexes the tar, and checks blob digest and diff_id.
@@ -127,7 +130,7 @@ pub fn index_layer(
     };
     // Up to four threads, so that on a big layer reading and hashing the blob, inflating,
     // hashing and parsing the tar, and writing the spool overlap instead of taking turns.
-    let (blob_digest, checkpoints, mut index, diff_id, tar_size) =
+    let (blob_digest, spans, checkpoints, mut index, diff_id, tar_size) =
         std::thread::scope(|s| -> Result<_> {
             let (raw_tx, raw_rx) = pipe(DEPTH, CHUNK);
             let reading = s.spawn(move || {
@@ -136,8 +139,12 @@ pub fn index_layer(
                     progress,
                 };
                 let mut hasher = Sha256::new();
-                raw_tx.pump(&mut blob, |b| hasher.update(b))?;
-                Ok(digest_string(hasher))
+                let mut spans = crate::blob::SpanHasher::default();
+                raw_tx.pump(&mut blob, |b| {
+                    hasher.update(b);
+                    spans.update(b);
+                })?;
+                Ok((digest_string(hasher), spans.finish()))
             });
             let (tar_tx, tar_rx) = pipe(DEPTH, CHUNK);
             let inflating = s.spawn(move || inflate_stage(raw_rx, tar_tx, layer, spool_dir));
@@ -191,8 +198,8 @@ pub fn index_layer(
             let (diff_id, tar_size, tar_rx) = plain.finish();
             drop(tar_rx);
             let checkpoints = joined(inflating.join()).map_err(layer_err)?;
-            let blob_digest = joined(reading.join()).map_err(layer_err)?;
-            Ok((blob_digest, checkpoints, index, diff_id, tar_size))
+            let (blob_digest, spans) = joined(reading.join()).map_err(layer_err)?;
+            Ok((blob_digest, spans, checkpoints, index, diff_id, tar_size))
         })?;
     if let Some(expected) = &layer.digest
         && *expected != blob_digest
@@ -214,6 +221,7 @@ pub fn index_layer(
     }
     index.diff_id = diff_id;
     index.tar_size = tar_size;
+    index.spans = Some(Arc::new(spans));
     index.checkpoints = checkpoints
         .and_then(|points| crate::zran::Checkpoints::new(points, tar_size))
         .map(Arc::new);

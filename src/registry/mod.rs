@@ -26,4 +26,7 @@ pub struct Options {
     /// The cache directory whose `blobs/` is the blob store; `None` (`--no-cache`): a temp
     /// store that lives as long as the opened image's files.
     pub cache_dir: Option<PathBuf>,
+    /// Fetch a layer by ranges when it is read (`mount`) instead of downloading it, where the
+    /// cache holds its index with span digests to check the ranges against.
+    pub lazy: bool,
 }

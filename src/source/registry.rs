@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
 
 use super::{Image, Platform, Store, oci};
-use crate::blob::Arrival;
+use crate::blob::{Arrival, Lazy, SpanDigests};
 use crate::error::{Error, Result};
 use crate::reference::{DEFAULT_TAG, Reference};
 use crate::registry::store::BlobWriter;
@@ -78,15 +78,24 @@ pub(super) fn open(
     // (download | hash | inflate | index in one pass).
     let mut jobs = Vec::new();
     let mut arriving: HashMap<String, Arc<Arrival>> = HashMap::new();
+    let mut lazy: HashMap<String, Arc<Lazy>> = HashMap::new();
     for layer in manifest.layers() {
         let digest = layer.digest().to_string();
-        if arriving.contains_key(&digest) {
+        if arriving.contains_key(&digest) || lazy.contains_key(&digest) {
             continue;
         }
         if blobs.has(&digest, layer.size()) {
             if !layout_path(layout.path(), &digest)?.exists() {
                 link(&digest, &stored(&digest)?)?;
             }
+            continue;
+        }
+        if let Some(spans) = lazy_spans(opts, &digest, layer.size()) {
+            let path = layout_path(layout.path(), &digest)?;
+            lazy.insert(
+                digest.clone(),
+                open_lazy(&client, repo, &digest, &path, spans)?,
+            );
             continue;
         }
         let mut w = blobs
@@ -126,6 +135,16 @@ pub(super) fn open(
         if let Some(a) = layer.digest.as_ref().and_then(|d| arriving.get(d)) {
             layer.blob = layer.blob.clone().arriving(a.clone());
         }
+        if let Some(l) = layer.digest.as_ref().and_then(|d| lazy.get(d)) {
+            layer.blob = layer.blob.clone().lazy(l.clone());
+        }
+    }
+    if !lazy.is_empty() {
+        log::info!(
+            "{}: {} layers read by ranges as they are read (indexes from the cache)",
+            client.host(),
+            lazy.len()
+        );
     }
     image.tags = vec![reference.familiar()];
     if opts.cache_dir.is_some() {
@@ -144,6 +163,42 @@ pub(super) fn open(
         }
     }
     Ok(image)
+}
+
+/// The span digests to read blob `digest` lazily with: only for a mount, and only where the
+/// index cache has the layer's index with them (the index then needs no pass over the layer).
+fn lazy_spans(opts: &Options, digest: &str, size: u64) -> Option<SpanDigests> {
+    let dir = opts.cache_dir.as_ref().filter(|_| opts.lazy)?;
+    let spans = crate::cache::Cache::new(dir).span_digests(digest, size)?;
+    Some(Arc::unwrap_or_clone(spans))
+}
+
+/// An empty (sparse) file of the blob's size at `path` in the layout, filled by range requests
+/// as it is read, each span checked against `spans`. Its first span is fetched now: the
+/// layer's compression is sniffed from its first bytes when the image opens.
+fn open_lazy(
+    client: &Arc<Client>,
+    repo: &str,
+    digest: &str,
+    path: &Path,
+    spans: SpanDigests,
+) -> Result<Arc<Lazy>> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| Error::io(path.display(), e))?;
+    file.set_len(spans.blob_len)
+        .map_err(|e| Error::io(path.display(), e))?;
+    let (c, r, d) = (client.clone(), repo.to_string(), digest.to_string());
+    let fetch = Box::new(move |start, end| {
+        c.fetch_range(&r, &d, start, end)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    });
+    let name = format!("{repo}@{digest}");
+    let lazy = Arc::new(Lazy::new(file, spans, &name, fetch));
+    lazy.fetch_start().map_err(|e| client.error(e))?;
+    Ok(lazy)
 }
 
 /// A layer download: digest, size, where it goes, who waits for it.

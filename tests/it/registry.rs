@@ -1299,3 +1299,173 @@ fn registry_pushed_flat_image_is_pulled_and_run_by_podman() {
         "podman run of the pushed image"
     );
 }
+
+/// Lazy mounts (issue 14): an image whose first layer is 12 MiB that does not compress, with
+/// a small file after it; returns the layout, the noise, and that layer's digest and size.
+fn lazy_image(at: &Path) -> (PathBuf, Vec<u8>, String, u64) {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let noise: Vec<u8> = (0..12 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let layers = vec![
+        layer([
+            dir("data"),
+            file("data/noise.bin", noise.clone()),
+            file("data/tail.txt", b"the end of the big layer\n"),
+        ])
+        .compression(Compression::Gzip),
+        layer([file("data/top.txt", b"top\n")]).compression(Compression::Gzip),
+    ];
+    let path = at.join("lazy");
+    let written = write_oci_layout(&layers, &default_config(&layers), &path, Some("latest"));
+    let digest = written.layer_digests[0].clone();
+    let size = std::fs::metadata(path.join("blobs/sha256").join(&digest[7..]))
+        .unwrap()
+        .len();
+    (path, noise, digest, size)
+}
+
+/// Blob bytes the proxy was asked for, by ranged GETs of `digest` from request `from` on, and
+/// how many requests; a GET without a range would be the whole blob, so it fails the test.
+fn ranged_bytes(proxy: &FaultProxy, digest: &str, from: usize) -> (u64, usize) {
+    let gets: Vec<Seen> = proxy.seen()[from..]
+        .iter()
+        .filter(|s| s.method == "GET" && s.path.ends_with(&format!("/blobs/{digest}")))
+        .cloned()
+        .collect();
+    let bytes = gets
+        .iter()
+        .map(|s| {
+            let range = s.header("range").expect("every blob GET is ranged");
+            let (a, b) = range
+                .strip_prefix("bytes=")
+                .and_then(|r| r.split_once('-'))
+                .expect("a single range");
+            b.parse::<u64>().unwrap() + 1 - a.parse::<u64>().unwrap()
+        })
+        .sum();
+    (bytes, gets.len())
+}
+
+#[test]
+fn registry_lazy_mount_fetches_only_what_is_read_and_checks_every_span() {
+    registry_tools(&[]);
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, noise, big, size) = lazy_image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "lazy:1");
+    let r = Runner::new(tmp.path());
+    // An earlier command indexed the image on this host; its blobs are gone since.
+    r.ok(&["ls", "-R", &reg.url("lazy:1"), "--tls-verify=false"]);
+    std::fs::remove_dir_all(r.cache.join("blobs")).unwrap();
+    if !fuse_available("registry_lazy_mount_fetches_only_what_is_read_and_checks_every_span") {
+        return;
+    }
+    let proxy = FaultProxy::start(&reg.host);
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    r.ok(&[
+        "mount",
+        &proxy.url("lazy:1"),
+        mnt.to_str().unwrap(),
+        "--tls-verify=false",
+    ]);
+    let at_mount = ranged_bytes(&proxy, &big, 0);
+    // The mount table names the reference as given, not as a path under the current directory.
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        mounts.contains(&format!("flatfs:{} ", proxy.url("lazy:1"))),
+        "{mounts}"
+    );
+    let tail = std::fs::read(mnt.join("data/tail.txt"));
+    let top = std::fs::read(mnt.join("data/top.txt"));
+    let after_read = ranged_bytes(&proxy, &big, 0);
+    // The same file again: local (the kernel's page cache aside, flatfs's span file).
+    let again = std::fs::read(mnt.join("data/tail.txt"));
+    let seen_before_tamper = proxy.seen().len();
+
+    // A registry that lies about bytes not fetched yet: EIO, never the wrong bytes; right
+    // again once it behaves.
+    let read_middle = || {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(mnt.join("data/noise.bin"))?;
+        let mut buf = vec![0u8; 4096];
+        f.read_exact_at(&mut buf, 6 << 20)?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    proxy.inject(Fault::Corrupt {
+        path: format!("/blobs/{big}"),
+        times: 1000,
+    });
+    let tampered = read_middle();
+    proxy.clear_faults();
+    let honest = read_middle();
+    r.ok(&["umount", mnt.to_str().unwrap()]);
+
+    // A registry that ignores Range: the answer is read only as far as needed.
+    proxy.inject(Fault::IgnoreRange {
+        path: format!("/blobs/{big}"),
+        times: 1000,
+    });
+    // In the foreground with -v, which logs what each lazy layer fetched at unmount.
+    let server = flatfs()
+        .env("FLATFS_CACHE_DIR", &r.cache)
+        .env("HOME", &r.cache)
+        .args(["mount", "-f", "-v", &proxy.url("lazy:1")])
+        .arg(&mnt)
+        .arg("--tls-verify=false")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn flatfs mount -f");
+    let start = std::time::Instant::now();
+    while !mnt.join("data").exists() && start.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let tail_whole = std::fs::read(mnt.join("data/tail.txt"));
+    r.ok(&["umount", mnt.to_str().unwrap()]);
+    let log = String::from_utf8_lossy(&server.wait_with_output().unwrap().stderr).into_owned();
+
+    eprintln!(
+        "lazy mount: {} bytes in {} requests at mount, {} bytes in {} requests after reading \
+         data/tail.txt, of a {size}-byte layer blob",
+        at_mount.0, at_mount.1, after_read.0, after_read.1
+    );
+    assert_eq!(tail.unwrap(), b"the end of the big layer\n");
+    assert_eq!(top.unwrap(), b"top\n");
+    assert_eq!(again.unwrap(), b"the end of the big layer\n");
+    // Opening fetches the first 256 KiB span of each layer (compression is sniffed), no more.
+    assert_eq!(at_mount, (256 * 1024, 1));
+    assert!(
+        after_read.0 * 4 < size,
+        "fetched {} of {size} bytes",
+        after_read.0
+    );
+    assert_eq!(
+        ranged_bytes(&proxy, &big, 0).1,
+        after_read.1 + ranged_bytes(&proxy, &big, seen_before_tamper).1,
+        "a re-read fetched again"
+    );
+    // Noise deflates to stored blocks: a flipped byte inflates fine, only the span digest
+    // catches it.
+    let Err(err) = tampered else {
+        panic!("tampered bytes were read");
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(honest.unwrap(), noise[6 << 20..(6 << 20) + 4096]);
+    assert_eq!(tail_whole.unwrap(), b"the end of the big layer\n");
+    assert!(
+        log.contains(&format!("lazy@{big}: fetched ")) && log.contains(" range requests"),
+        "{log}"
+    );
+    assert!(
+        !r.cache.join("blobs/sha256").join(&big[7..]).exists(),
+        "a lazy mount stored the blob"
+    );
+}

@@ -373,6 +373,8 @@ pub enum Fault {
     Refuse { path: String, times: usize },
     /// Forward, then close without an answer: the registry did it, the client never hears.
     Lose { path: String, times: usize },
+    /// Forward without the `Range` header: a registry that ignores ranges (200, whole blob).
+    IgnoreRange { path: String, times: usize },
     /// Forward, send this many body bytes, then go silent for `secs` before closing.
     Stall {
         path: String,
@@ -390,6 +392,7 @@ impl Fault {
             | Fault::Corrupt { path, .. }
             | Fault::Refuse { path, .. }
             | Fault::Lose { path, .. }
+            | Fault::IgnoreRange { path, .. }
             | Fault::Stall { path, .. } => path,
         }
     }
@@ -401,6 +404,7 @@ impl Fault {
             | Fault::Corrupt { times, .. }
             | Fault::Refuse { times, .. }
             | Fault::Lose { times, .. }
+            | Fault::IgnoreRange { times, .. }
             | Fault::Stall { times, .. } => *times,
         }
     }
@@ -412,6 +416,7 @@ impl Fault {
             | Fault::Corrupt { times, .. }
             | Fault::Refuse { times, .. }
             | Fault::Lose { times, .. }
+            | Fault::IgnoreRange { times, .. }
             | Fault::Stall { times, .. } => times,
         }
     }
@@ -487,6 +492,11 @@ impl FaultProxy {
         self.faults.lock().unwrap().push(fault);
     }
 
+    /// Removes every fault: the proxy forwards faithfully again.
+    pub fn clear_faults(&self) {
+        self.faults.lock().unwrap().clear();
+    }
+
     /// Every request so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
@@ -547,7 +557,16 @@ fn serve(
         return Ok(());
     }
 
-    let raw = forward(upstream, &s, &body, false)?;
+    let raw = match &fault {
+        Some(Fault::IgnoreRange { .. }) => {
+            let mut plain = s.clone();
+            plain
+                .headers
+                .retain(|h| !h.to_ascii_lowercase().starts_with("range:"));
+            forward(upstream, &plain, &body, false)?
+        }
+        _ => forward(upstream, &s, &body, false)?,
+    };
     // The client must not reuse a connection the proxy is about to close.
     let split = raw
         .windows(4)
