@@ -816,11 +816,7 @@ impl Client {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| self.error(format!("{what}: token reply without a token")))?;
         // 60 s is the spec's default lifetime; renew a little early.
-        let life = reply.expires_in.unwrap_or(60).max(10);
-        Ok((
-            token,
-            Instant::now() + Duration::from_secs(life - life / 10),
-        ))
+        Ok((token, token_until(Instant::now(), reply.expires_in)))
     }
 
     /// One line for a failed status: the registry's error code and message where it gives one.
@@ -1089,6 +1085,14 @@ pub fn transport(e: &ureq::Error) -> String {
 
 /// How long to wait before try `tries + 1`: `Retry-After` seconds if given, else 0.5 s
 /// doubling; never more than [`MAX_WAIT`].
+/// When a token that the token service says lives `expires_in` seconds is no longer used: a
+/// little early, and never later than a day, whatever the service claims (a huge value must
+/// not overflow the clock).
+fn token_until(now: Instant, expires_in: Option<u64>) -> Instant {
+    let life = expires_in.unwrap_or(60).clamp(10, 24 * 3600);
+    now + Duration::from_secs(life - life / 10)
+}
+
 fn backoff(tries: u32, retry_after: Option<&str>) -> Duration {
     if let Some(secs) = retry_after.and_then(|v| v.trim().parse::<u64>().ok()) {
         return Duration::from_secs(secs).min(MAX_WAIT);
@@ -1117,6 +1121,17 @@ mod tests {
         assert_eq!(backoff(30, None), MAX_WAIT);
         assert_eq!(backoff(1, Some("2")), Duration::from_secs(2));
         assert_eq!(backoff(1, Some("100000")), MAX_WAIT);
+    }
+
+    #[test]
+    fn a_token_lives_a_bounded_time_whatever_the_service_says() {
+        let now = Instant::now();
+        assert_eq!(token_until(now, None), now + Duration::from_secs(54));
+        assert_eq!(token_until(now, Some(0)), now + Duration::from_secs(9));
+        assert_eq!(token_until(now, Some(300)), now + Duration::from_secs(270));
+        for huge in [u64::MAX, u64::MAX / 2, 1 << 62] {
+            assert!(token_until(now, Some(huge)) <= now + Duration::from_secs(24 * 3600));
+        }
     }
 
     #[test]
