@@ -2,6 +2,8 @@
 //! manifest for the wanted platform → config and layers.
 //! See: <https://github.com/opencontainers/image-spec/blob/main/image-layout.md>
 
+use std::collections::HashSet;
+
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 
 use super::{
@@ -138,6 +140,26 @@ pub(super) fn pick_manifest(
     platform: &Platform,
     depth: usize,
 ) -> Result<Descriptor> {
+    pick_in(
+        store,
+        image,
+        candidates,
+        platform,
+        depth,
+        &mut HashSet::new(),
+    )
+}
+
+/// [`pick_manifest`], skipping indexes already `tried`: indexes may share children, and a
+/// hostile stack of them, each naming the next many times, must not take exponential time.
+fn pick_in(
+    store: &Store,
+    image: &str,
+    candidates: Vec<Descriptor>,
+    platform: &Platform,
+    depth: usize,
+    tried: &mut HashSet<String>,
+) -> Result<Descriptor> {
     if depth > MAX_NESTING {
         return Err(Error::invalid(image, "image indexes nest too deeply"));
     }
@@ -172,10 +194,22 @@ pub(super) fn pick_manifest(
             );
             continue;
         }
+        if !tried.insert(desc.digest().to_string()) {
+            // Tried already: it matched nothing, and its platforms are in `seen`.
+            seen.pop();
+            continue;
+        }
         let what = format!("index {}", desc.digest());
         let bytes = read_checked(store, image, desc, &what)?;
         let index: ImageIndex = parse_doc(&bytes, image, &what)?;
-        match pick_manifest(store, image, index.manifests().clone(), platform, depth + 1) {
+        match pick_in(
+            store,
+            image,
+            index.manifests().clone(),
+            platform,
+            depth + 1,
+            tried,
+        ) {
             Ok(d) => return Ok(d),
             // On offer are the nested index's platforms, not its descriptor's "unspecified".
             Err(Error::NoPlatform { available, .. }) => {
@@ -419,15 +453,17 @@ pub(super) fn platforms(
         .filter(|d| named(d))
         .cloned()
         .collect();
-    collect_platforms(store, name, &top, 0, &mut out)?;
+    collect_platforms(store, name, &top, 0, &mut HashSet::new(), &mut out)?;
     Ok(out)
 }
 
+/// Adds the platforms under `descs` to `out`, reading each index once (`read`).
 fn collect_platforms(
     store: &Store,
     image: &str,
     descs: &[Descriptor],
     depth: usize,
+    read: &mut HashSet<String>,
     out: &mut Vec<Platform>,
 ) -> Result<()> {
     if depth > MAX_NESTING {
@@ -438,10 +474,13 @@ fn collect_platforms(
             continue;
         }
         if is_index(desc.media_type()) {
+            if !read.insert(desc.digest().to_string()) {
+                continue;
+            }
             let what = format!("index {}", desc.digest());
             let bytes = read_checked(store, image, desc, &what)?;
             let index: ImageIndex = parse_doc(&bytes, image, &what)?;
-            collect_platforms(store, image, index.manifests(), depth + 1, out)?;
+            collect_platforms(store, image, index.manifests(), depth + 1, read, out)?;
         } else if let (true, Some(p)) = (is_manifest(desc.media_type()), desc.platform()) {
             let platform = Platform {
                 os: p.os().to_string(),

@@ -401,6 +401,11 @@ fn fetch_nested_indexes(
             continue;
         }
         let digest = child.digest().to_string();
+        // Fetched already (indexes may share children): once is enough, and a hostile stack
+        // of indexes each naming the next many times must not take exponential time.
+        if documents.contains(&digest) {
+            continue;
+        }
         let m = if blobs.has(&digest, child.size()) {
             let path = blobs.path(&digest).expect("has() checked the digest");
             std::fs::read(&path).map_err(|e| Error::io(path.display(), e))?

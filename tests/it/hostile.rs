@@ -1984,3 +1984,63 @@ fn zstd_window_of_128_mib_costs_at_most_that() {
         m.peak_rss_kib
     );
 }
+
+/// A stack of indexes each naming the next 20 times: 64 KiB of layout, and 20^8 paths down to
+/// the one manifest. Each index is read once, so the platform error (and the platform list of
+/// `--all-platforms`) comes at once instead of after an exponential walk.
+#[test]
+fn indexes_naming_a_child_many_times_are_walked_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layers = vec![layer([file("a", "a")])];
+    let mut config = default_config(&layers);
+    config["architecture"] = "s390x".into();
+    let mut oci = OciLayout::new();
+    let (manifest, _) = oci.add_image(&layers, &config);
+    let mut child = with_platform(manifest, "linux", "s390x", None);
+    for _ in 0..8 {
+        child = oci.add_index(vec![child; 20]);
+    }
+    oci.add_index_entry(child);
+    let dir = tmp.path().join("dag");
+    oci.write_dir(&dir);
+    let out = tmp.path().join("out");
+    for args in [
+        vec![
+            "ls".as_ref(),
+            dir.as_os_str(),
+            "--platform".as_ref(),
+            "linux/riscv64".as_ref(),
+        ],
+        vec![
+            "export".as_ref(),
+            "--all-platforms".as_ref(),
+            dir.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ],
+    ] {
+        let mut child = flatfs()
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn flatfs");
+        let started = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > Duration::from_secs(30) {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("{args:?} still walking the indexes after 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if args[0] == "ls" {
+            assert!(!output.status.success());
+            assert!(stderr.contains("available: linux/s390x)"), "{stderr}");
+        } else {
+            assert!(output.status.success(), "{stderr}");
+        }
+    }
+}
