@@ -891,6 +891,16 @@ impl Builder {
                                  {MAX_SYMLINKS}, as Linux allows): a symlink loop"
                             ));
                         }
+                        // Linux follows no target longer than PATH_MAX (it cannot even make
+                        // one), and a longer one, followed up to 40 times, would let a few MB
+                        // of layer ask for gigabytes of pending components.
+                        if target.len() > crate::layer::path::MAX_PATH {
+                            break Err(format!(
+                                "a symlink in its path has a target longer than {} bytes \
+                                 (PATH_MAX)",
+                                crate::layer::path::MAX_PATH
+                            ));
+                        }
                         if target.starts_with(b"/") {
                             at.truncate(1);
                         }
@@ -1653,6 +1663,17 @@ mod tests {
         let path = ["a"; 40].join("/");
         let ok = merge(&[layer(1, &["l a .", &format!("f {path}/f")])]).expect("40 links");
         assert!(ok.resolve(b"f").is_some());
+    }
+
+    #[test]
+    fn a_symlink_target_over_path_max_is_not_followed() {
+        // Followed 40 times, a target of many components would pile up gigabytes of them.
+        let long = format!("l a {}", "a/".repeat(crate::layer::path::MAX_PATH / 2 + 1));
+        let err = merge(&[layer(1, &[&long, "f a/x"])]).expect_err("too long");
+        assert!(err.to_string().contains("PATH_MAX"), "{err}");
+        let at_limit = format!("l a {}", "a/".repeat(crate::layer::path::MAX_PATH / 2));
+        let ok = merge(&[layer(1, &[&at_limit, "f x"])]).expect("not in any path");
+        assert!(ok.resolve(b"a").is_some());
     }
 
     #[test]
