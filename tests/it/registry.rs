@@ -1469,3 +1469,68 @@ fn registry_lazy_mount_fetches_only_what_is_read_and_checks_every_span() {
         "a lazy mount stored the blob"
     );
 }
+
+/// An index that names one nested index twice (as an index merged from two lists may): each
+/// nested index is fetched and linked into the layout once, and the image opens.
+#[test]
+fn registry_index_naming_a_nested_index_twice_opens() {
+    registry_tools(&[]);
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut oci = OciLayout::new();
+    let arm = vec![layer([file("which", b"arm64\n")])];
+    let mut arm_config = default_config(&arm);
+    arm_config["architecture"] = "arm64".into();
+    let (arm_desc, _) = oci.add_image(&arm, &arm_config);
+    let nested = oci.add_index(vec![with_platform(
+        arm_desc.clone(),
+        "linux",
+        "arm64",
+        None,
+    )]);
+    let top = oci.add_index(vec![nested.clone(), nested.clone()]);
+    let layout = tmp.path().join("dup");
+    oci.write_dir(&layout);
+    let blob_dir = layout.join("blobs/sha256");
+    let bytes_of = |desc: &Value| {
+        let digest = desc["digest"].as_str().unwrap();
+        std::fs::read(blob_dir.join(digest.trim_start_matches("sha256:"))).unwrap()
+    };
+    let docs: Vec<(String, String, Vec<u8>)> = [(&arm_desc, false), (&nested, false), (&top, true)]
+        .iter()
+        .map(|(d, tagged)| {
+            let reference = if *tagged {
+                "1"
+            } else {
+                d["digest"].as_str().unwrap()
+            };
+            (
+                reference.to_string(),
+                d["mediaType"].as_str().unwrap().to_string(),
+                bytes_of(d),
+            )
+        })
+        .collect();
+    let blobs: Vec<Vec<u8>> = std::fs::read_dir(&blob_dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            ![&arm_desc, &nested, &top]
+                .iter()
+                .any(|d| d["digest"].as_str().unwrap().ends_with(&name))
+        })
+        .map(|e| std::fs::read(e.path()).unwrap())
+        .collect();
+    reg.put_raw("dup", &blobs, &docs);
+    let r = Runner::new(tmp.path());
+    let out = r.ok(&[
+        "cat",
+        &reg.url("dup:1"),
+        "which",
+        "--platform",
+        "linux/arm64",
+        "--tls-verify=false",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out), "arm64\n");
+}
