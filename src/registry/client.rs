@@ -589,7 +589,7 @@ impl Client {
         let mut redirects = 0;
         loop {
             tries += 1;
-            let own = authority_of(&url) == Some(self.authority.as_str());
+            let own = same_origin(&url, &self.base);
             let auth = if own && !req.scopes.is_empty() {
                 self.authorization(req.scopes)?
             } else {
@@ -1015,6 +1015,15 @@ fn query_escape(s: &str) -> String {
 }
 
 /// `host[:port]` of an absolute URL.
+/// Whether `url` is on `base`'s origin: the same authority *and* scheme, so that a redirect
+/// from https to http on the same host never carries the registry's credentials in clear.
+fn same_origin(url: &str, base: &str) -> bool {
+    let scheme = |u: &str| u.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    authority_of(url).is_some()
+        && authority_of(url) == authority_of(base)
+        && scheme(url) == scheme(base)
+}
+
 fn authority_of(url: &str) -> Option<&str> {
     let rest = url
         .strip_prefix("https://")
@@ -1103,6 +1112,16 @@ fn backoff(tries: u32, retry_after: Option<&str>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_go_only_to_the_same_scheme_and_authority() {
+        let base = "https://reg.example:5000";
+        assert!(same_origin("https://reg.example:5000/v2/a/blobs/x", base));
+        assert!(!same_origin("http://reg.example:5000/v2/a/blobs/x", base));
+        assert!(!same_origin("https://reg.example/v2/a/blobs/x", base));
+        assert!(!same_origin("https://storage.example/x", base));
+        assert!(!same_origin("ftp://reg.example:5000/x", base));
+    }
 
     #[test]
     fn authority_is_host_and_port() {
