@@ -494,14 +494,17 @@ pub fn platforms(spec: &str, registry: &crate::registry::Options) -> Result<Vec<
     oci::platforms(&store, spec, reference.as_deref())
 }
 
-/// Splits `DIR:REF` when the whole string is not itself an existing path.
+/// Splits `PATH:REF` when the whole string is not itself an existing path: at the first `:`
+/// whose left side exists (a layout dir or an archive), so a REF may hold `:` itself
+/// (`multi.tar:localhost/app:3`).
 fn split_reference(spec: &str) -> (PathBuf, Option<String>) {
-    if !Path::new(spec).exists()
-        && let Some((dir, reference)) = spec.rsplit_once(':')
-        && !dir.is_empty()
-        && Path::new(dir).is_dir()
-    {
-        return (PathBuf::from(dir), Some(reference.to_string()));
+    if !Path::new(spec).exists() {
+        for (i, _) in spec.match_indices(':') {
+            let (path, reference) = (&spec[..i], &spec[i + 1..]);
+            if !path.is_empty() && !reference.is_empty() && Path::new(path).exists() {
+                return (PathBuf::from(path), Some(reference.to_string()));
+            }
+        }
     }
     (PathBuf::from(spec), None)
 }

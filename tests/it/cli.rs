@@ -571,3 +571,53 @@ fn readme_examples_run() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("readme-examples: ran "), "{stderr}");
 }
+
+/// `PATH:REF` picks one image from an archive holding several, and a REF may contain `:`
+/// (`podman save -m` writes `localhost/orig:3`); a layout dir takes such a REF too.
+#[test]
+fn path_ref_picks_an_image_from_a_multi_image_archive_or_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layers = two_layers();
+    let config = default_config(&layers);
+    // A docker archive listing the image twice under two names, as `docker save a b` does.
+    let bytes = docker_archive_bytes(&layers, &config);
+    let mut rebuilt = tar::Builder::new(Vec::new());
+    let mut archive = tar::Archive::new(bytes.as_slice());
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+        if path.to_str() == Some("manifest.json") {
+            let m: serde_json::Value = serde_json::from_slice(&data).unwrap();
+            let mut other = m[0].clone();
+            other["RepoTags"] = serde_json::json!(["localhost/other:1"]);
+            let mut first = m[0].clone();
+            first["RepoTags"] = serde_json::json!(["localhost/orig:3"]);
+            data = serde_json::to_vec(&serde_json::json!([first, other])).unwrap();
+        }
+        let mut header = entry.header().clone();
+        header.set_size(data.len() as u64);
+        header.set_cksum();
+        rebuilt.append(&header, data.as_slice()).unwrap();
+    }
+    let multi = tmp.path().join("multi.tar");
+    std::fs::write(&multi, rebuilt.into_inner().unwrap()).unwrap();
+    let res = run_flatfs([std::ffi::OsStr::new("inspect"), multi.as_os_str()]);
+    assert!(assert_error(&res).contains("localhost/orig:3"));
+    let spec = format!("{}:localhost/orig:3", multi.display());
+    ok(&["inspect".as_ref(), spec.as_ref()]);
+
+    // An OCI layout dir and an OCI archive whose ref.name holds a `:`.
+    let layout = tmp.path().join("layout");
+    write_oci_layout(&layers, &config, &layout, Some("localhost/orig:3"));
+    let spec = format!("{}:localhost/orig:3", layout.display());
+    ok(&["inspect".as_ref(), spec.as_ref()]);
+    let oci_tar = tmp.path().join("multi.oci.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&oci_tar).unwrap());
+    b.append_dir_all(".", &layout).unwrap();
+    b.finish().unwrap();
+    drop(b);
+    let spec = format!("{}:localhost/orig:3", oci_tar.display());
+    ok(&["inspect".as_ref(), spec.as_ref()]);
+}
