@@ -621,3 +621,49 @@ fn path_ref_picks_an_image_from_a_multi_image_archive_or_layout() {
     let spec = format!("{}:localhost/orig:3", oci_tar.display());
     ok(&["inspect".as_ref(), spec.as_ref()]);
 }
+
+/// Classic `docker save` writes a repeated layer once and makes the other `<id>/layer.tar` a
+/// symlink `../<otherid>/layer.tar`: it reads as its target. A link leaving the archive is
+/// no layer.
+#[test]
+fn docker_archive_with_a_symlinked_layer_tar_opens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let same = || layer([file("same.txt", "twice")]);
+    let layers = vec![same(), layer([file("mid.txt", "m")]), same()];
+    let config = default_config(&layers);
+    let plain = tmp.path().join("plain.tar");
+    let written = write_docker_archive(&layers, &config, &plain);
+    let build = |target: &str, out: &std::path::Path| {
+        let bytes = std::fs::read(&plain).unwrap();
+        let mut rebuilt = tar::Builder::new(Vec::new());
+        let mut archive = tar::Archive::new(bytes.as_slice());
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let path = entry.path().unwrap().to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+            let mut header = entry.header().clone();
+            if path == written.layer_paths[2] {
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                header.set_link_name(target).unwrap();
+                header.set_cksum();
+                rebuilt.append(&header, std::io::empty()).unwrap();
+            } else {
+                rebuilt.append(&header, data.as_slice()).unwrap();
+            }
+        }
+        std::fs::write(out, rebuilt.into_inner().unwrap()).unwrap();
+    };
+    let first_dir = written.layer_paths[0].split('/').next().unwrap();
+    let linked = tmp.path().join("linked.tar");
+    build(&format!("../{first_dir}/layer.tar"), &linked);
+    let out = ok(&["cat".as_ref(), linked.as_os_str(), "same.txt".as_ref()]);
+    assert_eq!(out, "twice");
+    ok(&["inspect".as_ref(), linked.as_os_str()]);
+
+    let escaping = tmp.path().join("escaping.tar");
+    build(&format!("../../{first_dir}/layer.tar"), &escaping);
+    let res = run_flatfs([std::ffi::OsStr::new("inspect"), escaping.as_os_str()]);
+    assert!(assert_error(&res).contains("layer.tar"));
+}
