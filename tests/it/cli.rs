@@ -667,3 +667,55 @@ fn docker_archive_with_a_symlinked_layer_tar_opens() {
     let res = run_flatfs([std::ffi::OsStr::new("inspect"), escaping.as_os_str()]);
     assert!(assert_error(&res).contains("layer.tar"));
 }
+
+/// Output into a pipe whose reader is gone exits 141 (as a shell reports SIGPIPE), and into
+/// a full disk exits 1 with a message: never a panic (101).
+#[test]
+fn closed_or_full_stdout_is_an_exit_code_not_a_panic() {
+    use std::process::Stdio;
+    let tmp = tempfile::tempdir().unwrap();
+    let layers = two_layers();
+    let image = tmp.path().join("img.tar");
+    write_docker_archive(&layers, &default_config(&layers), &image);
+    let image = image.to_str().unwrap();
+    let commands: [&[&str]; 3] = [
+        &["completions", "bash"],
+        &["cache", "du"],
+        &["inspect", "--json", image],
+    ];
+    for args in commands {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        drop(r);
+        let out = flatfs()
+            .args(args)
+            .stdout(Stdio::from(w))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(141),
+            "{args:?} into a closed pipe: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = flatfs()
+            .args(args)
+            .stdout(Stdio::from(full))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?} into /dev/full: {stderr}"
+        );
+        assert!(stderr.starts_with("flatfs: "), "{args:?}: {stderr}");
+    }
+}
