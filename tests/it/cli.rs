@@ -719,3 +719,28 @@ fn closed_or_full_stdout_is_an_exit_code_not_a_panic() {
         assert!(stderr.starts_with("flatfs: "), "{args:?}: {stderr}");
     }
 }
+
+/// A skopeo `dir:` copy (manifest.json is one image manifest) is named as such, with how
+/// to convert it, instead of a JSON type error.
+#[test]
+fn skopeo_dir_copy_is_named_with_how_to_convert_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("copy");
+    std::fs::create_dir(&dir).unwrap();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                   "size": 2, "digest": format!("sha256:{}", "a".repeat(64))},
+        "layers": [],
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    std::fs::write(dir.join("version"), "Directory Transport Version: 1.1\n").unwrap();
+    let res = run_flatfs([std::ffi::OsStr::new("inspect"), dir.as_os_str()]);
+    let stderr = assert_error(&res);
+    assert!(stderr.contains("skopeo `dir:` copy"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("skopeo copy dir:{} oci:", dir.display())),
+        "{stderr}"
+    );
+}
