@@ -60,11 +60,17 @@ pub fn man(args: ManArgs) -> Result<()> {
                     .map(|c| c.get_name())
                     .filter(|&n| n != "help")
                     .collect();
-                anyhow::anyhow!(
-                    "no man page for {:?}: the commands are {}",
-                    args.command.join(" "),
-                    names.join(", ")
-                )
+                // A wrong argument: a usage error (exit 2), as clap reports its own.
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::InvalidValue,
+                        format!(
+                            "no man page for {:?}: the commands are {}",
+                            args.command.join(" "),
+                            names.join(", ")
+                        ),
+                    )
+                    .exit()
             })?;
     }
     page_of(page).render(&mut io::stdout())?;

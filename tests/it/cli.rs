@@ -744,3 +744,31 @@ fn skopeo_dir_copy_is_named_with_how_to_convert_it() {
         "{stderr}"
     );
 }
+
+/// `--layers 0` and an unknown man page are usage errors (exit 2), like `diff IMG 0`.
+#[test]
+fn layers_zero_and_unknown_man_page_are_usage_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layers = two_layers();
+    let image = tmp.path().join("img.tar");
+    write_docker_archive(&layers, &default_config(&layers), &image);
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let image = image.to_str().unwrap();
+    let mnt = mnt.to_str().unwrap();
+    let commands: [&[&str]; 4] = [
+        &["ls", image, "--layers", "0"],
+        &["mount", image, mnt, "--layers", "0"],
+        &["diff", image, "0"],
+        &["man", "nosuch"],
+    ];
+    for args in commands {
+        let out = run_flatfs(args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
