@@ -159,6 +159,11 @@ pub fn run(ui: &Ui, args: ExportArgs) -> Result<()> {
         ),
         _ => (output, format, tag),
     };
+    if matches!(format, Some(FormatArg::Rootfs)) && tag.is_some() {
+        anyhow::bail!(
+            "--tag names an image: a rootfs tar has no name (drop --tag or pick an image --format)"
+        );
+    }
     let opts = export::Options {
         format: format.map(|f| match f {
             FormatArg::DockerArchive => Format::DockerArchive,

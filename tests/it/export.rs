@@ -1520,3 +1520,12 @@ fn output_to_dev_null_keeps_the_device() {
     let meta = std::fs::symlink_metadata(&null).expect("lstat null");
     assert!(meta.file_type().is_char_device(), "{null:?} was replaced");
 }
+
+/// `--tag` names an image; a rootfs tar has none, so asking for both is an error, not a
+/// silently dropped flag.
+#[test]
+fn tag_with_rootfs_format_is_refused() {
+    let f = Fixture::new();
+    let stderr = export_fails(f.docker(), &["--format", "rootfs", "--tag", "a:b"]);
+    assert!(stderr.contains("--tag"), "{stderr}");
+}
