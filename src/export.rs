@@ -1,6 +1,7 @@
 //! Export: the merged tree streamed into one deterministic layer tar, wrapped as a
 //! docker-archive, OCI archive, OCI layout directory, or written bare as a rootfs tar.
-//! Digests are computed while writing; output goes to a temp file that is renamed on success.
+//! Digests are computed while writing; a file output goes to a temp file renamed on success
+//! (a device or FIFO is written in place).
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -216,10 +217,7 @@ fn export_image(
             "an OCI layout directory cannot be written to stdout",
         ));
     }
-    let out_dir = match out {
-        "-" => std::env::temp_dir(),
-        path => parent_dir(Path::new(path)),
-    };
+    let out_dir = scratch_dir(out);
     if keep.is_some() && format == Format::Rootfs {
         return Err(Error::invalid(
             "--keep",
@@ -545,9 +543,52 @@ fn write_layout_dir(out: &Path, files: &[(String, Member)], spool: &mut File) ->
     Ok(())
 }
 
-/// The output: stdout, or a temp file beside OUT renamed over it on success.
+/// OUT with symlinks followed (a dangling link gives the path it would create), so writing
+/// replaces the link's target and keeps the link.
+fn resolve_out(out: &Path) -> Result<PathBuf> {
+    let mut path = out.to_path_buf();
+    for _ in 0..40 {
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let target = fs::read_link(&path).map_err(|e| Error::io(path.display(), e))?;
+                path = parent_dir(&path).join(target);
+            }
+            _ => return Ok(path),
+        }
+    }
+    Err(Error::invalid(
+        out.display(),
+        "too many levels of symbolic links",
+    ))
+}
+
+/// Whether OUT (followed) exists and is a device, FIFO or socket: written in place, since
+/// renaming a file over it would replace the node itself (`-o /dev/null` as root).
+fn is_special(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir())
+}
+
+/// Where scratch files for OUT go: beside the file that will be written (so the final rename
+/// stays on one filesystem), or the temp dir when OUT is stdout or a special file.
+pub fn scratch_dir(out: &str) -> PathBuf {
+    if out == "-" {
+        return std::env::temp_dir();
+    }
+    match resolve_out(Path::new(out)) {
+        Ok(path) if !is_special(&path) => parent_dir(&path),
+        Ok(_) => std::env::temp_dir(),
+        Err(_) => parent_dir(Path::new(out)),
+    }
+}
+
+/// The output: stdout, a device or FIFO written in place, or a temp file beside OUT (its
+/// symlink target) renamed over it on success.
 enum Dest {
     Stdout(BufWriter<io::Stdout>),
+    Special {
+        file: BufWriter<File>,
+        path: PathBuf,
+    },
     File {
         tmp: BufWriter<tempfile::NamedTempFile>,
         path: PathBuf,
@@ -562,9 +603,19 @@ impl Dest {
                 io::stdout(),
             )));
         }
-        let path = PathBuf::from(out);
+        let path = resolve_out(Path::new(out))?;
         if path.is_dir() {
             return Err(Error::invalid(out, "is a directory"));
+        }
+        if is_special(&path) {
+            let file = fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| Error::io(path.display(), e))?;
+            return Ok(Dest::Special {
+                file: BufWriter::with_capacity(1 << 20, file),
+                path,
+            });
         }
         let parent = parent_dir(&path);
         let tmp = tempfile::Builder::new()
@@ -582,6 +633,7 @@ impl Dest {
     fn writer(&mut self) -> &mut (dyn Write + Send) {
         match self {
             Dest::Stdout(w) => w,
+            Dest::Special { file, .. } => file,
             Dest::File { tmp, .. } => tmp,
         }
     }
@@ -589,6 +641,9 @@ impl Dest {
     fn commit(self) -> Result<()> {
         match self {
             Dest::Stdout(mut w) => w.flush().map_err(|e| Error::io("stdout", e)),
+            Dest::Special { mut file, path } => {
+                file.flush().map_err(|e| Error::io(path.display(), e))
+            }
             Dest::File { tmp, path } => {
                 let tmp = tmp
                     .into_inner()

@@ -37,7 +37,10 @@ fn main() -> ExitCode {
 /// The kind of the I/O error at the root of `err`, if there is one. Our error variants expose
 /// their I/O cause as `source`, so the chain reaches it.
 fn io_kind(err: &anyhow::Error) -> Option<ErrorKind> {
-    err.chain()
-        .find_map(|c| c.downcast_ref::<std::io::Error>())
-        .map(std::io::Error::kind)
+    // serde_json wraps the I/O error of a writer it was given (`inspect --json`).
+    err.chain().find_map(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind)
+            .or_else(|| c.downcast_ref::<serde_json::Error>()?.io_error_kind())
+    })
 }

@@ -88,7 +88,12 @@ impl Mountpoint {
         let config = fuse_config(&fsname, opts).map_err(error)?;
         let canonical = check_dir(path).map_err(|msg| {
             // `flatfs mount DIR IMAGE`: say so rather than only that IMAGE is no directory.
-            if path.is_file() && Path::new(image).is_dir() {
+            // An OCI layout (or unpacked docker save) dir is an image in the right place.
+            let image_dir = Path::new(image);
+            let is_image = ["index.json", "oci-layout", "manifest.json"]
+                .iter()
+                .any(|f| image_dir.join(f).is_file());
+            if path.is_file() && image_dir.is_dir() && !is_image {
                 error(format!(
                     "{msg}; the image comes first: flatfs mount {} {image}",
                     path.display()

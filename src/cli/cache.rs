@@ -58,11 +58,14 @@ pub fn run(quiet: bool, args: CacheArgs) -> Result<()> {
         CacheAction::Du => {
             let total: u64 = entries.iter().map(|e| e.size).sum();
             let (indexes, trees, blobs) = count_kinds(&entries);
-            println!(
+            let mut out = io::stdout().lock();
+            writeln!(
+                out,
                 "{}\t{indexes} layer indexes, {trees} merged trees, {blobs} blobs\t{}",
                 inspect::human(total),
                 cache.dir().display()
-            );
+            )?;
+            out.flush()?;
         }
         CacheAction::Clear => {
             let freed = cache

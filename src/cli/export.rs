@@ -1,7 +1,7 @@
 //! `flatfs export`: the merged tree written out as a single-layer image or a rootfs tar.
 
 use std::io::{self, IsTerminal};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -159,6 +159,11 @@ pub fn run(ui: &Ui, args: ExportArgs) -> Result<()> {
         ),
         _ => (output, format, tag),
     };
+    if matches!(format, Some(FormatArg::Rootfs)) && tag.is_some() {
+        anyhow::bail!(
+            "--tag names an image: a rootfs tar has no name (drop --tag or pick an image --format)"
+        );
+    }
     let opts = export::Options {
         format: format.map(|f| match f {
             FormatArg::DockerArchive => Format::DockerArchive,
@@ -176,13 +181,7 @@ pub fn run(ui: &Ui, args: ExportArgs) -> Result<()> {
     };
     // Compressed layers are kept decompressed beside the output while indexing, so
     // export reads file contents in place instead of decompressing every layer again.
-    let spool_dir = match output.as_str() {
-        "-" => std::env::temp_dir(),
-        o => match Path::new(o).parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        },
-    };
+    let spool_dir = export::scratch_dir(&output);
     let keeping = keep.is_some_and(|k| k > 0) || keep_until.is_some() || keep_base.is_some();
     let (layers, report, summary_text) = if keeping {
         if opts.format == Some(Format::Rootfs) {

@@ -35,7 +35,7 @@ pub struct LsArgs {
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     platform: Option<Platform>,
     /// List the image as it was after its first N layers.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = layer_count)]
     layers: Option<usize>,
     #[command(flatten)]
     pub ui: UiArgs,
@@ -230,5 +230,14 @@ fn subtree_walk(tree: &Tree, id: NodeId, visit: &mut dyn FnMut(&[u8], NodeId)) {
         for (name, child) in tree.children(id).iter().rev() {
             stack.push((join(&path, name), child));
         }
+    }
+}
+
+/// `--layers N`: 1 or more (an image after no layers is empty, nothing to show).
+pub(super) fn layer_count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("layers are counted from 1, the bottom layer".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
     }
 }

@@ -1,6 +1,6 @@
 //! `flatfs completions` and `flatfs man`: what the command line says about itself.
 
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -17,7 +17,13 @@ pub struct CompletionsArgs {
 
 /// Runs `flatfs completions`.
 pub fn completions(args: CompletionsArgs) -> Result<()> {
-    clap_complete::generate(args.shell, &mut Cli::command(), "flatfs", &mut io::stdout());
+    // clap_complete panics on a write error (`| head`): generate in memory, write ourselves.
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut Cli::command(), "flatfs", &mut script);
+    let mut out = io::stdout().lock();
+    out.write_all(&script)
+        .and_then(|()| out.flush())
+        .context("writing to stdout")?;
     Ok(())
 }
 
@@ -54,11 +60,17 @@ pub fn man(args: ManArgs) -> Result<()> {
                     .map(|c| c.get_name())
                     .filter(|&n| n != "help")
                     .collect();
-                anyhow::anyhow!(
-                    "no man page for {:?}: the commands are {}",
-                    args.command.join(" "),
-                    names.join(", ")
-                )
+                // A wrong argument: a usage error (exit 2), as clap reports its own.
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::InvalidValue,
+                        format!(
+                            "no man page for {:?}: the commands are {}",
+                            args.command.join(" "),
+                            names.join(", ")
+                        ),
+                    )
+                    .exit()
             })?;
     }
     page_of(page).render(&mut io::stdout())?;

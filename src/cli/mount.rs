@@ -45,7 +45,7 @@ pub struct MountArgs {
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     platform: Option<Platform>,
     /// Mount the image as it was after its first N layers [default: all].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = super::ls::layer_count)]
     layers: Option<usize>,
     /// Do not push small files (up to 64 KiB) into the page cache as their directory is
     /// listed. The push makes `tar`, `cp -r` or `grep -r` over many small files several

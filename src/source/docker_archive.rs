@@ -28,6 +28,13 @@ fn digest_from_name(name: &str) -> Option<String> {
     .then(|| format!("sha256:{hex}"))
 }
 
+/// A skopeo `dir:` (or podman `docker-dir`) copy: manifest.json is a schema-2 or OCI image
+/// manifest object rather than docker save's array.
+fn is_dir_copy(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .is_ok_and(|v| v.get("schemaVersion").is_some() && v.get("layers").is_some())
+}
+
 pub(super) fn open(store: &Store, name: &str, reference: Option<&str>) -> Result<Image> {
     let entries: Vec<Entry> = match store.json(name, "manifest.json") {
         Ok(entries) => entries,
@@ -42,6 +49,15 @@ pub(super) fn open(store: &Store, name: &str, reference: Option<&str>) -> Result
                     image: name.to_string(),
                     what: "manifest.json".to_string(),
                 }
+            } else if is_dir_copy(&bytes) {
+                Error::invalid(
+                    name,
+                    format!(
+                        "looks like a skopeo `dir:` copy (manifest.json is one image manifest, \
+                         not docker save's list), which flatfs does not read; convert it with \
+                         `skopeo copy dir:{name} oci:NEWDIR:latest`"
+                    ),
+                )
             } else {
                 e
             });

@@ -206,6 +206,7 @@ impl Store {
             .entries_with_seek()
             .map_err(|e| Error::io(display, e))?;
         let mut last: Option<Vec<u8>> = None;
+        let mut links: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
         for entry in entries {
             let entry = match (entry, &last) {
                 (Ok(entry), _) => entry,
@@ -235,11 +236,26 @@ impl Store {
             };
             last = Some(entry.path_bytes().into_owned());
             let kind = entry.header().entry_type();
+            if kind.is_symlink() {
+                if let Some(target) = entry.link_name_bytes() {
+                    links.insert(normalise_member(&entry.path_bytes()), target.into_owned());
+                }
+                continue;
+            }
             if !(kind.is_file() || kind == tar::EntryType::Continuous) {
                 continue;
             }
             let name = normalise_member(&entry.path_bytes());
             members.insert(name, (entry.raw_file_position(), entry.size()));
+        }
+        // Classic `docker save` stores a repeated layer once and links the other
+        // `<id>/layer.tar` to it (`../<otherid>/layer.tar`): such a link reads as its target.
+        for name in links.keys() {
+            if !members.contains_key(name)
+                && let Some(range) = resolve_link(name, &links, &members)
+            {
+                members.insert(name.clone(), range);
+            }
         }
         // A cut-off archive (an interrupted copy or `docker save`) lists its last member with
         // more bytes than the file has left: say that, rather than that it is no image at all.
@@ -339,6 +355,38 @@ fn printable(msg: &str) -> &str {
     } else {
         msg.split(':').next().unwrap_or("unreadable header")
     }
+}
+
+/// The member a symlink member ends at: targets are relative to the link's directory, must
+/// stay inside the archive, and chains are cut off at 16 links (a loop resolves to nothing).
+fn resolve_link(
+    name: &[u8],
+    links: &HashMap<Vec<u8>, Vec<u8>>,
+    members: &HashMap<Vec<u8>, (u64, u64)>,
+) -> Option<(u64, u64)> {
+    let mut cur = name.to_vec();
+    for _ in 0..16 {
+        if let Some(&range) = members.get(&cur) {
+            return Some(range);
+        }
+        let target = links.get(&cur)?;
+        if target.starts_with(b"/") {
+            return None;
+        }
+        let mut parts: Vec<&[u8]> = cur.split(|&b| b == b'/').collect();
+        parts.pop();
+        for comp in target.split(|&b| b == b'/') {
+            match comp {
+                b"" | b"." => {}
+                b".." => {
+                    parts.pop()?;
+                }
+                c => parts.push(c),
+            }
+        }
+        cur = parts.join(&b'/');
+    }
+    None
 }
 
 fn normalise_member(name: &[u8]) -> Vec<u8> {
@@ -494,14 +542,17 @@ pub fn platforms(spec: &str, registry: &crate::registry::Options) -> Result<Vec<
     oci::platforms(&store, spec, reference.as_deref())
 }
 
-/// Splits `DIR:REF` when the whole string is not itself an existing path.
+/// Splits `PATH:REF` when the whole string is not itself an existing path: at the first `:`
+/// whose left side exists (a layout dir or an archive), so a REF may hold `:` itself
+/// (`multi.tar:localhost/app:3`).
 fn split_reference(spec: &str) -> (PathBuf, Option<String>) {
-    if !Path::new(spec).exists()
-        && let Some((dir, reference)) = spec.rsplit_once(':')
-        && !dir.is_empty()
-        && Path::new(dir).is_dir()
-    {
-        return (PathBuf::from(dir), Some(reference.to_string()));
+    if !Path::new(spec).exists() {
+        for (i, _) in spec.match_indices(':') {
+            let (path, reference) = (&spec[..i], &spec[i + 1..]);
+            if !path.is_empty() && !reference.is_empty() && Path::new(path).exists() {
+                return (PathBuf::from(path), Some(reference.to_string()));
+            }
+        }
     }
     (PathBuf::from(spec), None)
 }

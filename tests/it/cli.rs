@@ -482,7 +482,8 @@ fn man_pages_for_every_command() {
     }
     assert!(tmp.path().join("flatfs-cache-ls.1").exists());
     let out = run_flatfs(["man", "nope"]);
-    let stderr = assert_error(&out);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("export"), "lists the commands: {stderr}");
 }
 
@@ -570,4 +571,205 @@ fn readme_examples_run() {
     let stderr = stderr_of(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("readme-examples: ran "), "{stderr}");
+}
+
+/// `PATH:REF` picks one image from an archive holding several, and a REF may contain `:`
+/// (`podman save -m` writes `localhost/orig:3`); a layout dir takes such a REF too.
+#[test]
+fn path_ref_picks_an_image_from_a_multi_image_archive_or_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layers = two_layers();
+    let config = default_config(&layers);
+    // A docker archive listing the image twice under two names, as `docker save a b` does.
+    let bytes = docker_archive_bytes(&layers, &config);
+    let mut rebuilt = tar::Builder::new(Vec::new());
+    let mut archive = tar::Archive::new(bytes.as_slice());
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+        if path.to_str() == Some("manifest.json") {
+            let m: serde_json::Value = serde_json::from_slice(&data).unwrap();
+            let mut other = m[0].clone();
+            other["RepoTags"] = serde_json::json!(["localhost/other:1"]);
+            let mut first = m[0].clone();
+            first["RepoTags"] = serde_json::json!(["localhost/orig:3"]);
+            data = serde_json::to_vec(&serde_json::json!([first, other])).unwrap();
+        }
+        let mut header = entry.header().clone();
+        header.set_size(data.len() as u64);
+        header.set_cksum();
+        rebuilt.append(&header, data.as_slice()).unwrap();
+    }
+    let multi = tmp.path().join("multi.tar");
+    std::fs::write(&multi, rebuilt.into_inner().unwrap()).unwrap();
+    let res = run_flatfs([std::ffi::OsStr::new("inspect"), multi.as_os_str()]);
+    assert!(assert_error(&res).contains("localhost/orig:3"));
+    let spec = format!("{}:localhost/orig:3", multi.display());
+    ok(&["inspect".as_ref(), spec.as_ref()]);
+
+    // An OCI layout dir and an OCI archive whose ref.name holds a `:`.
+    let layout = tmp.path().join("layout");
+    write_oci_layout(&layers, &config, &layout, Some("localhost/orig:3"));
+    let spec = format!("{}:localhost/orig:3", layout.display());
+    ok(&["inspect".as_ref(), spec.as_ref()]);
+    let oci_tar = tmp.path().join("multi.oci.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&oci_tar).unwrap());
+    b.append_dir_all(".", &layout).unwrap();
+    b.finish().unwrap();
+    drop(b);
+    let spec = format!("{}:localhost/orig:3", oci_tar.display());
+    ok(&["inspect".as_ref(), spec.as_ref()]);
+}
+
+/// Classic `docker save` writes a repeated layer once and makes the other `<id>/layer.tar` a
+/// symlink `../<otherid>/layer.tar`: it reads as its target. A link leaving the archive is
+/// no layer.
+#[test]
+fn docker_archive_with_a_symlinked_layer_tar_opens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let same = || layer([file("same.txt", "twice")]);
+    let layers = vec![same(), layer([file("mid.txt", "m")]), same()];
+    let config = default_config(&layers);
+    let plain = tmp.path().join("plain.tar");
+    let written = write_docker_archive(&layers, &config, &plain);
+    let build = |target: &str, out: &std::path::Path| {
+        let bytes = std::fs::read(&plain).unwrap();
+        let mut rebuilt = tar::Builder::new(Vec::new());
+        let mut archive = tar::Archive::new(bytes.as_slice());
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let path = entry.path().unwrap().to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+            let mut header = entry.header().clone();
+            if path == written.layer_paths[2] {
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                header.set_link_name(target).unwrap();
+                header.set_cksum();
+                rebuilt.append(&header, std::io::empty()).unwrap();
+            } else {
+                rebuilt.append(&header, data.as_slice()).unwrap();
+            }
+        }
+        std::fs::write(out, rebuilt.into_inner().unwrap()).unwrap();
+    };
+    let first_dir = written.layer_paths[0].split('/').next().unwrap();
+    let linked = tmp.path().join("linked.tar");
+    build(&format!("../{first_dir}/layer.tar"), &linked);
+    let out = ok(&["cat".as_ref(), linked.as_os_str(), "same.txt".as_ref()]);
+    assert_eq!(out, "twice");
+    ok(&["inspect".as_ref(), linked.as_os_str()]);
+
+    let escaping = tmp.path().join("escaping.tar");
+    build(&format!("../../{first_dir}/layer.tar"), &escaping);
+    let res = run_flatfs([std::ffi::OsStr::new("inspect"), escaping.as_os_str()]);
+    assert!(assert_error(&res).contains("layer.tar"));
+}
+
+/// Output into a pipe whose reader is gone exits 141 (as a shell reports SIGPIPE), and into
+/// a full disk exits 1 with a message: never a panic (101).
+#[test]
+fn closed_or_full_stdout_is_an_exit_code_not_a_panic() {
+    use std::process::Stdio;
+    let tmp = tempfile::tempdir().unwrap();
+    let layers = two_layers();
+    let image = tmp.path().join("img.tar");
+    write_docker_archive(&layers, &default_config(&layers), &image);
+    let image = image.to_str().unwrap();
+    let commands: [&[&str]; 3] = [
+        &["completions", "bash"],
+        &["cache", "du"],
+        &["inspect", "--json", image],
+    ];
+    for args in commands {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        drop(r);
+        let out = flatfs()
+            .args(args)
+            .stdout(Stdio::from(w))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(141),
+            "{args:?} into a closed pipe: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = flatfs()
+            .args(args)
+            .stdout(Stdio::from(full))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?} into /dev/full: {stderr}"
+        );
+        assert!(stderr.starts_with("flatfs: "), "{args:?}: {stderr}");
+    }
+}
+
+/// A skopeo `dir:` copy (manifest.json is one image manifest) is named as such, with how
+/// to convert it, instead of a JSON type error.
+#[test]
+fn skopeo_dir_copy_is_named_with_how_to_convert_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("copy");
+    std::fs::create_dir(&dir).unwrap();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                   "size": 2, "digest": format!("sha256:{}", "a".repeat(64))},
+        "layers": [],
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    std::fs::write(dir.join("version"), "Directory Transport Version: 1.1\n").unwrap();
+    let res = run_flatfs([std::ffi::OsStr::new("inspect"), dir.as_os_str()]);
+    let stderr = assert_error(&res);
+    assert!(stderr.contains("skopeo `dir:` copy"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("skopeo copy dir:{} oci:", dir.display())),
+        "{stderr}"
+    );
+}
+
+/// `--layers 0` and an unknown man page are usage errors (exit 2), like `diff IMG 0`.
+#[test]
+fn layers_zero_and_unknown_man_page_are_usage_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layers = two_layers();
+    let image = tmp.path().join("img.tar");
+    write_docker_archive(&layers, &default_config(&layers), &image);
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let image = image.to_str().unwrap();
+    let mnt = mnt.to_str().unwrap();
+    let commands: [&[&str]; 4] = [
+        &["ls", image, "--layers", "0"],
+        &["mount", image, mnt, "--layers", "0"],
+        &["diff", image, "0"],
+        &["man", "nosuch"],
+    ];
+    for args in commands {
+        let out = run_flatfs(args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

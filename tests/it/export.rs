@@ -1436,3 +1436,96 @@ fn output_modes_follow_the_umask_like_a_plain_redirect() {
         assert_eq!(mode, want, "{format}: mode of {out:?}");
     }
 }
+
+/// `-o LINK`: the file the symlink points at is replaced; the link itself stays a link.
+#[test]
+fn output_through_a_symlink_replaces_its_target() {
+    let f = Fixture::new();
+    let image = f.docker();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let target = tmp.path().join("real.tar");
+    std::fs::write(&target, "old").expect("write target");
+    let link = tmp.path().join("link.tar");
+    std::os::unix::fs::symlink("real.tar", &link).expect("symlink");
+    assert_success(&run_flatfs([
+        OsStr::new("export"),
+        image.as_os_str(),
+        OsStr::new("-o"),
+        link.as_os_str(),
+    ]));
+    let meta = std::fs::symlink_metadata(&link).expect("lstat link");
+    assert!(
+        meta.file_type().is_symlink(),
+        "{link:?} is no longer a symlink"
+    );
+    assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("real.tar"));
+    read_docker(&output_files(&target));
+}
+
+/// `-o FIFO`: the image is streamed into the pipe, which is still a pipe afterwards.
+#[test]
+fn output_into_a_fifo_streams_to_its_reader() {
+    use std::os::unix::fs::FileTypeExt;
+    let f = Fixture::new();
+    let image = f.docker();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let fifo = tmp.path().join("pipe");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(&fifo).expect("read fifo"))
+    };
+    assert_success(&run_flatfs([
+        OsStr::new("export"),
+        image.as_os_str(),
+        OsStr::new("-o"),
+        fifo.as_os_str(),
+    ]));
+    // Checked before joining: had the FIFO been replaced, the reader would wait forever.
+    let meta = std::fs::symlink_metadata(&fifo).expect("lstat fifo");
+    assert!(meta.file_type().is_fifo(), "{fifo:?} was replaced");
+    let got = reader.join().expect("reader thread");
+    read_docker(&tar_files(&got));
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "temp files left beside the FIFO: {left:?}");
+}
+
+/// `-o /dev/null` writes into the device (as root, a rename would replace it). As root the
+/// test uses a private copy of the null device, so a regression cannot break the machine's.
+#[test]
+fn output_to_dev_null_keeps_the_device() {
+    use std::os::unix::fs::FileTypeExt;
+    let f = Fixture::new();
+    let image = f.docker();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let null = if nix::unistd::geteuid().is_root() {
+        let p = tmp.path().join("null");
+        nix::sys::stat::mknod(
+            &p,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(1, 3),
+        )
+        .expect("mknod null");
+        p
+    } else {
+        PathBuf::from("/dev/null")
+    };
+    assert_success(&run_flatfs([
+        OsStr::new("export"),
+        image.as_os_str(),
+        OsStr::new("-o"),
+        null.as_os_str(),
+    ]));
+    let meta = std::fs::symlink_metadata(&null).expect("lstat null");
+    assert!(meta.file_type().is_char_device(), "{null:?} was replaced");
+}
+
+/// `--tag` names an image; a rootfs tar has none, so asking for both is an error, not a
+/// silently dropped flag.
+#[test]
+fn tag_with_rootfs_format_is_refused() {
+    let f = Fixture::new();
+    let stderr = export_fails(f.docker(), &["--format", "rootfs", "--tag", "a:b"]);
+    assert!(stderr.contains("--tag"), "{stderr}");
+}

@@ -1479,3 +1479,19 @@ fn mount_server_exits_at_once_after_umount_and_sigterm() {
         );
     }
 }
+
+/// A layout directory is an image in the right place: a file as the mountpoint gets no
+/// "the image comes first" hint.
+#[test]
+fn mount_of_a_layout_dir_on_a_file_does_not_suggest_swapping() {
+    let m = Mounted::new();
+    let layers = sample_layers();
+    let layout = m.path("layout");
+    write_oci_layout(&layers, &default_config(&layers), &layout, None);
+    let file = m.path("some-file.txt");
+    fs::write(&file, "x").expect("write");
+    let mut cmd = flatfs();
+    cmd.arg("mount").arg(&layout).arg(&file);
+    let stderr = assert_error(&run_within(cmd));
+    assert!(!stderr.contains("the image comes first"), "{stderr}");
+}
