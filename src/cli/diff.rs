@@ -22,7 +22,7 @@ use crate::tree;
 pub struct DiffArgs {
     /// The image.
     image: String,
-    /// The layer (1 = bottom).
+    /// The layer (1 = bottom); required unless --from and --to are given.
     #[arg(conflicts_with_all = ["from", "to"], value_parser = layer_number)]
     layer: Option<usize>,
     /// Compare from the image after this many layers (0 = empty).
