@@ -1282,17 +1282,7 @@ fn mount_help_explains_the_options_and_how_to_unmount() {
 
 /// `../shared/tools` (or `$FLATFS_SHARED_DIR/tools`), where make-images.sh lives.
 fn shared_tools() -> PathBuf {
-    std::env::var_os("FLATFS_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
-        .join("tools")
-}
-
-fn have(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program} >/dev/null")])
-        .status()
-        .is_ok_and(|s| s.success())
+    shared_tools_dir()
 }
 
 #[test]

@@ -10,19 +10,11 @@ use std::sync::Mutex;
 static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 fn shared_tools() -> Option<PathBuf> {
-    let dir = std::env::var_os("FLATFS_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    let tools = dir.join("tools");
+    let tools = crate::util::shared_tools_dir();
     tools.join("make-images.sh").exists().then_some(tools)
 }
 
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd} >/dev/null")])
-        .status()
-        .is_ok_and(|s| s.success())
-}
+use crate::util::have;
 
 /// The tools dir; panics, saying what is missing, when the test cannot run. These tests are
 /// `#[ignore]`d: they run when asked for (scripts/test.sh does, with root and ../shared), so

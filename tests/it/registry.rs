@@ -467,10 +467,7 @@ fn registry_corrupt_blob_is_caught_and_never_enters_the_store() {
 
 /// `../shared/tools` (or `$FLATFS_SHARED_DIR/tools`), for tree-manifest.py.
 fn shared_tools() -> PathBuf {
-    let dir = std::env::var_os("FLATFS_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    let tools = dir.join("tools");
+    let tools = shared_tools_dir();
     // Only run when asked for (#[ignore]d): then a missing piece fails.
     assert!(
         tools.join("tree-manifest.py").exists(),

@@ -13,13 +13,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-/// True when `cmd` is on PATH.
-pub fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd} >/dev/null")])
-        .status()
-        .is_ok_and(|s| s.success())
-}
+pub use crate::util::have;
 
 /// True when the registry tests can run; otherwise says why (a failure under
 /// `FLATFS_REQUIRE_TOOLS=1`, as in CI).

@@ -327,10 +327,7 @@ fn check_layer(tar: &[u8], changes: &[(char, String)]) -> usize {
 /// The canonical listing of an image's merged tree as `umoci unpack` builds it. Needs umoci,
 /// root and ../shared/tools: only `#[ignore]`d tests call it, so a missing piece fails.
 fn umoci_listing(layout: &Path) -> String {
-    let tools = std::env::var_os("FLATFS_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
-        .join("tools");
+    let tools = shared_tools_dir();
     let have_umoci = Command::new("umoci").arg("--version").output().is_ok();
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
@@ -567,10 +564,7 @@ fn bad_keep_values_fail_cleanly() {
 /// network, explicit rlimits, storage in `dir`). Only an `#[ignore]`d test calls it, so a
 /// missing piece fails.
 pub(crate) fn podman_setup(dir: &Path) -> (PathBuf, Vec<(String, PathBuf)>) {
-    let tools = std::env::var_os("FLATFS_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
-        .join("tools");
+    let tools = shared_tools_dir();
     let have = |c: &str| Command::new(c).arg("--version").output().is_ok();
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;

@@ -1601,3 +1601,20 @@ pub fn fuse_available(test: &str) -> bool {
     eprintln!("{msg}");
     false
 }
+
+/// `../shared/tools` beside the checkout (or `$FLATFS_SHARED_DIR/tools`): make-images.sh and
+/// the listing scripts the oracle tests compare with. Whether it exists is the caller's check.
+pub fn shared_tools_dir() -> PathBuf {
+    std::env::var_os("FLATFS_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
+        .join("tools")
+}
+
+/// True when `program` is on PATH.
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program} >/dev/null")])
+        .status()
+        .is_ok_and(|s| s.success())
+}

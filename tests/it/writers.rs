@@ -32,17 +32,7 @@ use crate::util::*;
 
 /// `../shared/tools` (or `$FLATFS_SHARED_DIR/tools`): the listing tools.
 fn shared_tools() -> PathBuf {
-    std::env::var_os("FLATFS_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
-        .join("tools")
-}
-
-fn have(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program} >/dev/null")])
-        .status()
-        .is_ok_and(|s| s.success())
+    shared_tools_dir()
 }
 
 /// The tools dir if `test` can run: root (mknod, chown, `security.*` xattrs), the listing
