@@ -9,15 +9,14 @@ directories, and opaque directories refilled with a few files. The same argument
 the same bytes. Writes OUTDIR/manylayers/ (OCI layout, gzip layers, tag latest); the merged
 tree's size goes to stdout. Compression uses pigz when present (fast), else zlib.
 """
-import hashlib
 import io
-import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tarfile
+
+from oci_image import add_gzip_layer, write_image
 
 MTIME = 1700000000
 
@@ -131,22 +130,6 @@ def touch(tf, tree, n, entries):
                     tree[sub].add(name)
 
 
-def gzip_file(src, dst):
-    if shutil.which("pigz"):
-        with open(dst, "wb") as out:
-            subprocess.run(["pigz", "-6", "-n", "-c", src], stdout=out, check=True)
-    else:
-        import gzip
-        with open(src, "rb") as i, gzip.GzipFile(dst, "wb", mtime=0) as o:
-            shutil.copyfileobj(i, o, 1 << 20)
-
-
-def sha_file(p):
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return "sha256:" + h.hexdigest()
 
 
 def main():
@@ -170,34 +153,11 @@ def main():
             else:
                 touch(tf, tree, n, entries)
             total += len(tf.getmembers())
-        diff_ids.append(sha_file(raw))
-        gz = raw + ".gz"
-        gzip_file(raw, gz)
-        d = sha_file(gz)
-        size = os.path.getsize(gz)
-        os.replace(gz, os.path.join(blobs, d[7:]))
-        os.remove(raw)
-        layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": size})
+        desc, diff_id = add_gzip_layer(raw, blobs)
+        layers.append(desc)
+        diff_ids.append(diff_id)
 
-    def blob(obj):
-        b = json.dumps(obj, sort_keys=True).encode()
-        d = "sha256:" + hashlib.sha256(b).hexdigest()
-        with open(os.path.join(blobs, d[7:]), "wb") as f:
-            f.write(b)
-        return d, len(b)
-
-    config = {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/true"]},
-              "rootfs": {"type": "layers", "diff_ids": diff_ids},
-              "history": [{"created_by": f"manylayers layer {n}"} for n in range(1, count + 1)]}
-    cd, cs = blob(config)
-    md, ms = blob({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                   "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
-                   "layers": layers})
-    with open(os.path.join(root, "oci-layout"), "w") as f:
-        f.write('{"imageLayoutVersion":"1.0.0"}')
-    with open(os.path.join(root, "index.json"), "w") as f:
-        json.dump({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                   "digest": md, "size": ms, "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}, f)
+    write_image(root, layers, diff_ids, [f"manylayers layer {n}" for n in range(1, count + 1)])
     shutil.rmtree(work)
     merged = len(tree) + sum(len(f) for f in tree.values())
     gz = sum(layer["size"] for layer in layers)
