@@ -24,6 +24,9 @@ pub struct Blob {
     arrival: Option<Arc<Arrival>>,
     /// Set for a registry blob fetched on demand: reads fetch and verify their spans first.
     lazy: Option<Arc<Lazy>>,
+    /// Set for a registry blob read through its own table of contents: file contents come
+    /// from its verified chunks, never from this blob's (empty, local) file.
+    toc: Option<Arc<crate::toc::Toc>>,
 }
 
 /// Blob bytes covered by one span digest: what a lazy read fetches and verifies at a time.
@@ -281,6 +284,7 @@ impl Blob {
             name: name.into(),
             arrival: None,
             lazy: None,
+            toc: None,
         }
     }
 
@@ -291,13 +295,33 @@ impl Blob {
         self
     }
 
-    /// True for a blob fetched on demand (see [`Blob::lazy`]).
+    /// True for a blob fetched on demand (see [`Blob::lazy`] and [`Blob::with_toc`]).
     pub fn is_lazy(&self) -> bool {
-        self.lazy.is_some()
+        self.lazy.is_some() || self.toc.is_some()
+    }
+
+    /// The same blob, read through its verified table of contents (`crate::toc`).
+    pub fn with_toc(mut self, toc: Arc<crate::toc::Toc>) -> Self {
+        self.toc = Some(toc);
+        self
+    }
+
+    /// The table of contents this blob is read through, if any.
+    pub fn toc(&self) -> Option<&Arc<crate::toc::Toc>> {
+        self.toc.as_ref()
     }
 
     /// Logs what a blob fetched on demand has fetched so far (nothing for other blobs).
     pub fn log_fetched(&self) {
+        if let Some(t) = &self.toc {
+            let (bytes, requests) = t.stats();
+            log::info!(
+                "{}: fetched {bytes} of {} bytes in {requests} range requests ({} TOC)",
+                t.name(),
+                self.len,
+                t.format
+            );
+        }
         if let Some(l) = &self.lazy {
             let (bytes, requests) = l.stats();
             log::info!(

@@ -78,6 +78,11 @@ pub enum CacheKind {
 /// The identity of the blob bytes an index was verified against: if the file is the same file,
 /// unchanged, the digest check done then still holds.
 fn stamp(layer: &Layer) -> [u64; 6] {
+    if let Some(toc) = layer.blob.toc() {
+        // Entries point into the TOC's virtual stream: only a tree made from this very TOC fits.
+        let d = |i: usize| u64::from_le_bytes(toc.digest[i..i + 8].try_into().unwrap_or_default());
+        return [u64::MAX, 1, layer.blob.len(), d(0), d(8), d(16)];
+    }
     if layer.blob.is_lazy() {
         // Its file fills as it is read; every span is checked against the index's span
         // digests instead, so the digest alone identifies the bytes.

@@ -195,6 +195,9 @@ impl Content {
         if pos.checked_add(n as u64).is_none() {
             return Err(out_of_range());
         }
+        if let Some(toc) = layer.blob.toc() {
+            return toc.read(pos, buf);
+        }
         if layer.compression == Compression::None {
             return layer.blob.read_exact_at(buf, pos);
         }

@@ -26,6 +26,7 @@ pub mod reference;
 pub mod registry;
 pub mod source;
 pub mod squash;
+pub mod toc;
 pub mod tree;
 pub mod zran;
 pub mod zstd_frames;
@@ -71,6 +72,11 @@ pub fn index_layers(image: &Image, opts: &IndexOptions) -> Result<Vec<LayerIndex
     let results: Mutex<Vec<Option<Result<LayerIndex>>>> =
         Mutex::new(layers.iter().map(|_| None).collect());
     let index_one = |layer: &source::Layer| -> Result<LayerIndex> {
+        // Its own verified TOC: no pass over the layer, and nothing to cache (the offsets
+        // are the TOC's virtual ones, see `toc`).
+        if let Some(toc) = layer.blob.toc() {
+            return Ok(toc.layer_index(layer.label()));
+        }
         if let Some(cache) = opts.cache {
             let expected = layer.digest.as_ref().or(layer.diff_id.as_ref());
             let verify =

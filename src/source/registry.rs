@@ -79,9 +79,13 @@ pub(super) fn open(
     let mut jobs = Vec::new();
     let mut arriving: HashMap<String, Arc<Arrival>> = HashMap::new();
     let mut lazy: HashMap<String, Arc<Lazy>> = HashMap::new();
+    let mut tocs: HashMap<String, Arc<crate::toc::Toc>> = HashMap::new();
     for layer in manifest.layers() {
         let digest = layer.digest().to_string();
-        if arriving.contains_key(&digest) || lazy.contains_key(&digest) {
+        if arriving.contains_key(&digest)
+            || lazy.contains_key(&digest)
+            || tocs.contains_key(&digest)
+        {
             continue;
         }
         if blobs.has(&digest, layer.size()) {
@@ -96,6 +100,16 @@ pub(super) fn open(
                 digest.clone(),
                 open_lazy(&client, repo, &digest, &path, spans)?,
             );
+            continue;
+        }
+        if let Some(toc) = opts.lazy.then(|| open_toc(&client, repo, layer)).flatten() {
+            // An empty file of the blob's size: the layout opens it, the TOC reads the bytes.
+            let path = layout_path(layout.path(), &digest)?;
+            let file =
+                std::fs::File::create_new(&path).map_err(|e| Error::io(path.display(), e))?;
+            file.set_len(layer.size())
+                .map_err(|e| Error::io(path.display(), e))?;
+            tocs.insert(digest, Arc::new(toc));
             continue;
         }
         let mut w = blobs
@@ -138,6 +152,9 @@ pub(super) fn open(
         if let Some(l) = layer.digest.as_ref().and_then(|d| lazy.get(d)) {
             layer.blob = layer.blob.clone().lazy(l.clone());
         }
+        if let Some(t) = layer.digest.as_ref().and_then(|d| tocs.get(d)) {
+            layer.blob = layer.blob.clone().with_toc(t.clone());
+        }
     }
     if !lazy.is_empty() {
         log::info!(
@@ -171,6 +188,23 @@ fn lazy_spans(opts: &Options, digest: &str, size: u64) -> Option<SpanDigests> {
     let dir = opts.cache_dir.as_ref().filter(|_| opts.lazy)?;
     let spans = crate::cache::Cache::new(dir).span_digests(digest, size)?;
     Some(Arc::unwrap_or_clone(spans))
+}
+
+/// The verified TOC of a layer that carries one (zstd:chunked), fetched by range; `None`
+/// (with a warning when the layer has a TOC that cannot be used) means a pass over the layer.
+fn open_toc(client: &Arc<Client>, repo: &str, layer: &Descriptor) -> Option<crate::toc::Toc> {
+    let annotations = serde_json::to_value(layer.annotations().as_ref()?).ok()?;
+    let digest = layer.digest().to_string();
+    let name = format!("{repo}@{digest}");
+    let (c, r, d) = (client.clone(), repo.to_string(), digest.clone());
+    let fetch = Box::new(move |start, end| {
+        c.fetch_range(&r, &d, start, end)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    });
+    let r = crate::toc::zstd_chunked::locate(&annotations)?
+        .and_then(|at| crate::toc::zstd_chunked::open(at, layer.size(), &name, fetch));
+    r.inspect_err(|e| log::warn!("{name}: not using its zstd:chunked TOC: {e}"))
+        .ok()
 }
 
 /// An empty (sparse) file of the blob's size at `path` in the layout, filled by range requests

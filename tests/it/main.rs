@@ -16,6 +16,7 @@ mod registry;
 mod registry_harness;
 mod sparse;
 mod squash;
+mod toc;
 mod util;
 mod writers;
 mod zran;

@@ -1,0 +1,249 @@
+//! Layers that carry their own table of contents (zstd:chunked): the TOC, checked against the
+//! digest the (digest-checked) manifest gives for it, becomes the layer index with no pass over
+//! the layer, and each file's bytes are read as the compressed chunk(s) holding them, fetched
+//! by range and checked against their own digest before a byte is served (`content.rs` hooks
+//! in here for such layers).
+//!
+//! A TOC gives compressed offsets, not offsets in the layer's tar: entries get offsets in a
+//! virtual stream instead, each file's contents back to back in TOC order, and a read maps a
+//! virtual offset to its chunk.
+
+pub mod zstd_chunked;
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::blob::FetchRange;
+use crate::layer::LayerIndex;
+
+/// Decoded chunks kept per layer, most recently used last.
+const CACHED_CHUNKS: usize = 16;
+
+/// Largest chunk decoded into memory: a TOC naming a bigger one is not used.
+pub const MAX_CHUNK: u64 = 64 << 20;
+
+/// One chunk of a file's contents: where it sits in the virtual stream and in the blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Start in the virtual stream.
+    pub virt: u64,
+    /// Uncompressed length.
+    pub size: u64,
+    /// Compressed bytes `[start, end)` of the blob holding exactly this chunk.
+    pub start: u64,
+    /// End of the compressed bytes.
+    pub end: u64,
+    /// sha256 of the uncompressed chunk.
+    pub digest: [u8; 32],
+}
+
+/// A verified TOC: the layer's entries and the chunks their contents are read from.
+pub struct Toc {
+    /// "zstd:chunked" or another format's name, for messages.
+    pub format: &'static str,
+    /// sha256 of the TOC as the manifest names it: identifies the virtual stream.
+    pub digest: [u8; 32],
+    index: LayerIndex,
+    chunks: Vec<Chunk>,
+    name: String,
+    fetch: Box<FetchRange>,
+    decode: fn(&[u8], u64) -> io::Result<Vec<u8>>,
+    cache: Mutex<Vec<(usize, Arc<[u8]>)>>,
+    fetched: AtomicU64,
+    requests: AtomicU64,
+}
+
+impl std::fmt::Debug for Toc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Toc({} {})", self.format, self.name)
+    }
+}
+
+impl Toc {
+    /// The layer's index (entries at virtual offsets), labelled `label`.
+    pub fn layer_index(&self, label: String) -> LayerIndex {
+        LayerIndex {
+            label,
+            ..self.index.clone()
+        }
+    }
+
+    /// Bytes fetched and range requests made for chunks so far.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.fetched.load(Ordering::Relaxed),
+            self.requests.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The blob's name in messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Fills `buf` with the virtual stream's bytes at `pos`.
+    pub fn read(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = pos + done as u64;
+            let i = self.chunks.partition_point(|c| c.virt + c.size <= at);
+            let chunk = self
+                .chunks
+                .get(i)
+                .filter(|c| c.virt <= at)
+                .ok_or_else(|| invalid(format!("{}: no chunk holds offset {at}", self.name)))?;
+            let data = self.chunk(i)?;
+            let within = (at - chunk.virt) as usize;
+            let len = (buf.len() - done).min(data.len() - within);
+            buf[done..done + len].copy_from_slice(&data[within..within + len]);
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Chunk `i`, decoded and verified: from the cache, or fetched.
+    fn chunk(&self, i: usize) -> io::Result<Arc<[u8]>> {
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(k) = cache.iter().position(|(j, _)| *j == i) {
+                let hit = cache.remove(k);
+                let data = hit.1.clone();
+                cache.push(hit);
+                return Ok(data);
+            }
+        }
+        let c = &self.chunks[i];
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let raw = (self.fetch)(c.start, c.end)?;
+        self.fetched.fetch_add(raw.len() as u64, Ordering::Relaxed);
+        let bad = |what: String| invalid(format!("{}: chunk at {}: {what}", self.name, c.start));
+        if raw.len() as u64 != c.end - c.start {
+            return Err(bad(format!(
+                "asked for {} bytes, got {}",
+                c.end - c.start,
+                raw.len()
+            )));
+        }
+        let data = (self.decode)(&raw, c.size).map_err(|e| bad(e.to_string()))?;
+        if data.len() as u64 != c.size || <[u8; 32]>::from(Sha256::digest(&data)) != c.digest {
+            return Err(bad("does not match its digest in the TOC".into()));
+        }
+        let data: Arc<[u8]> = data.into();
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHED_CHUNKS {
+            cache.remove(0);
+        }
+        cache.push((i, data.clone()));
+        Ok(data)
+    }
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// `sha256:<hex>` → the 32 bytes.
+fn parse_digest(s: &str) -> Option<[u8; 32]> {
+    let hex = s.strip_prefix("sha256:")?;
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Standard base64 (xattr values in a TOC), padding optional.
+fn base64(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for &c in s.trim_end_matches('=').as_bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// An RFC 3339 time (`2023-11-14T22:13:20.5Z`, `…+02:00`) → seconds and nanoseconds.
+fn rfc3339(s: &str) -> Option<(i64, u32)> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let mut rest = &s[19..];
+    let mut nsec = 0u32;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        let mut scale = 1_000_000_000u64;
+        for c in frac[..digits].bytes().take(9) {
+            scale /= 10;
+            nsec += (u64::from(c - b'0') * scale) as u32;
+        }
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 => {
+            let sign = match rest.as_bytes()[0] {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            sign * (rest.get(1..3)?.parse::<i64>().ok()? * 3600
+                + rest.get(4..6)?.parse::<i64>().ok()? * 60)
+        }
+        _ => return None,
+    };
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    // Days from the civil date (proleptic Gregorian), after Howard Hinnant's algorithm.
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3600 + mi * 60 + sec - offset, nsec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_and_base64_parse() {
+        assert_eq!(rfc3339("1970-01-01T00:00:00Z"), Some((0, 0)));
+        assert_eq!(rfc3339("2023-11-14T22:13:20Z"), Some((1_700_000_000, 0)));
+        assert_eq!(
+            rfc3339("2023-11-15T00:13:20.25+02:00"),
+            Some((1_700_000_000, 250_000_000))
+        );
+        assert_eq!(rfc3339("0001-01-01T00:00:00Z"), Some((-62_135_596_800, 0)));
+        assert_eq!(rfc3339("yesterday"), None);
+        assert_eq!(base64("aGVsbG8=").as_deref(), Some(&b"hello"[..]));
+        assert_eq!(base64("AAEC").as_deref(), Some(&[0u8, 1, 2][..]));
+        assert_eq!(base64("a*"), None);
+    }
+}

@@ -1,0 +1,424 @@
+//! zstd:chunked layers (containers/storage): a zstd layer whose files' contents are frames
+//! of their own and whose TOC (a JSON "manifest" in a frame of its own) is located by the
+//! `…zstd-chunked.manifest-position` annotation (`offset:length:uncompressedLength:type`) and
+//! checked by `…zstd-chunked.manifest-checksum`. Read from the containers/storage format docs
+//! and from layers written by `skopeo copy --dest-compress-format zstd:chunked`.
+
+use std::collections::BTreeMap;
+use std::io;
+
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use super::{Chunk, MAX_CHUNK, Toc, base64, parse_digest, rfc3339};
+use crate::blob::FetchRange;
+use crate::layer::path::{self, Class};
+use crate::layer::{Entry, Kind, LayerIndex, Meta};
+
+/// Annotation prefixes: skopeo 1.9 writes the first, later containers/storage the second.
+const PREFIXES: [&str; 2] = [
+    "io.containers.zstd-chunked.",
+    "io.github.containers.zstd-chunked.",
+];
+
+/// Largest TOC accepted, compressed or not: a lying annotation must not cost a huge fetch.
+const MAX_TOC: u64 = 256 << 20;
+
+/// Where a TOC is: offset, compressed and uncompressed length, sha256.
+pub type Position = (u64, u64, u64, [u8; 32]);
+
+/// Where the TOC is and its digest, from a layer descriptor's annotations; `None` when the
+/// layer is not zstd:chunked. A malformed position is an error.
+pub fn locate(annotations: &serde_json::Value) -> Option<Result<Position, String>> {
+    let get = |key: &str| {
+        PREFIXES
+            .iter()
+            .find_map(|p| annotations.get(format!("{p}{key}"))?.as_str())
+    };
+    let position = get("manifest-position")?;
+    Some((|| {
+        let sum = get("manifest-checksum")
+            .and_then(parse_digest)
+            .ok_or("no usable manifest-checksum annotation")?;
+        let parts: Vec<&str> = position.split(':').collect();
+        let nums: Vec<u64> = parts.iter().filter_map(|p| p.parse().ok()).collect();
+        match (parts.len(), nums.as_slice()) {
+            (4, [offset, len, plain, 1]) => Ok((*offset, *len, *plain, sum)),
+            (4, [_, _, _, t]) => Err(format!("TOC of unknown type {t}")),
+            _ => Err(format!("bad manifest-position {position:?}")),
+        }
+    })())
+}
+
+/// Fetches the TOC of a zstd:chunked blob of `blob_len` bytes (at `offset`, `len` bytes,
+/// `plain` decompressed, digest `sum`), checks it and builds the layer's index from it. Any
+/// error means: read the layer the ordinary way.
+pub fn open(
+    (offset, len, plain, sum): Position,
+    blob_len: u64,
+    name: &str,
+    fetch: Box<FetchRange>,
+) -> Result<Toc, String> {
+    let end = offset.checked_add(len).filter(|&e| e <= blob_len);
+    let Some(end) = end.filter(|_| len <= MAX_TOC && plain <= MAX_TOC) else {
+        return Err(format!(
+            "TOC position {offset}+{len} is outside the {blob_len}-byte blob"
+        ));
+    };
+    let raw = fetch(offset, end).map_err(|e| format!("fetching the TOC: {e}"))?;
+    if <[u8; 32]>::from(Sha256::digest(&raw)) != sum {
+        return Err("the TOC does not match its manifest-checksum annotation".into());
+    }
+    let json = zstd::bulk::decompress(&raw, plain as usize)
+        .map_err(|e| format!("decompressing the TOC: {e}"))?;
+    let (index, chunks) = parse(&json, blob_len)?;
+    log::info!(
+        "{name}: zstd:chunked TOC of {} entries ({len} bytes fetched)",
+        index.entries.len()
+    );
+    Ok(Toc {
+        format: "zstd:chunked",
+        digest: sum,
+        index,
+        chunks,
+        name: name.to_string(),
+        fetch,
+        decode: decode_frame,
+        cache: Default::default(),
+        fetched: (len).into(),
+        requests: 1.into(),
+    })
+}
+
+/// A chunk's frame(s), decoded to at most `size` bytes.
+fn decode_frame(raw: &[u8], size: u64) -> io::Result<Vec<u8>> {
+    zstd::bulk::decompress(raw, size as usize)
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    version: u32,
+    entries: Vec<TocEntry>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct TocEntry {
+    #[serde(rename = "type")]
+    kind: String,
+    name: String,
+    link_name: String,
+    mode: u32,
+    size: u64,
+    uid: u64,
+    gid: u64,
+    modtime: Option<String>,
+    dev_major: u32,
+    dev_minor: u32,
+    xattrs: BTreeMap<String, String>,
+    digest: String,
+    offset: u64,
+    end_offset: u64,
+    chunk_size: u64,
+    chunk_offset: u64,
+    chunk_digest: String,
+    chunk_type: String,
+}
+
+/// The index and chunk table a TOC describes, under the same name and entry rules as a tar
+/// pass; anything the TOC cannot express the way a tar would is an error (fall back).
+pub fn parse(json: &[u8], blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), String> {
+    let m: Manifest = serde_json::from_slice(json).map_err(|e| format!("TOC JSON: {e}"))?;
+    if m.version != 1 {
+        return Err(format!("TOC version {} is not supported", m.version));
+    }
+    let mut index = LayerIndex::default();
+    let mut chunks: Vec<Chunk> = Vec::new();
+    let mut virt = 0u64;
+    // The regular file whose chunks are being read: its entry number, start and size.
+    let mut open_file: Option<(String, u64, u64)> = None;
+    let close = |open: &mut Option<(String, u64, u64)>, virt: u64| match open.take() {
+        Some((name, start, size)) if virt - start != size => Err(format!(
+            "{name:?}: its chunks hold {} of its {size} bytes",
+            virt - start
+        )),
+        _ => Ok(()),
+    };
+    for e in &m.entries {
+        let bad = |msg: &str| format!("TOC entry {:?}: {msg}", e.name);
+        if e.kind == "chunk" {
+            let Some((_, start, size)) = &open_file else {
+                return Err(bad("a chunk with no file before it"));
+            };
+            if e.chunk_offset != virt - start || e.chunk_size == 0 || virt - start >= *size {
+                return Err(bad("chunks out of order"));
+            }
+            chunks.push(
+                chunk(e, virt, e.chunk_size, &e.chunk_digest, blob_len).map_err(|m| bad(&m))?,
+            );
+            virt += e.chunk_size;
+            continue;
+        }
+        close(&mut open_file, virt)?;
+        let class = path::classify(e.name.as_bytes()).map_err(&bad)?;
+        let path = match class {
+            Class::Skip => continue,
+            Class::Whiteout(p) => {
+                index.whiteouts.push(p);
+                continue;
+            }
+            Class::Opaque(p) => {
+                index.opaques.push(p);
+                continue;
+            }
+            Class::Entry(p) => p,
+        };
+        let kind = match e.kind.as_str() {
+            "reg" => Kind::File,
+            "dir" => Kind::Dir,
+            "symlink" if e.link_name.contains('\0') => {
+                return Err(bad("symlink target contains a NUL byte"));
+            }
+            "symlink" => Kind::Symlink(e.link_name.clone().into_bytes()),
+            "hardlink" => {
+                let target = path::normalise(e.link_name.as_bytes()).map_err(&bad)?;
+                if target.is_empty() {
+                    return Err(bad("hardlink to the image root"));
+                }
+                Kind::Hardlink(target)
+            }
+            "char" => Kind::Char(e.dev_major, e.dev_minor),
+            "block" => Kind::Block(e.dev_major, e.dev_minor),
+            "fifo" => Kind::Fifo,
+            other => return Err(bad(&format!("entry type {other:?} is not supported"))),
+        };
+        if path.is_empty() && kind != Kind::Dir {
+            return Err(bad("the image root must be a directory"));
+        }
+        let (mtime, mtime_nsec) = match &e.modtime {
+            Some(t) => rfc3339(t).ok_or_else(|| bad("bad modtime"))?,
+            None => (0, 0),
+        };
+        let mut xattrs = Vec::with_capacity(e.xattrs.len());
+        for (k, v) in &e.xattrs {
+            let v = base64(v).ok_or_else(|| bad("xattr value is not base64"))?;
+            xattrs.push((k.clone().into_bytes(), v));
+        }
+        let size = if kind == Kind::File { e.size } else { 0 };
+        if size > 0 {
+            // The first chunk is described by the file's own entry: all of it unless a
+            // chunkSize says the file goes on in "chunk" entries.
+            let first = if e.chunk_size > 0 { e.chunk_size } else { size };
+            let digest = if e.chunk_digest.is_empty() {
+                &e.digest
+            } else {
+                &e.chunk_digest
+            };
+            if first > size {
+                return Err(bad("a chunk larger than its file"));
+            }
+            chunks.push(chunk(e, virt, first, digest, blob_len).map_err(|m| bad(&m))?);
+            open_file = Some((e.name.clone(), virt, size));
+        }
+        index.entries.push(Entry {
+            path,
+            kind,
+            meta: Meta {
+                mode: e.mode & 0o7777,
+                uid: e.uid,
+                gid: e.gid,
+                mtime,
+                mtime_nsec,
+            },
+            size,
+            offset: virt,
+            xattrs,
+            sparse: None,
+        });
+        virt += size.min(if e.chunk_size > 0 { e.chunk_size } else { size });
+    }
+    close(&mut open_file, virt)?;
+    index.tar_size = virt;
+    Ok((index, chunks))
+}
+
+/// A chunk of `size` bytes at `virt`, checked against what the blob can hold.
+fn chunk(e: &TocEntry, virt: u64, size: u64, digest: &str, blob_len: u64) -> Result<Chunk, String> {
+    if !matches!(e.chunk_type.as_str(), "" | "data") {
+        return Err(format!("chunk type {:?} is not supported", e.chunk_type));
+    }
+    let digest = parse_digest(digest).ok_or("no usable chunk digest")?;
+    if e.offset >= e.end_offset || e.end_offset > blob_len || size > MAX_CHUNK {
+        return Err(format!(
+            "chunk at {}-{} is not in the blob",
+            e.offset, e.end_offset
+        ));
+    }
+    Ok(Chunk {
+        virt,
+        size,
+        start: e.offset,
+        end: e.end_offset,
+        digest,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    fn hex(d: &[u8]) -> String {
+        format!(
+            "sha256:{}",
+            d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )
+    }
+
+    /// A zstd:chunked-style blob: one frame per file, then the TOC frame; returns the blob
+    /// and its annotations.
+    pub(crate) fn build(
+        files: &[(&str, &[u8])],
+        extra: &[serde_json::Value],
+    ) -> (Vec<u8>, serde_json::Value) {
+        let mut blob = Vec::new();
+        let mut entries = vec![
+            serde_json::json!({"type": "dir", "name": "d/", "mode": 0o755,
+            "modtime": "2023-11-14T22:13:20Z"}),
+        ];
+        for (name, data) in files {
+            let start = blob.len();
+            blob.extend(zstd::encode_all(*data, 3).unwrap());
+            entries.push(
+                serde_json::json!({"type": "reg", "name": name, "mode": 0o100644,
+                "size": data.len(), "uid": 7, "modtime": "2023-11-14T22:13:20.5Z",
+                "digest": hex(&Sha256::digest(data)), "offset": start, "endOffset": blob.len(),
+                "xattrs": {"user.a": "aGVsbG8="}}),
+            );
+        }
+        entries.extend(extra.iter().cloned());
+        let json = serde_json::json!({"version": 1, "entries": entries}).to_string();
+        let toc = zstd::encode_all(json.as_bytes(), 3).unwrap();
+        let at = blob.len();
+        blob.extend(&toc);
+        blob.extend([0u8; 40]);
+        let ann = serde_json::json!({
+            "io.containers.zstd-chunked.manifest-position": format!("{at}:{}:{}:1", toc.len(), json.len()),
+            "io.containers.zstd-chunked.manifest-checksum": hex(&Sha256::digest(&toc)),
+        });
+        (blob, ann)
+    }
+
+    type Asked = Arc<Mutex<Vec<(u64, u64)>>>;
+
+    fn fetcher(blob: Vec<u8>, lie: Arc<AtomicBool>) -> (Box<FetchRange>, Asked) {
+        let asked: Asked = Default::default();
+        let a = asked.clone();
+        let f = Box::new(move |s: u64, e: u64| {
+            a.lock().unwrap().push((s, e));
+            let mut out = blob[s as usize..e as usize].to_vec();
+            if lie.load(Ordering::Relaxed) {
+                let mid = out.len() / 2;
+                out[mid] ^= 1;
+            }
+            Ok(out)
+        });
+        (f, asked)
+    }
+
+    #[test]
+    fn a_toc_gives_entries_and_verified_chunk_reads() {
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let files: [(&str, &[u8]); 3] = [("d/a", b"hello"), ("d/big", &big), ("d/.wh.gone", b"")];
+        let (blob, ann) = build(
+            &files,
+            &[serde_json::json!({"type": "symlink", "name": "d/l",
+            "linkName": "a"})],
+        );
+        let lie = Arc::new(AtomicBool::new(false));
+        let (fetch, asked) = fetcher(blob.clone(), lie.clone());
+        let toc = open(
+            locate(&ann).unwrap().unwrap(),
+            blob.len() as u64,
+            "t",
+            fetch,
+        )
+        .unwrap();
+        let idx = toc.layer_index("1".into());
+        let names: Vec<&[u8]> = idx.entries.iter().map(|e| e.path.as_slice()).collect();
+        assert_eq!(names, [&b"d"[..], b"d/a", b"d/big", b"d/l"]);
+        assert_eq!(idx.whiteouts, [b"d/gone".to_vec()]);
+        let a = &idx.entries[1];
+        assert_eq!((a.size, a.meta.mode, a.meta.uid), (5, 0o644, 7));
+        assert_eq!(
+            (a.meta.mtime, a.meta.mtime_nsec),
+            (1_700_000_000, 500_000_000)
+        );
+        assert_eq!(a.xattrs, [(b"user.a".to_vec(), b"hello".to_vec())]);
+        assert_eq!(idx.entries[3].kind, Kind::Symlink(b"a".to_vec()));
+        let b = &idx.entries[2];
+        let mut buf = vec![0; 1000];
+        toc.read(b.offset + 299_000, &mut buf).unwrap();
+        assert_eq!(buf, big[299_000..]);
+        // Across the two files' chunks.
+        let mut buf = vec![0; 7];
+        toc.read(a.offset, &mut buf).unwrap();
+        assert_eq!(&buf[..5], b"hello");
+        assert_eq!(&buf[5..], &big[..2]);
+        // The TOC, then each chunk once (the big one is cached).
+        assert_eq!(asked.lock().unwrap().len(), 3);
+        // A lying server: the chunk does not verify, and nothing wrong is served or kept.
+        let (fetch, _) = fetcher(blob.clone(), lie.clone());
+        let toc = open(
+            locate(&ann).unwrap().unwrap(),
+            blob.len() as u64,
+            "t",
+            fetch,
+        )
+        .unwrap();
+        lie.store(true, Ordering::Relaxed);
+        let e = toc.read(b.offset, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        lie.store(false, Ordering::Relaxed);
+        toc.read(b.offset, &mut buf).unwrap();
+        assert_eq!(buf, big[..7]);
+    }
+
+    #[test]
+    fn a_tampered_or_unusable_toc_is_refused() {
+        let (blob, ann) = build(&[("d/a", b"x")], &[]);
+        let (at, len, ..) = locate(&ann).unwrap().unwrap();
+        let mut bad = blob.clone();
+        bad[(at + len / 2) as usize] ^= 1;
+        let (fetch, _) = fetcher(bad, Default::default());
+        let e = open(
+            locate(&ann).unwrap().unwrap(),
+            blob.len() as u64,
+            "t",
+            fetch,
+        )
+        .unwrap_err();
+        assert!(e.contains("manifest-checksum"), "{e}");
+        for extra in [
+            serde_json::json!({"type": "reg", "name": "../out", "size": 0}),
+            serde_json::json!({"type": "whatever", "name": "x"}),
+            serde_json::json!({"type": "chunk", "name": "x", "chunkSize": 3}),
+            serde_json::json!({"type": "reg", "name": "z", "size": 9, "offset": 0,
+                "endOffset": 1u64 << 40, "digest": hex(&[0; 32])}),
+        ] {
+            let (blob, ann) = build(&[("d/a", b"x")], std::slice::from_ref(&extra));
+            let (fetch, _) = fetcher(blob.clone(), Default::default());
+            let r = open(
+                locate(&ann).unwrap().unwrap(),
+                blob.len() as u64,
+                "t",
+                fetch,
+            );
+            assert!(r.is_err(), "{extra}");
+        }
+        let ann = serde_json::json!({"io.containers.zstd-chunked.manifest-position": "1:2:3"});
+        assert!(locate(&ann).unwrap().is_err());
+        assert!(locate(&serde_json::json!({})).is_none());
+    }
+}
