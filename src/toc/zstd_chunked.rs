@@ -135,31 +135,44 @@ pub fn parse(json: &[u8], blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), Str
     let mut index = LayerIndex::default();
     let mut chunks: Vec<Chunk> = Vec::new();
     let mut virt = 0u64;
-    // The regular file whose chunks are being read: its entry number, start and size.
-    let mut open_file: Option<(String, u64, u64)> = None;
-    let close = |open: &mut Option<(String, u64, u64)>, virt: u64| match open.take() {
-        Some((name, start, size)) if virt - start != size => Err(format!(
-            "{name:?}: its chunks hold {} of its {size} bytes",
-            virt - start
-        )),
-        _ => Ok(()),
+    // The regular file whose chunks are being read: its name, start, size, and where its
+    // compressed bytes end. A "chunk" entry gives where it starts, not where it ends: a
+    // chunk's frame ends where the next begins, the last one where the file's do.
+    let mut open_file: Option<(String, u64, u64, u64)> = None;
+    let close = |open: &mut Option<(String, u64, u64, u64)>,
+                 chunks: &mut Vec<Chunk>,
+                 virt: u64|
+     -> Result<(), String> {
+        if let Some((name, start, size, end)) = open.take() {
+            if virt - start != size {
+                return Err(format!(
+                    "{name:?}: its chunks hold {} of its {size} bytes",
+                    virt - start
+                ));
+            }
+            if let Some(last) = chunks.last_mut() {
+                last.end = end;
+            }
+        }
+        Ok(())
     };
     for e in &m.entries {
         let bad = |msg: &str| format!("TOC entry {:?}: {msg}", e.name);
         if e.kind == "chunk" {
-            let Some((_, start, size)) = &open_file else {
+            let Some((_, start, size, _)) = &open_file else {
                 return Err(bad("a chunk with no file before it"));
             };
             if e.chunk_offset != virt - start || e.chunk_size == 0 || virt - start >= *size {
                 return Err(bad("chunks out of order"));
             }
-            chunks.push(
-                chunk(e, virt, e.chunk_size, &e.chunk_digest, blob_len).map_err(|m| bad(&m))?,
-            );
+            if let Some(prev) = chunks.last_mut() {
+                prev.end = e.offset;
+            }
+            chunks.push(chunk(e, virt, e.chunk_size, &e.chunk_digest).map_err(|m| bad(&m))?);
             virt += e.chunk_size;
             continue;
         }
-        close(&mut open_file, virt)?;
+        close(&mut open_file, &mut chunks, virt)?;
         let class = path::classify(e.name.as_bytes()).map_err(&bad)?;
         let path = match class {
             Class::Skip => continue,
@@ -217,8 +230,8 @@ pub fn parse(json: &[u8], blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), Str
             if first > size {
                 return Err(bad("a chunk larger than its file"));
             }
-            chunks.push(chunk(e, virt, first, digest, blob_len).map_err(|m| bad(&m))?);
-            open_file = Some((e.name.clone(), virt, size));
+            chunks.push(chunk(e, virt, first, digest).map_err(|m| bad(&m))?);
+            open_file = Some((e.name.clone(), virt, size, e.end_offset));
         }
         index.entries.push(Entry {
             path,
@@ -237,23 +250,27 @@ pub fn parse(json: &[u8], blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), Str
         });
         virt += size.min(if e.chunk_size > 0 { e.chunk_size } else { size });
     }
-    close(&mut open_file, virt)?;
+    close(&mut open_file, &mut chunks, virt)?;
+    if let Some(c) = chunks
+        .iter()
+        .find(|c| c.start >= c.end || c.end > blob_len || c.size > MAX_CHUNK)
+    {
+        return Err(format!(
+            "TOC: a chunk at {}-{} is not in the {blob_len}-byte blob",
+            c.start, c.end
+        ));
+    }
     index.tar_size = virt;
     Ok((index, chunks))
 }
 
-/// A chunk of `size` bytes at `virt`, checked against what the blob can hold.
-fn chunk(e: &TocEntry, virt: u64, size: u64, digest: &str, blob_len: u64) -> Result<Chunk, String> {
+/// A chunk of `size` bytes at `virt`, its compressed bytes from `e.offset` (their end is
+/// checked once known).
+fn chunk(e: &TocEntry, virt: u64, size: u64, digest: &str) -> Result<Chunk, String> {
     if !matches!(e.chunk_type.as_str(), "" | "data") {
         return Err(format!("chunk type {:?} is not supported", e.chunk_type));
     }
     let digest = parse_digest(digest).ok_or("no usable chunk digest")?;
-    if e.offset >= e.end_offset || e.end_offset > blob_len || size > MAX_CHUNK {
-        return Err(format!(
-            "chunk at {}-{} is not in the blob",
-            e.offset, e.end_offset
-        ));
-    }
     Ok(Chunk {
         virt,
         size,

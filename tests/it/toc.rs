@@ -85,3 +85,197 @@ fn zstd_chunked_layout_reads_like_its_gzip_source() {
     let got = ls(&cache, chunked.to_str().unwrap());
     assert_eq!(got, want, "{manifest}");
 }
+
+/// Blob bytes the proxy was asked for by GETs of `digest` from request `from` on (a GET
+/// without a range counts the whole `size`), and how many requests.
+fn fetched(proxy: &FaultProxy, digest: &str, from: usize, size: u64) -> (u64, usize) {
+    let gets: Vec<Seen> = proxy.seen()[from..]
+        .iter()
+        .filter(|s| s.method == "GET" && s.path.ends_with(&format!("/blobs/{digest}")))
+        .cloned()
+        .collect();
+    let bytes = gets
+        .iter()
+        .map(|s| match s.header("range") {
+            Some(range) => {
+                let (a, b) = range
+                    .strip_prefix("bytes=")
+                    .and_then(|r| r.split_once('-'))
+                    .expect("a single range");
+                b.parse::<u64>().unwrap() + 1 - a.parse::<u64>().unwrap()
+            }
+            None => size,
+        })
+        .sum();
+    (bytes, gets.len())
+}
+
+/// `flatfs mount -f -v IMAGE MNT` in the background, and once it serves, `then`; returns
+/// what `then` returned and the server's log.
+fn mounted<T>(cache: &Path, image: &str, mnt: &Path, then: impl FnOnce() -> T) -> (T, String) {
+    let server = flatfs()
+        .env("FLATFS_CACHE_DIR", cache)
+        .env("HOME", cache)
+        .args(["mount", "-f", "-v", image])
+        .arg(mnt)
+        .arg("--tls-verify=false")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn flatfs mount -f");
+    let start = std::time::Instant::now();
+    while !mnt.join("data").exists() && start.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let r = then();
+    let out = flatfs().arg("umount").arg(mnt).output().expect("umount");
+    assert_success(&out);
+    let log = String::from_utf8_lossy(&server.wait_with_output().unwrap().stderr).into_owned();
+    (r, log)
+}
+
+/// Every path under `root` with its type, mode, owner, size, mtime, link count, symlink
+/// target and a digest of its contents, one line each, in name order.
+fn walk(root: &Path) -> String {
+    use sha2::Digest as _;
+    use std::os::unix::fs::MetadataExt;
+    let mut out = String::new();
+    let mut stack = vec![root.to_path_buf()];
+    let mut paths = Vec::new();
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.symlink_metadata().unwrap().is_dir() {
+                stack.push(p.clone());
+            }
+            paths.push(p);
+        }
+    }
+    paths.sort();
+    for p in paths {
+        let m = p.symlink_metadata().unwrap();
+        let extra = if m.file_type().is_symlink() {
+            std::fs::read_link(&p).unwrap().display().to_string()
+        } else if m.is_file() {
+            format!(
+                "{:?}",
+                sha2::Sha256::digest(std::fs::read(&p).unwrap()).as_slice()
+            )
+        } else {
+            String::new()
+        };
+        out += &format!(
+            "{} {:o} {}:{} {} {} {} {extra}\n",
+            p.strip_prefix(root).unwrap().display(),
+            m.mode(),
+            m.uid(),
+            m.gid(),
+            m.size(),
+            m.mtime(),
+            m.nlink()
+        );
+    }
+    out
+}
+
+#[test]
+fn registry_zstd_chunked_lazy_mount_reads_through_the_verified_toc() {
+    registry_tools(&[]);
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, noise) = source_image(tmp.path());
+    skopeo_chunked(
+        &format!("oci:{}:latest", src.display()),
+        &reg.url("chunked:1"),
+    );
+    let out = Command::new("skopeo")
+        .args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &reg.url("chunked:1"),
+        ])
+        .output()
+        .expect("skopeo inspect");
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let big = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let size = manifest["layers"][0]["size"].as_u64().unwrap();
+    assert!(
+        manifest["layers"][0]["annotations"]
+            .to_string()
+            .contains("zstd-chunked.manifest-position"),
+        "{manifest}"
+    );
+    // The streaming pass's answer (it downloads every layer), then a host with no index.
+    let want = ls(&tmp.path().join("stream"), &reg.url("chunked:1"));
+    if !fuse_available("registry_zstd_chunked_lazy_mount_reads_through_the_verified_toc") {
+        return;
+    }
+    let proxy = FaultProxy::start(&reg.host);
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let cache = tmp.path().join("cache");
+    let image = proxy.url("chunked:1");
+    let ((at_mount, tail, after_tail, tampered, whole, listing), log) =
+        mounted(&cache, &image, &mnt, || {
+            let at_mount = fetched(&proxy, &big, 0, size);
+            let tail = std::fs::read(mnt.join("data/tail.txt"));
+            let after_tail = fetched(&proxy, &big, 0, size);
+            // A lying registry: EIO, never the wrong bytes; right once it behaves.
+            proxy.inject(Fault::Corrupt {
+                path: format!("/blobs/{big}"),
+                times: 1000,
+            });
+            let tampered = std::fs::read(mnt.join("data/noise.bin"));
+            proxy.clear_faults();
+            let whole = std::fs::read(mnt.join("data/noise.bin"));
+            let listing = walk(&mnt);
+            (at_mount, tail, after_tail, tampered, whole, listing)
+        });
+    eprintln!(
+        "zstd:chunked lazy mount: {} bytes in {} requests at mount (the TOC), {} bytes in {} \
+         requests after reading data/tail.txt, of a {size}-byte layer blob",
+        at_mount.0, at_mount.1, after_tail.0, after_tail.1
+    );
+    assert!(log.contains("zstd:chunked TOC of"), "{log}");
+    assert_eq!(tail.unwrap(), b"the end of the big layer\n");
+    // The TOC at mount; then that file's chunk alone.
+    assert_eq!(at_mount.1, 1, "{log}");
+    assert_eq!(after_tail.1, 2, "{log}");
+    assert!(after_tail.0 < 64 * 1024, "{after_tail:?}");
+    let Err(err) = tampered else {
+        panic!("tampered bytes were read");
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(whole.unwrap() == noise, "noise.bin differs");
+    assert!(
+        !cache.join("blobs/sha256").join(&big[7..]).exists(),
+        "a lazy mount stored the blob"
+    );
+    // The mount, listed as a directory, against the streaming pass's listing of the image.
+    let ls_image = ls(&tmp.path().join("stream"), &reg.url("chunked:1"));
+    assert_eq!(ls_image, want);
+    assert!(
+        listing.contains("data/top.txt") && !listing.contains("gone"),
+        "{listing}"
+    );
+
+    // A TOC that does not match its manifest-checksum: refused, the layer read the ordinary
+    // way (downloaded whole and indexed), and the files are right.
+    proxy.inject(Fault::Corrupt {
+        path: format!("/blobs/{big}"),
+        times: 1,
+    });
+    let (tail, log) = mounted(&tmp.path().join("cache2"), &image, &mnt, || {
+        std::fs::read(mnt.join("data/tail.txt"))
+    });
+    assert!(
+        log.contains("does not match its manifest-checksum"),
+        "{log}"
+    );
+    assert_eq!(tail.unwrap(), b"the end of the big layer\n");
+}
