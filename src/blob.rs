@@ -370,6 +370,7 @@ impl Blob {
             return Ok(0);
         }
         let n = buf.len().min((self.len - pos) as usize);
+        self.check_not_toc()?;
         if let Some(a) = &self.arrival {
             a.wait(pos + n as u64)?;
         }
@@ -389,6 +390,7 @@ impl Blob {
                 format!("{}: read past the end of the blob", self.name),
             ));
         }
+        self.check_not_toc()?;
         if let Some(a) = &self.arrival {
             a.wait(pos + buf.len() as u64)?;
         }
@@ -396,6 +398,18 @@ impl Blob {
             l.ensure(pos, pos + buf.len() as u64)?;
         }
         self.file.read_exact_at(buf, self.offset + pos)
+    }
+
+    /// A blob read through its TOC has an empty local file: its bytes come only by
+    /// [`crate::toc::Toc::read`], verified, never from here.
+    fn check_not_toc(&self) -> io::Result<()> {
+        match &self.toc {
+            Some(t) => Err(io::Error::other(format!(
+                "{}: read only through its {} TOC",
+                self.name, t.format
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// A sequential reader over the whole blob, independent of other readers.

@@ -403,6 +403,58 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_file_in_chunk_entries_reads_across_them() {
+        // As containers/storage writes a big file: its entry describes the first chunk,
+        // "chunk" entries the rest, each its own frame, ending where the next one starts.
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 13 % 256) as u8).collect();
+        let cuts = [0, 30_000, 30_001, 100_000];
+        let mut blob = b"junk".to_vec();
+        let mut entries = Vec::new();
+        let file_start = blob.len();
+        for w in cuts.windows(2) {
+            let piece = &data[w[0]..w[1]];
+            let start = blob.len();
+            blob.extend(zstd::encode_all(piece, 3).unwrap());
+            let d = hex(&Sha256::digest(piece));
+            entries.push(if w[0] == 0 {
+                serde_json::json!({"type": "reg", "name": "c", "size": data.len(),
+                    "digest": hex(&Sha256::digest(&data)), "offset": start,
+                    "chunkSize": piece.len(), "chunkDigest": d})
+            } else {
+                serde_json::json!({"type": "chunk", "name": "c", "offset": start,
+                    "chunkOffset": w[0], "chunkSize": piece.len(), "chunkDigest": d})
+            });
+        }
+        entries[0]["endOffset"] = blob.len().into();
+        assert!(file_start > 0);
+        let json = serde_json::json!({"version": 1, "entries": entries}).to_string();
+        let (idx, chunks) = parse(json.as_bytes(), blob.len() as u64).unwrap();
+        assert_eq!(idx.entries[0].size, 100_000);
+        assert_eq!(chunks.len(), 3);
+        assert!(chunks.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(chunks[2].end, blob.len() as u64);
+        let toc = Toc {
+            format: "zstd:chunked",
+            digest: [0; 32],
+            index: idx,
+            chunks,
+            name: "t".into(),
+            fetch: fetcher(blob, Default::default()).0,
+            decode: decode_frame,
+            cache: Default::default(),
+            fetched: 0.into(),
+            requests: 0.into(),
+        };
+        let mut buf = vec![0; 5000];
+        toc.read(28_000, &mut buf).unwrap();
+        assert!(buf == data[28_000..33_000]);
+        // A chunk offset that skips bytes is refused.
+        let bad = json.replace("\"chunkOffset\":30001", "\"chunkOffset\":30002");
+        assert_ne!(bad, json);
+        assert!(parse(bad.as_bytes(), 1 << 20).is_err());
+    }
+
+    #[test]
     fn a_tampered_or_unusable_toc_is_refused() {
         let (blob, ann) = build(&[("d/a", b"x")], &[]);
         let (at, len, ..) = locate(&ann).unwrap().unwrap();

@@ -264,6 +264,14 @@ fn registry_zstd_chunked_lazy_mount_reads_through_the_verified_toc() {
         "{listing}"
     );
 
+    // Again on the same host: the TOC is fetched and verified again (nothing of it is cached,
+    // and the index built from it is not stored), and reads are right.
+    let (again, log) = mounted(&cache, &image, &mnt, || {
+        std::fs::read(mnt.join("data/tail.txt"))
+    });
+    assert!(log.contains("zstd:chunked TOC of 7 entries"), "{log}");
+    assert_eq!(again.unwrap(), b"the end of the big layer\n");
+
     // A TOC that does not match its manifest-checksum: refused, the layer read the ordinary
     // way (downloaded whole and indexed), and the files are right.
     proxy.inject(Fault::Corrupt {
