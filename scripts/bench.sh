@@ -37,6 +37,7 @@
 #         print `n/a (...)` when this flatfs lacks `index push` or estargz export
 #         (LAZY_WITHOUT_INDEX=1 measures the gzip rows without an index artifact anyway);
 #   all   base 15 14.
+# `bench.sh --prepare IMAGE...` only builds the images and their variants into $BENCH_DIR.
 # BENCH_TIMEOUT (default 600): seconds one timed run may take; a row that hits it prints >N.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +61,8 @@ fi
 for tool in hyperfine pigz zstd umoci python3 fusermount3; do
   command -v "$tool" >/dev/null || { echo "bench.sh: needs $tool (apt-get install hyperfine pigz zstd umoci fuse3)" >&2; exit 1; }
 done
+PREPARE=
+[ "${1:-}" != --prepare ] || { PREPARE=1; shift; }
 IMAGES=("$@")
 [ ${#IMAGES[@]} -gt 0 ] || IMAGES=(debian synthetic)
 # ratarmount is optional (a peer, not a floor): find it, or say why its rows are missing.
@@ -537,12 +540,16 @@ t14_rows() {
   fi
   lazy_rows estargz "$TMP/estargz" "$why"
 }
-row IMAGE JOB FLATFS BASELINE RATIO RSS_MiB
+[ -n "$PREPARE" ] || row IMAGE JOB FLATFS BASELINE RATIO RSS_MiB
 for name in "${IMAGES[@]}"; do
   layout=$(layout_of "$name")
   manifest=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]+"/index.json"))["manifests"][0]["digest"][7:])' "$layout")
   blobs=$(python3 -c 'import json,sys; d=sys.argv[1]; m=json.load(open(d+"/blobs/sha256/"+sys.argv[2])); print(" ".join(d+"/blobs/sha256/"+l["digest"][7:] for l in m["layers"]))' "$layout" "$manifest")
   img="$layout:latest"
+  if [ -n "$PREPARE" ]; then   # build the images (and table 15's variants) only
+    [[ $VARIANTS != *" $name "* ]] || variant_layouts
+    continue
+  fi
   if [ "$name" = million ]; then   # only the merge-memory row of table 15 applies
     ! table 15 || million_row
     continue
