@@ -25,7 +25,7 @@ mod merged;
 
 const MAGIC: &[u8; 8] = b"FLATFSIX";
 /// Bump when the encoding or the meaning of a field changes; old files are then ignored.
-const VERSION: u32 = 6;
+pub(crate) const VERSION: u32 = 6;
 /// Length of a [`checksum`].
 const SUM: usize = 4;
 /// Magic, version and the head's length.
@@ -81,7 +81,7 @@ fn stamp(layer: &Layer) -> [u64; 6] {
     if layer.blob.is_lazy() {
         // Its file fills as it is read; every span is checked against the index's span
         // digests instead, so the digest alone identifies the bytes.
-        return [u64::MAX, 0, layer.blob.len(), 0, 0, 0];
+        return lazy_stamp(layer.blob.len());
     }
     match layer.blob.metadata() {
         Some(m) => [
@@ -94,6 +94,11 @@ fn stamp(layer: &Layer) -> [u64; 6] {
         ],
         None => [0; 6],
     }
+}
+
+/// The stamp of a blob read by ranges: no local file vouches for it, its span digests do.
+fn lazy_stamp(len: u64) -> [u64; 6] {
+    [u64::MAX, 0, len, 0, 0, 0]
 }
 
 impl Cache {
@@ -190,6 +195,54 @@ impl Cache {
             return Ok(());
         };
         write_atomically(&self.dir, &path, &encode(index, stamp(layer), key))
+    }
+
+    /// A layer's index as a cache file that names no local file: what an index artifact
+    /// carries (`registry/artifact.rs`). `None` without span digests, which a lazy read needs.
+    pub fn portable(index: &LayerIndex, digest: &str) -> Option<Vec<u8>> {
+        let len = index.spans.as_ref()?.blob_len;
+        Some(encode(index, lazy_stamp(len), digest))
+    }
+
+    /// Takes the index of blob `digest` (`size` bytes, uncompressed `diff_id` if known) from
+    /// untrusted bytes (an index artifact): decoded with every check a cache file gets, it must
+    /// be of this blob, with span digests covering exactly its size, then it is saved
+    /// atomically, as if indexed here. Says why it was refused.
+    pub fn import(
+        &self,
+        digest: &str,
+        size: u64,
+        diff_id: Option<&str>,
+        bytes: &[u8],
+    ) -> std::result::Result<(), String> {
+        let path = self
+            .path_for(digest)
+            .ok_or_else(|| format!("unsupported digest {digest:?}"))?;
+        let (index, _, key) = decode(bytes).ok_or(
+            "not a valid layer index (damaged, forged, or made by another flatfs version)",
+        )?;
+        if key != digest {
+            return Err(format!("it is the index of {key}"));
+        }
+        match &index.spans {
+            Some(s) if s.blob_len == size => {}
+            Some(s) => {
+                return Err(format!(
+                    "its span digests cover {} bytes, the layer has {size}",
+                    s.blob_len
+                ));
+            }
+            None => return Err("it has no span digests".into()),
+        }
+        if let Some(d) = diff_id.filter(|d| *d != index.diff_id) {
+            return Err(format!(
+                "its diff_id is {}, the image config says {d}",
+                index.diff_id
+            ));
+        }
+        // Re-encoded with no stamp of a local file: a forged stamp must not pass for one.
+        write_atomically(&self.dir, &path, &encode(&index, lazy_stamp(size), digest))
+            .map_err(|e| format!("cannot save it in {}: {e}", self.dir.display()))
     }
 
     /// Every cache file.

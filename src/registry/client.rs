@@ -561,6 +561,76 @@ impl Client {
         }
     }
 
+    /// PUTs a manifest that has a `subject` under `reference`; returns the digest the
+    /// registry reports and whether it says (`OCI-Subject`) that it listed the manifest as a
+    /// referrer of that subject, which only registries with the referrers API do.
+    pub fn put_referrer(
+        &self,
+        repo: &str,
+        reference: &str,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<(String, Option<String>)> {
+        let what = format!("PUT manifest {repo}{}{reference}", sep(reference));
+        let scopes = [push_scope(repo)];
+        let resp = self.send(&Req {
+            method: "PUT",
+            url: format!("{}/v2/{repo}/manifests/{reference}", self.base),
+            scopes: &scopes,
+            headers: vec![
+                ("content-type", media_type.to_string()),
+                ("content-length", bytes.len().to_string()),
+            ],
+            body: Payload::Bytes(bytes),
+            what: &what,
+            attempts: ATTEMPTS,
+        })?;
+        match resp.status().as_u16() {
+            201 | 200 => Ok((
+                header(&resp, "docker-content-digest")
+                    .unwrap_or_else(|| crate::blob::sha256_of(bytes)),
+                header(&resp, "oci-subject"),
+            )),
+            s => Err(self.status_error(&what, s, resp)),
+        }
+    }
+
+    /// GETs `/v2/REPO/PATH` (a referrers list, a manifest by tag) asking for `accept`:
+    /// `None` when the registry answers 404 (nothing there, or an endpoint it lacks), else
+    /// the body (at most [`crate::source::MAX_JSON`] bytes) and its `Content-Type`.
+    pub fn get_document(
+        &self,
+        repo: &str,
+        path: &str,
+        accept: &str,
+        scopes: &[String],
+    ) -> Result<Option<(Vec<u8>, String)>> {
+        let what = format!("GET {repo}/{path}");
+        let resp = self.send(&Req {
+            method: "GET",
+            url: format!("{}/v2/{repo}/{path}", self.base),
+            scopes,
+            headers: vec![("accept", accept.to_string())],
+            body: Payload::Empty,
+            what: &what,
+            attempts: ATTEMPTS,
+        })?;
+        match resp.status().as_u16() {
+            200 => {
+                let content_type = header(&resp, "content-type").unwrap_or_default();
+                let bytes = resp
+                    .into_body()
+                    .with_config()
+                    .limit(crate::source::MAX_JSON)
+                    .read_to_vec()
+                    .map_err(|e| self.error(format!("{what}: {}", transport(&e))))?;
+                Ok(Some((bytes, content_type)))
+            }
+            404 => Ok(None),
+            s => Err(self.status_error(&what, s, resp)),
+        }
+    }
+
     /// The `Location` of an upload session, made absolute.
     fn location(&self, resp: &Response<Body>, what: &str) -> Result<String> {
         let loc = header(resp, "location")

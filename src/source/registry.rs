@@ -72,6 +72,14 @@ pub(super) fn open(
     let config_digest = config.digest().to_string();
     let path = client.fetch_blob(repo, &config_digest, config.size(), &blobs, &|_| {})?;
     link(&config_digest, &path)?;
+    index_artifact(
+        &client,
+        repo,
+        desc.digest().as_ref(),
+        &manifest,
+        &path,
+        opts,
+    );
 
     // Layers: those in the store are linked; the others start downloading now, and the
     // image opens on their growing files, so indexing reads each layer as it arrives
@@ -171,6 +179,41 @@ fn lazy_spans(opts: &Options, digest: &str, size: u64) -> Option<SpanDigests> {
     let dir = opts.cache_dir.as_ref().filter(|_| opts.lazy)?;
     let spans = crate::cache::Cache::new(dir).span_digests(digest, size)?;
     Some(Arc::unwrap_or_clone(spans))
+}
+
+/// For a lazy open: layer indexes the cache lacks, from the image's flatfs index artifact in
+/// the registry, if it has one (`registry/artifact.rs`), so those layers are read by ranges
+/// with no pass over them. Each is checked as a cache file is, then is one.
+fn index_artifact(
+    client: &Client,
+    repo: &str,
+    subject: &str,
+    manifest: &ImageManifest,
+    config: &Path,
+    opts: &Options,
+) {
+    let Some(dir) = opts
+        .cache_dir
+        .as_ref()
+        .filter(|_| opts.lazy && !opts.no_index_artifact)
+    else {
+        return;
+    };
+    // The diff_ids the indexes must agree with (a config that does not parse fails later).
+    let config: serde_json::Value = std::fs::read(config)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let wanted: Vec<_> = manifest
+        .layers()
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let diff_id = config["rootfs"]["diff_ids"][i].as_str().map(str::to_string);
+            (l.digest().to_string(), l.size(), diff_id)
+        })
+        .collect();
+    crate::registry::artifact::fill_cache(client, repo, subject, &wanted, dir);
 }
 
 /// An empty (sparse) file of the blob's size at `path` in the layout, filled by range requests
