@@ -245,6 +245,14 @@ impl Cache {
             .map_err(|e| format!("cannot save it in {}: {e}", self.dir.display()))
     }
 
+    /// Removes the index of blob `digest` (one imported from an artifact that proved wrong).
+    pub fn forget(&self, digest: &str) -> io::Result<()> {
+        match self.path_for(digest).map(fs::remove_file) {
+            Some(Err(e)) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Every cache file.
     pub fn list(&self) -> io::Result<Vec<CacheEntry>> {
         let mut out = Vec::new();

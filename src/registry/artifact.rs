@@ -200,8 +200,8 @@ pub type Wanted = (String, u64, Option<String>);
 
 /// Looks for an index artifact of image `subject` in `repo` (referrers API, then the
 /// fallback tag) and imports the indexes of `wanted` layers from it into `cache`, each blob
-/// checked against its digest and decoded with every check of a cache file. Returns how
-/// many were imported; a layer it cannot import is an error naming it (the others imported
+/// checked against its digest and decoded with every check of a cache file. Returns the
+/// layers imported; a layer it cannot import is an error naming it (the others imported
 /// before it stay: each was checked on its own).
 pub fn import(
     client: &Client,
@@ -209,9 +209,10 @@ pub fn import(
     subject: &str,
     wanted: &[Wanted],
     cache: &Cache,
-) -> Result<usize> {
+    imported: &mut Vec<String>,
+) -> Result<()> {
     let Some(entry) = find(client, repo, subject)? else {
-        return Ok(0);
+        return Ok(());
     };
     let digest = entry["digest"]
         .as_str()
@@ -231,7 +232,6 @@ pub fn import(
         ));
     }
     let blobs = manifest["layers"].as_array().map_or(&[][..], Vec::as_slice);
-    let mut imported = 0;
     for (layer, size, diff_id) in wanted {
         let Some(desc) = blobs.iter().find(|d| {
             d["annotations"][LAYER_ANNOTATION].as_str() == Some(layer)
@@ -251,9 +251,9 @@ pub fn import(
         cache
             .import(layer, *size, diff_id.as_deref(), &index)
             .map_err(|e| Error::invalid(&what, format!("index of layer {layer}: {e}")))?;
-        imported += 1;
+        imported.push(layer.clone());
     }
-    Ok(imported)
+    Ok(())
 }
 
 /// The newest readable flatfs index artifact listed for `subject`, if any.
@@ -314,25 +314,33 @@ fn fetch_index(client: &Client, repo: &str, digest: &str, size: u64) -> Result<V
 
 /// For a lazy open: imports from the image's index artifact the indexes of the layers
 /// `wanted` that the cache in `dir` lacks. Best effort: a missing or bad artifact is a
-/// warning, and those layers are then read as without one.
-pub fn fill_cache(client: &Client, repo: &str, subject: &str, wanted: &[Wanted], dir: &Path) {
+/// warning, and those layers are then read as without one. Returns the layers imported.
+pub fn fill_cache(
+    client: &Client,
+    repo: &str,
+    subject: &str,
+    wanted: &[Wanted],
+    dir: &Path,
+) -> Vec<String> {
     let cache = Cache::new(dir);
     let missing: Vec<Wanted> = wanted
         .iter()
         .filter(|(d, size, _)| cache.span_digests(d, *size).is_none())
         .cloned()
         .collect();
+    let mut imported = Vec::new();
     if missing.is_empty() {
-        return;
+        return imported;
     }
-    match import(client, repo, subject, &missing, &cache) {
-        Ok(0) => log::info!(
+    match import(client, repo, subject, &missing, &cache, &mut imported) {
+        Ok(()) if imported.is_empty() => log::info!(
             "{}: no flatfs index artifact for {repo}@{subject}",
             client.host()
         ),
-        Ok(n) => log::info!(
-            "{}: {n} of {} missing layer indexes from the index artifact",
+        Ok(()) => log::info!(
+            "{}: {} of {} missing layer indexes from the index artifact",
             client.host(),
+            imported.len(),
             missing.len()
         ),
         Err(e) => log::warn!(
@@ -340,4 +348,5 @@ pub fn fill_cache(client: &Client, repo: &str, subject: &str, wanted: &[Wanted],
             client.host()
         ),
     }
+    imported
 }

@@ -72,7 +72,7 @@ pub(super) fn open(
     let config_digest = config.digest().to_string();
     let path = client.fetch_blob(repo, &config_digest, config.size(), &blobs, &|_| {})?;
     link(&config_digest, &path)?;
-    index_artifact(
+    let imported = index_artifact(
         &client,
         repo,
         desc.digest().as_ref(),
@@ -100,11 +100,20 @@ pub(super) fn open(
         }
         if let Some(spans) = lazy_spans(opts, &digest, layer.size()) {
             let path = layout_path(layout.path(), &digest)?;
-            lazy.insert(
-                digest.clone(),
-                open_lazy(&client, repo, &digest, &path, spans)?,
-            );
-            continue;
+            match open_lazy(&client, repo, &digest, &path, spans) {
+                Ok(l) => {
+                    lazy.insert(digest.clone(), l);
+                    continue;
+                }
+                // The first span does not check against an index artifact's digests: the
+                // artifact lies. Forget its index and pull the layer as without one.
+                Err(e) if imported.contains(&digest) => {
+                    log::warn!("{e}; not using the index artifact for layer {digest}");
+                    forget_index(opts, &digest);
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => return Err(e),
+            }
         }
         let mut w = blobs
             .writer(&digest)
@@ -191,13 +200,13 @@ fn index_artifact(
     manifest: &ImageManifest,
     config: &Path,
     opts: &Options,
-) {
+) -> Vec<String> {
     let Some(dir) = opts
         .cache_dir
         .as_ref()
         .filter(|_| opts.lazy && !opts.no_index_artifact)
     else {
-        return;
+        return Vec::new();
     };
     // The diff_ids the indexes must agree with (a config that does not parse fails later).
     let config: serde_json::Value = std::fs::read(config)
@@ -213,7 +222,19 @@ fn index_artifact(
             (l.digest().to_string(), l.size(), diff_id)
         })
         .collect();
-    crate::registry::artifact::fill_cache(client, repo, subject, &wanted, dir);
+    crate::registry::artifact::fill_cache(client, repo, subject, &wanted, dir)
+}
+
+/// Drops the cached index of layer `digest`, imported from an artifact that proved wrong.
+fn forget_index(opts: &Options, digest: &str) {
+    if let Some(dir) = &opts.cache_dir
+        && let Err(e) = crate::cache::Cache::new(dir).forget(digest)
+    {
+        log::warn!(
+            "cannot remove the index of {digest} from {}: {e}",
+            dir.display()
+        );
+    }
 }
 
 /// An empty (sparse) file of the blob's size at `path` in the layout, filled by range requests

@@ -317,4 +317,73 @@ fn artifact_tampered_or_lying_is_refused_and_the_mount_reads_the_layers() {
         log.contains("warning") && log.contains("it is the index of"),
         "{log}"
     );
+
+    // A well-formed index of the right layer whose first span digest lies (checksums
+    // resealed, as whoever forged it would): the first span fetched does not check, the
+    // index is dropped and the layer pulled.
+    let (status, _, packed) = http(
+        &reg.host,
+        "GET",
+        &format!("/v2/app/blobs/{first_blob}"),
+        &[],
+        &[],
+    );
+    assert_eq!(status, 200);
+    let mut index = zstd::stream::decode_all(&packed[..]).expect("zstd index blob");
+    let blob = std::fs::read(img.join("blobs/sha256").join(&digests[0][7..])).unwrap();
+    let span0 = sha256_bytes(&blob[..256 * 1024]);
+    let at = index
+        .windows(32)
+        .position(|w| w == span0)
+        .expect("first span digest in the index");
+    index[at] ^= 1;
+    let head_end = 20 + u64::from_le_bytes(index[12..20].try_into().unwrap()) as usize;
+    let sum = crc32fast::hash(&index[..head_end]).to_le_bytes();
+    index[head_end..head_end + 4].copy_from_slice(&sum);
+    let end = index.len() - 4;
+    let sum = crc32fast::hash(&index[head_end + 4..end]).to_le_bytes();
+    index[end..].copy_from_slice(&sum);
+    let forged_blob = zstd::bulk::compress(&index, 3).unwrap();
+    let mut forged = manifest.clone();
+    forged["layers"][0]["digest"] = Value::from(format!("sha256:{}", sha256_hex(&forged_blob)));
+    forged["layers"][0]["size"] = Value::from(forged_blob.len());
+    let bytes = serde_json::to_vec(&forged).unwrap();
+    let forged_digest = format!("sha256:{}", sha256_hex(&bytes));
+    let (tag, mut list) = fallback(&reg, "app");
+    list[0]["digest"] = Value::from(forged_digest.clone());
+    list[0]["size"] = Value::from(bytes.len());
+    let index = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list});
+    reg.put_raw(
+        "app",
+        &[forged_blob],
+        &[
+            (forged_digest, OCI_MANIFEST.to_string(), bytes),
+            (
+                tag,
+                OCI_INDEX.to_string(),
+                serde_json::to_vec(&index).unwrap(),
+            ),
+        ],
+    );
+    let host_e = tmp.path().join("host-e");
+    let (log, read) = mount_and_read(&host_e, &reg.url("app:1"), &mnt);
+    assert_eq!(read, want(), "{log}");
+    assert!(
+        log.contains(&format!(
+            "not using the index artifact for layer {}",
+            digests[0]
+        )),
+        "{log}"
+    );
+    // The index cached in the end is the one the pass over the layer built.
+    let (again, read) = mount_and_read(&host_e, &reg.url("app:1"), &mnt);
+    assert_eq!(read, want(), "{again}");
+    assert!(!again.contains("warning"), "{again}");
+}
+
+fn sha256_bytes(data: &[u8]) -> Vec<u8> {
+    let hex = sha256_hex(data);
+    (0..32)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
 }
