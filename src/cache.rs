@@ -985,6 +985,36 @@ mod tests {
     }
 
     #[test]
+    fn import_takes_only_an_index_that_fits_the_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path());
+        let digest = format!("sha256:{}", "cd".repeat(32));
+        let size = crate::blob::SPAN_BYTES + 1;
+        let bytes = Cache::portable(&sample(), &digest).expect("has span digests");
+        let refused = |d: &str, size, diff_id, b: &[u8]| cache.import(d, size, diff_id, b).is_err();
+        // Another layer's index, another size, another diff_id, damaged bytes.
+        let other = format!("sha256:{}", "ef".repeat(32));
+        assert!(refused(&other, size, None, &bytes));
+        assert!(refused(&digest, size + 1, None, &bytes));
+        assert!(refused(&digest, size, Some("sha256:11"), &bytes));
+        let mut bad = bytes.clone();
+        bad[40] ^= 1;
+        assert!(refused(&digest, size, None, &bad));
+        assert!(cache.span_digests(&digest, size).is_none(), "nothing saved");
+        // A forged stamp never survives: the saved file names no local file.
+        let forged = encode(&sample(), [1, 2, 3, 4, 5, 6], &digest);
+        cache
+            .import(&digest, size, Some("sha256:00"), &forged)
+            .unwrap();
+        let saved = std::fs::read(dir.path().join(format!("{}.idx", "cd".repeat(32)))).unwrap();
+        assert_eq!(saved, bytes);
+        assert_eq!(cache.span_digests(&digest, size), sample().spans);
+        cache.forget(&digest).unwrap();
+        assert!(cache.span_digests(&digest, size).is_none());
+        cache.forget(&digest).unwrap();
+    }
+
+    #[test]
     fn the_head_alone_gives_the_checkpoints() {
         let bytes = encode(&sample(), [1, 2, 3, 4, 5, 6], "sha256:ab");
         let end = head_end(&bytes).expect("prefix") + SUM;

@@ -187,6 +187,35 @@ fn artifact_pushed_by_one_host_makes_a_mount_on_another_lazy_at_once() {
         digests.iter().map(String::as_str).collect::<Vec<_>>()
     );
 
+    // From the local copy, on a host that never pulled it (`--to`): the same indexes, so
+    // the same artifact, listed once; no layer downloaded.
+    let host_l = tmp.path().join("host-l");
+    let proxy = FaultProxy::start(&reg.host);
+    let out = ok(
+        &host_l,
+        &[
+            "index",
+            "push",
+            &format!("oci:{}:latest", img.display()),
+            "--to",
+            &proxy.url("app:1"),
+            "--tls-verify=false",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), artifact);
+    assert!(
+        stderr_of(&out).contains("already listed"),
+        "{}",
+        stderr_of(&out)
+    );
+    for d in &digests {
+        assert!(
+            fetched(&proxy, d, big_size) <= 256 * 1024,
+            "layer {d} downloaded"
+        );
+    }
+    drop(proxy);
+
     // Again, from a host that has the indexes cached (nothing downloaded): the same
     // artifact, listed once.
     let out = ok(
