@@ -416,3 +416,152 @@ fn sha256_bytes(data: &[u8]) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
         .collect()
 }
+
+/// A registry with the referrers API, as far as flatfs needs one: distribution 2.8 behind a
+/// front that answers `GET /v2/NAME/referrers/DIGEST` from the manifests with a `subject` put
+/// through it, and says `OCI-Subject` when it takes one (as the spec asks). Stops on drop.
+struct ReferrersFront {
+    host: String,
+    listed: std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>,
+    referrer_gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for ReferrersFront {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wake the accept loop so it sees the flag.
+        let _ = std::net::TcpStream::connect(&self.host);
+    }
+}
+
+impl ReferrersFront {
+    fn start(upstream: &str) -> ReferrersFront {
+        use std::io::Write;
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let front = ReferrersFront {
+            host,
+            listed: Default::default(),
+            referrer_gets: Default::default(),
+            stop: Default::default(),
+        };
+        let (listed, gets, stop, up) = (
+            front.listed.clone(),
+            front.referrer_gets.clone(),
+            front.stop.clone(),
+            upstream.to_string(),
+        );
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(mut conn) = conn else { break };
+                let Ok((seen, body)) = read_request(&conn) else {
+                    continue;
+                };
+                if let Some(rest) = seen.path.split("/referrers/").nth(1) {
+                    gets.fetch_add(1, Ordering::Relaxed);
+                    let subject = rest.split('?').next().unwrap_or_default();
+                    let list: Vec<Value> = listed
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .filter(|(s, _)| s == subject)
+                        .map(|(_, d)| d.clone())
+                        .collect();
+                    let body = serde_json::to_vec(&serde_json::json!(
+                        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list}
+                    ))
+                    .unwrap();
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: {OCI_INDEX}\r\nContent-Length: {}\r\n\
+                         Connection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = conn.write_all(head.as_bytes());
+                    let _ = conn.write_all(&body);
+                    continue;
+                }
+                let Ok(mut raw) = forward(&up, &seen, &body, false) else {
+                    continue;
+                };
+                let doc: Value = serde_json::from_slice(&body).unwrap_or_default();
+                let subject = doc["subject"]["digest"].as_str();
+                if let (true, Some(subject)) = (seen.method == "PUT", subject)
+                    && raw.starts_with(b"HTTP/1.1 201")
+                {
+                    let desc = serde_json::json!({
+                        "mediaType": doc["mediaType"],
+                        "digest": format!("sha256:{}", sha256_hex(&body)),
+                        "size": body.len(),
+                        "artifactType": doc["artifactType"],
+                        "annotations": doc["annotations"],
+                    });
+                    let mut l = listed.lock().unwrap();
+                    if !l.iter().any(|(_, d)| d["digest"] == desc["digest"]) {
+                        l.push((subject.to_string(), desc));
+                    }
+                    let at = raw.windows(2).position(|w| w == b"\r\n").unwrap() + 2;
+                    let header = format!("OCI-Subject: {subject}\r\n");
+                    raw.splice(at..at, header.into_bytes());
+                }
+                let _ = conn.write_all(&raw);
+            }
+        });
+        front
+    }
+}
+
+#[test]
+fn artifact_goes_through_the_referrers_api_where_the_registry_has_one() {
+    use std::sync::atomic::Ordering;
+    registry_tools(&[]);
+    let reg = Registry::start();
+    let front = ReferrersFront::start(&reg.host);
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, _, digests) = image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "app:1");
+    let url = format!("docker://{}/app:1", front.host);
+    let host_a = tmp.path().join("host-a");
+    let push = || ok(&host_a, &["index", "push", &url, "--tls-verify=false"]);
+    let out = push();
+    assert!(
+        stderr_of(&out).contains("listed by the referrers API"),
+        "{}",
+        stderr_of(&out)
+    );
+    let again = push();
+    assert_eq!(again.stdout, out.stdout);
+    assert_eq!(front.listed.lock().unwrap().len(), 1);
+    // No fallback tag: the registry lists the artifact itself.
+    assert!(
+        reg.tags("app").iter().all(|t| !t.starts_with("sha256-")),
+        "{:?}",
+        reg.tags("app")
+    );
+    if !fuse_available("artifact_goes_through_the_referrers_api_where_the_registry_has_one") {
+        return;
+    }
+    let proxy = FaultProxy::start(&front.host);
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let gets = front.referrer_gets.load(Ordering::Relaxed);
+    let (log, read) = mount_and_read(&tmp.path().join("host-b"), &proxy.url("app:1"), &mnt);
+    assert_eq!(read, want(), "{log}");
+    assert!(front.referrer_gets.load(Ordering::Relaxed) > gets);
+    let size = std::fs::metadata(img.join("blobs/sha256").join(&digests[0][7..]))
+        .unwrap()
+        .len();
+    let bytes = fetched(&proxy, &digests[0], size);
+    assert!(bytes * 4 < size, "fetched {bytes} of {size}");
+    assert!(
+        proxy
+            .seen()
+            .iter()
+            .all(|s| !s.path.contains("/manifests/sha256-")),
+        "the fallback tag was asked for"
+    );
+}
