@@ -565,3 +565,22 @@ fn artifact_goes_through_the_referrers_api_where_the_registry_has_one() {
         "the fallback tag was asked for"
     );
 }
+
+#[test]
+fn index_push_needs_a_registry_image_to_attach_to() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, _, _) = image(tmp.path());
+    let cache = tmp.path().join("cache");
+    let local = format!("oci:{}:latest", img.display());
+    for args in [
+        vec!["index", "push", local.as_str()],
+        vec!["index", "push", local.as_str(), "--to", local.as_str()],
+    ] {
+        let out = run(&cache, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = stderr_of(&out);
+        assert!(err.contains("give docker://REF"), "{err}");
+    }
+    let indexed = std::fs::read_dir(&cache).map_or(0, |d| d.count());
+    assert_eq!(indexed, 0, "indexed before the arguments were checked");
+}
