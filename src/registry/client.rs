@@ -27,6 +27,9 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 
 /// Tries of one request before its error stands (5xx, 429, a dropped connection).
 const ATTEMPTS: u32 = 5;
+/// Tries of a lazy mount's range request: a reader waits for it, so a registry that is away
+/// gives EIO within seconds (the next read tries again) rather than after the full backoff.
+const RANGE_ATTEMPTS: u32 = 3;
 /// Resumes of one blob download after dropped connections.
 const RESUMES: u32 = 8;
 /// The longest wait between tries, whatever `Retry-After` says.
@@ -344,7 +347,7 @@ impl Client {
             headers: vec![("range", format!("bytes={start}-{}", end - 1))],
             body: Payload::Empty,
             what: &what,
-            attempts: ATTEMPTS,
+            attempts: RANGE_ATTEMPTS,
         })?;
         let skip = match resp.status().as_u16() {
             200 => start,

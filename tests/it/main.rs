@@ -7,6 +7,7 @@ mod cli;
 mod export;
 mod harness;
 mod hostile;
+mod lazy;
 mod merge;
 mod mount;
 mod names;
