@@ -367,3 +367,52 @@ fn lazy_tampered_span_is_eio_and_never_stored_as_verified() {
     assert_eq!(honest.unwrap(), s.noise_at(MIDDLE, 4096));
     assert!(s.marked_spans_are_true() > marked_before);
 }
+
+#[test]
+fn lazy_a_read_waiting_for_the_registry_blocks_only_its_reader() {
+    let Some(s) = setup("lazy_a_read_waiting_for_the_registry_blocks_only_its_reader") else {
+        return;
+    };
+    s.host.mount(&s.image(), &s.mnt, &[]);
+    let tail = std::fs::read(s.mnt.join("data/tail.txt")).unwrap();
+    // The next blob request hangs for 4 s before the connection drops (then it is retried).
+    s.proxy.inject(Fault::Stall {
+        path: format!("/blobs/{}", s.big),
+        after: 0,
+        secs: 4,
+        times: 1,
+    });
+    let (slow, others) = std::thread::scope(|scope| {
+        let slow = scope.spawn(|| {
+            let t = Instant::now();
+            (s.read_at(MIDDLE, 4096), t.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        let local = std::fs::read(s.mnt.join("data/tail.txt")).unwrap();
+        let top = std::fs::read(s.mnt.join("data/top.txt")).unwrap();
+        let fetched = s.read_at(MIDDLE + (4 << 20), 4096).unwrap();
+        let others = (local, top, fetched, t.elapsed());
+        (slow.join().unwrap(), others)
+    });
+    s.host.umount(&s.mnt);
+    eprintln!(
+        "stalled reader: {:?}; other readers meanwhile: {:?}",
+        slow.1, others.3
+    );
+    assert_eq!(tail, b"the end of the big layer\n");
+    assert_eq!(slow.0.unwrap(), s.noise_at(MIDDLE, 4096));
+    assert!(
+        slow.1 >= Duration::from_secs(3),
+        "the stall did not happen: {:?}",
+        slow.1
+    );
+    assert_eq!(others.0, tail);
+    assert_eq!(others.1, b"top\n");
+    assert_eq!(others.2, s.noise_at(MIDDLE + (4 << 20), 4096));
+    assert!(
+        others.3 < Duration::from_secs(2),
+        "other readers waited for the stalled one: {:?}",
+        others.3
+    );
+}
