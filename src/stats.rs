@@ -18,6 +18,31 @@ use crate::content::Content;
 /// they changed, so an idle mount writes nothing.
 const EVERY: Duration = Duration::from_millis(250);
 
+/// How often `-v` logs a summary while the numbers change.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// One `-v` line for the whole mount: what lazy layers fetched, what reads decompressed.
+fn log_summary(v: &Value) {
+    let layers = v["layers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let sum = |k: &str| -> u64 { layers.iter().filter_map(|l| l[k].as_u64()).sum() };
+    let c = &v["content"];
+    log::info!(
+        "stats: fetched {} bytes in {} requests ({} prefetched), {}/{} bytes local, readers \
+         waited {} ms; read {} bytes, decompressed {}",
+        sum("fetched_bytes"),
+        sum("requests"),
+        sum("prefetched_bytes"),
+        sum("local_bytes"),
+        sum("blob_bytes"),
+        sum("blocked_ms"),
+        c["read_bytes"].as_u64().unwrap_or(0),
+        c["decompressed_bytes"].as_u64().unwrap_or(0),
+    );
+}
+
 /// Where stats files live: `$XDG_RUNTIME_DIR/flatfs/stats`, else `$TMPDIR/flatfs-UID/stats`.
 pub fn dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
@@ -123,11 +148,19 @@ impl Reporter {
             .name("flatfs-stats".into())
             .spawn(move || {
                 let mut last = first;
+                let mut logged = std::time::Instant::now();
+                let mut unlogged = false;
                 loop {
                     std::thread::sleep(EVERY);
                     let now = r.snapshot();
                     if now != last && r.write(&now).is_ok() {
                         last = now;
+                        unlogged = true;
+                    }
+                    if unlogged && logged.elapsed() >= LOG_EVERY {
+                        log_summary(&last);
+                        logged = std::time::Instant::now();
+                        unlogged = false;
                     }
                 }
             })?;

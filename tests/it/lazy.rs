@@ -149,7 +149,7 @@ impl Setup {
 }
 
 /// A layer's entry in `flatfs stats --json`, by layer number.
-fn layer(stats: &Value, n: u64) -> &Value {
+fn layer_stats(stats: &Value, n: u64) -> &Value {
     stats["layers"]
         .as_array()
         .unwrap()
@@ -171,7 +171,7 @@ fn lazy_second_mount_reads_what_the_first_fetched_with_no_blob_bytes() {
     let t = Instant::now();
     let stats = loop {
         let st = s.host.stats(&s.mnt);
-        if layer(&st, 1)["fetched_bytes"] == first.0 || t.elapsed() > Duration::from_secs(5) {
+        if layer_stats(&st, 1)["fetched_bytes"] == first.0 || t.elapsed() > Duration::from_secs(5) {
             break st;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -181,7 +181,7 @@ fn lazy_second_mount_reads_what_the_first_fetched_with_no_blob_bytes() {
     assert_eq!(tail, b"the end of the big layer\n");
     assert_eq!(middle, s.noise_at(MIDDLE, 100_000));
     // The stats count what the registry was asked for.
-    let big = layer(&stats, 1);
+    let big = layer_stats(&stats, 1);
     assert_eq!(big["lazy"], true, "{stats}");
     assert_eq!(big["fetched_bytes"], first.0, "{stats}");
     assert_eq!(big["requests"], first.1 as u64, "{stats}");
@@ -211,9 +211,9 @@ fn lazy_second_mount_reads_what_the_first_fetched_with_no_blob_bytes() {
     assert_eq!(tail2, b"the end of the big layer\n");
     assert_eq!(middle2, s.noise_at(MIDDLE, 100_000));
     assert_eq!(second, (0, 0), "the second mount fetched blob bytes");
-    assert_eq!(layer(&stats2, 1)["fetched_bytes"], 0, "{stats2}");
+    assert_eq!(layer_stats(&stats2, 1)["fetched_bytes"], 0, "{stats2}");
     assert!(
-        layer(&stats2, 1)["spans_reused"].as_u64().unwrap() > 0,
+        layer_stats(&stats2, 1)["spans_reused"].as_u64().unwrap() > 0,
         "{stats2}"
     );
 
@@ -273,14 +273,14 @@ fn lazy_prefetch_all_makes_the_mount_local() {
     eprintln!(
         "prefetch all: {} bytes local after {took:?}; {} prefetched; {} bytes fetched by the \
          read after it",
-        layer(&stats, 1)["local_bytes"],
-        layer(&stats, 1)["prefetched_bytes"],
+        layer_stats(&stats, 1)["local_bytes"],
+        layer_stats(&stats, 1)["prefetched_bytes"],
         after.0
     );
     assert!(all == s.noise, "noise.bin read back wrong");
     assert_eq!(after, (0, 0), "a read after the prefetch fetched");
     assert_eq!(stats["prefetch"], "all");
-    assert!(layer(&stats, 1)["prefetched_bytes"].as_u64().unwrap() > 0);
+    assert!(layer_stats(&stats, 1)["prefetched_bytes"].as_u64().unwrap() > 0);
     // Complete: checked whole and kept as a whole blob; the next mount needs no ranges at all.
     let whole = s.host.cache.join("blobs/sha256").join(&s.big[7..]);
     let start = Instant::now();
@@ -415,4 +415,43 @@ fn lazy_a_read_waiting_for_the_registry_blocks_only_its_reader() {
         "other readers waited for the stalled one: {:?}",
         others.3
     );
+}
+
+/// Any mount has stats (bytes read and decompressed); once unmounted, `flatfs stats` says
+/// nothing serves the directory.
+#[test]
+fn stats_of_a_local_mount_count_reads_and_go_at_unmount() {
+    if !fuse_available("stats_of_a_local_mount_count_reads_and_go_at_unmount") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let layers = vec![layer([file("big.bin", big.clone())]).compression(Compression::Gzip)];
+    let img = tmp.path().join("img");
+    write_oci_layout(&layers, &default_config(&layers), &img, Some("latest"));
+    let host = Host::new(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    host.ok(&["mount", img.to_str().unwrap(), mnt.to_str().unwrap()]);
+    let read = std::fs::read(mnt.join("big.bin")).unwrap();
+    let t = Instant::now();
+    let stats = loop {
+        let st = host.stats(&mnt);
+        if st["content"]["read_bytes"] == big.len() as u64 || t.elapsed() > Duration::from_secs(5) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    host.umount(&mnt);
+    assert!(read == big);
+    assert_eq!(stats["content"]["read_bytes"], big.len() as u64, "{stats}");
+    assert!(
+        stats["content"]["decompressed_bytes"].as_u64().unwrap() >= big.len() as u64,
+        "{stats}"
+    );
+    assert_eq!(layer_stats(&stats, 1)["lazy"], false, "{stats}");
+    let out = host.run(&["stats", mnt.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no flatfs mount is serving it"), "{err}");
 }
