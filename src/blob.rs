@@ -110,7 +110,7 @@ const PREFETCH_SPANS: usize = 4;
 /// ones on a thread of their own, so that reader does not wait for a whole-blob hash.
 const INLINE_COMPLETE: u64 = 4 << 20;
 
-/// Foreground reads waiting for the network, process-wide: a background prefetch holds back
+/// Foreground reads waiting for the network (or for another reader's fetch), process-wide: a background prefetch holds back
 /// while there are any, so the reads that someone waits for go first.
 static FOREGROUND: AtomicUsize = AtomicUsize::new(0);
 
@@ -379,14 +379,13 @@ impl Lazy {
         }
         let first = (pos / SPAN_BYTES) as usize;
         let last = (((end - 1) / SPAN_BYTES) as usize).min(n - 1);
-        let mut waited: Option<std::time::Instant> = None;
-        let _waiting = (who == Who::Reader).then(Foreground::default);
+        let mut waited: Option<Waiting> = None;
         let r = self.ensure_loop(first, last, min_spans, who, &mut waited);
         if who == Who::Reader {
             match waited {
                 None => self.hits.fetch_add(1, Ordering::Relaxed),
-                Some(t) => {
-                    let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                Some(w) => {
+                    let ns = u64::try_from(w.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
                     self.blocked_ns.fetch_add(ns, Ordering::Relaxed);
                     self.misses.fetch_add(1, Ordering::Relaxed)
                 }
@@ -401,7 +400,7 @@ impl Lazy {
         last: usize,
         min_spans: usize,
         who: Who,
-        waited: &mut Option<std::time::Instant>,
+        waited: &mut Option<Waiting>,
     ) -> io::Result<()> {
         let n = self.spans.digests.len();
         loop {
@@ -413,7 +412,7 @@ impl Lazy {
                     };
                     match t.spans[a] {
                         Span::Busy => {
-                            waited.get_or_insert_with(std::time::Instant::now);
+                            waited.get_or_insert_with(|| Waiting::new(who));
                             t = self.fetched_cond.wait(t).unwrap_or_else(|e| e.into_inner());
                         }
                         Span::Stored => {
@@ -452,7 +451,7 @@ impl Lazy {
                     self.fetched_cond.notify_all();
                 }
                 Ok((a, b)) => {
-                    waited.get_or_insert_with(std::time::Instant::now);
+                    waited.get_or_insert_with(|| Waiting::new(who));
                     let r = self.fetch_spans(a, b, who);
                     let mut t = self.state.lock().unwrap_or_else(|e| e.into_inner());
                     for s in &mut t.spans[a..b] {
@@ -570,19 +569,31 @@ impl Lazy {
     }
 }
 
-/// Counts a foreground read waiting on a lazy blob while it lives.
-struct Foreground;
+/// A read waiting for the network: since when, and (for a foreground read) counted in
+/// [`FOREGROUND`] while it lives, so the prefetch gives way.
+struct Waiting {
+    since: std::time::Instant,
+    foreground: bool,
+}
 
-impl Default for Foreground {
-    fn default() -> Self {
-        FOREGROUND.fetch_add(1, Ordering::Relaxed);
-        Foreground
+impl Waiting {
+    fn new(who: Who) -> Self {
+        let foreground = who == Who::Reader;
+        if foreground {
+            FOREGROUND.fetch_add(1, Ordering::Relaxed);
+        }
+        Waiting {
+            since: std::time::Instant::now(),
+            foreground,
+        }
     }
 }
 
-impl Drop for Foreground {
+impl Drop for Waiting {
     fn drop(&mut self) {
-        FOREGROUND.fetch_sub(1, Ordering::Relaxed);
+        if self.foreground {
+            FOREGROUND.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

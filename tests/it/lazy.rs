@@ -246,7 +246,22 @@ fn lazy_prefetch_all_makes_the_mount_local() {
         return;
     };
     let t = Instant::now();
-    s.host.mount(&s.image(), &s.mnt, &["--prefetch", "all"]);
+    // In the foreground with -v: the log says when the prefetch is done.
+    let server = flatfs()
+        .env("FLATFS_CACHE_DIR", &s.host.cache)
+        .env("HOME", &s.host.cache)
+        .env("XDG_RUNTIME_DIR", &s.host.runtime)
+        .args(["mount", "-f", "-v", "--prefetch", "all", &s.image()])
+        .arg(&s.mnt)
+        .arg("--tls-verify=false")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn flatfs mount -f");
+    while !s.mnt.join("data").exists() && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Reads go on while it fetches.
     assert_eq!(std::fs::read(s.mnt.join("data/top.txt")).unwrap(), b"top\n");
     let stats = loop {
@@ -270,6 +285,9 @@ fn lazy_prefetch_all_makes_the_mount_local() {
     let all = std::fs::read(s.mnt.join("data/noise.bin")).unwrap();
     let after = ranged_bytes(&s.proxy, &s.big, seen);
     s.host.umount(&s.mnt);
+    let log = String::from_utf8_lossy(&server.wait_with_output().unwrap().stderr).into_owned();
+    assert!(log.contains("prefetch: 2 lazy layers local after"), "{log}");
+    assert!(log.contains("is complete and checked; kept whole"), "{log}");
     eprintln!(
         "prefetch all: {} bytes local after {took:?}; {} prefetched; {} bytes fetched by the \
          read after it",
