@@ -420,17 +420,17 @@ impl Lazy {
                             break Err(a);
                         }
                         _ => {
-                            let mut b = a + 1;
-                            while b < n
-                                && t.spans[b] == Span::Absent
-                                && (b <= last || b < a + min_spans)
-                            {
-                                b += 1;
+                            let b = fetch_run(&t.spans, a, last, min_spans);
+                            // Spans of the run this reader fetches; a local gap in it is
+                            // fetched again (and checked) but not rewritten.
+                            let mine: Vec<bool> =
+                                t.spans[a..b].iter().map(|&s| s == Span::Absent).collect();
+                            for (s, &m) in t.spans[a..b].iter_mut().zip(&mine) {
+                                if m {
+                                    *s = Span::Busy;
+                                }
                             }
-                            for s in &mut t.spans[a..b] {
-                                *s = Span::Busy;
-                            }
-                            break Ok((a, b));
+                            break Ok((a, b, mine));
                         }
                     }
                 }
@@ -450,15 +450,17 @@ impl Lazy {
                     }
                     self.fetched_cond.notify_all();
                 }
-                Ok((a, b)) => {
+                Ok((a, b, mine)) => {
                     waited.get_or_insert_with(|| Waiting::new(who));
-                    let r = self.fetch_spans(a, b, who);
+                    let r = self.fetch_spans(a, b, &mine, who);
                     let mut t = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                    for s in &mut t.spans[a..b] {
-                        *s = if r.is_ok() { Span::Local } else { Span::Absent };
+                    for (s, &m) in t.spans[a..b].iter_mut().zip(&mine) {
+                        if m {
+                            *s = if r.is_ok() { Span::Local } else { Span::Absent };
+                        }
                     }
                     if r.is_ok() {
-                        t.in_file += b - a;
+                        t.in_file += mine.iter().filter(|&&m| m).count();
                     }
                     let complete = t.in_file == n && !t.completed;
                     if complete {
@@ -515,9 +517,9 @@ impl Lazy {
         ok
     }
 
-    /// Fetches spans `a..b`, checks each, and writes them to the file (and, once flushed
-    /// there, marks them in the span map).
-    fn fetch_spans(&self, a: usize, b: usize, who: Who) -> io::Result<()> {
+    /// Fetches spans `a..b`, checks each, and writes those this reader owns (`mine`) to the
+    /// file (and, once flushed there, marks them in the span map).
+    fn fetch_spans(&self, a: usize, b: usize, mine: &[bool], who: Who) -> io::Result<()> {
         let start = a as u64 * SPAN_BYTES;
         let end = (b as u64 * SPAN_BYTES).min(self.spans.blob_len);
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -553,19 +555,53 @@ impl Lazy {
                 ));
             }
         }
-        self.file.write_all_at(&bytes, start)?;
+        for (i, span) in bytes.chunks(SPAN_BYTES as usize).enumerate() {
+            if mine[i] {
+                self.file
+                    .write_all_at(span, start + i as u64 * SPAN_BYTES)?;
+            }
+        }
         if let Some(map) = &self.map {
             // The bytes first, durably; only then the marks that say they are there. A map
             // that cannot be written costs a refetch next time, not this read.
-            let marked = self
-                .file
-                .sync_data()
-                .and_then(|()| map.write_all_at(&vec![1u8; b - a], a as u64));
+            let marked = self.file.sync_data().and_then(|()| {
+                (a..b)
+                    .filter(|i| mine[i - a])
+                    .try_for_each(|i| map.write_all_at(&[1], i as u64))
+            });
             if let Err(e) = marked {
                 log::warn!("{}: cannot record the fetched spans: {e}", self.name);
             }
         }
         Ok(())
+    }
+}
+
+/// Local spans a fetch for one read may span to take the absent ones on either side in one
+/// request: a round trip costs more than 256 KiB fetched again.
+const NEAR_GAP: usize = 1;
+
+/// The end of the run of spans one fetch takes, starting at absent span `a`, for a read whose
+/// last span is `last`: absent spans through `last` (and on to `min_spans` of them), plus gaps
+/// of at most [`NEAR_GAP`] local spans between absent ones within the read. Spans being
+/// fetched or checked by others, and spans stored by an earlier process, end the run.
+fn fetch_run(spans: &[Span], a: usize, last: usize, min_spans: usize) -> usize {
+    let n = spans.len();
+    let mut b = a + 1;
+    loop {
+        if b < n && spans[b] == Span::Absent && (b <= last || b < a + min_spans) {
+            b += 1;
+            continue;
+        }
+        let mut g = b;
+        while g < n && g <= last && g - b < NEAR_GAP && spans[g] == Span::Local {
+            g += 1;
+        }
+        if g > b && g <= last && g < n && spans[g] == Span::Absent {
+            b = g;
+            continue;
+        }
+        return b;
     }
 }
 
@@ -1216,5 +1252,52 @@ mod tests {
         let s = lazy.full_stats();
         assert!(s.complete && s.local_bytes == data.len() as u64, "{s:?}");
         assert_eq!(s.spans_reused, 1);
+    }
+
+    #[test]
+    fn a_fetch_takes_near_absent_spans_of_the_read_across_a_small_local_gap() {
+        use Span::{Absent as A, Busy as B, Local as L, Stored as S};
+        // Across one local span within the read, not two, and not past the read's end.
+        assert_eq!(fetch_run(&[A, L, A, A], 0, 3, 1), 4);
+        assert_eq!(fetch_run(&[A, L, L, A], 0, 3, 1), 1);
+        assert_eq!(fetch_run(&[A, L, A, A], 0, 1, 1), 1);
+        // Read-ahead only over absent spans; others' work and stored spans end the run.
+        assert_eq!(fetch_run(&[A, A, A, A, A], 0, 0, 3), 3);
+        assert_eq!(fetch_run(&[A, B, A], 0, 2, 1), 1);
+        assert_eq!(fetch_run(&[A, S, A], 0, 2, 1), 1);
+        assert_eq!(fetch_run(&[A, L, S], 0, 2, 1), 1);
+    }
+
+    #[test]
+    fn a_read_across_a_local_span_makes_one_request_and_rewrites_nothing_local() {
+        let data = Arc::new(noise(SPAN_BYTES as usize * 6));
+        let (blob, lazy, asked) = lazy_blob(data.clone(), Arc::new(AtomicBool::new(false)));
+        // Span 1 alone is local.
+        lazy.ensure_spans(SPAN_BYTES, SPAN_BYTES + 1, 1, Who::Prefetch)
+            .unwrap();
+        asked.lock().unwrap().clear();
+        // Spans 0..=2, of which 1 is local: one request for all three.
+        let mut buf = vec![0; SPAN_BYTES as usize * 3];
+        blob.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, data[..SPAN_BYTES as usize * 3]);
+        assert_eq!(*asked.lock().unwrap(), vec![(0, SPAN_BYTES * 3)]);
+        assert_eq!(lazy.full_stats().local_bytes, SPAN_BYTES * 3);
+        // Now spans 0..=5 with 0..=2 local and 3 absent: nothing more for a gap of three.
+        let mut one = vec![0; 10];
+        blob.read_exact_at(&mut one, SPAN_BYTES * 4).unwrap();
+        asked.lock().unwrap().clear();
+        lazy.ensure_spans(SPAN_BYTES, SPAN_BYTES + 1, 1, Who::Prefetch)
+            .unwrap();
+        assert!(asked.lock().unwrap().is_empty());
+        // Spans 0..=5 with 0..=2 and 4..=5 local: span 3 alone.
+        asked.lock().unwrap().clear();
+        let mut buf = vec![0; SPAN_BYTES as usize * 6];
+        blob.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, *data);
+        assert_eq!(
+            *asked.lock().unwrap(),
+            vec![(SPAN_BYTES * 3, SPAN_BYTES * 4)]
+        );
+        assert!(lazy.full_stats().complete);
     }
 }
