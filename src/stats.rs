@@ -138,6 +138,7 @@ impl Reporter {
     /// Writes the file now and then within [`EVERY`] of each change, on a thread of its own;
     /// the file goes when the returned guard is dropped (at unmount).
     pub fn start(self) -> io::Result<StatsFile> {
+        remove_stale();
         let me = Arc::new(self);
         let first = me.snapshot();
         if let Err(e) = me.write(&first) {
@@ -168,6 +169,23 @@ impl Reporter {
     }
 }
 
+/// Removes the stats files of serving processes that are gone (killed, so they never removed
+/// their own): best effort.
+fn remove_stale() {
+    let Ok(rd) = std::fs::read_dir(dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let pid = std::fs::read(e.path())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|v| v["pid"].as_u64());
+        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Removes a mount's stats file when dropped.
 pub struct StatsFile(PathBuf);
 
@@ -195,6 +213,13 @@ pub fn read(mountpoint: &Path) -> Result<Value, String> {
     let alive = v["pid"]
         .as_u64()
         .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+    // Just unmounted, the server may not have removed its file yet.
+    if alive && !is_fuse_mount(&canon) {
+        return Err(format!(
+            "{}: no flatfs mount is serving it (not a FUSE mount)",
+            mountpoint.display()
+        ));
+    }
     if !alive {
         return Err(format!(
             "{}: the flatfs process that served it is gone (stale {})",
@@ -203,4 +228,54 @@ pub fn read(mountpoint: &Path) -> Result<Value, String> {
         ));
     }
     Ok(v)
+}
+
+/// Whether `/proc/self/mounts` has a FUSE mount on `path` (canonical).
+fn is_fuse_mount(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(mounts) = std::fs::read("/proc/self/mounts") else {
+        // Cannot tell: trust the stats file.
+        return true;
+    };
+    let want = path.as_os_str().as_bytes();
+    mounts.split(|&b| b == b'\n').any(|line| {
+        let mut fields = line.split(|&b| b == b' ');
+        let (_, Some(at), Some(fstype)) = (fields.next(), fields.next(), fields.next()) else {
+            return false;
+        };
+        fstype.starts_with(b"fuse") && unescape_mount_field(at) == want
+    })
+}
+
+/// A mount table field with its octal escapes (`\040` for a space, …) undone.
+fn unescape_mount_field(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let octal = field
+            .get(i + 1..i + 4)
+            .filter(|d| field[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push(d.iter().fold(0u8, |n, c| n.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(field[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_table_escapes_are_undone() {
+        assert_eq!(unescape_mount_field(br"/mnt/a\040b\134c"), b"/mnt/a b\\c");
+        assert_eq!(unescape_mount_field(br"/x\04"), br"/x\04");
+    }
 }

@@ -469,7 +469,7 @@ fn stats_of_a_local_mount_count_reads_and_go_at_unmount() {
     );
     assert_eq!(layer_stats(&stats, 1)["lazy"], false, "{stats}");
     let out = host.run(&["stats", mnt.to_str().unwrap()]);
-    assert!(!out.status.success());
+    assert!(!out.status.success(), "stats of an unmounted directory");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no flatfs mount is serving it"), "{err}");
 }
