@@ -473,3 +473,45 @@ fn stats_of_a_local_mount_count_reads_and_go_at_unmount() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no flatfs mount is serving it"), "{err}");
 }
+
+/// A server killed mid-fetch (SIGKILL, while a prefetch request hangs half-answered) leaves a
+/// span map that marks only true bytes, and the next mount reads the whole file right.
+#[test]
+fn lazy_a_killed_server_leaves_only_true_spans_marked() {
+    let Some(s) = setup("lazy_a_killed_server_leaves_only_true_spans_marked") else {
+        return;
+    };
+    s.host.mount(&s.image(), &s.mnt, &["--prefetch", "all"]);
+    // Every blob request from now on hangs after 100 KB of its answer.
+    s.proxy.inject(Fault::Stall {
+        path: format!("/blobs/{}", s.big),
+        after: 100_000,
+        secs: 60,
+        times: 1000,
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let stats = s.host.stats(&s.mnt);
+    let pid = stats["pid"].as_u64().unwrap() as i32;
+    // SAFETY: kill(2) on the server's own pid, read from its stats file.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.host.umount(&s.mnt);
+    s.proxy.clear_faults();
+    let marked = s.marked_spans_are_true();
+    eprintln!(
+        "killed with {marked} spans marked of {}",
+        s.blob.len().div_ceil(256 * 1024)
+    );
+    assert!(
+        marked < s.blob.len().div_ceil(256 * 1024),
+        "the prefetch finished before the kill: the test proved nothing"
+    );
+    s.host.mount(&s.image(), &s.mnt, &[]);
+    let all = std::fs::read(s.mnt.join("data/noise.bin"));
+    s.host.umount(&s.mnt);
+    assert!(all.unwrap() == s.noise, "noise.bin read back wrong");
+    s.marked_spans_are_true();
+}
