@@ -19,6 +19,8 @@ const MIDDLE: u64 = 6 << 20;
 struct Host {
     cache: PathBuf,
     runtime: PathBuf,
+    /// `$FLATFS_REGISTRY_TIMEOUT`, seconds.
+    timeout: &'static str,
 }
 
 impl Host {
@@ -28,13 +30,14 @@ impl Host {
         Host {
             cache: at.join("cache"),
             runtime,
+            timeout: "10",
         }
     }
 
     fn run(&self, args: &[&str]) -> Output {
         flatfs()
             .env("FLATFS_CACHE_DIR", &self.cache)
-            .env("FLATFS_REGISTRY_TIMEOUT", "10")
+            .env("FLATFS_REGISTRY_TIMEOUT", self.timeout)
             .env("HOME", &self.cache)
             .env("XDG_RUNTIME_DIR", &self.runtime)
             .env_remove("REGISTRY_AUTH_FILE")
@@ -321,9 +324,11 @@ fn lazy_prefetch_all_makes_the_mount_local() {
 
 #[test]
 fn lazy_registry_outage_gives_eio_then_the_mount_recovers() {
-    let Some(s) = setup("lazy_registry_outage_gives_eio_then_the_mount_recovers") else {
+    let Some(mut s) = setup("lazy_registry_outage_gives_eio_then_the_mount_recovers") else {
         return;
     };
+    // Range requests then give up on a silent registry after 2 s a try.
+    s.host.timeout = "2";
     s.host.mount(&s.image(), &s.mnt, &[]);
     s.proxy.inject(Fault::Refuse {
         path: format!("/blobs/{}", s.big),
@@ -345,7 +350,24 @@ fn lazy_registry_outage_gives_eio_then_the_mount_recovers() {
     let busy = s.read_at(MIDDLE + (3 << 20), 4096);
     s.proxy.clear_faults();
     let back2 = s.read_at(MIDDLE + (3 << 20), 4096);
+    // A registry that takes the request and says nothing: bounded too.
+    s.proxy.inject(Fault::Stall {
+        path: format!("/blobs/{}", s.big),
+        after: 0,
+        secs: 60,
+        times: 1000,
+    });
+    let t = Instant::now();
+    let silent = s.read_at(MIDDLE - (3 << 20), 4096);
+    let silent_after = t.elapsed();
+    s.proxy.clear_faults();
+    let back3 = s.read_at(MIDDLE - (3 << 20), 4096);
     s.host.umount(&s.mnt);
+    eprintln!("silent registry: EIO after {silent_after:?}");
+    let err = silent.expect_err("a read from a silent registry succeeded");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(silent_after < Duration::from_secs(15), "{silent_after:?}");
+    assert_eq!(back3.unwrap(), s.noise_at(MIDDLE - (3 << 20), 4096));
     eprintln!("outage: EIO after {failed_after:?}");
     let err = away.expect_err("a read needing an absent registry succeeded");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
