@@ -73,6 +73,8 @@ pub enum CacheKind {
     MergedTree,
     /// A blob pulled from a registry (`blobs/sha256/HEX`).
     Blob,
+    /// Spans of a blob a lazy mount fetched (`blobs/partial/HEX`).
+    PartialBlob,
 }
 
 /// The identity of the blob bytes an index was verified against: if the file is the same file,
@@ -278,7 +280,7 @@ impl Cache {
             let entries = fs::read(e.path()).ok().and_then(|b| match kind {
                 CacheKind::LayerIndex => decode(&b).map(|(i, _, _)| i.entries.len() as u64),
                 CacheKind::MergedTree => merged::node_count(&b),
-                CacheKind::Blob => None,
+                CacheKind::Blob | CacheKind::PartialBlob => None,
             });
             out.push(CacheEntry {
                 digest: format!("sha256:{hex}"),
@@ -290,7 +292,11 @@ impl Cache {
         for b in crate::registry::BlobStore::in_cache(&self.dir).list()? {
             out.push(CacheEntry {
                 digest: b.digest,
-                kind: CacheKind::Blob,
+                kind: if b.partial {
+                    CacheKind::PartialBlob
+                } else {
+                    CacheKind::Blob
+                },
                 size: b.size,
                 entries: None,
             });
@@ -307,7 +313,7 @@ impl Cache {
             let ext = match e.kind {
                 CacheKind::LayerIndex => "idx",
                 CacheKind::MergedTree => "tree",
-                CacheKind::Blob => continue,
+                CacheKind::Blob | CacheKind::PartialBlob => continue,
             };
             fs::remove_file(self.dir.join(format!("{hex}.{ext}")))?;
             freed += e.size;

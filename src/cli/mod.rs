@@ -11,6 +11,7 @@ mod inspect;
 mod ls;
 mod misc;
 mod mount;
+mod stats;
 mod ui;
 
 use anyhow::Result;
@@ -45,6 +46,7 @@ enum Command {
     Diff(diff::DiffArgs),
     Cache(cache::CacheArgs),
     Index(index::IndexArgs),
+    Stats(stats::StatsArgs),
     Completions(misc::CompletionsArgs),
     Man(misc::ManArgs),
     Umount(mount::UmountArgs),
@@ -68,6 +70,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Diff(a) => diff::run(&a.ui.start(&top), a),
         Command::Cache(a) => cache::run(top.log.quiet, a),
         Command::Index(a) => index::run(&top, a),
+        Command::Stats(a) => stats::run(a),
         Command::Completions(a) => misc::completions(a),
         Command::Man(a) => misc::man(a),
         Command::Umount(a) => mount::umount(a),

@@ -100,7 +100,7 @@ pub(super) fn open(
         }
         if let Some(spans) = lazy_spans(opts, &digest, layer.size()) {
             let path = layout_path(layout.path(), &digest)?;
-            match open_lazy(&client, repo, &digest, &path, spans) {
+            match open_lazy(&client, repo, &digest, &path, spans, &blobs) {
                 Ok(l) => {
                     lazy.insert(digest.clone(), l);
                     continue;
@@ -237,30 +237,43 @@ fn forget_index(opts: &Options, digest: &str) {
     }
 }
 
-/// An empty (sparse) file of the blob's size at `path` in the layout, filled by range requests
-/// as it is read, each span checked against `spans`. Its first span is fetched now: the
-/// layer's compression is sniffed from its first bytes when the image opens.
+/// The blob's partial file in the store (`partial/HEX`, what earlier mounts fetched), linked
+/// at `path` in the layout and filled by range requests as it is read, each span checked
+/// against `spans` and recorded in its span map. Once every span is there, it is checked
+/// whole and becomes a stored blob. Its first span is fetched now: the layer's compression is
+/// sniffed from its first bytes when the image opens.
 fn open_lazy(
     client: &Arc<Client>,
     repo: &str,
     digest: &str,
     path: &Path,
     spans: SpanDigests,
+    blobs: &BlobStore,
 ) -> Result<Arc<Lazy>> {
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| Error::io(path.display(), e))?;
-    file.set_len(spans.blob_len)
-        .map_err(|e| Error::io(path.display(), e))?;
+    let store_err = |e| Error::io(blobs.root().display(), e);
+    let (file, map, partial) = blobs
+        .open_partial(digest, spans.blob_len, spans.digests.len() as u64)
+        .map_err(store_err)?;
+    std::fs::hard_link(&partial, path).map_err(|e| Error::io(path.display(), e))?;
     let (c, r, d) = (client.clone(), repo.to_string(), digest.to_string());
     let fetch = Box::new(move |start, end| {
         c.fetch_range(&r, &d, start, end)
             .map_err(|e| std::io::Error::other(e.to_string()))
     });
     let name = format!("{repo}@{digest}");
-    let lazy = Arc::new(Lazy::new(file, spans, &name, fetch));
+    let (store, d) = (blobs.clone(), digest.to_string());
+    let keep_whole = Arc::new(move || match store.promote_partial(&d) {
+        Ok(_) => log::info!("blob store: {d} is complete and checked; kept whole"),
+        Err(e) => log::warn!("blob store: cannot keep {d} whole: {e}"),
+    });
+    let lazy = Lazy::new(file, spans, &name, fetch)
+        .with_map(map)
+        .map_err(|e| Error::io(partial.display(), e))?;
+    if lazy.all_in_file() {
+        // An earlier mount fetched the last span but did not live to keep the blob whole.
+        keep_whole();
+    }
+    let lazy = Arc::new(lazy.on_complete(keep_whole));
     lazy.fetch_start().map_err(|e| client.error(e))?;
     Ok(lazy)
 }

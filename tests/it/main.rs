@@ -8,6 +8,7 @@ mod cli;
 mod export;
 mod harness;
 mod hostile;
+mod lazy;
 mod merge;
 mod mount;
 mod names;
