@@ -25,7 +25,7 @@ mod merged;
 
 const MAGIC: &[u8; 8] = b"FLATFSIX";
 /// Bump when the encoding or the meaning of a field changes; old files are then ignored.
-const VERSION: u32 = 6;
+pub(crate) const VERSION: u32 = 6;
 /// Length of a [`checksum`].
 const SUM: usize = 4;
 /// Magic, version and the head's length.
@@ -73,6 +73,8 @@ pub enum CacheKind {
     MergedTree,
     /// A blob pulled from a registry (`blobs/sha256/HEX`).
     Blob,
+    /// Spans of a blob a lazy mount fetched (`blobs/partial/HEX`).
+    PartialBlob,
 }
 
 /// The identity of the blob bytes an index was verified against: if the file is the same file,
@@ -81,7 +83,7 @@ fn stamp(layer: &Layer) -> [u64; 6] {
     if layer.blob.is_lazy() {
         // Its file fills as it is read; every span is checked against the index's span
         // digests instead, so the digest alone identifies the bytes.
-        return [u64::MAX, 0, layer.blob.len(), 0, 0, 0];
+        return lazy_stamp(layer.blob.len());
     }
     match layer.blob.metadata() {
         Some(m) => [
@@ -94,6 +96,11 @@ fn stamp(layer: &Layer) -> [u64; 6] {
         ],
         None => [0; 6],
     }
+}
+
+/// The stamp of a blob read by ranges: no local file vouches for it, its span digests do.
+fn lazy_stamp(len: u64) -> [u64; 6] {
+    [u64::MAX, 0, len, 0, 0, 0]
 }
 
 impl Cache {
@@ -192,6 +199,62 @@ impl Cache {
         write_atomically(&self.dir, &path, &encode(index, stamp(layer), key))
     }
 
+    /// A layer's index as a cache file that names no local file: what an index artifact
+    /// carries (`registry/artifact.rs`). `None` without span digests, which a lazy read needs.
+    pub fn portable(index: &LayerIndex, digest: &str) -> Option<Vec<u8>> {
+        let len = index.spans.as_ref()?.blob_len;
+        Some(encode(index, lazy_stamp(len), digest))
+    }
+
+    /// Takes the index of blob `digest` (`size` bytes, uncompressed `diff_id` if known) from
+    /// untrusted bytes (an index artifact): decoded with every check a cache file gets, it must
+    /// be of this blob, with span digests covering exactly its size, then it is saved
+    /// atomically, as if indexed here. Says why it was refused.
+    pub fn import(
+        &self,
+        digest: &str,
+        size: u64,
+        diff_id: Option<&str>,
+        bytes: &[u8],
+    ) -> std::result::Result<(), String> {
+        let path = self
+            .path_for(digest)
+            .ok_or_else(|| format!("unsupported digest {digest:?}"))?;
+        let (index, _, key) = decode(bytes).ok_or(
+            "not a valid layer index (damaged, forged, or made by another flatfs version)",
+        )?;
+        if key != digest {
+            return Err(format!("it is the index of {key}"));
+        }
+        match &index.spans {
+            Some(s) if s.blob_len == size => {}
+            Some(s) => {
+                return Err(format!(
+                    "its span digests cover {} bytes, the layer has {size}",
+                    s.blob_len
+                ));
+            }
+            None => return Err("it has no span digests".into()),
+        }
+        if let Some(d) = diff_id.filter(|d| *d != index.diff_id) {
+            return Err(format!(
+                "its diff_id is {}, the image config says {d}",
+                index.diff_id
+            ));
+        }
+        // Re-encoded with no stamp of a local file: a forged stamp must not pass for one.
+        write_atomically(&self.dir, &path, &encode(&index, lazy_stamp(size), digest))
+            .map_err(|e| format!("cannot save it in {}: {e}", self.dir.display()))
+    }
+
+    /// Removes the index of blob `digest` (one imported from an artifact that proved wrong).
+    pub fn forget(&self, digest: &str) -> io::Result<()> {
+        match self.path_for(digest).map(fs::remove_file) {
+            Some(Err(e)) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Every cache file.
     pub fn list(&self) -> io::Result<Vec<CacheEntry>> {
         let mut out = Vec::new();
@@ -217,7 +280,7 @@ impl Cache {
             let entries = fs::read(e.path()).ok().and_then(|b| match kind {
                 CacheKind::LayerIndex => decode(&b).map(|(i, _, _)| i.entries.len() as u64),
                 CacheKind::MergedTree => merged::node_count(&b),
-                CacheKind::Blob => None,
+                CacheKind::Blob | CacheKind::PartialBlob => None,
             });
             out.push(CacheEntry {
                 digest: format!("sha256:{hex}"),
@@ -229,7 +292,11 @@ impl Cache {
         for b in crate::registry::BlobStore::in_cache(&self.dir).list()? {
             out.push(CacheEntry {
                 digest: b.digest,
-                kind: CacheKind::Blob,
+                kind: if b.partial {
+                    CacheKind::PartialBlob
+                } else {
+                    CacheKind::Blob
+                },
                 size: b.size,
                 entries: None,
             });
@@ -246,7 +313,7 @@ impl Cache {
             let ext = match e.kind {
                 CacheKind::LayerIndex => "idx",
                 CacheKind::MergedTree => "tree",
-                CacheKind::Blob => continue,
+                CacheKind::Blob | CacheKind::PartialBlob => continue,
             };
             fs::remove_file(self.dir.join(format!("{hex}.{ext}")))?;
             freed += e.size;
@@ -921,6 +988,36 @@ mod tests {
                 .span_digests(&format!("sha256:{hex}"), size + 1)
                 .is_none()
         );
+    }
+
+    #[test]
+    fn import_takes_only_an_index_that_fits_the_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path());
+        let digest = format!("sha256:{}", "cd".repeat(32));
+        let size = crate::blob::SPAN_BYTES + 1;
+        let bytes = Cache::portable(&sample(), &digest).expect("has span digests");
+        let refused = |d: &str, size, diff_id, b: &[u8]| cache.import(d, size, diff_id, b).is_err();
+        // Another layer's index, another size, another diff_id, damaged bytes.
+        let other = format!("sha256:{}", "ef".repeat(32));
+        assert!(refused(&other, size, None, &bytes));
+        assert!(refused(&digest, size + 1, None, &bytes));
+        assert!(refused(&digest, size, Some("sha256:11"), &bytes));
+        let mut bad = bytes.clone();
+        bad[40] ^= 1;
+        assert!(refused(&digest, size, None, &bad));
+        assert!(cache.span_digests(&digest, size).is_none(), "nothing saved");
+        // A forged stamp never survives: the saved file names no local file.
+        let forged = encode(&sample(), [1, 2, 3, 4, 5, 6], &digest);
+        cache
+            .import(&digest, size, Some("sha256:00"), &forged)
+            .unwrap();
+        let saved = std::fs::read(dir.path().join(format!("{}.idx", "cd".repeat(32)))).unwrap();
+        assert_eq!(saved, bytes);
+        assert_eq!(cache.span_digests(&digest, size), sample().spans);
+        cache.forget(&digest).unwrap();
+        assert!(cache.span_digests(&digest, size).is_none());
+        cache.forget(&digest).unwrap();
     }
 
     #[test]

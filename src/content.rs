@@ -24,6 +24,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, BufReader, Read};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::blob::{Blob, BlobReader, Compression, Decoder, open_decoded};
@@ -80,6 +81,21 @@ struct BlockCache {
 pub struct Content {
     layers: Vec<LayerData>,
     cache: BlockCache,
+    /// For `flatfs stats`: bytes read, blocks found cached, blocks decompressed (and their bytes).
+    counters: ContentStats,
+}
+
+/// What reads through a [`Content`] cost so far (cheap atomic counters).
+#[derive(Debug, Default)]
+pub struct ContentStats {
+    /// File bytes handed to readers.
+    pub read_bytes: std::sync::atomic::AtomicU64,
+    /// Compressed-layer blocks found in the block cache.
+    pub block_hits: std::sync::atomic::AtomicU64,
+    /// Blocks decompressed.
+    pub blocks_decompressed: std::sync::atomic::AtomicU64,
+    /// Bytes decompressed into those blocks.
+    pub decompressed_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Content {
@@ -118,7 +134,18 @@ impl Content {
                 blocks: Mutex::default(),
                 loaded: Condvar::new(),
             },
+            counters: ContentStats::default(),
         }
+    }
+
+    /// The counters of reads so far.
+    pub fn counters(&self) -> &ContentStats {
+        &self.counters
+    }
+
+    /// The layer blobs, bottom layer first.
+    pub fn blobs(&self) -> impl Iterator<Item = &Blob> {
+        self.layers.iter().map(|l| &l.blob)
     }
 
     /// Reads up to `buf.len()` bytes of a file at `offset`; short only at the end of the file.
@@ -128,6 +155,7 @@ impl Content {
         }
         let n = buf.len().min((extent.size - offset) as usize);
         let buf = &mut buf[..n];
+        self.counters.read_bytes.fetch_add(n as u64, Relaxed);
         let Some(map) = extent.sparse else {
             let pos = extent.offset.checked_add(offset).ok_or_else(out_of_range)?;
             self.read_stored(extent.layer, pos, buf)?;
@@ -227,6 +255,7 @@ impl Content {
                 let now = blocks.clock;
                 if let Some((block, used)) = blocks.cached.get_mut(&key) {
                     *used = now;
+                    self.counters.block_hits.fetch_add(1, Relaxed);
                     return Ok(block.clone());
                 }
                 if !blocks.loading.contains(&key) {
@@ -239,6 +268,10 @@ impl Content {
         // Whatever happens to this load, even a panic, the key is released and waiters woken.
         let loading = Loading { cache, key };
         let result = layer.read_block(number * BLOCK);
+        if let Ok(block) = &result {
+            self.counters.blocks_decompressed.fetch_add(1, Relaxed);
+            (self.counters.decompressed_bytes).fetch_add(block.len() as u64, Relaxed);
+        }
         let mut blocks = cache.blocks.lock().unwrap_or_else(|e| e.into_inner());
         if let Ok(block) = &result {
             if blocks.cached.len() >= cache.capacity

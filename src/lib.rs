@@ -26,6 +26,7 @@ pub mod reference;
 pub mod registry;
 pub mod source;
 pub mod squash;
+pub mod stats;
 pub mod tree;
 pub mod zran;
 pub mod zstd_frames;

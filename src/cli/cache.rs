@@ -45,10 +45,13 @@ pub fn run(quiet: bool, args: CacheArgs) -> Result<()> {
                 let what = match e.kind {
                     CacheKind::LayerIndex => "entries",
                     CacheKind::MergedTree => "nodes (merged tree)",
-                    CacheKind::Blob => "",
+                    CacheKind::Blob | CacheKind::PartialBlob => "",
                 };
                 let n = match (e.kind, e.entries) {
                     (CacheKind::Blob, _) => "blob (pulled)".to_string(),
+                    (CacheKind::PartialBlob, _) => {
+                        "blob (partial: spans a lazy mount read)".to_string()
+                    }
                     (_, Some(n)) => format!("{n} {what}"),
                     (_, None) => "unreadable".to_string(),
                 };
@@ -90,6 +93,6 @@ fn count_kinds(entries: &[CacheEntry]) -> (usize, usize, usize) {
     (
         count(CacheKind::LayerIndex),
         count(CacheKind::MergedTree),
-        count(CacheKind::Blob),
+        count(CacheKind::Blob) + count(CacheKind::PartialBlob),
     )
 }
