@@ -5,9 +5,9 @@
 # 200k small files, a second layer whiting out and rewriting 10%), big (scripts/make-big.sh:
 # debian plus a real `apt-get install` of a build tool chain, ~800 MB of tar, ~30k entries, and a
 # layer of whiteouts), manylayers (scripts/make-manylayers.py: 100 layers, each touching 1-2% of
-# a 50k-entry tree; its "first mount" row is the issue-15 merge + mount row), or a path to an
-# OCI layout directory with tag latest. Default: debian
-# synthetic. Images are built once into $BENCH_DIR (default target/bench). Prints, per image and
+# a 50k-entry tree; its "first mount" row is the issue-15 merge + mount row), million
+# (scripts/make-million.py: 1M empty files; only table 15's memory row), or a path to an OCI
+# layout directory with tag latest. Default: debian synthetic. Images are built once into $BENCH_DIR (default target/bench). Prints, per image and
 # job, flatfs's time, the baseline's, the ratio (flatfs / baseline) and flatfs's peak RSS.
 # Then, if ratarmount is installed, a second table with the mounting peer: ratarmount union-mounting
 # the layer blobs (it ignores whiteouts), its time against the same baselines, and its peak RSS.
