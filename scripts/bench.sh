@@ -577,6 +577,7 @@ for name in "${IMAGES[@]}"; do
   ! table 15 || t15_rows
   ! table 14 || t14_rows
 done
+[ -z "$PREPARE" ] || exit 0
 
 echo
 if [ -n "$RM_SKIP" ]; then
