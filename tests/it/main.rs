@@ -4,6 +4,7 @@
 mod browse;
 mod cache;
 mod cli;
+mod content_cache;
 mod export;
 mod harness;
 mod hostile;
