@@ -19,7 +19,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 
 use sha2::{Digest as _, Sha256};
 
@@ -187,16 +187,20 @@ impl LayerCache {
             let layer_len = s.layer_len(&st);
             // Half a pass: a walk that keeps wasting then costs about 1.5 decompressions in
             // all, while a few hundred scattered reads of a layer with checkpoints (half a
-            // span each) stay below it and cost no pass.
-            let due = if s.restartable {
-                st.waste >= layer_len / 2
-            } else {
+            // span each) stay below it and cost no pass. A file from an earlier run costs
+            // only hashing: worth it as soon as reads start to waste.
+            let exists = skip > 0 && s.path.exists();
+            let due = if !s.restartable {
                 skip >= NON_SEQUENTIAL
+            } else if exists {
+                st.waste >= NON_SEQUENTIAL
+            } else {
+                st.waste >= layer_len / 2
             };
             if !due {
                 return Plan::Decompress;
             }
-            st.phase = if s.path.exists() {
+            st.phase = if exists {
                 Phase::Verifying { done: 0 }
             } else {
                 Phase::Filling {
@@ -216,8 +220,11 @@ impl LayerCache {
         }
         match st.phase {
             Phase::Ready(_) => Plan::Wait,
-            // Hashing runs at about twice the speed of decompressing.
-            Phase::Verifying { done } if s.layer_len(&st).saturating_sub(done) <= 2 * skip => {
+            // sha256 (SHA-NI) hashes about twice as fast as zstd decompresses, four times as
+            // fast as inflate (measured: 0.26 s, `zstd -dc` 0.54 s, `pigz -dc` 1.6 s, 420 MiB).
+            Phase::Verifying { done }
+                if s.layer_len(&st).saturating_sub(done) <= s.hash_speedup() * skip =>
+            {
                 Plan::Wait
             }
             Phase::Filling { done, .. } if pos.saturating_sub(done) <= skip => Plan::Wait,
@@ -284,6 +291,14 @@ impl LayerCache {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many times faster hashing is than decompressing this layer.
+    fn hash_speedup(&self) -> u64 {
+        match self.compression {
+            Compression::Gzip => 4,
+            _ => 2,
+        }
     }
 
     fn layer_len(&self, st: &State) -> u64 {
@@ -400,27 +415,55 @@ impl Shared {
             done: 0,
         });
         let mut decoder = open_decoded(&self.blob, self.compression)?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0; CHUNK];
-        let mut done = 0u64;
-        loop {
-            let n = read_full(&mut decoder, &mut buf)?;
-            if n == 0 {
-                break;
-            }
-            self.pass_bytes.fetch_add(n as u64, Ordering::Relaxed);
-            hasher.update(&buf[..n]);
-            file.write_all_at(&buf[..n], done)?;
-            done += n as u64;
-            if self.expected_len.is_some_and(|l| done > l) {
-                return Err(io::Error::other("the layer is longer than its index says"));
-            }
-            if let Phase::Filling { done: d, .. } = &mut self.lock().phase {
-                *d = done;
-            }
-            self.changed.notify_all();
-        }
-        let digest = crate::blob::digest_string(hasher);
+        // Two stages, so that hashing stays off the watermark's way: decompress | write,
+        // publish, hash. Buffers go back to the decompressor, a handful in all.
+        let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(3);
+        let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+        let (decompressed, written) = std::thread::scope(|scope| {
+            let writer = scope.spawn(|| -> io::Result<(String, u64)> {
+                let mut hasher = Sha256::new();
+                let mut done = 0u64;
+                for chunk in full_rx {
+                    file.write_all_at(&chunk, done)?;
+                    done += chunk.len() as u64;
+                    if let Phase::Filling { done: d, .. } = &mut self.lock().phase {
+                        *d = done;
+                    }
+                    self.changed.notify_all();
+                    hasher.update(&chunk);
+                    let _ = empty_tx.send(chunk);
+                }
+                Ok((crate::blob::digest_string(hasher), done))
+            });
+            let decompressed = (|| -> io::Result<()> {
+                let mut total = 0u64;
+                loop {
+                    let mut buf = empty_rx.try_recv().unwrap_or_default();
+                    buf.resize(CHUNK, 0);
+                    let n = read_full(&mut decoder, &mut buf)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    buf.truncate(n);
+                    total += n as u64;
+                    self.pass_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    if self.expected_len.is_some_and(|l| total > l) {
+                        return Err(io::Error::other("the layer is longer than its index says"));
+                    }
+                    if full_tx.send(buf).is_err() {
+                        // The writer stopped: its error says why.
+                        return Ok(());
+                    }
+                }
+            })();
+            drop(full_tx);
+            let written = writer
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the cache writer panicked")));
+            (decompressed, written)
+        });
+        decompressed?;
+        let (digest, done) = written?;
         if digest != self.diff_id || self.expected_len.is_some_and(|l| l != done) {
             return Err(io::Error::other(format!(
                 "the layer decompressed to {done} bytes with digest {digest}, not its diff_id {}",
