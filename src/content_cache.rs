@@ -6,10 +6,10 @@
 //!
 //! Readers never wait for the whole pass: the bytes written so far (a watermark) are served from
 //! the file as the pass passes them, and a reader the pass is far from goes on through the block
-//! path. The file is written under a temp name and renamed when its sha256 (computed on the way)
+//! path. The file is written anonymous and named when its sha256 (computed on the way)
 //! equals the layer's diff_id; a file found from an earlier run is hashed again before it is
 //! used, and deleted if its digest or length is wrong. Two processes filling the same layer each
-//! write their own temp file and the last rename wins: both hold the same bytes. Files are kept
+//! write their own file and the last rename wins: both hold the same bytes. Files are kept
 //! within `$FLATFS_CONTENT_CACHE_MAX` bytes, least recently used out first. Any failure to
 //! write (a full disk) abandons the file for this process with one warning: reads go on through
 //! the block path, never an error because of the cache.
@@ -409,10 +409,9 @@ impl Shared {
     fn fill(&self) -> io::Result<Arc<File>> {
         fs::create_dir_all(&self.dir)?;
         remove_stale(&self.dir);
-        let tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(&self.dir)?;
-        let file = Arc::new(tmp.as_file().try_clone()?);
+        // Anonymous (O_TMPFILE) until complete: a mount that ends mid-pass, by unmount or
+        // kill, leaves nothing behind.
+        let file = Arc::new(tempfile::tempfile_in(&self.dir)?);
         self.set(Phase::Filling {
             file: Some(file.clone()),
             done: 0,
@@ -473,10 +472,42 @@ impl Shared {
                 self.diff_id
             )));
         }
-        tmp.persist(&self.path).map_err(|e| e.error)?;
+        publish(&file, &self.dir, &self.path)?;
         touch(&file);
         Ok(file)
     }
+}
+
+/// Gives the anonymous file `file` the name `path` (replacing what is there): linked under a
+/// temp name through `/proc/self/fd`, then renamed, so `path` is the old file or this one.
+fn publish(file: &File, dir: &Path, path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(io::Error::other)?;
+    let to = std::ffi::CString::new(tmp.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: two NUL-terminated paths; linkat only reads them.
+    let linked = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if linked != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
 }
 
 /// Reads until `buf` is full or the input ends.

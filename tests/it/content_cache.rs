@@ -372,3 +372,49 @@ fn a_full_disk_leaves_reads_correct() {
         .collect();
     assert!(left.is_empty(), "the abandoned file is removed: {left:?}");
 }
+
+#[test]
+fn two_mounts_of_one_image_share_the_cache_without_harm() {
+    require_fuse!("two_mounts_of_one_image_share_the_cache_without_harm");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cache = tmp.path().join("cache");
+    let image = tmp.path().join("image");
+    let files = files(7);
+    let (diff_id, _) = zstd_image(&image, &files);
+    // Index once, so the two mounts do not race to write the index either.
+    assert_success(
+        &flatfs()
+            .env("FLATFS_CACHE_DIR", &cache)
+            .arg("ls")
+            .arg(&image)
+            .output()
+            .expect("flatfs ls"),
+    );
+    let (a, b) = (
+        Mount::new(&image, &cache, &[]),
+        Mount::new(&image, &cache, &[]),
+    );
+    // Both fill the same layer at once: each its own temp file, the last rename wins.
+    thread::scope(|s| {
+        for (m, seed) in [(&a, 20), (&b, 21)] {
+            let files = &files;
+            s.spawn(move || read_all_shuffled(m, files, seed));
+        }
+    });
+    let file = cache_file(&cache, &diff_id);
+    wait_until(|| file.exists(), "the cache file");
+    for log in [a.finish(), b.finish()] {
+        assert!(!log.contains("cannot cache"), "{log}");
+    }
+    assert_eq!(sha256_hex(&fs::read(&file).expect("cache file")), diff_id);
+    // The file is anonymous until complete: the mount that lost left nothing behind.
+    let names: Vec<_> = fs::read_dir(cache.join("content"))
+        .expect("content dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names, [file.file_name().expect("name")], "{names:?}");
+    // A third mount uses it.
+    let m = Mount::new(&image, &cache, &[]);
+    read_all_shuffled(&m, &files, 22);
+    assert_eq!(decompressed(&m.finish()).1, 0);
+}
