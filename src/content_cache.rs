@@ -411,7 +411,11 @@ impl Shared {
         remove_stale(&self.dir);
         // Anonymous (O_TMPFILE) until complete: a mount that ends mid-pass, by unmount or
         // kill, leaves nothing behind.
-        let file = Arc::new(tempfile::tempfile_in(&self.dir)?);
+        let file = tempfile::tempfile_in(&self.dir)?;
+        // The layer's bytes, root-only files included: for the cache's owner alone, as the
+        // index files are.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let file = Arc::new(file);
         self.set(Phase::Filling {
             file: Some(file.clone()),
             done: 0,
@@ -725,6 +729,8 @@ mod tests {
         );
         let file = cached_file(dir.path(), &plain);
         assert_eq!(fs::read(&file).expect("cache file"), plain);
+        let mode = fs::metadata(&file).expect("stat").mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
         // A second content reader of the same layer uses the file: no decompression at all.
         let again = zstd_content(&plain, dir.path(), 1 << 40);
         check(&again, &plain, len / 2, 70_000);
