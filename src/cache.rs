@@ -75,6 +75,8 @@ pub enum CacheKind {
     Blob,
     /// Spans of a blob a lazy mount fetched (`blobs/partial/HEX`).
     PartialBlob,
+    /// A decompressed layer (`content/HEX.tar`, under its diff_id).
+    Content,
 }
 
 /// The identity of the blob bytes an index was verified against: if the file is the same file,
@@ -280,13 +282,24 @@ impl Cache {
             let entries = fs::read(e.path()).ok().and_then(|b| match kind {
                 CacheKind::LayerIndex => decode(&b).map(|(i, _, _)| i.entries.len() as u64),
                 CacheKind::MergedTree => merged::node_count(&b),
-                CacheKind::Blob | CacheKind::PartialBlob => None,
+                CacheKind::Blob | CacheKind::PartialBlob | CacheKind::Content => None,
             });
             out.push(CacheEntry {
                 digest: format!("sha256:{hex}"),
                 kind,
                 size,
                 entries,
+            });
+        }
+        for (path, size, _) in
+            crate::content_cache::list(&crate::content_cache::content_dir(&self.dir))?
+        {
+            let hex = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+            out.push(CacheEntry {
+                digest: format!("sha256:{}", hex.unwrap_or_default()),
+                kind: CacheKind::Content,
+                size,
+                entries: None,
             });
         }
         for b in crate::registry::BlobStore::in_cache(&self.dir).list()? {
@@ -308,12 +321,13 @@ impl Cache {
     /// Removes every cache file; returns how many bytes were freed.
     pub fn clear(&self) -> io::Result<u64> {
         let mut freed = crate::registry::BlobStore::in_cache(&self.dir).clear()?;
+        freed += crate::content_cache::clear(&crate::content_cache::content_dir(&self.dir))?;
         for e in self.list()? {
             let hex = e.digest.trim_start_matches("sha256:");
             let ext = match e.kind {
                 CacheKind::LayerIndex => "idx",
                 CacheKind::MergedTree => "tree",
-                CacheKind::Blob | CacheKind::PartialBlob => continue,
+                CacheKind::Blob | CacheKind::PartialBlob | CacheKind::Content => continue,
             };
             fs::remove_file(self.dir.join(format!("{hex}.{ext}")))?;
             freed += e.size;

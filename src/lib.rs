@@ -15,6 +15,7 @@ pub mod changes;
 pub mod cli;
 pub mod compress;
 pub mod content;
+pub mod content_cache;
 pub mod error;
 pub mod export;
 pub mod fs;

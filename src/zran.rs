@@ -102,6 +102,7 @@ impl Checkpoint {
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Checkpoints {
     points: Vec<Checkpoint>,
+    output_len: u64,
 }
 
 impl fmt::Debug for Checkpoints {
@@ -127,7 +128,12 @@ impl Checkpoints {
             }
             last = Some(p);
         }
-        Some(Checkpoints { points })
+        Some(Checkpoints { points, output_len })
+    }
+
+    /// The length of the decompressed stream.
+    pub fn output_len(&self) -> u64 {
+        self.output_len
     }
 
     /// All checkpoints, in stream order.

@@ -105,7 +105,9 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
         tree,
         checkpoints,
     } = ui.open(&image, platform.as_ref(), layers, None)?;
-    let mut fs = FlatFs::new(tree, Content::new(&img.layers, &checkpoints));
+    let content = Content::new(&img.layers, &checkpoints)
+        .with_disk_cache(&img.layers, ui.cache.as_ref().map(|c| c.dir()));
+    let mut fs = FlatFs::new(tree, content);
     // On a lazy registry mount a push would fetch every listed small file from the network:
     // there, only what is read is fetched.
     let lazy = img.layers.iter().any(|l| l.blob.is_lazy());

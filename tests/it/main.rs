@@ -5,6 +5,7 @@ mod artifact;
 mod browse;
 mod cache;
 mod cli;
+mod content_cache;
 mod export;
 mod harness;
 mod hostile;
