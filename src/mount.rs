@@ -148,6 +148,9 @@ impl Mountpoint {
         match unsafe { fork() } {
             Err(e) => Err(self.error(format!("cannot fork: {e}"))),
             Ok(ForkResult::Parent { child }) => {
+                // The child serves this tree; here it is only freed, page by page, before the
+                // command can return: a copy-on-write image of it goes with the process instead.
+                std::mem::forget(fs);
                 drop(write_end);
                 let mut report = Vec::new();
                 let read = File::from(read_end).read_to_end(&mut report);
