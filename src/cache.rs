@@ -6,7 +6,8 @@
 //!
 //! A file has two separately checksummed parts: a head (identity, digests, checkpoints) and a
 //! body (entries). A mount whose merged tree is cached (`merged.rs`) needs only the
-//! checkpoints, so it reads the head and never decodes the entries.
+//! checkpoints, so it reads the head (when a read first needs the layer) and never decodes
+//! the entries.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -631,9 +632,6 @@ impl<R: Read> SumReader<R> {
         let mut buf = [0u8; N];
         self.fill(&mut buf)?;
         Some(buf)
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.array()?))
     }
     /// Ends the stream: nothing may be left before the checksum, which must match.
     fn finish(mut self) -> Option<()> {
