@@ -183,21 +183,29 @@ impl Cache {
         }
         let (key, diff_id, want) = (key.to_owned(), layer.diff_id.clone(), stamp(layer));
         let lazy = layer.blob.is_lazy();
-        Some(Some(Arc::new(Checkpoints::lazy(move || {
+        let label = layer.label();
+        let read = move |path: &Path| {
             // Opened again by path, whatever it holds by now: it is checked as on a load.
-            let file = File::open(&path).ok()?;
+            let file = File::open(path).ok()?;
             let len = file.metadata().ok()?.len();
             // Streamed: the windows go straight from the file into their own buffers.
             let head = read_head(io::BufReader::with_capacity(1 << 16, file), len)?;
             let fits = head.key == key
                 && diff_id.as_deref().is_none_or(|d| d == head.diff_id)
                 && (head.stamp == want || lazy);
-            if !fits {
-                return None;
-            }
             // Checked by `read_head` (Checkpoints::new), and not lazy themselves.
-            let points = head.checkpoints?;
-            Some(Arc::unwrap_or_clone(points))
+            fits.then_some(head.checkpoints?).map(Arc::unwrap_or_clone)
+        };
+        Some(Some(Arc::new(Checkpoints::lazy(move || {
+            let loaded = read(&path);
+            if loaded.is_none() {
+                log::warn!(
+                    "layer {label}: its cached checkpoints ({}) changed or were damaged after \
+                     the mount checked them; reading the layer from its start instead",
+                    path.display()
+                );
+            }
+            loaded
         }))))
     }
 

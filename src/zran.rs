@@ -188,11 +188,8 @@ impl Checkpoints {
         self.points.get_or_init(|| {
             // Taken, not called under the lock: get_or_init already lets one caller in.
             let load = self.load.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let loaded = load.and_then(|load| load());
-            if loaded.is_none() {
-                log::warn!("checkpoints unreadable; reading the layer from its start instead");
-            }
-            loaded
+            // The loader says why if it fails.
+            load.and_then(|load| load())
                 .and_then(|c| c.points.into_inner())
                 .unwrap_or_default()
         })
