@@ -171,9 +171,7 @@ impl Content {
     /// [`Content::with_disk_cache`] with a bound of `max` bytes.
     pub fn with_disk_cache_max(mut self, layers: &[Layer], dir: Option<&Path>, max: u64) -> Self {
         for (data, layer) in self.layers.iter_mut().zip(layers) {
-            let len = data.checkpoints.as_ref().map(|c| c.output_len());
-            let restartable = data.checkpoints.as_ref().is_some_and(|c| !c.is_empty());
-            data.disk = LayerCache::new(layer, dir, max, len, restartable);
+            data.disk = LayerCache::new(layer, dir, max, data.checkpoints.clone());
         }
         self
     }

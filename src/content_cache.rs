@@ -25,6 +25,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::blob::{Blob, Compression, open_decoded};
 use crate::source::Layer;
+use crate::zran::Checkpoints;
 
 /// Default bound of the content cache: 10 GiB.
 const DEFAULT_MAX: u64 = 10 << 30;
@@ -89,10 +90,10 @@ struct Shared {
     dir: PathBuf,
     path: PathBuf,
     max: u64,
-    /// The decompressed length, where the index recorded it.
-    expected_len: Option<u64>,
-    /// True when the layer has restart points (checkpoints) other than its start.
-    restartable: bool,
+    /// The layer's checkpoints, from its index: they give its decompressed length and say
+    /// whether it has restart points. Asked only once the layer is read (a warm mount loads
+    /// them on first use, `zran::Checkpoints::lazy`).
+    checkpoints: Option<Arc<Checkpoints>>,
     state: Mutex<State>,
     changed: Condvar,
     /// Decompressed bytes spent by the pass.
@@ -107,14 +108,13 @@ pub struct LayerCache {
 impl LayerCache {
     /// The cache of `layer` in cache directory `dir` (bounded by `max` bytes); `None` when
     /// there can be none: no directory, an uncompressed layer, no diff_id to check a file
-    /// against, or a layer bigger than the bound. `expected_len` is its decompressed length,
-    /// `restartable` whether decompression can start elsewhere than at its start.
+    /// against (a layer bigger than the bound is never filled). `checkpoints` are those of
+    /// its index, if any.
     pub fn new(
         layer: &Layer,
         dir: Option<&Path>,
         max: u64,
-        expected_len: Option<u64>,
-        restartable: bool,
+        checkpoints: Option<Arc<Checkpoints>>,
     ) -> Option<Self> {
         if layer.compression == Compression::None || max == 0 {
             return None;
@@ -123,9 +123,6 @@ impl LayerCache {
         let hex = diff_id.strip_prefix("sha256:")?;
         // diff_ids come from image JSON: only plain hex may name a file.
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        if expected_len.is_some_and(|l| l > max) {
             return None;
         }
         let dir = content_dir(dir?);
@@ -138,8 +135,7 @@ impl LayerCache {
                 dir,
                 diff_id,
                 max,
-                expected_len,
-                restartable,
+                checkpoints,
                 state: Mutex::new(State {
                     phase: Phase::Idle,
                     waste: 0,
@@ -183,6 +179,10 @@ impl LayerCache {
         let mut st = s.lock();
         st.furthest = st.furthest.max(pos.saturating_add(len));
         if let Phase::Idle = st.phase {
+            if s.expected_len().is_some_and(|l| l > s.max) {
+                st.phase = Phase::Off;
+                return Plan::Decompress;
+            }
             st.waste = st.waste.saturating_add(skip);
             let layer_len = s.layer_len(&st);
             // Half a pass: a walk that keeps wasting then costs about 1.5 decompressions in
@@ -190,7 +190,7 @@ impl LayerCache {
             // span each) stay below it and cost no pass. A file from an earlier run costs
             // only hashing: worth it as soon as reads start to waste.
             let exists = skip > 0 && s.path.exists();
-            let due = if !s.restartable {
+            let due = if !s.restartable() {
                 skip >= NON_SEQUENTIAL
             } else if exists {
                 st.waste >= NON_SEQUENTIAL
@@ -304,8 +304,18 @@ impl Shared {
         }
     }
 
+    /// The decompressed length, where the index recorded it.
+    fn expected_len(&self) -> Option<u64> {
+        self.checkpoints.as_ref().and_then(|c| c.output_len())
+    }
+
+    /// True when the layer has restart points (checkpoints) other than its start.
+    fn restartable(&self) -> bool {
+        self.checkpoints.as_ref().is_some_and(|c| !c.is_empty())
+    }
+
     fn layer_len(&self, st: &State) -> u64 {
-        self.expected_len
+        self.expected_len()
             .unwrap_or_else(|| st.furthest.max(self.blob.len()))
     }
 
@@ -373,7 +383,7 @@ impl Shared {
     fn verify(&self) -> io::Result<Option<File>> {
         let mut file = File::open(&self.path)?;
         let meta = file.metadata()?;
-        let mut ok = self.expected_len.is_none_or(|l| l == meta.len());
+        let mut ok = self.expected_len().is_none_or(|l| l == meta.len());
         if ok {
             let mut hasher = Sha256::new();
             let mut buf = vec![0; CHUNK];
@@ -453,7 +463,7 @@ impl Shared {
                     buf.truncate(n);
                     total += n as u64;
                     self.pass_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    if self.expected_len.is_some_and(|l| total > l) {
+                    if self.expected_len().is_some_and(|l| total > l) {
                         return Err(io::Error::other("the layer is longer than its index says"));
                     }
                     if full_tx.send(buf).is_err() {
@@ -470,7 +480,7 @@ impl Shared {
         });
         decompressed?;
         let (digest, done) = written?;
-        if digest != self.diff_id || self.expected_len.is_some_and(|l| l != done) {
+        if digest != self.diff_id || self.expected_len().is_some_and(|l| l != done) {
             return Err(io::Error::other(format!(
                 "the layer decompressed to {done} bytes with digest {digest}, not its diff_id {}",
                 self.diff_id

@@ -108,6 +108,14 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
     let content = Content::new(&img.layers, &checkpoints)
         .with_disk_cache(&img.layers, ui.cache.as_ref().map(|c| c.dir()));
     let mut fs = FlatFs::new(tree, content);
+    // Checkpoints from the cache are read when first used: once the mount is live, read them
+    // in the background, so that a first read does not wait for its layer's.
+    let warm: Vec<_> = checkpoints.iter().flatten().cloned().collect();
+    let load = move || {
+        for c in &warm {
+            c.points();
+        }
+    };
     // On a lazy registry mount a push would fetch every listed small file from the network:
     // there, only what is read is fetched.
     let lazy = img.layers.iter().any(|l| l.blob.is_lazy());
@@ -145,7 +153,7 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
     // The blobs keep their files open. Dropping the image now removes a spooled stdin
     // from the temp dir, which the daemon, ending with exit(), never would.
     drop(img);
-    target.serve(fs)?;
+    target.serve_then(fs, load)?;
     Ok(())
 }
 
