@@ -5,7 +5,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use sha2::{Digest as _, Sha256};
@@ -95,21 +95,105 @@ impl SpanHasher {
 /// Fetches bytes `[start, end)` of a remote blob (an HTTP range request).
 pub type FetchRange = dyn Fn(u64, u64) -> io::Result<Vec<u8>> + Send + Sync;
 
+/// Called once when every span of a lazy blob is in its file (to check the whole blob and
+/// keep it as a full one).
+pub type OnComplete = dyn Fn() + Send + Sync;
+
+/// At most this many times [`MIN_FETCH_SPANS`] is fetched at once when reads of a blob are
+/// sequential (each starts where the last ended): the fetch doubles with each sequential
+/// fetch after the second, so a long read makes few requests, and a decompressor walking from
+/// a checkpoint to one small file fetches little more than it reads.
+const READAHEAD_SHIFT: u32 = 2;
+
+/// Spans a background prefetch asks for in one request: small enough that a foreground read
+/// arriving meanwhile waits for at most this much of someone else's transfer.
+const PREFETCH_SPANS: usize = 4;
+
+/// Blobs up to this size are checked and kept whole by the reader that completes them; larger
+/// ones on a thread of their own, so that reader does not wait for a whole-blob hash.
+const INLINE_COMPLETE: u64 = 4 << 20;
+
+/// Foreground reads waiting for the network (or for another reader's fetch), process-wide: a background prefetch holds back
+/// while there are any, so the reads that someone waits for go first.
+static FOREGROUND: AtomicUsize = AtomicUsize::new(0);
+
+/// A span's state in [`Lazy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Span {
+    /// Not in the file.
+    Absent,
+    /// In the file by the span map of an earlier mount; hashed again before first use.
+    Stored,
+    /// In the file and checked in this process.
+    Local,
+    /// Being fetched or checked by some reader.
+    Busy,
+}
+
+/// What a lazy blob has cost so far, for `-v` and `flatfs stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LazyStats {
+    /// The blob's length.
+    pub blob_bytes: u64,
+    /// Bytes of the blob in the local file (checked this run or recorded by an earlier one).
+    pub local_bytes: u64,
+    /// Bytes received from the registry (foreground and prefetch).
+    pub fetched_bytes: u64,
+    /// Range requests made.
+    pub requests: u64,
+    /// Of those bytes, fetched by the background prefetch.
+    pub prefetched_bytes: u64,
+    /// Reads whose spans were all local.
+    pub span_hits: u64,
+    /// Reads that had to fetch (or wait for another reader's fetch).
+    pub span_misses: u64,
+    /// Spans found in the file from an earlier mount and checked again before use.
+    pub spans_reused: u64,
+    /// Time reads spent waiting for the network, milliseconds (summed over readers).
+    pub blocked_ms: u64,
+    /// Every span is local (and the blob was kept whole, if it has a store).
+    pub complete: bool,
+}
+
 /// A blob whose bytes are fetched when first read, a few spans at a time, each checked
 /// against its span digest before it is written to the local (sparse) file the blob reads
 /// from, so a re-read is local and unverified bytes are never read. A span that fails its
 /// check is an error for that read and is not kept: a later read fetches it again.
+///
+/// With a span map ([`Lazy::with_map`]) the file outlives the process: the map holds one byte
+/// per span, set only after that span's checked bytes are flushed to disk, so a crash leaves
+/// at worst a span fetched again. A span recorded by an earlier process is hashed again before
+/// its first use here (the file could have been damaged since): the cache is only ever a
+/// shortcut to bytes that still match the index's digests.
 pub struct Lazy {
     spans: SpanDigests,
     fetch: Box<FetchRange>,
     /// The blob's local file, for writing verified spans.
     file: File,
     name: String,
-    /// Per span: (in the file, being fetched by some reader).
-    state: Mutex<Vec<(bool, bool)>>,
+    /// One byte per span, 1 once the span's checked bytes are durably in `file`.
+    map: Option<File>,
+    on_complete: Option<Arc<OnComplete>>,
+    state: Mutex<SpanTable>,
     fetched_cond: Condvar,
+    /// Where the last foreground read ended, to see sequential reads.
+    last_end: AtomicU64,
+    /// Fetches made by sequential reads in a row.
+    seq_run: AtomicU32,
     fetched: AtomicU64,
     requests: AtomicU64,
+    prefetched: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    reused: AtomicU64,
+    blocked_ns: AtomicU64,
+}
+
+/// The spans' states, and how many are in the file (`Stored` or `Local`).
+struct SpanTable {
+    spans: Vec<Span>,
+    in_file: usize,
+    completed: bool,
 }
 
 impl fmt::Debug for Lazy {
@@ -118,9 +202,16 @@ impl fmt::Debug for Lazy {
     }
 }
 
+/// Whose read it is: a reader waits for it, or the background prefetch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Who {
+    Reader,
+    Prefetch,
+}
+
 impl Lazy {
     /// A blob of `spans.blob_len` bytes to be fetched by `fetch` into `file` (opened for
-    /// writing, of the blob's length, empty), called `name` in messages.
+    /// reading and writing, of the blob's length, empty), called `name` in messages.
     pub fn new(file: File, spans: SpanDigests, name: &str, fetch: Box<FetchRange>) -> Self {
         let n = spans.digests.len();
         Lazy {
@@ -128,11 +219,57 @@ impl Lazy {
             fetch,
             file,
             name: name.into(),
-            state: Mutex::new(vec![(false, false); n]),
+            map: None,
+            on_complete: None,
+            state: Mutex::new(SpanTable {
+                spans: vec![Span::Absent; n],
+                in_file: 0,
+                completed: n == 0,
+            }),
             fetched_cond: Condvar::new(),
+            last_end: AtomicU64::new(u64::MAX),
+            seq_run: AtomicU32::new(0),
             fetched: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            prefetched: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            reused: AtomicU64::new(0),
+            blocked_ns: AtomicU64::new(0),
         }
+    }
+
+    /// Keeps the record of spans in `map` (one byte per span, as many bytes as spans): spans
+    /// it marks are taken as in the file (checked again before first use), and spans checked
+    /// from now on are marked in it once flushed.
+    pub fn with_map(mut self, map: File) -> io::Result<Self> {
+        let n = self.spans.digests.len();
+        let mut marks = vec![0u8; n];
+        let got = map.read_at(&mut marks, 0)?;
+        {
+            let table = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+            for (i, &m) in marks[..got].iter().enumerate() {
+                if m == 1 {
+                    table.spans[i] = Span::Stored;
+                    table.in_file += 1;
+                }
+            }
+        }
+        self.map = Some(map);
+        Ok(self)
+    }
+
+    /// Runs `done` once every span is in the file (now, if it already is; else from the read
+    /// that brings the last one, on a thread of its own for a big blob).
+    pub fn on_complete(mut self, done: Arc<OnComplete>) -> Self {
+        self.on_complete = Some(done);
+        self
+    }
+
+    /// True when every span is in the file (checked in this process or recorded earlier).
+    pub fn all_in_file(&self) -> bool {
+        let t = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        t.in_file == self.spans.digests.len()
     }
 
     /// Bytes fetched and requests made so far.
@@ -143,65 +280,259 @@ impl Lazy {
         )
     }
 
+    /// Everything counted so far.
+    pub fn full_stats(&self) -> LazyStats {
+        let (in_file, complete) = {
+            let t = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            (t.in_file, t.completed)
+        };
+        let n = self.spans.digests.len();
+        let local_bytes = if in_file == n {
+            self.spans.blob_len
+        } else {
+            // Only the last span is short, and it is then counted at most once too many.
+            (in_file as u64 * SPAN_BYTES).min(self.spans.blob_len)
+        };
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        LazyStats {
+            blob_bytes: self.spans.blob_len,
+            local_bytes,
+            fetched_bytes: r(&self.fetched),
+            requests: r(&self.requests),
+            prefetched_bytes: r(&self.prefetched),
+            span_hits: r(&self.hits),
+            span_misses: r(&self.misses),
+            spans_reused: r(&self.reused),
+            blocked_ms: r(&self.blocked_ns) / 1_000_000,
+            complete,
+        }
+    }
+
+    /// The name used in messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Makes bytes `[pos, end)` of the blob local: fetches and verifies the spans that are
-    /// not, once, however many readers want them.
+    /// not, once, however many readers want them. Reads that carry on where the last one
+    /// ended fetch a few spans ahead.
     pub fn ensure(&self, pos: u64, end: u64) -> io::Result<()> {
-        self.ensure_spans(pos, end, MIN_FETCH_SPANS)
+        let last = self.last_end.swap(end, Ordering::Relaxed);
+        let sequential = last != u64::MAX && pos <= last && last < pos.saturating_add(SPAN_BYTES);
+        let run = if sequential {
+            self.seq_run.load(Ordering::Relaxed)
+        } else {
+            self.seq_run.store(0, Ordering::Relaxed);
+            0
+        };
+        let ahead = MIN_FETCH_SPANS << run.saturating_sub(1).min(READAHEAD_SHIFT);
+        let before = self.requests.load(Ordering::Relaxed);
+        let r = self.ensure_spans(pos, end, ahead, Who::Reader);
+        if sequential && self.requests.load(Ordering::Relaxed) != before {
+            self.seq_run.fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 
     /// Makes the first bytes of the blob local (its magic number), fetching no more than
     /// the first span: a mount opens every layer, and may read nothing else of most.
     pub fn fetch_start(&self) -> io::Result<()> {
-        self.ensure_spans(0, 4, 1)
+        self.ensure_spans(0, 4, 1, Who::Reader)
+    }
+
+    /// Fetches every span not yet local, in order, a few per request and one request at a
+    /// time, holding back while foreground reads wait for the network. A failing request is
+    /// tried again after a pause that grows (the registry may be away for a while); a span
+    /// that keeps failing its check is left to the reads that need it.
+    pub fn prefetch_all(&self) {
+        let n = self.spans.digests.len();
+        let mut span = 0;
+        let mut failures = 0u32;
+        while span < n {
+            while FOREGROUND.load(Ordering::Relaxed) > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            let pos = span as u64 * SPAN_BYTES;
+            let end = ((span + PREFETCH_SPANS) as u64 * SPAN_BYTES).min(self.spans.blob_len);
+            match self.ensure_spans(pos, end, PREFETCH_SPANS, Who::Prefetch) {
+                Ok(()) => {
+                    span += PREFETCH_SPANS;
+                    failures = 0;
+                }
+                Err(e) if e.kind() == io::ErrorKind::InvalidData && failures >= 3 => {
+                    log::warn!("prefetch: {e}; skipped");
+                    span += PREFETCH_SPANS;
+                    failures = 0;
+                }
+                Err(e) => {
+                    failures += 1;
+                    let wait = std::time::Duration::from_secs(1 << failures.min(5));
+                    log::warn!("prefetch: {e}; trying again in {wait:?}");
+                    std::thread::sleep(wait);
+                }
+            }
+        }
     }
 
     /// [`Lazy::ensure`], fetching at least `min_spans` spans when it fetches any.
-    fn ensure_spans(&self, pos: u64, end: u64, min_spans: usize) -> io::Result<()> {
+    fn ensure_spans(&self, pos: u64, end: u64, min_spans: usize, who: Who) -> io::Result<()> {
         let n = self.spans.digests.len();
         if end <= pos || n == 0 {
             return Ok(());
         }
         let first = (pos / SPAN_BYTES) as usize;
         let last = (((end - 1) / SPAN_BYTES) as usize).min(n - 1);
-        loop {
-            let (a, b) = {
-                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                loop {
-                    let Some(a) = (first..=last).find(|&i| !s[i].0) else {
-                        return Ok(());
-                    };
-                    if s[a].1 {
-                        s = self.fetched_cond.wait(s).unwrap_or_else(|e| e.into_inner());
-                        continue;
-                    }
-                    let mut b = a + 1;
-                    while b < n && !s[b].0 && !s[b].1 && (b <= last || b < a + min_spans) {
-                        b += 1;
-                    }
-                    for span in &mut s[a..b] {
-                        span.1 = true;
-                    }
-                    break (a, b);
+        let mut waited: Option<Waiting> = None;
+        let r = self.ensure_loop(first, last, min_spans, who, &mut waited);
+        if who == Who::Reader {
+            match waited {
+                None => self.hits.fetch_add(1, Ordering::Relaxed),
+                Some(w) => {
+                    let ns = u64::try_from(w.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    self.blocked_ns.fetch_add(ns, Ordering::Relaxed);
+                    self.misses.fetch_add(1, Ordering::Relaxed)
                 }
             };
-            let r = self.fetch_spans(a, b);
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            for span in &mut s[a..b] {
-                *span = (r.is_ok(), false);
+        }
+        r
+    }
+
+    fn ensure_loop(
+        &self,
+        first: usize,
+        last: usize,
+        min_spans: usize,
+        who: Who,
+        waited: &mut Option<Waiting>,
+    ) -> io::Result<()> {
+        let n = self.spans.digests.len();
+        loop {
+            let job = {
+                let mut t = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    let Some(a) = (first..=last).find(|&i| t.spans[i] != Span::Local) else {
+                        return Ok(());
+                    };
+                    match t.spans[a] {
+                        Span::Busy => {
+                            waited.get_or_insert_with(|| Waiting::new(who));
+                            t = self.fetched_cond.wait(t).unwrap_or_else(|e| e.into_inner());
+                        }
+                        Span::Stored => {
+                            t.spans[a] = Span::Busy;
+                            break Err(a);
+                        }
+                        _ => {
+                            let b = fetch_run(&t.spans, a, last, min_spans);
+                            // Spans of the run this reader fetches; a local gap in it is
+                            // fetched again (and checked) but not rewritten.
+                            let mine: Vec<bool> =
+                                t.spans[a..b].iter().map(|&s| s == Span::Absent).collect();
+                            for (s, &m) in t.spans[a..b].iter_mut().zip(&mine) {
+                                if m {
+                                    *s = Span::Busy;
+                                }
+                            }
+                            break Ok((a, b, mine));
+                        }
+                    }
+                }
+            };
+            match job {
+                // A span an earlier mount stored: hash it from the file (local, no wait worth
+                // counting); if it no longer matches, it is fetched like any other.
+                Err(a) => {
+                    let ok = self.check_stored(a);
+                    let mut t = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    if ok {
+                        t.spans[a] = Span::Local;
+                        self.reused.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        t.spans[a] = Span::Absent;
+                        t.in_file -= 1;
+                    }
+                    self.fetched_cond.notify_all();
+                }
+                Ok((a, b, mine)) => {
+                    waited.get_or_insert_with(|| Waiting::new(who));
+                    let r = self.fetch_spans(a, b, &mine, who);
+                    let mut t = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    for (s, &m) in t.spans[a..b].iter_mut().zip(&mine) {
+                        if m {
+                            *s = if r.is_ok() { Span::Local } else { Span::Absent };
+                        }
+                    }
+                    if r.is_ok() {
+                        t.in_file += mine.iter().filter(|&&m| m).count();
+                    }
+                    let complete = t.in_file == n && !t.completed;
+                    if complete {
+                        t.completed = true;
+                    }
+                    self.fetched_cond.notify_all();
+                    drop(t);
+                    if complete {
+                        self.completed();
+                    }
+                    r?;
+                }
             }
-            self.fetched_cond.notify_all();
-            r?;
         }
     }
 
-    /// Fetches spans `a..b`, checks each, and writes them to the file.
-    fn fetch_spans(&self, a: usize, b: usize) -> io::Result<()> {
+    /// Every span is in the file: hand over to whoever keeps the blob whole.
+    fn completed(&self) {
+        let Some(done) = self.on_complete.clone() else {
+            return;
+        };
+        if self.spans.blob_len <= INLINE_COMPLETE {
+            done();
+        } else if std::thread::Builder::new()
+            .name("flatfs-complete".into())
+            .spawn(move || done())
+            .is_err()
+        {
+            log::warn!(
+                "{}: cannot start a thread to keep the blob whole",
+                self.name
+            );
+        }
+    }
+
+    /// Whether span `i`, recorded by an earlier process, still matches its digest in the file.
+    fn check_stored(&self, i: usize) -> bool {
+        let start = i as u64 * SPAN_BYTES;
+        let len = SPAN_BYTES.min(self.spans.blob_len - start) as usize;
+        let mut buf = vec![0; len];
+        let ok = self.file.read_exact_at(&mut buf, start).is_ok()
+            && <[u8; 32]>::from(Sha256::digest(&buf)) == self.spans.digests[i];
+        if !ok {
+            log::warn!(
+                "{}: the stored bytes {start}-{} no longer match their span digest; fetching \
+                 them again",
+                self.name,
+                start + len as u64 - 1
+            );
+            if let Some(map) = &self.map {
+                let _ = map.write_all_at(&[0], i as u64);
+            }
+        }
+        ok
+    }
+
+    /// Fetches spans `a..b`, checks each, and writes those this reader owns (`mine`) to the
+    /// file (and, once flushed there, marks them in the span map).
+    fn fetch_spans(&self, a: usize, b: usize, mine: &[bool], who: Who) -> io::Result<()> {
         let start = a as u64 * SPAN_BYTES;
         let end = (b as u64 * SPAN_BYTES).min(self.spans.blob_len);
         self.requests.fetch_add(1, Ordering::Relaxed);
         let bytes = (self.fetch)(start, end)?;
         self.fetched
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if who == Who::Prefetch {
+            self.prefetched
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
         if bytes.len() as u64 != end - start {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -227,7 +558,81 @@ impl Lazy {
                 ));
             }
         }
-        self.file.write_all_at(&bytes, start)
+        for (i, span) in bytes.chunks(SPAN_BYTES as usize).enumerate() {
+            if mine[i] {
+                self.file
+                    .write_all_at(span, start + i as u64 * SPAN_BYTES)?;
+            }
+        }
+        if let Some(map) = &self.map {
+            // The bytes first, durably; only then the marks that say they are there. A map
+            // that cannot be written costs a refetch next time, not this read.
+            let marked = self.file.sync_data().and_then(|()| {
+                (a..b)
+                    .filter(|i| mine[i - a])
+                    .try_for_each(|i| map.write_all_at(&[1], i as u64))
+            });
+            if let Err(e) = marked {
+                log::warn!("{}: cannot record the fetched spans: {e}", self.name);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Local spans a fetch for one read may span to take the absent ones on either side in one
+/// request: a round trip costs more than 256 KiB fetched again.
+const NEAR_GAP: usize = 1;
+
+/// The end of the run of spans one fetch takes, starting at absent span `a`, for a read whose
+/// last span is `last`: absent spans through `last` (and on to `min_spans` of them), plus gaps
+/// of at most [`NEAR_GAP`] local spans between absent ones within the read. Spans being
+/// fetched or checked by others, and spans stored by an earlier process, end the run.
+fn fetch_run(spans: &[Span], a: usize, last: usize, min_spans: usize) -> usize {
+    let n = spans.len();
+    let mut b = a + 1;
+    loop {
+        if b < n && spans[b] == Span::Absent && (b <= last || b < a + min_spans) {
+            b += 1;
+            continue;
+        }
+        let mut g = b;
+        while g < n && g <= last && g - b < NEAR_GAP && spans[g] == Span::Local {
+            g += 1;
+        }
+        if g > b && g <= last && g < n && spans[g] == Span::Absent {
+            b = g;
+            continue;
+        }
+        return b;
+    }
+}
+
+/// A read waiting for the network: since when, and (for a foreground read) counted in
+/// [`FOREGROUND`] while it lives, so the prefetch gives way.
+struct Waiting {
+    since: std::time::Instant,
+    foreground: bool,
+}
+
+impl Waiting {
+    fn new(who: Who) -> Self {
+        let foreground = who == Who::Reader;
+        if foreground {
+            FOREGROUND.fetch_add(1, Ordering::Relaxed);
+        }
+        Waiting {
+            since: std::time::Instant::now(),
+            foreground,
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.foreground {
+            FOREGROUND.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -311,6 +716,11 @@ impl Blob {
         self.toc.as_ref()
     }
 
+    /// The fetching state of a blob fetched on demand (`None` for other blobs).
+    pub fn lazy_handle(&self) -> Option<&Arc<Lazy>> {
+        self.lazy.as_ref()
+    }
+
     /// Logs what a blob fetched on demand has fetched so far (nothing for other blobs).
     pub fn log_fetched(&self) {
         if let Some(t) = &self.toc {
@@ -323,11 +733,21 @@ impl Blob {
             );
         }
         if let Some(l) = &self.lazy {
-            let (bytes, requests) = l.stats();
+            let s = l.full_stats();
             log::info!(
-                "{}: fetched {bytes} of {} bytes in {requests} range requests",
+                "{}: fetched {} of {} bytes in {} range requests ({} prefetched); {} bytes \
+                 local; {} reads local, {} waited {} ms for the network; {} spans reused \
+                 from the cache",
                 l.name,
-                l.spans.blob_len
+                s.fetched_bytes,
+                s.blob_bytes,
+                s.requests,
+                s.prefetched_bytes,
+                s.local_bytes,
+                s.span_hits,
+                s.span_misses,
+                s.blocked_ms,
+                s.spans_reused
             );
         }
     }
@@ -691,7 +1111,12 @@ mod tests {
     fn lazy_blob(data: Arc<Vec<u8>>, lie: Arc<AtomicBool>) -> (Blob, Arc<Lazy>, Asked) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("blob");
-        let file = File::create(&path).unwrap();
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
         file.set_len(data.len() as u64).unwrap();
         let asked = Arc::new(Mutex::new(Vec::new()));
         let (d, a) = (data.clone(), asked.clone());
@@ -780,5 +1205,137 @@ mod tests {
             }
         });
         assert_eq!(*asked.lock().unwrap(), vec![(SPAN_BYTES, SPAN_BYTES * 3)]);
+    }
+
+    #[test]
+    fn a_span_map_carries_checked_spans_to_the_next_process_which_checks_them_again() {
+        let data = Arc::new(noise(SPAN_BYTES as usize * 6 + 9));
+        let dir = tempfile::tempdir().unwrap();
+        let rw = |p: &std::path::Path| {
+            File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)
+                .unwrap()
+        };
+        let (path, map_path) = (dir.path().join("blob"), dir.path().join("map"));
+        let asked: Asked = Arc::default();
+        let open = |lie: bool| {
+            let file = rw(&path);
+            file.set_len(data.len() as u64).unwrap();
+            let map = rw(&map_path);
+            map.set_len(7).unwrap();
+            let (d, a) = (data.clone(), asked.clone());
+            let fetch = Box::new(move |start: u64, end: u64| {
+                a.lock().unwrap().push((start, end));
+                let mut out = d[start as usize..end as usize].to_vec();
+                if lie {
+                    out[0] ^= 1;
+                }
+                Ok(out)
+            });
+            let done = Arc::new(AtomicU64::new(0));
+            let d2 = done.clone();
+            let lazy = Lazy::new(file, spans_of(&data), "test", fetch)
+                .with_map(map)
+                .unwrap()
+                .on_complete(Arc::new(move || {
+                    d2.fetch_add(1, Ordering::Relaxed);
+                }));
+            let lazy = Arc::new(lazy);
+            let blob = Blob::new(
+                Arc::new(File::open(&path).unwrap()),
+                0,
+                data.len() as u64,
+                "t",
+            )
+            .lazy(lazy.clone());
+            (blob, lazy, done)
+        };
+        let mut buf = vec![0; 100];
+        {
+            let (blob, _, _) = open(false);
+            blob.read_exact_at(&mut buf, SPAN_BYTES * 2).unwrap();
+        }
+        assert_eq!(std::fs::read(&map_path).unwrap(), [0, 0, 1, 1, 0, 0, 0]);
+        // A lying server in the next process: nothing new is marked.
+        {
+            let (blob, _, _) = open(true);
+            assert!(blob.read_exact_at(&mut buf, 0).is_err());
+        }
+        assert_eq!(std::fs::read(&map_path).unwrap(), [0, 0, 1, 1, 0, 0, 0]);
+        // Damage span 3 on disk: the next process reads span 2 locally, refetches span 3.
+        let f = rw(&path);
+        f.write_all_at(&[!data[SPAN_BYTES as usize * 3]], SPAN_BYTES * 3)
+            .unwrap();
+        asked.lock().unwrap().clear();
+        let (blob, lazy, done) = open(false);
+        blob.read_exact_at(&mut buf, SPAN_BYTES * 2).unwrap();
+        assert_eq!(buf, data[SPAN_BYTES as usize * 2..][..100]);
+        assert!(
+            asked.lock().unwrap().is_empty(),
+            "a stored span was fetched"
+        );
+        let mut buf3 = vec![0; 10];
+        blob.read_exact_at(&mut buf3, SPAN_BYTES * 3).unwrap();
+        assert_eq!(buf3, data[SPAN_BYTES as usize * 3..][..10]);
+        assert_eq!(asked.lock().unwrap()[0].0, SPAN_BYTES * 3);
+        // The rest: complete, once.
+        lazy.prefetch_all();
+        assert_eq!(done.load(Ordering::Relaxed), 1);
+        assert_eq!(std::fs::read(&path).unwrap(), *data);
+        assert_eq!(std::fs::read(&map_path).unwrap(), [1; 7]);
+        let s = lazy.full_stats();
+        assert!(s.complete && s.local_bytes == data.len() as u64, "{s:?}");
+        assert_eq!(s.spans_reused, 1);
+    }
+
+    #[test]
+    fn a_fetch_takes_near_absent_spans_of_the_read_across_a_small_local_gap() {
+        use Span::{Absent as A, Busy as B, Local as L, Stored as S};
+        // Across one local span within the read, not two, and not past the read's end.
+        assert_eq!(fetch_run(&[A, L, A, A], 0, 3, 1), 4);
+        assert_eq!(fetch_run(&[A, L, L, A], 0, 3, 1), 1);
+        assert_eq!(fetch_run(&[A, L, A, A], 0, 1, 1), 1);
+        // Read-ahead only over absent spans; others' work and stored spans end the run.
+        assert_eq!(fetch_run(&[A, A, A, A, A], 0, 0, 3), 3);
+        assert_eq!(fetch_run(&[A, B, A], 0, 2, 1), 1);
+        assert_eq!(fetch_run(&[A, S, A], 0, 2, 1), 1);
+        assert_eq!(fetch_run(&[A, L, S], 0, 2, 1), 1);
+    }
+
+    #[test]
+    fn a_read_across_a_local_span_makes_one_request_and_rewrites_nothing_local() {
+        let data = Arc::new(noise(SPAN_BYTES as usize * 6));
+        let (blob, lazy, asked) = lazy_blob(data.clone(), Arc::new(AtomicBool::new(false)));
+        // Span 1 alone is local.
+        lazy.ensure_spans(SPAN_BYTES, SPAN_BYTES + 1, 1, Who::Prefetch)
+            .unwrap();
+        asked.lock().unwrap().clear();
+        // Spans 0..=2, of which 1 is local: one request for all three.
+        let mut buf = vec![0; SPAN_BYTES as usize * 3];
+        blob.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, data[..SPAN_BYTES as usize * 3]);
+        assert_eq!(*asked.lock().unwrap(), vec![(0, SPAN_BYTES * 3)]);
+        assert_eq!(lazy.full_stats().local_bytes, SPAN_BYTES * 3);
+        // Now spans 0..=5 with 0..=2 local and 3 absent: nothing more for a gap of three.
+        let mut one = vec![0; 10];
+        blob.read_exact_at(&mut one, SPAN_BYTES * 4).unwrap();
+        asked.lock().unwrap().clear();
+        lazy.ensure_spans(SPAN_BYTES, SPAN_BYTES + 1, 1, Who::Prefetch)
+            .unwrap();
+        assert!(asked.lock().unwrap().is_empty());
+        // Spans 0..=5 with 0..=2 and 4..=5 local: span 3 alone.
+        asked.lock().unwrap().clear();
+        let mut buf = vec![0; SPAN_BYTES as usize * 6];
+        blob.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, *data);
+        assert_eq!(
+            *asked.lock().unwrap(),
+            vec![(SPAN_BYTES * 3, SPAN_BYTES * 4)]
+        );
+        assert!(lazy.full_stats().complete);
     }
 }

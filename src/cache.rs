@@ -6,7 +6,8 @@
 //!
 //! A file has two separately checksummed parts: a head (identity, digests, checkpoints) and a
 //! body (entries). A mount whose merged tree is cached (`merged.rs`) needs only the
-//! checkpoints, so it reads the head and never decodes the entries.
+//! checkpoints, so it reads the head (when a read first needs the layer) and never decodes
+//! the entries.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -25,7 +26,7 @@ mod merged;
 
 const MAGIC: &[u8; 8] = b"FLATFSIX";
 /// Bump when the encoding or the meaning of a field changes; old files are then ignored.
-const VERSION: u32 = 6;
+pub(crate) const VERSION: u32 = 6;
 /// Length of a [`checksum`].
 const SUM: usize = 4;
 /// Magic, version and the head's length.
@@ -73,6 +74,10 @@ pub enum CacheKind {
     MergedTree,
     /// A blob pulled from a registry (`blobs/sha256/HEX`).
     Blob,
+    /// Spans of a blob a lazy mount fetched (`blobs/partial/HEX`).
+    PartialBlob,
+    /// A decompressed layer (`content/HEX.tar`, under its diff_id).
+    Content,
 }
 
 /// The identity of the blob bytes an index was verified against: if the file is the same file,
@@ -86,7 +91,7 @@ fn stamp(layer: &Layer) -> [u64; 6] {
     if layer.blob.is_lazy() {
         // Its file fills as it is read; every span is checked against the index's span
         // digests instead, so the digest alone identifies the bytes.
-        return [u64::MAX, 0, layer.blob.len(), 0, 0, 0];
+        return lazy_stamp(layer.blob.len());
     }
     match layer.blob.metadata() {
         Some(m) => [
@@ -99,6 +104,11 @@ fn stamp(layer: &Layer) -> [u64; 6] {
         ],
         None => [0; 6],
     }
+}
+
+/// The stamp of a blob read by ranges: no local file vouches for it, its span digests do.
+fn lazy_stamp(len: u64) -> [u64; 6] {
+    [u64::MAX, 0, len, 0, 0, 0]
 }
 
 impl Cache {
@@ -159,20 +169,58 @@ impl Cache {
         Some(index)
     }
 
-    /// The checkpoints of a layer's cached index (`Some(None)` if it has none), read from the
-    /// file's head alone. Only a file made from exactly this blob file counts: unlike
-    /// [`Cache::load`], this never re-verifies another copy.
+    /// The checkpoints of a layer's cached index (`Some(None)` if it has none). Only a file made
+    /// from exactly this blob file counts: unlike [`Cache::load`], this never re-verifies
+    /// another copy.
+    ///
+    /// Only the head's first fields are read now, and compared with what they must be (a
+    /// corrupt field can only make them differ: a miss). The checkpoints themselves, most of
+    /// the head, are [`Checkpoints::lazy`]: read, checksummed and range checked when a read
+    /// first needs that layer, so a warm mount of a 100-layer image does not read 100 heads.
     pub fn load_checkpoints(&self, layer: &Layer) -> Option<Option<Arc<Checkpoints>>> {
         let key = Self::key(layer)?;
-        let file = File::open(self.path_for(key)?).ok()?;
-        let len = file.metadata().ok()?.len();
-        // Streamed: the windows (most of the head) go straight from the file into their own
-        // buffers, which spares a warm mount a copy and the page faults of a head-sized buffer.
-        let head = read_head(io::BufReader::with_capacity(1 << 16, file), len)?;
-        let fits = head.key == key
-            && layer.diff_id.as_deref().is_none_or(|d| d == head.diff_id)
-            && (head.stamp == stamp(layer) || layer.blob.is_lazy());
-        fits.then_some(head.checkpoints)
+        let path = self.path_for(key)?;
+        let fits = |h_key: &str, h_stamp: [u64; 6], h_diff_id: &str| {
+            h_key == key
+                && layer.diff_id.as_deref().is_none_or(|d| d == h_diff_id)
+                && (h_stamp == stamp(layer) || layer.blob.is_lazy())
+        };
+        let mut file = File::open(&path).ok()?;
+        let mut start = [0u8; 1024];
+        let n = read_up_to(&mut file, &mut start).ok()?;
+        let (h_key, h_stamp, h_diff_id, has) = head_start(&start[..n])?;
+        if !fits(h_key, h_stamp, h_diff_id) {
+            return None;
+        }
+        if !has {
+            return Some(None);
+        }
+        let (key, diff_id, want) = (key.to_owned(), layer.diff_id.clone(), stamp(layer));
+        let lazy = layer.blob.is_lazy();
+        let label = layer.label();
+        let read = move |path: &Path| {
+            // Opened again by path, whatever it holds by now: it is checked as on a load.
+            let file = File::open(path).ok()?;
+            let len = file.metadata().ok()?.len();
+            // Streamed: the windows go straight from the file into their own buffers.
+            let head = read_head(io::BufReader::with_capacity(1 << 16, file), len)?;
+            let fits = head.key == key
+                && diff_id.as_deref().is_none_or(|d| d == head.diff_id)
+                && (head.stamp == want || lazy);
+            // Checked by `read_head` (Checkpoints::new), and not lazy themselves.
+            fits.then_some(head.checkpoints?).map(Arc::unwrap_or_clone)
+        };
+        Some(Some(Arc::new(Checkpoints::lazy(move || {
+            let loaded = read(&path);
+            if loaded.is_none() {
+                log::warn!(
+                    "layer {label}: its cached checkpoints ({}) changed or were damaged after \
+                     the mount checked them; reading the layer from its start instead",
+                    path.display()
+                );
+            }
+            loaded
+        }))))
     }
 
     /// The span digests recorded in the cached index of blob `digest` (`size` bytes), from
@@ -195,6 +243,62 @@ impl Cache {
             return Ok(());
         };
         write_atomically(&self.dir, &path, &encode(index, stamp(layer), key))
+    }
+
+    /// A layer's index as a cache file that names no local file: what an index artifact
+    /// carries (`registry/artifact.rs`). `None` without span digests, which a lazy read needs.
+    pub fn portable(index: &LayerIndex, digest: &str) -> Option<Vec<u8>> {
+        let len = index.spans.as_ref()?.blob_len;
+        Some(encode(index, lazy_stamp(len), digest))
+    }
+
+    /// Takes the index of blob `digest` (`size` bytes, uncompressed `diff_id` if known) from
+    /// untrusted bytes (an index artifact): decoded with every check a cache file gets, it must
+    /// be of this blob, with span digests covering exactly its size, then it is saved
+    /// atomically, as if indexed here. Says why it was refused.
+    pub fn import(
+        &self,
+        digest: &str,
+        size: u64,
+        diff_id: Option<&str>,
+        bytes: &[u8],
+    ) -> std::result::Result<(), String> {
+        let path = self
+            .path_for(digest)
+            .ok_or_else(|| format!("unsupported digest {digest:?}"))?;
+        let (index, _, key) = decode(bytes).ok_or(
+            "not a valid layer index (damaged, forged, or made by another flatfs version)",
+        )?;
+        if key != digest {
+            return Err(format!("it is the index of {key}"));
+        }
+        match &index.spans {
+            Some(s) if s.blob_len == size => {}
+            Some(s) => {
+                return Err(format!(
+                    "its span digests cover {} bytes, the layer has {size}",
+                    s.blob_len
+                ));
+            }
+            None => return Err("it has no span digests".into()),
+        }
+        if let Some(d) = diff_id.filter(|d| *d != index.diff_id) {
+            return Err(format!(
+                "its diff_id is {}, the image config says {d}",
+                index.diff_id
+            ));
+        }
+        // Re-encoded with no stamp of a local file: a forged stamp must not pass for one.
+        write_atomically(&self.dir, &path, &encode(&index, lazy_stamp(size), digest))
+            .map_err(|e| format!("cannot save it in {}: {e}", self.dir.display()))
+    }
+
+    /// Removes the index of blob `digest` (one imported from an artifact that proved wrong).
+    pub fn forget(&self, digest: &str) -> io::Result<()> {
+        match self.path_for(digest).map(fs::remove_file) {
+            Some(Err(e)) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Every cache file.
@@ -222,7 +326,7 @@ impl Cache {
             let entries = fs::read(e.path()).ok().and_then(|b| match kind {
                 CacheKind::LayerIndex => decode(&b).map(|(i, _, _)| i.entries.len() as u64),
                 CacheKind::MergedTree => merged::node_count(&b),
-                CacheKind::Blob => None,
+                CacheKind::Blob | CacheKind::PartialBlob | CacheKind::Content => None,
             });
             out.push(CacheEntry {
                 digest: format!("sha256:{hex}"),
@@ -231,10 +335,25 @@ impl Cache {
                 entries,
             });
         }
+        for (path, size, _) in
+            crate::content_cache::list(&crate::content_cache::content_dir(&self.dir))?
+        {
+            let hex = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+            out.push(CacheEntry {
+                digest: format!("sha256:{}", hex.unwrap_or_default()),
+                kind: CacheKind::Content,
+                size,
+                entries: None,
+            });
+        }
         for b in crate::registry::BlobStore::in_cache(&self.dir).list()? {
             out.push(CacheEntry {
                 digest: b.digest,
-                kind: CacheKind::Blob,
+                kind: if b.partial {
+                    CacheKind::PartialBlob
+                } else {
+                    CacheKind::Blob
+                },
                 size: b.size,
                 entries: None,
             });
@@ -246,12 +365,13 @@ impl Cache {
     /// Removes every cache file; returns how many bytes were freed.
     pub fn clear(&self) -> io::Result<u64> {
         let mut freed = crate::registry::BlobStore::in_cache(&self.dir).clear()?;
+        freed += crate::content_cache::clear(&crate::content_cache::content_dir(&self.dir))?;
         for e in self.list()? {
             let hex = e.digest.trim_start_matches("sha256:");
             let ext = match e.kind {
                 CacheKind::LayerIndex => "idx",
                 CacheKind::MergedTree => "tree",
-                CacheKind::Blob => continue,
+                CacheKind::Blob | CacheKind::PartialBlob | CacheKind::Content => continue,
             };
             fs::remove_file(self.dir.join(format!("{hex}.{ext}")))?;
             freed += e.size;
@@ -410,8 +530,8 @@ fn encode(index: &LayerIndex, stamp: [u64; 6], key: &str) -> Vec<u8> {
 
 struct Dec<'a>(&'a [u8]);
 
-impl Dec<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
+impl<'a> Dec<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.0.len() < n {
             return None;
         }
@@ -437,6 +557,11 @@ impl Dec<'_> {
     fn bytes(&mut self) -> Option<Vec<u8>> {
         let n = usize::try_from(self.u64()?).ok()?;
         Some(self.take(n)?.to_vec())
+    }
+    /// A length-prefixed UTF-8 string, borrowed.
+    fn text(&mut self) -> Option<&'a str> {
+        let n = usize::try_from(self.u64()?).ok()?;
+        std::str::from_utf8(self.take(n)?).ok()
     }
     /// A count of items each at least `min` bytes long: bounded by what is left, so a corrupt
     /// count cannot make us allocate more than the file holds.
@@ -467,6 +592,41 @@ fn head_end(prefix: &[u8]) -> Option<usize> {
         return None;
     }
     PREFIX.checked_add(usize::try_from(d.u64()?).ok()?)
+}
+
+/// Reads into `buf` until it is full or the file ends; how many bytes it holds.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The identity fields at the start of an index file, before any checksum is checked: the
+/// key, stamp, diff_id and whether checkpoints follow. Only fit to be compared with the values
+/// they must have.
+fn head_start(bytes: &[u8]) -> Option<(&str, [u64; 6], &str, bool)> {
+    head_end(bytes)?;
+    let mut d = Dec(bytes.get(PREFIX..)?);
+    let key = d.text()?;
+    let mut stamp = [0u64; 6];
+    for s in &mut stamp {
+        *s = d.u64()?;
+    }
+    let diff_id = d.text()?;
+    d.u64()?; // the tar's size
+    let has = match d.u8()? {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
+    Some((key, stamp, diff_id, has))
 }
 
 /// Reads and checks the head of a file of `len` bytes from its start.
@@ -566,9 +726,6 @@ impl<R: Read> SumReader<R> {
         let mut buf = [0u8; N];
         self.fill(&mut buf)?;
         Some(buf)
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.array()?))
     }
     /// Ends the stream: nothing may be left before the checksum, which must match.
     fn finish(mut self) -> Option<()> {
@@ -929,6 +1086,36 @@ mod tests {
     }
 
     #[test]
+    fn import_takes_only_an_index_that_fits_the_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path());
+        let digest = format!("sha256:{}", "cd".repeat(32));
+        let size = crate::blob::SPAN_BYTES + 1;
+        let bytes = Cache::portable(&sample(), &digest).expect("has span digests");
+        let refused = |d: &str, size, diff_id, b: &[u8]| cache.import(d, size, diff_id, b).is_err();
+        // Another layer's index, another size, another diff_id, damaged bytes.
+        let other = format!("sha256:{}", "ef".repeat(32));
+        assert!(refused(&other, size, None, &bytes));
+        assert!(refused(&digest, size + 1, None, &bytes));
+        assert!(refused(&digest, size, Some("sha256:11"), &bytes));
+        let mut bad = bytes.clone();
+        bad[40] ^= 1;
+        assert!(refused(&digest, size, None, &bad));
+        assert!(cache.span_digests(&digest, size).is_none(), "nothing saved");
+        // A forged stamp never survives: the saved file names no local file.
+        let forged = encode(&sample(), [1, 2, 3, 4, 5, 6], &digest);
+        cache
+            .import(&digest, size, Some("sha256:00"), &forged)
+            .unwrap();
+        let saved = std::fs::read(dir.path().join(format!("{}.idx", "cd".repeat(32)))).unwrap();
+        assert_eq!(saved, bytes);
+        assert_eq!(cache.span_digests(&digest, size), sample().spans);
+        cache.forget(&digest).unwrap();
+        assert!(cache.span_digests(&digest, size).is_none());
+        cache.forget(&digest).unwrap();
+    }
+
+    #[test]
     fn the_head_alone_gives_the_checkpoints() {
         let bytes = encode(&sample(), [1, 2, 3, 4, 5, 6], "sha256:ab");
         let end = head_end(&bytes).expect("prefix") + SUM;
@@ -943,6 +1130,71 @@ mod tests {
         bad[end + 3] ^= 1;
         assert!(decode(&bad).is_none());
         assert!(read_head(&bad[..], bad.len() as u64).is_some());
+    }
+
+    /// A layer whose blob is a temp file, keyed `sha256:` + 64 `a`s.
+    fn temp_layer() -> (Layer, tempfile::NamedTempFile) {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(&[0; 4096]).expect("write blob");
+        let blob = crate::blob::Blob::new(Arc::new(file.reopen().expect("reopen")), 0, 4096, "b");
+        let layer = Layer {
+            number: 1,
+            blob,
+            compression: crate::blob::Compression::Gzip,
+            digest: Some(format!("sha256:{}", "a".repeat(64))),
+            diff_id: Some("sha256:d".into()),
+            descriptor: None,
+        };
+        (layer, file)
+    }
+
+    #[test]
+    fn checkpoints_load_lazily_and_a_file_damaged_meanwhile_gives_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new(dir.path());
+        let (layer, _blob) = temp_layer();
+        let mut index = sample();
+        index.diff_id = "sha256:d".into();
+        cache.store(&layer, &index).expect("store");
+        let path = cache
+            .path_for(Cache::key(&layer).expect("key"))
+            .expect("path");
+
+        let good = cache.load_checkpoints(&layer).expect("fits").expect("has");
+        assert!(!good.is_loaded(), "read at mount: {good:?}");
+        assert_eq!(Some(&*good), index.checkpoints.as_deref());
+
+        // Damaged after the mount checked its first fields: a window byte, then the head's
+        // checksum, each caught when the checkpoints are first used.
+        let bytes = fs::read(&path).expect("read");
+        let end = head_end(&bytes).expect("head");
+        for at in [end - 100, end + 1] {
+            fs::write(&path, &bytes).expect("restore");
+            let lazy = cache.load_checkpoints(&layer).expect("fits").expect("has");
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x10;
+            fs::write(&path, &bad).expect("damage");
+            assert!(lazy.is_empty(), "byte {at}: {lazy:?}");
+            assert_eq!(lazy.at_or_before(4000), None);
+        }
+
+        // Replaced by the index of another copy of the blob (another stamp), or another layer.
+        let mut other = bytes.clone();
+        other[PREFIX + 8 + 71] ^= 1; // the stamp's first word
+        fs::write(&path, &other).expect("write");
+        assert!(cache.load_checkpoints(&layer).is_none());
+        fs::write(&path, &bytes).expect("restore");
+        let lazy = cache.load_checkpoints(&layer).expect("fits").expect("has");
+        let mut other = bytes.clone();
+        other[PREFIX + 8 + 71] ^= 1;
+        reseal(&mut other);
+        fs::write(&path, &other).expect("write");
+        assert!(lazy.is_empty(), "another stamp was used: {lazy:?}");
+
+        // A layer without checkpoints says so without a lazy load.
+        index.checkpoints = None;
+        cache.store(&layer, &index).expect("store");
+        assert!(matches!(cache.load_checkpoints(&layer), Some(None)));
     }
 
     #[test]

@@ -21,12 +21,21 @@
 //! and put back after, so readers of other layers, or of the same layer elsewhere, go on. Only
 //! a reader that needs the very block another is decompressing waits for it, rather than
 //! decompressing it a second time.
+//!
+//! With a cache directory ([`Content::with_disk_cache`]), a layer whose reads waste more than
+//! about half a pass of decompression (or any read out of order, for a layer that can only be
+//! decompressed from its start) is decompressed once into a file there (`content_cache.rs`),
+//! and its reads are then served from that file: any read order costs about one pass.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, BufReader, Read};
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::blob::{Blob, BlobReader, Compression, Decoder, open_decoded};
+use crate::content_cache::{LayerCache, Plan};
 use crate::source::Layer;
 use crate::tree::Extent;
 use crate::zran::{Checkpoint, Checkpoints, GzipReader};
@@ -55,6 +64,10 @@ struct LayerData {
     compression: Compression,
     checkpoints: Option<Arc<Checkpoints>>,
     cursors: Mutex<Vec<Cursor>>,
+    /// The decompressed copy on disk, when there is a cache directory.
+    disk: Option<LayerCache>,
+    /// Decompressed bytes spent by the block path (skipped ones included).
+    spent: AtomicU64,
 }
 
 /// (layer index, block number).
@@ -80,6 +93,21 @@ struct BlockCache {
 pub struct Content {
     layers: Vec<LayerData>,
     cache: BlockCache,
+    /// For `flatfs stats`: bytes read, blocks found cached, blocks decompressed (and their bytes).
+    counters: ContentStats,
+}
+
+/// What reads through a [`Content`] cost so far (cheap atomic counters).
+#[derive(Debug, Default)]
+pub struct ContentStats {
+    /// File bytes handed to readers.
+    pub read_bytes: std::sync::atomic::AtomicU64,
+    /// Compressed-layer blocks found in the block cache.
+    pub block_hits: std::sync::atomic::AtomicU64,
+    /// Blocks decompressed.
+    pub blocks_decompressed: std::sync::atomic::AtomicU64,
+    /// Bytes decompressed into those blocks.
+    pub decompressed_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Content {
@@ -102,6 +130,8 @@ impl Content {
                         Compression::None => None,
                     },
                     cursors: Mutex::new(Vec::new()),
+                    disk: None,
+                    spent: AtomicU64::new(0),
                 })
                 .collect(),
             cache: BlockCache {
@@ -118,7 +148,49 @@ impl Content {
                 blocks: Mutex::default(),
                 loaded: Condvar::new(),
             },
+            counters: ContentStats::default(),
         }
+    }
+
+    /// The counters of reads so far.
+    pub fn counters(&self) -> &ContentStats {
+        &self.counters
+    }
+
+    /// The layer blobs, bottom layer first.
+    pub fn blobs(&self) -> impl Iterator<Item = &Blob> {
+        self.layers.iter().map(|l| &l.blob)
+    }
+
+    /// Lets compressed layers (`layers`, as given to [`Content::new`]) be cached decompressed
+    /// in cache directory `dir` (`content_cache.rs`), within `$FLATFS_CONTENT_CACHE_MAX`.
+    pub fn with_disk_cache(self, layers: &[Layer], dir: Option<&Path>) -> Self {
+        self.with_disk_cache_max(layers, dir, crate::content_cache::max_size())
+    }
+
+    /// [`Content::with_disk_cache`] with a bound of `max` bytes.
+    pub fn with_disk_cache_max(mut self, layers: &[Layer], dir: Option<&Path>, max: u64) -> Self {
+        for (data, layer) in self.layers.iter_mut().zip(layers) {
+            data.disk = LayerCache::new(layer, dir, max, data.checkpoints.clone());
+        }
+        self
+    }
+
+    /// The content cache of layer `index` (tests).
+    #[cfg(test)]
+    pub(crate) fn layers_disk(&self, index: usize) -> &LayerCache {
+        self.layers[index].disk.as_ref().expect("a content cache")
+    }
+
+    /// Per layer: decompressed bytes spent by block reads and by the content cache's pass.
+    pub fn decompressed(&self) -> Vec<(u64, u64)> {
+        self.layers
+            .iter()
+            .map(|l| {
+                let pass = l.disk.as_ref().map_or(0, |d| d.pass_bytes());
+                (l.spent.load(Ordering::Relaxed), pass)
+            })
+            .collect()
     }
 
     /// Reads up to `buf.len()` bytes of a file at `offset`; short only at the end of the file.
@@ -128,6 +200,7 @@ impl Content {
         }
         let n = buf.len().min((extent.size - offset) as usize);
         let buf = &mut buf[..n];
+        self.counters.read_bytes.fetch_add(n as u64, Relaxed);
         let Some(map) = extent.sparse else {
             let pos = extent.offset.checked_add(offset).ok_or_else(out_of_range)?;
             self.read_stored(extent.layer, pos, buf)?;
@@ -162,8 +235,16 @@ impl Content {
 
     /// Logs what each layer fetched from a registry by ranges (lazy mounts).
     pub fn log_fetched(&self) {
-        for l in &self.layers {
+        for (i, l) in self.layers.iter().enumerate() {
             l.blob.log_fetched();
+            if l.compression != Compression::None {
+                let pass = l.disk.as_ref().map_or(0, |d| d.pass_bytes());
+                log::info!(
+                    "layer {}: decompressed {} bytes by block reads, {pass} by the content cache",
+                    i + 1,
+                    l.spent.load(Ordering::Relaxed)
+                );
+            }
         }
     }
 
@@ -201,6 +282,9 @@ impl Content {
         if layer.compression == Compression::None {
             return layer.blob.read_exact_at(buf, pos);
         }
+        if let Some(read) = layer.disk.as_ref().and_then(|d| d.read(pos, buf)) {
+            return read;
+        }
         let mut done = 0;
         while done < n {
             let at = pos + done as u64;
@@ -230,6 +314,7 @@ impl Content {
                 let now = blocks.clock;
                 if let Some((block, used)) = blocks.cached.get_mut(&key) {
                     *used = now;
+                    self.counters.block_hits.fetch_add(1, Relaxed);
                     return Ok(block.clone());
                 }
                 if !blocks.loading.contains(&key) {
@@ -242,6 +327,10 @@ impl Content {
         // Whatever happens to this load, even a panic, the key is released and waiters woken.
         let loading = Loading { cache, key };
         let result = layer.read_block(number * BLOCK);
+        if let Ok(block) = &result {
+            self.counters.blocks_decompressed.fetch_add(1, Relaxed);
+            (self.counters.decompressed_bytes).fetch_add(block.len() as u64, Relaxed);
+        }
         let mut blocks = cache.blocks.lock().unwrap_or_else(|e| e.into_inner());
         if let Ok(block) = &result {
             if blocks.cached.len() >= cache.capacity
@@ -285,12 +374,37 @@ impl Drop for Loading<'_> {
 impl LayerData {
     /// Up to [`BLOCK`] decompressed bytes from `pos`: fewer only at the end of the layer.
     fn read_block(&self, pos: u64) -> io::Result<Arc<[u8]>> {
+        if let Some(disk) = &self.disk
+            && disk.plan(pos, BLOCK, pos - self.start_for(pos)) == Plan::Wait
+            && let Some(block) = disk.wait_read(pos, BLOCK as usize)
+        {
+            return Ok(block?.into());
+        }
         let mut cursor = self.take_cursor(pos)?;
+        let from = cursor.pos;
         let mut block = vec![0; BLOCK as usize];
-        let n = cursor.read_at(&mut block, pos)?;
+        let n = cursor.read_at(&mut block, pos);
+        // Whatever the outcome, the bytes were decompressed.
+        let spent = cursor.pos - from;
+        self.spent.fetch_add(spent, Ordering::Relaxed);
+        let n = n?;
         self.return_cursor(cursor);
         block.truncate(n);
         Ok(block.into())
+    }
+
+    /// Where decompressing for `pos` would start: the furthest cursor not past it, or the
+    /// checkpoint before it, whichever is nearer (what [`LayerData::take_cursor`] picks).
+    fn start_for(&self, pos: u64) -> u64 {
+        let checkpoint = self.checkpoints.as_ref().and_then(|c| c.at_or_before(pos));
+        let start = checkpoint.map_or(0, |c| c.output);
+        let cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
+        cursors
+            .iter()
+            .map(|c| c.pos)
+            .filter(|&p| p <= pos)
+            .max()
+            .map_or(start, |p| p.max(start))
     }
 
     /// The cursor furthest along that is not past `pos`, unless a checkpoint is closer: then a

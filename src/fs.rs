@@ -58,6 +58,10 @@ pub struct FlatFs {
     prefetch: bool,
     /// The pushing thread's queue, once the session has started.
     pushes: Option<SyncSender<Push>>,
+    /// Started with the session, in the serving process (after the fork): stats, prefetch.
+    on_start: Vec<Box<dyn FnOnce() + Send + Sync>>,
+    /// Run when the session ends.
+    on_stop: Vec<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 /// Children `from..to` of directory `dir`, to push into the page cache.
@@ -97,7 +101,25 @@ impl FlatFs {
             prefetched: Mutex::default(),
             prefetch: true,
             pushes: None,
+            on_start: Vec::new(),
+            on_stop: Vec::new(),
         }
+    }
+
+    /// The file contents the mount reads through (for its stats).
+    pub fn content(&self) -> Arc<Content> {
+        self.content.clone()
+    }
+
+    /// Runs `job` when the session starts, in the serving process: threads started before
+    /// the daemon forks would not survive the fork.
+    pub fn on_start(&mut self, job: Box<dyn FnOnce() + Send + Sync>) {
+        self.on_start.push(job);
+    }
+
+    /// Runs `job` when the session ends (unmounted).
+    pub fn on_stop(&mut self, job: Box<dyn FnOnce() + Send + Sync>) {
+        self.on_stop.push(job);
     }
 
     /// Whether small files are pushed into the page cache as their directory is listed (on by
@@ -509,9 +531,15 @@ fn xattr_reply(data: Cow<'_, [u8]>, size: u32) -> Result<XattrReply<'_>, Errno> 
 impl Filesystem for FlatFs {
     fn destroy(&mut self) {
         self.content.log_fetched();
+        for job in self.on_stop.drain(..) {
+            job();
+        }
     }
 
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        for job in self.on_start.drain(..) {
+            job();
+        }
         if self.prefetch {
             self.start_pushing()?;
         }

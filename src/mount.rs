@@ -124,10 +124,17 @@ impl Mountpoint {
     /// caller's process returns once the mount is live and a daemon serves it (and exits when
     /// done, never returning here).
     pub fn serve(self, fs: FlatFs) -> Result<()> {
+        self.serve_then(fs, || {})
+    }
+
+    /// [`Mountpoint::serve`], running `then` on a thread of the serving process once the mount
+    /// is live: work that can wait until the user has the mount (loading what first reads
+    /// need, so that they do not have to).
+    pub fn serve_then(self, fs: FlatFs, then: impl FnOnce() + Send + 'static) -> Result<()> {
         if self.foreground {
-            self.run(fs, Ready::Foreground)
+            self.run(fs, Ready::Foreground, then)
         } else {
-            self.daemonize(fs)
+            self.daemonize(fs, then)
         }
     }
 
@@ -138,7 +145,7 @@ impl Mountpoint {
         }
     }
 
-    fn daemonize(self, fs: FlatFs) -> Result<()> {
+    fn daemonize(self, fs: FlatFs, then: impl FnOnce() + Send + 'static) -> Result<()> {
         wait_until_single_threaded();
         // CLOEXEC: fusermount3, which fuser may run, must not hold the parent's pipe open.
         let (read_end, write_end) = pipe2(OFlag::O_CLOEXEC)
@@ -148,6 +155,9 @@ impl Mountpoint {
         match unsafe { fork() } {
             Err(e) => Err(self.error(format!("cannot fork: {e}"))),
             Ok(ForkResult::Parent { child }) => {
+                // The child serves this tree; here it is only freed, page by page, before the
+                // command can return: a copy-on-write image of it goes with the process instead.
+                std::mem::forget(fs);
                 drop(write_end);
                 let mut report = Vec::new();
                 let read = File::from(read_end).read_to_end(&mut report);
@@ -172,7 +182,7 @@ impl Mountpoint {
                 // fail in a fresh child (not a group leader; `/` exists).
                 let _ = setsid();
                 let _ = chdir("/");
-                let code = match self.run(fs, Ready::Report(write_end)) {
+                let code = match self.run(fs, Ready::Report(write_end), then) {
                     Ok(()) => 0,
                     Err(_) => 1,
                 };
@@ -182,7 +192,7 @@ impl Mountpoint {
         }
     }
 
-    fn run(&self, fs: FlatFs, ready: Ready) -> Result<()> {
+    fn run(&self, fs: FlatFs, ready: Ready, then: impl FnOnce() + Send + 'static) -> Result<()> {
         // An indexing thread still on its way out would take a signal with the default action
         // (death, mount left behind), as it never blocked them.
         wait_until_single_threaded();
@@ -216,6 +226,10 @@ impl Mountpoint {
             return Err(self.error(msg));
         }
         ready.succeeded(self);
+        // Only a head start: if the thread cannot start, the work happens when first needed.
+        let _ = thread::Builder::new()
+            .name("flatfs-warm".into())
+            .spawn(then);
         session
             .run()
             .map_err(|e| self.error(format!("serving stopped: {e}")))

@@ -305,6 +305,7 @@ pub(crate) const HAS_XATTRS: u8 = 0x80;
 /// `layer - 1`), a symlink target's place in the byte buffer and its length, a directory's first
 /// child record and child count, a device's major and minor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
 pub(crate) struct NodeRec {
     pub(crate) mtime: i64,
     pub(crate) uid: u64,
@@ -328,6 +329,7 @@ pub(crate) struct MapRec {
 
 /// One directory entry: the name's place in the byte buffer and the node it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
 pub(crate) struct ChildRec {
     pub(crate) at: u64,
     pub(crate) len: u32,
@@ -342,6 +344,7 @@ impl ChildRec {
 
 /// One xattr of node `node`: name then value, adjacent in the byte buffer from `at`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
 pub(crate) struct XattrRec {
     pub(crate) at: u64,
     pub(crate) node: NodeId,
@@ -380,13 +383,217 @@ fn is_safe_name(name: &[u8]) -> bool {
         && !name.iter().any(|&b| b == b'/' || b == 0)
 }
 
+/// One of the arena's vectors: built in memory by a merge, or a range of a mapped cache file
+/// (`cache/merged.rs`), which a warm mount then uses in place instead of copying.
+pub(crate) enum Store<T: Pod> {
+    Owned(Vec<T>),
+    Mapped {
+        map: std::sync::Arc<Mapping>,
+        at: usize,
+        len: usize,
+    },
+}
+
+/// Records that may be viewed in a mapped file's bytes: `repr(C)` (or a byte), with integer
+/// fields only, so every bit pattern is a value.
+///
+/// # Safety
+/// Implement only for such types.
+pub(crate) unsafe trait Pod: Copy {}
+// SAFETY: `repr(C)` structs of integers, and a byte.
+unsafe impl Pod for NodeRec {}
+// SAFETY: as above.
+unsafe impl Pod for ChildRec {}
+// SAFETY: as above.
+unsafe impl Pod for XattrRec {}
+// SAFETY: as above.
+unsafe impl Pod for u8 {}
+
+impl<T: Pod> Store<T> {
+    /// `len` records of `T` from byte `at` of `map`; `None` unless they lie inside it, aligned.
+    pub(crate) fn mapped(map: &std::sync::Arc<Mapping>, at: usize, len: usize) -> Option<Self> {
+        let end = len.checked_mul(size_of::<T>())?.checked_add(at)?;
+        let aligned = (map.bytes().as_ptr() as usize).checked_add(at)? % align_of::<T>() == 0;
+        (end <= map.bytes().len() && aligned).then(|| Store::Mapped {
+            map: map.clone(),
+            at,
+            len,
+        })
+    }
+
+    /// The records as a vector of their own, copying them out of a mapping.
+    fn vec(&mut self) -> &mut Vec<T> {
+        if let Store::Mapped { .. } = self {
+            *self = Store::Owned(self.to_vec());
+        }
+        match self {
+            Store::Owned(v) => v,
+            Store::Mapped { .. } => unreachable!("made owned above"),
+        }
+    }
+
+    pub(crate) fn push(&mut self, v: T) {
+        self.vec().push(v);
+    }
+
+    pub(crate) fn extend_from_slice(&mut self, v: &[T]) {
+        self.vec().extend_from_slice(v);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn clear(&mut self) {
+        self.vec().clear();
+    }
+}
+
+impl<T: Pod> From<Vec<T>> for Store<T> {
+    fn from(v: Vec<T>) -> Self {
+        Store::Owned(v)
+    }
+}
+
+impl<T: Pod> std::ops::Deref for Store<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Store::Owned(v) => v,
+            Store::Mapped { map, at, len } => {
+                let bytes = &map.bytes()[*at..*at + *len * size_of::<T>()];
+                // SAFETY: `mapped` checked that the range is inside the mapping and aligned for
+                // T, and T is Pod: any bytes are valid records. The mapping lives as long as
+                // `map`, which this borrow holds, and is never written (see `Mapping`).
+                unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), *len) }
+            }
+        }
+    }
+}
+
+impl<T: Pod> std::ops::DerefMut for Store<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        self.vec()
+    }
+}
+
+impl<'a, T: Pod> IntoIterator for &'a Store<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl<T: Pod> Default for Store<T> {
+    fn default() -> Self {
+        Store::Owned(Vec::new())
+    }
+}
+
+impl<T: Pod + fmt::Debug> fmt::Debug for Store<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl<T: Pod + PartialEq> PartialEq for Store<T> {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl<T: Pod + Eq> Eq for Store<T> {}
+
+/// A cache file's bytes, read-only: mapped from the file, or (where mapping fails, and in
+/// tests) copied into an 8-byte-aligned buffer.
+///
+/// A mapping shows the file as it is on disk, so it is only used for files nobody writes in
+/// place: flatfs writes a cache file to a temp file and renames it, and removes it by unlink,
+/// neither of which touches a mapped file. (A process that wrote into one in place could change
+/// what a mount serves, as it could by rewriting the image's blobs, which are read on demand;
+/// every read through the tree is still bounds checked, so not beyond the arena.)
+pub(crate) enum Mapping {
+    Map { ptr: *mut libc::c_void, len: usize },
+    Heap { words: Box<[u64]>, len: usize },
+}
+
+// SAFETY: the mapping is read-only and owned by this value; the pointer is only read through.
+unsafe impl Send for Mapping {}
+// SAFETY: as above: nothing writes through it.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps all `len` bytes of `file`, populating the page tables at once (a warm mount reads
+    /// every page to check it); a copy if mapping is refused.
+    pub(crate) fn of_file(file: &std::fs::File, len: usize) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        if len == 0 {
+            return Ok(Self::from_bytes(&[]));
+        }
+        // SAFETY: a fresh private read-only mapping of a file we hold open; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            let mut bytes = Vec::with_capacity(len);
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, len as u64), &mut bytes)?;
+            return Ok(Self::from_bytes(&bytes));
+        }
+        Ok(Mapping::Map { ptr, len })
+    }
+
+    /// A copy of `bytes`, aligned as a mapping would be.
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Self {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)].into_boxed_slice();
+        for (w, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            *w = u64::from_ne_bytes(b);
+        }
+        Mapping::Heap {
+            words,
+            len: bytes.len(),
+        }
+    }
+
+    /// All the bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            // SAFETY: `len` bytes mapped readable at `ptr` until drop.
+            Mapping::Map { ptr, len } => unsafe {
+                std::slice::from_raw_parts(ptr.cast::<u8>(), *len)
+            },
+            // SAFETY: the words hold at least `len` initialised bytes.
+            Mapping::Heap { words, len } => unsafe {
+                std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), *len)
+            },
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if let Mapping::Map { ptr, len } = *self {
+            // SAFETY: mapped in `of_file` with this length; no borrow outlives `self`.
+            unsafe {
+                libc::munmap(ptr, len);
+            }
+        }
+    }
+}
+
 /// The frozen merged tree.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Tree {
-    pub(crate) nodes: Vec<NodeRec>,
-    pub(crate) children: Vec<ChildRec>,
-    pub(crate) xattrs: Vec<XattrRec>,
-    pub(crate) bytes: Vec<u8>,
+    pub(crate) nodes: Store<NodeRec>,
+    pub(crate) children: Store<ChildRec>,
+    pub(crate) xattrs: Store<XattrRec>,
+    pub(crate) bytes: Store<u8>,
     /// Sparse files' maps, a side table so that other nodes stay 64 bytes.
     pub(crate) maps: Vec<MapRec>,
     pub(crate) segments: Vec<Segment>,
@@ -699,6 +906,20 @@ struct FileData {
 }
 
 const NO_MAP: u32 = u32::MAX;
+
+/// Nodes frozen between two returns of freed memory to the system.
+const TRIM_EVERY: usize = 1 << 16;
+
+/// Hands the heap's free pages back to the system. While the arena grows in fresh pages, the
+/// builder's names, child maps and xattrs it replaces are freed in small blocks that glibc
+/// keeps: without this the peak is both trees at once.
+fn give_back_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system; no live allocation moves.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
 
 /// A node while layers are being applied.
 struct BNode {
@@ -1121,10 +1342,10 @@ impl Builder {
                 .sum::<usize>();
         }
         let mut tree = Tree {
-            nodes: Vec::with_capacity(order.len()),
-            children: Vec::with_capacity(edges),
-            xattrs: Vec::with_capacity(xattrs),
-            bytes: Vec::with_capacity(bytes),
+            nodes: Vec::with_capacity(order.len()).into(),
+            children: Vec::with_capacity(edges).into(),
+            xattrs: Vec::with_capacity(xattrs).into(),
+            bytes: Vec::with_capacity(bytes).into(),
             maps: Vec::with_capacity(maps),
             segments: Vec::with_capacity(segments),
         };
@@ -1134,6 +1355,9 @@ impl Builder {
             let id = i as NodeId;
             // Taken, so each builder node's memory goes as its frozen record comes.
             let b = old_nodes[old].take().expect("each node is numbered once");
+            if i % TRIM_EVERY == TRIM_EVERY - 1 {
+                give_back_freed_memory();
+            }
             let (mut tag, a, len) = match b.kind {
                 BKind::Dir(children) => {
                     let first = tree.children.len() as u64;

@@ -18,6 +18,7 @@ use std::ffi::{CStr, c_int, c_uint};
 use std::fmt;
 use std::io::{self, BufRead, Read};
 use std::ptr;
+use std::sync::{Mutex, OnceLock};
 
 use libz_rs_sys::{
     Z_BLOCK, Z_BUF_ERROR, Z_NO_FLUSH, Z_OK, Z_STREAM_END, inflate, inflateEnd,
@@ -98,15 +99,49 @@ impl Checkpoint {
     }
 }
 
-/// The checkpoints of one gzip stream, ordered by offset.
-#[derive(Clone, Default, PartialEq, Eq)]
+/// The checkpoints of one gzip stream, ordered by offset. Those of a cached index may be
+/// [`Checkpoints::lazy`]: read and checked on first use, so a warm mount does not read the
+/// windows of layers nobody reads.
 pub struct Checkpoints {
-    points: Vec<Checkpoint>,
+    points: OnceLock<(Vec<Checkpoint>, Option<u64>)>,
+    load: Mutex<Option<Loader>>,
 }
+
+/// Reads and checks deferred checkpoints; `None` if they turned out unusable.
+type Loader = Box<dyn FnOnce() -> Option<Checkpoints> + Send>;
+
+impl Default for Checkpoints {
+    fn default() -> Self {
+        Checkpoints {
+            points: OnceLock::from((Vec::new(), Some(0))),
+            load: Mutex::new(None),
+        }
+    }
+}
+
+impl Clone for Checkpoints {
+    fn clone(&self) -> Self {
+        Checkpoints {
+            points: OnceLock::from((self.points().to_vec(), self.output_len())),
+            load: Mutex::new(None),
+        }
+    }
+}
+
+impl PartialEq for Checkpoints {
+    fn eq(&self, other: &Self) -> bool {
+        self.points() == other.points()
+    }
+}
+
+impl Eq for Checkpoints {}
 
 impl fmt::Debug for Checkpoints {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Checkpoints({} points)", self.points.len())
+        match self.points.get() {
+            Some((points, _)) => write!(f, "Checkpoints({} points)", points.len()),
+            None => write!(f, "Checkpoints(not loaded)"),
+        }
     }
 }
 
@@ -127,33 +162,70 @@ impl Checkpoints {
             }
             last = Some(p);
         }
-        Some(Checkpoints { points })
+        Some(Checkpoints {
+            points: OnceLock::from((points, Some(output_len))),
+            load: Mutex::new(None),
+        })
+    }
+
+    /// Checkpoints that `load` reads (and checks, as [`Checkpoints::new`] does) when first
+    /// asked for. If it fails they are none at all: the stream is then read from its start,
+    /// slower but right, as no value from a file that failed its checks is ever used.
+    pub fn lazy(load: impl FnOnce() -> Option<Checkpoints> + Send + 'static) -> Self {
+        Checkpoints {
+            points: OnceLock::new(),
+            load: Mutex::new(Some(Box::new(load))),
+        }
+    }
+
+    /// True once the points are in memory (always, unless made [`Checkpoints::lazy`]).
+    pub fn is_loaded(&self) -> bool {
+        self.points.get().is_some()
+    }
+
+    /// The length of the decompressed stream, if known (loads deferred points; `None` if
+    /// they failed their checks).
+    pub fn output_len(&self) -> Option<u64> {
+        self.loaded().1
     }
 
     /// All checkpoints, in stream order.
     pub fn points(&self) -> &[Checkpoint] {
-        &self.points
+        &self.loaded().0
+    }
+
+    /// The points and the stream's length, loaded if deferred.
+    fn loaded(&self) -> &(Vec<Checkpoint>, Option<u64>) {
+        self.points.get_or_init(|| {
+            // Taken, not called under the lock: get_or_init already lets one caller in.
+            let load = self.load.lock().unwrap_or_else(|e| e.into_inner()).take();
+            // The loader says why if it fails.
+            load.and_then(|load| load())
+                .and_then(|c| c.points.into_inner())
+                .unwrap_or_default()
+        })
     }
 
     /// How many there are.
     pub fn len(&self) -> usize {
-        self.points.len()
+        self.points().len()
     }
 
     /// True when the stream has none (it is shorter than a span).
     pub fn is_empty(&self) -> bool {
-        self.points.is_empty()
+        self.points().is_empty()
     }
 
     /// The last checkpoint at or before decompressed offset `pos`.
     pub fn at_or_before(&self, pos: u64) -> Option<&Checkpoint> {
-        let i = self.points.partition_point(|p| p.output <= pos);
-        i.checked_sub(1).map(|i| &self.points[i])
+        let points = self.points();
+        let i = points.partition_point(|p| p.output <= pos);
+        i.checked_sub(1).map(|i| &points[i])
     }
 
     /// Bytes of window data held.
     pub fn window_bytes(&self) -> usize {
-        self.points.iter().map(|p| p.window.len()).sum()
+        self.points().iter().map(|p| p.window.len()).sum()
     }
 }
 

@@ -1,6 +1,7 @@
-//! Merged-tree cache: the frozen tree of a stack of layers, saved as the arena's four vectors,
-//! so a warm mount is one read, one checksum and a bounds check instead of loading every
-//! layer's index and merging again.
+//! Merged-tree cache: the frozen tree of a stack of layers, saved as the arena's vectors in
+//! their in-memory layout, so a warm mount maps the file, checks its checksum and the tree's
+//! invariants, and serves the arena from the mapping, instead of loading every layer's index
+//! and merging again (or copying the file record by record into vectors).
 //!
 //! The key is a sha256 over the cache format versions and, per layer in order, the layer's
 //! cache key (blob digest, else diff_id) and diff_id. A tree is a function of exactly that: the
@@ -13,25 +14,35 @@
 //! trusted, and never a panic.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
-use super::{Cache, Dec, Enc, SUM, SumReader, checksum, stamp, write_atomically};
+use super::{Cache, Dec, Enc, SUM, checksum, stamp, write_atomically};
 use crate::layer::Segment;
 use crate::source::Layer;
-use crate::tree::{ChildRec, MapRec, NodeRec, Tree, XattrRec};
+use crate::tree::{ChildRec, MapRec, Mapping, NodeRec, Store, Tree, XattrRec};
 use crate::zran::Checkpoints;
 
 const MAGIC: &[u8; 8] = b"FLATFSMT";
 /// Bump when the encoding, the merge rules or the meaning of a field change.
-const VERSION: u32 = 5;
-/// Encoded sizes of the arena's records.
+const VERSION: u32 = 6;
+/// Encoded sizes of the arena's records: nodes, children and xattrs are used in place, so
+/// these are also their sizes in memory (checked below), and every section starts 8-aligned.
 const NODE: usize = 64;
 const CHILD: usize = 16;
 const XATTR: usize = 24;
+const _: () = assert!(
+    size_of::<NodeRec>() == NODE
+        && size_of::<ChildRec>() == CHILD
+        && size_of::<XattrRec>() == XATTR
+        && std::mem::offset_of!(NodeRec, mode) == 40
+        && std::mem::offset_of!(NodeRec, tag) == 60
+        && std::mem::offset_of!(ChildRec, id) == 12
+        && std::mem::offset_of!(XattrRec, value_len) == 16
+);
 const MAP: usize = 16;
 const SEGMENT: usize = 24;
 
@@ -63,11 +74,16 @@ impl Cache {
     /// The merged tree of exactly these layers (bottom first), with their checkpoints, if the
     /// cache holds a valid one built from these very blob files.
     pub fn load_tree(&self, layers: &[Layer]) -> Option<CachedTree> {
+        // The file is little-endian and used in place.
+        if cfg!(target_endian = "big") {
+            return None;
+        }
         let key = Self::tree_key(layers)?;
         let file = File::open(self.tree_path(&key)).ok()?;
-        let len = file.metadata().ok()?.len();
+        let len = usize::try_from(file.metadata().ok()?.len()).ok()?;
         let stamps: Vec<[u64; 6]> = layers.iter().map(stamp).collect();
-        let tree = decode(BufReader::with_capacity(1 << 16, file), len, &key, &stamps)?;
+        let map = Arc::new(Mapping::of_file(&file, len).ok()?);
+        let tree = decode(&map, &key, &stamps)?;
         // Whatever checkpoints indexing recorded for a layer (gzip's, say) live in its index
         // file's head: taken from there for every layer, a hit gives what a merge would.
         let checkpoints = layers
@@ -79,7 +95,7 @@ impl Cache {
 
     /// Saves the merged tree of these layers (bottom first).
     pub fn store_tree(&self, layers: &[Layer], tree: &Tree) -> io::Result<()> {
-        let Some(key) = Self::tree_key(layers) else {
+        let Some(key) = Self::tree_key(layers).filter(|_| cfg!(target_endian = "little")) else {
             return Ok(());
         };
         let stamps: Vec<[u64; 6]> = layers.iter().map(stamp).collect();
@@ -103,6 +119,7 @@ fn encode(tree: &Tree, key: &[u8; 32], stamps: &[[u64; 6]]) -> Vec<u8> {
     let mut e = Enc(Vec::with_capacity(size));
     e.0.extend_from_slice(MAGIC);
     e.u32(VERSION);
+    e.u32(0); // so that what follows is 8-aligned
     e.0.extend_from_slice(key);
     e.u64(stamps.len() as u64);
     for s in stamps.iter().flatten() {
@@ -166,7 +183,7 @@ fn body<'a>(bytes: &'a [u8]) -> Option<Dec<'a>> {
         return None;
     }
     let mut d = Dec(body);
-    if d.take(8)? != MAGIC || d.u32()? != VERSION {
+    if d.take(8)? != MAGIC || d.u32()? != VERSION || d.u32()? != 0 {
         return None;
     }
     Some(d)
@@ -179,12 +196,6 @@ fn le64(r: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b)
 }
 
-fn le32(r: &[u8], at: usize) -> u32 {
-    let mut b = [0; 4];
-    b.copy_from_slice(&r[at..at + 4]);
-    u32::from_le_bytes(b)
-}
-
 /// Nodes in a tree file, for `flatfs cache ls`.
 pub(super) fn node_count(bytes: &[u8]) -> Option<u64> {
     let mut d = body(bytes)?;
@@ -194,86 +205,68 @@ pub(super) fn node_count(bytes: &[u8]) -> Option<u64> {
     d.u64()
 }
 
-/// Records decoded per read: big enough for few calls, small enough to stay in cache.
-const BATCH: usize = 1024;
-
-/// Reads `count` records of `size` bytes, decoding each with `f`, a batch at a time.
-fn records<R: Read, T>(
-    r: &mut SumReader<R>,
-    count: usize,
-    size: usize,
-    f: impl Fn(&[u8]) -> T,
-) -> Option<Vec<T>> {
-    let mut out = Vec::with_capacity(count);
-    let mut buf = vec![0u8; BATCH * size];
-    let mut left = count;
-    while left > 0 {
-        let n = left.min(BATCH);
-        r.fill(&mut buf[..n * size])?;
-        out.extend(buf[..n * size].chunks_exact(size).map(&f));
-        left -= n;
-    }
-    Some(out)
-}
-
-/// Reads a tree file of `len` bytes. Streamed: the records go from the file straight into the
-/// arena's vectors, with no file-sized buffer between (this is most of a warm mount's work).
-fn decode(r: impl Read, len: u64, key: &[u8; 32], stamps: &[[u64; 6]]) -> Option<Tree> {
-    let mut r = SumReader::new(r, usize::try_from(len).ok()?.checked_sub(SUM)?);
-    if r.array::<8>()? != *MAGIC || r.u32()? != VERSION || r.array::<32>()? != *key {
-        return None;
-    }
-    if r.count(48)? != stamps.len() {
+/// The tree in a mapped tree file, if it is whole (checksum), of this key and these stamps,
+/// and holds together ([`Tree::is_valid`]). Nodes, children, xattrs and names stay in the
+/// mapping; only the (rare) sparse maps are copied out.
+///
+/// Everything is checked before the tree is returned: nothing in the file is used unchecked.
+/// The checksum runs over every byte, and the validity walk over every record, which is what
+/// a warm mount spends its time on; a checksum alone would let a file written by a buggy or
+/// hostile writer through, and the walk is what makes the tree's readers safe without checks
+/// of their own.
+fn decode(map: &Arc<Mapping>, key: &[u8; 32], stamps: &[[u64; 6]]) -> Option<Tree> {
+    let mut d = body(map.bytes())?;
+    let body_len = map.bytes().len() - SUM;
+    if d.take(32)? != key || d.count(48)? != stamps.len() {
         return None;
     }
     for s in stamps.iter().flatten() {
-        if r.u64()? != *s {
+        if d.u64()? != *s {
             return None;
         }
     }
-    let nodes = r.count(NODE)?;
-    let children = r.count(CHILD)?;
-    let xattrs = r.count(XATTR)?;
-    let maps = r.count(MAP)?;
-    let segments = r.count(SEGMENT)?;
-    let bytes = r.count(1)?;
-    let tree = Tree {
-        nodes: records(&mut r, nodes, NODE, |r| NodeRec {
-            mtime: le64(r, 0) as i64,
-            uid: le64(r, 8),
-            gid: le64(r, 16),
-            a: le64(r, 24),
-            b: le64(r, 32),
-            mode: le32(r, 40),
-            mtime_nsec: le32(r, 44),
-            nlink: le32(r, 48),
-            parent: le32(r, 52),
-            layer: le32(r, 56),
-            tag: r[60],
-        })?,
-        children: records(&mut r, children, CHILD, |r| ChildRec {
-            at: le64(r, 0),
-            len: le32(r, 8),
-            id: le32(r, 12),
-        })?,
-        xattrs: records(&mut r, xattrs, XATTR, |r| XattrRec {
-            at: le64(r, 0),
-            node: le32(r, 8),
-            name_len: le32(r, 12),
-            value_len: le32(r, 16),
-        })?,
-        maps: records(&mut r, maps, MAP, |r| MapRec {
-            start: le64(r, 0),
-            count: le64(r, 8),
-        })?,
-        segments: records(&mut r, segments, SEGMENT, |r| Segment {
-            logical: le64(r, 0),
-            len: le64(r, 8),
-            tar: le64(r, 16),
-        })?,
-        bytes: r.take(bytes)?,
+    let mut counts = [0usize; 6];
+    for c in &mut counts {
+        *c = usize::try_from(d.u64()?).ok()?;
+    }
+    let [nodes, children, xattrs, maps, segments, bytes] = counts;
+    let mut at = body_len - d.0.len();
+    let mut section = |count: usize, size: usize| {
+        let start = at;
+        at = count.checked_mul(size)?.checked_add(at)?;
+        (at <= body_len).then_some(start)
     };
-    r.finish()?;
+    let nodes_at = section(nodes, NODE)?;
+    let children_at = section(children, CHILD)?;
+    let xattrs_at = section(xattrs, XATTR)?;
+    let maps_at = section(maps, MAP)?;
+    let segments_at = section(segments, SEGMENT)?;
+    let bytes_at = section(bytes, 1)?;
+    if at != body_len {
+        return None;
+    }
+    let file = map.bytes();
+    let records =
+        |at: usize, count: usize, size: usize| file[at..at + count * size].chunks_exact(size);
+    let tree = Tree {
+        nodes: Store::mapped(map, nodes_at, nodes)?,
+        children: Store::mapped(map, children_at, children)?,
+        xattrs: Store::mapped(map, xattrs_at, xattrs)?,
+        bytes: Store::mapped(map, bytes_at, bytes)?,
+        maps: records(maps_at, maps, MAP)
+            .map(|r| MapRec {
+                start: le64(r, 0),
+                count: le64(r, 8),
+            })
+            .collect(),
+        segments: records(segments_at, segments, SEGMENT)
+            .map(|r| Segment {
+                logical: le64(r, 0),
+                len: le64(r, 8),
+                tar: le64(r, 16),
+            })
+            .collect(),
+    };
     // The checksum only says the file is as written; what was written must still make sense.
     tree.is_valid(stamps.len()).then_some(tree)
 }
@@ -374,6 +367,11 @@ mod tests {
         assert_eq!(tree.segments.len(), 5);
     }
 
+    /// Decodes a tree file held in memory, as `load_tree` does a mapped one.
+    fn dec(bytes: &[u8], key: &[u8; 32], stamps: &[[u64; 6]]) -> Option<Tree> {
+        decode(&Arc::new(Mapping::from_bytes(bytes)), key, stamps)
+    }
+
     const KEY: [u8; 32] = [7; 32];
     const STAMPS: [[u64; 6]; 2] = [[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]];
 
@@ -381,20 +379,39 @@ mod tests {
     fn round_trip_gives_the_same_arena() {
         let tree = sample();
         let bytes = encode(&tree, &KEY, &STAMPS);
-        let back = decode(&bytes[..], bytes.len() as u64, &KEY, &STAMPS).expect("decodes");
+        let back = dec(&bytes, &KEY, &STAMPS).expect("decodes");
         assert_eq!(back, tree);
         assert_eq!(listing(&back), listing(&tree));
         assert_eq!(node_count(&bytes), Some(tree.len() as u64));
     }
 
     #[test]
+    fn a_mapped_tree_outlives_its_file_being_replaced_or_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.tree");
+        let tree = sample();
+        let bytes = encode(&tree, &KEY, &STAMPS);
+        std::fs::write(&path, &bytes).expect("write");
+        let file = File::open(&path).expect("open");
+        let map = Arc::new(Mapping::of_file(&file, bytes.len()).expect("map"));
+        assert!(matches!(*map, Mapping::Map { .. }), "not mapped");
+        let back = decode(&map, &KEY, &STAMPS).expect("decodes");
+        // As the cache changes files: a new one renamed over it, then removal.
+        write_atomically(dir.path(), &path, &vec![0xff; bytes.len()]).expect("replace");
+        std::fs::remove_file(&path).expect("remove");
+        drop((file, map));
+        assert_eq!(back, tree);
+        assert_eq!(listing(&back), listing(&tree));
+    }
+
+    #[test]
     fn another_key_stamp_or_layer_count_is_a_miss() {
         let bytes = encode(&sample(), &KEY, &STAMPS);
-        assert!(decode(&bytes[..], bytes.len() as u64, &[8; 32], &STAMPS).is_none());
+        assert!(dec(&bytes, &[8; 32], &STAMPS).is_none());
         let mut stamps = STAMPS;
         stamps[1][0] += 1;
-        assert!(decode(&bytes[..], bytes.len() as u64, &KEY, &stamps).is_none());
-        assert!(decode(&bytes[..], bytes.len() as u64, &KEY, &STAMPS[..1]).is_none());
+        assert!(dec(&bytes, &KEY, &stamps).is_none());
+        assert!(dec(&bytes, &KEY, &STAMPS[..1]).is_none());
     }
 
     #[test]
@@ -403,16 +420,10 @@ mod tests {
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 0x04;
-            assert!(
-                decode(&b[..], b.len() as u64, &KEY, &STAMPS).is_none(),
-                "flipped byte {i}"
-            );
+            assert!(dec(&b, &KEY, &STAMPS).is_none(), "flipped byte {i}");
         }
         for n in 0..bytes.len() {
-            assert!(
-                decode(&bytes[..n], n as u64, &KEY, &STAMPS).is_none(),
-                "cut at {n}"
-            );
+            assert!(dec(&bytes[..n], &KEY, &STAMPS).is_none(), "cut at {n}");
         }
     }
 
@@ -561,10 +572,7 @@ mod tests {
             let mut t = sample();
             edit(&mut t);
             let bytes = encode(&t, &KEY, &STAMPS);
-            assert!(
-                decode(&bytes[..], bytes.len() as u64, &KEY, &STAMPS).is_none(),
-                "{what}: accepted"
-            );
+            assert!(dec(&bytes, &KEY, &STAMPS).is_none(), "{what}: accepted");
         }
     }
 }

@@ -1,4 +1,5 @@
-//! `flatfs cache`: list, size and clear the cache of layer indexes and merged trees.
+//! `flatfs cache`: list, size and clear the cache of layer indexes, merged trees, pulled blobs
+//! and decompressed layers.
 
 use std::io::{self, Write};
 
@@ -20,12 +21,12 @@ pub struct CacheArgs {
 
 #[derive(Subcommand, Debug)]
 enum CacheAction {
-    /// One line per cached layer index, merged tree or pulled blob: digest (or key), size,
-    /// entries.
+    /// One line per cached layer index, merged tree, pulled blob or decompressed layer: digest
+    /// (or key; a decompressed layer's diff_id), size, entries.
     Ls,
     /// Total size of the cache and where it is.
     Du,
-    /// Delete every cached index, merged tree and pulled blob.
+    /// Delete every cached index, merged tree, pulled blob and decompressed layer.
     Clear,
 }
 
@@ -45,10 +46,14 @@ pub fn run(quiet: bool, args: CacheArgs) -> Result<()> {
                 let what = match e.kind {
                     CacheKind::LayerIndex => "entries",
                     CacheKind::MergedTree => "nodes (merged tree)",
-                    CacheKind::Blob => "",
+                    CacheKind::Blob | CacheKind::PartialBlob | CacheKind::Content => "",
                 };
                 let n = match (e.kind, e.entries) {
                     (CacheKind::Blob, _) => "blob (pulled)".to_string(),
+                    (CacheKind::PartialBlob, _) => {
+                        "blob (partial: spans a lazy mount read)".to_string()
+                    }
+                    (CacheKind::Content, _) => "decompressed layer".to_string(),
                     (_, Some(n)) => format!("{n} {what}"),
                     (_, None) => "unreadable".to_string(),
                 };
@@ -57,11 +62,12 @@ pub fn run(quiet: bool, args: CacheArgs) -> Result<()> {
         }
         CacheAction::Du => {
             let total: u64 = entries.iter().map(|e| e.size).sum();
-            let (indexes, trees, blobs) = count_kinds(&entries);
+            let (indexes, trees, blobs, layers) = count_kinds(&entries);
             let mut out = io::stdout().lock();
             writeln!(
                 out,
-                "{}\t{indexes} layer indexes, {trees} merged trees, {blobs} blobs\t{}",
+                "{}\t{indexes} layer indexes, {trees} merged trees, {blobs} blobs, {layers} \
+                 decompressed layers\t{}",
                 inspect::human(total),
                 cache.dir().display()
             )?;
@@ -72,10 +78,10 @@ pub fn run(quiet: bool, args: CacheArgs) -> Result<()> {
                 .clear()
                 .with_context(|| format!("clearing {}", cache.dir().display()))?;
             if !quiet {
-                let (indexes, trees, blobs) = count_kinds(&entries);
+                let (indexes, trees, blobs, layers) = count_kinds(&entries);
                 eprintln!(
-                    "flatfs: removed {indexes} layer indexes, {trees} merged trees and {blobs} \
-                     blobs ({})",
+                    "flatfs: removed {indexes} layer indexes, {trees} merged trees, {blobs} \
+                     blobs and {layers} decompressed layers ({})",
                     inspect::human(freed)
                 );
             }
@@ -84,12 +90,13 @@ pub fn run(quiet: bool, args: CacheArgs) -> Result<()> {
     Ok(())
 }
 
-/// How many layer indexes, merged trees and blobs.
-fn count_kinds(entries: &[CacheEntry]) -> (usize, usize, usize) {
+/// How many layer indexes, merged trees, blobs and decompressed layers.
+fn count_kinds(entries: &[CacheEntry]) -> (usize, usize, usize, usize) {
     let count = |k| entries.iter().filter(|e| e.kind == k).count();
     (
         count(CacheKind::LayerIndex),
         count(CacheKind::MergedTree),
-        count(CacheKind::Blob),
+        count(CacheKind::Blob) + count(CacheKind::PartialBlob),
+        count(CacheKind::Content),
     )
 }

@@ -6,10 +6,12 @@ mod cat;
 mod diff;
 mod export;
 mod export_all;
+mod index;
 mod inspect;
 mod ls;
 mod misc;
 mod mount;
+mod stats;
 mod ui;
 
 use anyhow::Result;
@@ -43,6 +45,8 @@ enum Command {
     Cat(cat::CatArgs),
     Diff(diff::DiffArgs),
     Cache(cache::CacheArgs),
+    Index(index::IndexArgs),
+    Stats(stats::StatsArgs),
     Completions(misc::CompletionsArgs),
     Man(misc::ManArgs),
     Umount(mount::UmountArgs),
@@ -65,6 +69,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cat(a) => cat::run(&a.ui.start(&top), a),
         Command::Diff(a) => diff::run(&a.ui.start(&top), a),
         Command::Cache(a) => cache::run(top.log.quiet, a),
+        Command::Index(a) => index::run(&top, a),
+        Command::Stats(a) => stats::run(a),
         Command::Completions(a) => misc::completions(a),
         Command::Man(a) => misc::man(a),
         Command::Umount(a) => mount::umount(a),

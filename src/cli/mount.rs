@@ -8,9 +8,9 @@ use clap::Args;
 use super::ui::{Ui, UiArgs};
 use crate::content::Content;
 use crate::fs::FlatFs;
-use crate::mount;
 use crate::source::Platform;
 use crate::{Error, Opened};
+use crate::{mount, stats};
 
 /// Mount the merged image as a read-only FUSE filesystem.
 ///
@@ -53,6 +53,12 @@ pub struct MountArgs {
     /// on a lazy registry mount, where it would fetch them.
     #[arg(long)]
     no_prefetch: bool,
+    /// On a lazy registry mount, fetch what reads have not in the background: `all` fetches
+    /// every layer, in layer order, one request at a time, giving way to reads that wait;
+    /// then the mount is fully local. Each span is checked as a read's would be. Watch it
+    /// with `flatfs stats MOUNTPOINT`.
+    #[arg(long, value_name = "WHAT", value_parser = ["all", "none"], default_value = "none")]
+    prefetch: String,
     /// More mount options, comma-separated, e.g. noexec, noatime, allow_root, fsname=NAME,
     /// max_read=BYTES; `dev` and `suid` lift the defaults; `nonempty` mounts over a directory
     /// that is not empty (refused otherwise, as its contents would be hidden). `rw` is refused.
@@ -72,9 +78,11 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
         platform,
         layers,
         no_prefetch,
+        prefetch,
         options,
         ..
     } = args;
+    let fetch_all = prefetch == "all";
     let opts = mount::Options {
         foreground,
         allow_other,
@@ -97,7 +105,17 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
         tree,
         checkpoints,
     } = ui.open(&image, platform.as_ref(), layers, None)?;
-    let mut fs = FlatFs::new(tree, Content::new(&img.layers, &checkpoints));
+    let content = Content::new(&img.layers, &checkpoints)
+        .with_disk_cache(&img.layers, ui.cache.as_ref().map(|c| c.dir()));
+    let mut fs = FlatFs::new(tree, content);
+    // Checkpoints from the cache are read when first used: once the mount is live, read them
+    // in the background, so that a first read does not wait for its layer's.
+    let warm: Vec<_> = checkpoints.iter().flatten().cloned().collect();
+    let load = move || {
+        for c in &warm {
+            c.points();
+        }
+    };
     // On a lazy registry mount a push would fetch every listed small file from the network:
     // there, only what is read is fetched.
     let lazy = img.layers.iter().any(|l| l.blob.is_lazy());
@@ -105,11 +123,60 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
         log::info!("lazy registry mount: small files are not pushed into the page cache");
     }
     fs.set_prefetch(!no_prefetch && !lazy);
+    let lazies: Vec<_> = img
+        .layers
+        .iter()
+        .filter_map(|l| l.blob.lazy_handle().cloned())
+        .collect();
+    if fetch_all && lazies.is_empty() {
+        log::info!("--prefetch all: no layer is read lazily; nothing to prefetch");
+    }
+    if fetch_all && !lazies.is_empty() {
+        fs.on_start(Box::new(move || prefetch_all(lazies)));
+    }
+    // Stats for `flatfs stats`, keyed by the mountpoint's canonical path.
+    match std::fs::canonicalize(&mountpoint) {
+        Ok(canon) => {
+            let reporter = stats::Reporter::new(fs.content(), canon, &image, fetch_all);
+            let file = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let keep = file.clone();
+            fs.on_start(Box::new(move || match reporter.start() {
+                Ok(f) => *keep.lock().unwrap_or_else(|e| e.into_inner()) = Some(f),
+                Err(e) => log::warn!("cannot keep mount stats: {e}"),
+            }));
+            fs.on_stop(Box::new(move || {
+                file.lock().unwrap_or_else(|e| e.into_inner()).take();
+            }));
+        }
+        Err(e) => log::warn!("{}: {e}; no stats for this mount", mountpoint.display()),
+    }
     // The blobs keep their files open. Dropping the image now removes a spooled stdin
     // from the temp dir, which the daemon, ending with exit(), never would.
     drop(img);
-    target.serve(fs)?;
+    target.serve_then(fs, load)?;
     Ok(())
+}
+
+/// Fetches the rest of every lazy layer, in layer order, on a thread of its own.
+fn prefetch_all(lazies: Vec<std::sync::Arc<crate::blob::Lazy>>) {
+    let spawned = std::thread::Builder::new()
+        .name("flatfs-fetch-all".into())
+        .spawn(move || {
+            let start = std::time::Instant::now();
+            for l in &lazies {
+                l.prefetch_all();
+            }
+            let fetched: u64 = lazies.iter().map(|l| l.stats().0).sum();
+            log::info!(
+                "prefetch: {} lazy layers local after {:.1?} ({fetched} bytes fetched by this \
+                 mount)",
+                lazies.len(),
+                start.elapsed()
+            );
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot start the prefetch: {e}");
+    }
 }
 
 /// Unmount a flatfs mount, also one whose server has died.

@@ -86,6 +86,7 @@ impl UiArgs {
             insecure: !here.tls_verify.or(there.tls_verify).unwrap_or(true),
             cache_dir: cache.as_ref().map(|c| c.dir().to_path_buf()),
             lazy: false,
+            no_index_artifact: false,
         };
         Ui {
             quiet,

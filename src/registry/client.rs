@@ -27,6 +27,22 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 
 /// Tries of one request before its error stands (5xx, 429, a dropped connection).
 const ATTEMPTS: u32 = 5;
+/// Tries of a lazy mount's range request: a reader waits for it, so a registry that is away
+/// gives EIO within seconds (the next read tries again) rather than after the full backoff.
+const RANGE_ATTEMPTS: u32 = 3;
+/// The longest a lazy mount's range request may take, answer and body, per try: a registry
+/// that accepts and then goes silent gives EIO in well under a minute. Lower with a lower
+/// `$FLATFS_REGISTRY_TIMEOUT`.
+const RANGE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// [`RANGE_TIMEOUT`], or `$FLATFS_REGISTRY_TIMEOUT` seconds if that is less.
+fn range_timeout() -> Duration {
+    std::env::var("FLATFS_REGISTRY_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(RANGE_TIMEOUT, |s| Duration::from_secs(s).min(RANGE_TIMEOUT))
+}
+
 /// Resumes of one blob download after dropped connections.
 const RESUMES: u32 = 8;
 /// The longest wait between tries, whatever `Retry-After` says.
@@ -337,15 +353,18 @@ impl Client {
     pub fn fetch_range(&self, repo: &str, digest: &str, start: u64, end: u64) -> Result<Vec<u8>> {
         let what = format!("GET blob {repo}@{digest} bytes {start}-{}", end - 1);
         let scopes = [pull_scope(repo)];
-        let resp = self.send(&Req {
-            method: "GET",
-            url: format!("{}/v2/{repo}/blobs/{digest}", self.base),
-            scopes: &scopes,
-            headers: vec![("range", format!("bytes={start}-{}", end - 1))],
-            body: Payload::Empty,
-            what: &what,
-            attempts: ATTEMPTS,
-        })?;
+        let resp = self.send_timed(
+            &Req {
+                method: "GET",
+                url: format!("{}/v2/{repo}/blobs/{digest}", self.base),
+                scopes: &scopes,
+                headers: vec![("range", format!("bytes={start}-{}", end - 1))],
+                body: Payload::Empty,
+                what: &what,
+                attempts: RANGE_ATTEMPTS,
+            },
+            Some(range_timeout()),
+        )?;
         let skip = match resp.status().as_u16() {
             200 => start,
             206 if content_range_start(&resp) == Some(start) => 0,
@@ -561,6 +580,76 @@ impl Client {
         }
     }
 
+    /// PUTs a manifest that has a `subject` under `reference`; returns the digest the
+    /// registry reports and whether it says (`OCI-Subject`) that it listed the manifest as a
+    /// referrer of that subject, which only registries with the referrers API do.
+    pub fn put_referrer(
+        &self,
+        repo: &str,
+        reference: &str,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<(String, Option<String>)> {
+        let what = format!("PUT manifest {repo}{}{reference}", sep(reference));
+        let scopes = [push_scope(repo)];
+        let resp = self.send(&Req {
+            method: "PUT",
+            url: format!("{}/v2/{repo}/manifests/{reference}", self.base),
+            scopes: &scopes,
+            headers: vec![
+                ("content-type", media_type.to_string()),
+                ("content-length", bytes.len().to_string()),
+            ],
+            body: Payload::Bytes(bytes),
+            what: &what,
+            attempts: ATTEMPTS,
+        })?;
+        match resp.status().as_u16() {
+            201 | 200 => Ok((
+                header(&resp, "docker-content-digest")
+                    .unwrap_or_else(|| crate::blob::sha256_of(bytes)),
+                header(&resp, "oci-subject"),
+            )),
+            s => Err(self.status_error(&what, s, resp)),
+        }
+    }
+
+    /// GETs `/v2/REPO/PATH` (a referrers list, a manifest by tag) asking for `accept`:
+    /// `None` when the registry answers 404 (nothing there, or an endpoint it lacks), else
+    /// the body (at most [`crate::source::MAX_JSON`] bytes) and its `Content-Type`.
+    pub fn get_document(
+        &self,
+        repo: &str,
+        path: &str,
+        accept: &str,
+        scopes: &[String],
+    ) -> Result<Option<(Vec<u8>, String)>> {
+        let what = format!("GET {repo}/{path}");
+        let resp = self.send(&Req {
+            method: "GET",
+            url: format!("{}/v2/{repo}/{path}", self.base),
+            scopes,
+            headers: vec![("accept", accept.to_string())],
+            body: Payload::Empty,
+            what: &what,
+            attempts: ATTEMPTS,
+        })?;
+        match resp.status().as_u16() {
+            200 => {
+                let content_type = header(&resp, "content-type").unwrap_or_default();
+                let bytes = resp
+                    .into_body()
+                    .with_config()
+                    .limit(crate::source::MAX_JSON)
+                    .read_to_vec()
+                    .map_err(|e| self.error(format!("{what}: {}", transport(&e))))?;
+                Ok(Some((bytes, content_type)))
+            }
+            404 => Ok(None),
+            s => Err(self.status_error(&what, s, resp)),
+        }
+    }
+
     /// The `Location` of an upload session, made absolute.
     fn location(&self, resp: &Response<Body>, what: &str) -> Result<String> {
         let loc = header(resp, "location")
@@ -583,6 +672,11 @@ impl Client {
     /// answers an auth challenge once, follows redirects, and retries 5xx, 429 and dropped
     /// connections with bounded backoff (honouring `Retry-After`). Returns every other answer.
     fn send(&self, req: &Req) -> Result<Response<Body>> {
+        self.send_timed(req, None)
+    }
+
+    /// [`Client::send`], each try (answer and body) bounded by `timeout` when given.
+    fn send_timed(&self, req: &Req, timeout: Option<Duration>) -> Result<Response<Body>> {
         let mut url = req.url.clone();
         let mut tries = 0;
         let mut reauthed = false;
@@ -600,7 +694,7 @@ impl Client {
                 req.method,
                 if auth.is_some() { " (authorized)" } else { "" }
             );
-            let result = self.send_once(req, &url, auth.as_deref());
+            let result = self.send_once(req, &url, auth.as_deref(), timeout);
             let resp = match result {
                 Ok(r) => r,
                 Err(e) if tries < req.attempts && retryable(&e) => {
@@ -665,6 +759,7 @@ impl Client {
         req: &Req,
         url: &str,
         auth: Option<&str>,
+        timeout: Option<Duration>,
     ) -> std::result::Result<Response<Body>, ureq::Error> {
         let builder = || {
             let mut b = http::Request::builder().method(req.method).uri(url);
@@ -678,6 +773,15 @@ impl Client {
         };
         let bad = |e: http::Error| ureq::Error::BadUri(format!("{url}: {e}"));
         match req.body {
+            Payload::Empty if timeout.is_some() => {
+                let r = builder().body(()).map_err(bad)?;
+                let r = self
+                    .agent
+                    .configure_request(r)
+                    .timeout_global(timeout)
+                    .build();
+                self.agent.run(r)
+            }
             Payload::Empty => self.agent.run(builder().body(()).map_err(bad)?),
             Payload::Bytes(bytes) => self.agent.run(builder().body(bytes).map_err(bad)?),
             Payload::File(path, size) => {

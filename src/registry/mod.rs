@@ -2,6 +2,7 @@
 //! into the blob store and opens it like a local layout; `export -o docker://` pushes.
 //! `client` speaks HTTP, `auth` finds credentials, `store` keeps blobs by digest.
 
+pub mod artifact;
 pub mod auth;
 pub mod client;
 pub mod push;
@@ -29,4 +30,7 @@ pub struct Options {
     /// Fetch a layer by ranges when it is read (`mount`) instead of downloading it, where the
     /// cache holds its index with span digests to check the ranges against.
     pub lazy: bool,
+    /// With `lazy`: do not look for a flatfs index artifact in the registry for layers the
+    /// cache lacks (`flatfs index push`, which builds what it pushes from the layers).
+    pub no_index_artifact: bool,
 }

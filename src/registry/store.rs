@@ -2,6 +2,12 @@
 //! cache directory), shared by every image, so a base layer is fetched once per host. A blob
 //! enters only whole and digest-checked (temp file, then rename); the store is bounded in size
 //! and evicts the least recently used blobs.
+//!
+//! Beside them, `partial/HEX` holds a blob a lazy mount is fetching by ranges (a sparse file of
+//! the blob's size) and `partial/HEX.spans` its span map (one byte per span, see
+//! [`crate::blob::Lazy`]): what one mount fetched, the next reads locally. A partial blob counts
+//! towards the bound by the space it takes on disk, and is evicted like a whole one; once all
+//! its spans are there, it is checked against its digest and becomes a whole blob.
 
 use std::fs;
 use std::io::{self, Write};
@@ -32,6 +38,8 @@ pub struct StoredBlob {
     pub size: u64,
     /// Last use (access time, seconds since the epoch).
     pub used: i64,
+    /// A blob being fetched by ranges (`partial/HEX`): `size` is the space its spans take.
+    pub partial: bool,
 }
 
 impl BlobStore {
@@ -114,7 +122,7 @@ impl BlobStore {
         let dir = self.root.join("sha256");
         let rd = match fs::read_dir(&dir) {
             Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return self.list_partial(),
             Err(e) => return Err(e),
         };
         let mut out = Vec::new();
@@ -130,21 +138,27 @@ impl BlobStore {
                 digest,
                 size: m.len(),
                 used: m.atime(),
+                partial: false,
             });
         }
+        out.extend(self.list_partial()?);
         out.sort_by(|a, b| a.used.cmp(&b.used).then(a.digest.cmp(&b.digest)));
         Ok(out)
     }
 
     /// Removes every blob and leftover temp file; returns the bytes freed.
     pub fn clear(&self) -> io::Result<u64> {
+        let mut freed = 0;
+        for b in self.list_partial()? {
+            self.remove_partial(&b.digest)?;
+            freed += b.size;
+        }
         let dir = self.root.join("sha256");
         let rd = match fs::read_dir(&dir) {
             Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(freed),
             Err(e) => return Err(e),
         };
-        let mut freed = 0;
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with(".tmp-") || self.path(&format!("sha256:{name}")).is_some() {
@@ -170,7 +184,16 @@ impl BlobStore {
             if keep.contains(&b.digest) {
                 continue;
             }
-            if let Some(path) = self.path(&b.digest) {
+            if b.partial {
+                self.remove_partial(&b.digest)?;
+                log::info!(
+                    "blob store: evicted the partial {} ({} bytes)",
+                    b.digest,
+                    b.size
+                );
+                total -= b.size;
+                freed += b.size;
+            } else if let Some(path) = self.path(&b.digest) {
                 match fs::remove_file(&path) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -186,6 +209,129 @@ impl BlobStore {
 }
 
 impl BlobStore {
+    /// `partial/HEX` and `partial/HEX.spans` for a digest (`None` as for [`BlobStore::path`]).
+    fn partial_paths(&self, digest: &str) -> Option<(PathBuf, PathBuf)> {
+        let hex = self
+            .path(digest)?
+            .file_name()?
+            .to_string_lossy()
+            .into_owned();
+        let dir = self.root.join("partial");
+        Some((dir.join(&hex), dir.join(format!("{hex}.spans"))))
+    }
+
+    /// Opens (creating if need be) the partial blob `digest` of `len` bytes and its span map
+    /// of `spans` bytes, both for reading and writing; marks it used. A data file of another
+    /// length, or a map without its data file, starts over empty (a map only speaks for the
+    /// file it was written beside).
+    pub fn open_partial(
+        &self,
+        digest: &str,
+        len: u64,
+        spans: u64,
+    ) -> io::Result<(fs::File, fs::File, PathBuf)> {
+        let (data_path, map_path) = self.partial_paths(digest).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unsupported digest {digest:?}"),
+            )
+        })?;
+        fs::create_dir_all(self.root.join("partial"))?;
+        let rw = || {
+            let mut o = fs::OpenOptions::new();
+            o.read(true).write(true).create(true).truncate(false);
+            o
+        };
+        let data = rw().open(&data_path)?;
+        let map = rw().open(&map_path)?;
+        let fresh = data.metadata()?.len() != len;
+        if fresh {
+            // The map first: while it is being reset, no mark may speak for new bytes.
+            map.set_len(0)?;
+            data.set_len(0)?;
+            data.set_len(len)?;
+        }
+        if map.metadata()?.len() != spans {
+            map.set_len(0)?;
+            map.set_len(spans)?;
+        }
+        touch(&data_path);
+        Ok((data, map, data_path))
+    }
+
+    /// Checks the partial blob `digest`, now complete, against its digest and moves it into
+    /// the store as a whole blob (the same file: whoever has it open reads on). A mismatch
+    /// removes it. Returns the whole blob's path.
+    pub fn promote_partial(&self, digest: &str) -> io::Result<PathBuf> {
+        let (data_path, map_path) = self.partial_paths(digest).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unsupported digest {digest:?}"),
+            )
+        })?;
+        let to = self.path(digest).unwrap_or_default();
+        let mut f = fs::File::open(&data_path)?;
+        let mut hasher = crate::blob::HashWriter::new(io::sink());
+        io::copy(&mut f, &mut hasher)?;
+        let (found, _, _) = hasher.finish();
+        if found != digest {
+            self.remove_partial(digest)?;
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("digest mismatch: expected {digest}, the assembled spans hash to {found}"),
+            ));
+        }
+        if self.durable {
+            f.sync_all()?;
+        }
+        fs::create_dir_all(self.root.join("sha256"))?;
+        fs::rename(&data_path, &to)?;
+        let _ = fs::remove_file(&map_path);
+        Ok(to)
+    }
+
+    /// Removes a partial blob and its map (the map first: a map never outlives its data).
+    fn remove_partial(&self, digest: &str) -> io::Result<()> {
+        let Some((data, map)) = self.partial_paths(digest) else {
+            return Ok(());
+        };
+        for p in [map, data] {
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The partial blobs, sized by the space their spans (and map) take on disk.
+    fn list_partial(&self) -> io::Result<Vec<StoredBlob>> {
+        let rd = match fs::read_dir(self.root.join("partial")) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for e in rd {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let digest = format!("sha256:{name}");
+            if self.path(&digest).is_none() {
+                continue;
+            }
+            let m = e.metadata()?;
+            let map = fs::metadata(e.path().with_extension("spans")).map_or(0, |m| m.len());
+            out.push(StoredBlob {
+                digest,
+                size: m.blocks() * 512 + map,
+                used: m.atime(),
+                partial: true,
+            });
+        }
+        Ok(out)
+    }
+
     /// Removes what a killed pull left behind (`.tmp-*` files, `.layout-*` directories) once
     /// it is a day old: a pull running now is never that old.
     fn remove_stale(&self) {
@@ -415,5 +561,42 @@ mod tests {
             .map(|b| b.digest)
             .collect();
         assert_eq!(left, vec![blobs[0].0.clone()], "kept the one in use");
+    }
+
+    #[test]
+    fn a_partial_blob_is_listed_evicted_and_kept_whole_only_with_its_digest() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_cache(dir.path());
+        let bytes = vec![5u8; 5000];
+        let digest = crate::blob::sha256_of(&bytes);
+        let (data, map, path) = store.open_partial(&digest, 5000, 1).unwrap();
+        data.write_all_at(&bytes[..100], 0).unwrap();
+        map.write_all_at(&[1], 0).unwrap();
+        let listed = store.list().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert!(listed[0].partial && listed[0].digest == digest);
+        // Reopened at another length: the map no longer speaks for it.
+        let (_, map2, _) = store.open_partial(&digest, 4000, 1).unwrap();
+        let mut m = [9u8];
+        map2.read_exact_at(&mut m, 0).unwrap();
+        assert_eq!(m, [0]);
+        // Wrong bytes never become the blob.
+        let (data, _, _) = store.open_partial(&digest, 5000, 1).unwrap();
+        data.write_all_at(&bytes[..4999], 0).unwrap();
+        assert!(store.promote_partial(&digest).is_err());
+        assert!(!path.exists() && !store.has(&digest, 5000));
+        let (data, _, _) = store.open_partial(&digest, 5000, 1).unwrap();
+        data.write_all_at(&bytes, 0).unwrap();
+        let whole = store.promote_partial(&digest).unwrap();
+        assert_eq!(fs::read(whole).unwrap(), bytes);
+        assert!(store.list().unwrap().iter().all(|b| !b.partial));
+        // Evicted like a whole one.
+        let other = crate::blob::sha256_of(b"other");
+        let (data, _, _) = store.open_partial(&other, 1 << 20, 4).unwrap();
+        data.write_all_at(&[1; 8192], 0).unwrap();
+        store.evict(std::slice::from_ref(&digest), 5000).unwrap();
+        assert!(store.list().unwrap().iter().all(|b| b.digest == digest));
+        assert_eq!(store.clear().unwrap(), 5000);
     }
 }

@@ -72,6 +72,14 @@ pub(super) fn open(
     let config_digest = config.digest().to_string();
     let path = client.fetch_blob(repo, &config_digest, config.size(), &blobs, &|_| {})?;
     link(&config_digest, &path)?;
+    let imported = index_artifact(
+        &client,
+        repo,
+        desc.digest().as_ref(),
+        &manifest,
+        &path,
+        opts,
+    );
 
     // Layers: those in the store are linked; the others start downloading now, and the
     // image opens on their growing files, so indexing reads each layer as it arrives
@@ -96,11 +104,20 @@ pub(super) fn open(
         }
         if let Some(spans) = lazy_spans(opts, &digest, layer.size()) {
             let path = layout_path(layout.path(), &digest)?;
-            lazy.insert(
-                digest.clone(),
-                open_lazy(&client, repo, &digest, &path, spans)?,
-            );
-            continue;
+            match open_lazy(&client, repo, &digest, &path, spans, &blobs) {
+                Ok(l) => {
+                    lazy.insert(digest.clone(), l);
+                    continue;
+                }
+                // The first span does not check against an index artifact's digests: the
+                // artifact lies. Forget its index and pull the layer as without one.
+                Err(e) if imported.contains(&digest) => {
+                    log::warn!("{e}; not using the index artifact for layer {digest}");
+                    forget_index(opts, &digest);
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => return Err(e),
+            }
         }
         if let Some(toc) = opts.lazy.then(|| open_toc(&client, repo, layer)).flatten() {
             // An empty file of the blob's size: the layout opens it, the TOC reads the bytes.
@@ -207,30 +224,90 @@ fn open_toc(client: &Arc<Client>, repo: &str, layer: &Descriptor) -> Option<crat
         .ok()
 }
 
-/// An empty (sparse) file of the blob's size at `path` in the layout, filled by range requests
-/// as it is read, each span checked against `spans`. Its first span is fetched now: the
-/// layer's compression is sniffed from its first bytes when the image opens.
+/// For a lazy open: layer indexes the cache lacks, from the image's flatfs index artifact in
+/// the registry, if it has one (`registry/artifact.rs`), so those layers are read by ranges
+/// with no pass over them. Each is checked as a cache file is, then is one.
+fn index_artifact(
+    client: &Client,
+    repo: &str,
+    subject: &str,
+    manifest: &ImageManifest,
+    config: &Path,
+    opts: &Options,
+) -> Vec<String> {
+    let Some(dir) = opts
+        .cache_dir
+        .as_ref()
+        .filter(|_| opts.lazy && !opts.no_index_artifact)
+    else {
+        return Vec::new();
+    };
+    // The diff_ids the indexes must agree with (a config that does not parse fails later).
+    let config: serde_json::Value = std::fs::read(config)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let wanted: Vec<_> = manifest
+        .layers()
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let diff_id = config["rootfs"]["diff_ids"][i].as_str().map(str::to_string);
+            (l.digest().to_string(), l.size(), diff_id)
+        })
+        .collect();
+    crate::registry::artifact::fill_cache(client, repo, subject, &wanted, dir)
+}
+
+/// Drops the cached index of layer `digest`, imported from an artifact that proved wrong.
+fn forget_index(opts: &Options, digest: &str) {
+    if let Some(dir) = &opts.cache_dir
+        && let Err(e) = crate::cache::Cache::new(dir).forget(digest)
+    {
+        log::warn!(
+            "cannot remove the index of {digest} from {}: {e}",
+            dir.display()
+        );
+    }
+}
+
+/// The blob's partial file in the store (`partial/HEX`, what earlier mounts fetched), linked
+/// at `path` in the layout and filled by range requests as it is read, each span checked
+/// against `spans` and recorded in its span map. Once every span is there, it is checked
+/// whole and becomes a stored blob. Its first span is fetched now: the layer's compression is
+/// sniffed from its first bytes when the image opens.
 fn open_lazy(
     client: &Arc<Client>,
     repo: &str,
     digest: &str,
     path: &Path,
     spans: SpanDigests,
+    blobs: &BlobStore,
 ) -> Result<Arc<Lazy>> {
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| Error::io(path.display(), e))?;
-    file.set_len(spans.blob_len)
-        .map_err(|e| Error::io(path.display(), e))?;
+    let store_err = |e| Error::io(blobs.root().display(), e);
+    let (file, map, partial) = blobs
+        .open_partial(digest, spans.blob_len, spans.digests.len() as u64)
+        .map_err(store_err)?;
+    std::fs::hard_link(&partial, path).map_err(|e| Error::io(path.display(), e))?;
     let (c, r, d) = (client.clone(), repo.to_string(), digest.to_string());
     let fetch = Box::new(move |start, end| {
         c.fetch_range(&r, &d, start, end)
             .map_err(|e| std::io::Error::other(e.to_string()))
     });
     let name = format!("{repo}@{digest}");
-    let lazy = Arc::new(Lazy::new(file, spans, &name, fetch));
+    let (store, d) = (blobs.clone(), digest.to_string());
+    let keep_whole = Arc::new(move || match store.promote_partial(&d) {
+        Ok(_) => log::info!("blob store: {d} is complete and checked; kept whole"),
+        Err(e) => log::warn!("blob store: cannot keep {d} whole: {e}"),
+    });
+    let lazy = Lazy::new(file, spans, &name, fetch)
+        .with_map(map)
+        .map_err(|e| Error::io(partial.display(), e))?;
+    if lazy.all_in_file() {
+        // An earlier mount fetched the last span but did not live to keep the blob whole.
+        keep_whole();
+    }
+    let lazy = Arc::new(lazy.on_complete(keep_whole));
     lazy.fetch_start().map_err(|e| client.error(e))?;
     Ok(lazy)
 }

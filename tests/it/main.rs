@@ -1,12 +1,15 @@
 //! Integration tests: build images in code, run the real `flatfs` binary, and compare
 //! what it writes with listings written down from the spec (issue 2).
 
+mod artifact;
 mod browse;
 mod cache;
 mod cli;
+mod content_cache;
 mod export;
 mod harness;
 mod hostile;
+mod lazy;
 mod merge;
 mod mount;
 mod names;

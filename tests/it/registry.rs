@@ -1299,7 +1299,7 @@ fn registry_pushed_flat_image_is_pulled_and_run_by_podman() {
 
 /// Lazy mounts (issue 14): an image whose first layer is 12 MiB that does not compress, with
 /// a small file after it; returns the layout, the noise, and that layer's digest and size.
-fn lazy_image(at: &Path) -> (PathBuf, Vec<u8>, String, u64) {
+pub(crate) fn lazy_image(at: &Path) -> (PathBuf, Vec<u8>, String, u64) {
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let noise: Vec<u8> = (0..12 << 20)
         .map(|_| {
@@ -1329,7 +1329,7 @@ fn lazy_image(at: &Path) -> (PathBuf, Vec<u8>, String, u64) {
 
 /// Blob bytes the proxy was asked for, by ranged GETs of `digest` from request `from` on, and
 /// how many requests; a GET without a range would be the whole blob, so it fails the test.
-fn ranged_bytes(proxy: &FaultProxy, digest: &str, from: usize) -> (u64, usize) {
+pub(crate) fn ranged_bytes(proxy: &FaultProxy, digest: &str, from: usize) -> (u64, usize) {
     let gets: Vec<Seen> = proxy.seen()[from..]
         .iter()
         .filter(|s| s.method == "GET" && s.path.ends_with(&format!("/blobs/{digest}")))

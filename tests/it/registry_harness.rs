@@ -601,7 +601,7 @@ fn serve(
 }
 
 /// Reads one HTTP/1.1 request (head and `Content-Length` body) from a connection.
-fn read_request(conn: &TcpStream) -> std::io::Result<(Seen, Vec<u8>)> {
+pub fn read_request(conn: &TcpStream) -> std::io::Result<(Seen, Vec<u8>)> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
@@ -635,7 +635,12 @@ fn read_request(conn: &TcpStream) -> std::io::Result<(Seen, Vec<u8>)> {
 }
 
 /// Sends `request` (head lines and body) to `upstream` and returns the whole answer.
-fn forward(upstream: &str, seen: &Seen, body: &[u8], drop_auth: bool) -> std::io::Result<Vec<u8>> {
+pub fn forward(
+    upstream: &str,
+    seen: &Seen,
+    body: &[u8],
+    drop_auth: bool,
+) -> std::io::Result<Vec<u8>> {
     let mut up = TcpStream::connect(upstream)?;
     let mut head = format!("{} {} HTTP/1.1\r\n", seen.method, seen.path);
     for h in &seen.headers {

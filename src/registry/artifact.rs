@@ -1,0 +1,352 @@
+//! Index artifacts: the layer indexes of an image, pushed next to it as an OCI 1.1 artifact
+//! whose `subject` is the image manifest (`flatfs index push`), and fetched by a lazy mount on
+//! a host whose index cache lacks them (`source/registry.rs`), so that no host but the first
+//! makes a pass over the layers. Found through the referrers API, or on registries without it
+//! (distribution 2.8) through the `sha256-HEX` tag the OCI 1.1 fallback defines.
+//! See: <https://github.com/opencontainers/distribution-spec/blob/main/spec.md#listing-referrers>
+
+use std::io::Read;
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use super::client::{Client, pull_scope, push_scope};
+use crate::cache::Cache;
+use crate::error::{Error, Result};
+
+/// The artifact's `artifactType`.
+pub const ARTIFACT_TYPE: &str = "application/vnd.flatfs.index.v1";
+/// Media type of one layer's index: a flatfs index cache file, zstd-compressed.
+pub const LAYER_MEDIA_TYPE: &str = "application/vnd.flatfs.index.layer.v1+zstd";
+/// Annotation of an index blob: the digest of the layer it indexes.
+pub const LAYER_ANNOTATION: &str = "dev.flatfs.layer.digest";
+/// Annotation of the artifact: the cache-file format its blobs hold. An artifact of another
+/// format is skipped, not fetched: this flatfs could not read it.
+pub const FORMAT_ANNOTATION: &str = "dev.flatfs.index.format";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// OCI 1.1's empty descriptor, the config of an artifact that needs none.
+const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
+const EMPTY_JSON: &[u8] = b"{}";
+/// A compressed index blob bigger than this is refused before it is fetched.
+const MAX_BLOB: u64 = 1 << 30;
+/// An index inflating past this is refused: a small blob must not take all memory.
+const MAX_INDEX: u64 = 4 << 30;
+/// zstd level for index blobs: the same bytes give the same blob, so a re-push is a no-op.
+const LEVEL: i32 = 9;
+
+/// The image manifest an artifact is attached to.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    /// Its media type, as the registry serves it.
+    pub media_type: String,
+    /// `sha256:…`.
+    pub digest: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// How an artifact was made findable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listed {
+    /// The registry lists it by itself (referrers API).
+    Referrers,
+    /// In the `sha256-HEX` tag's index (added now).
+    TagAdded,
+    /// In the `sha256-HEX` tag's index already (a re-push).
+    TagPresent,
+}
+
+/// What [`push`] did.
+#[derive(Debug, Clone)]
+pub struct Pushed {
+    /// The artifact manifest's digest.
+    pub digest: String,
+    /// Bytes of index blobs (compressed).
+    pub bytes: u64,
+    /// How it can be found.
+    pub listed: Listed,
+}
+
+/// The fallback tag of a subject: `sha256-HEX`.
+pub fn fallback_tag(subject: &str) -> String {
+    subject.replacen(':', "-", 1)
+}
+
+/// Pushes the indexes `layers` (layer digest, portable cache file, see [`Cache::portable`])
+/// of the image `subject` in `repo` as one artifact, by digest, then makes it findable.
+pub fn push(
+    client: &Client,
+    repo: &str,
+    subject: &Subject,
+    layers: &[(String, Vec<u8>)],
+) -> Result<Pushed> {
+    let dir = tempfile::tempdir().map_err(|e| Error::io("temp dir", e))?;
+    let put_blob = |name: &str, bytes: &[u8]| -> Result<(String, u64)> {
+        let digest = crate::blob::sha256_of(bytes);
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).map_err(|e| Error::io(path.display(), e))?;
+        client.push_blob(repo, &digest, &path, bytes.len() as u64, None)?;
+        Ok((digest, bytes.len() as u64))
+    };
+    let (empty, _) = put_blob("empty", EMPTY_JSON)?;
+    let mut descs = Vec::new();
+    let mut total = 0;
+    for (i, (layer, index)) in layers.iter().enumerate() {
+        let packed = zstd::bulk::compress(index, LEVEL)
+            .map_err(|e| Error::io(format!("compressing the index of {layer}"), e))?;
+        let (digest, size) = put_blob(&format!("{i}"), &packed)?;
+        total += size;
+        descs.push(json!({
+            "mediaType": LAYER_MEDIA_TYPE,
+            "digest": digest,
+            "size": size,
+            "annotations": {LAYER_ANNOTATION: layer},
+        }));
+    }
+    let annotations = json!({FORMAT_ANNOTATION: crate::cache::VERSION.to_string()});
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE,
+        "config": {
+            "mediaType": EMPTY_MEDIA_TYPE,
+            "digest": empty,
+            "size": EMPTY_JSON.len(),
+            "data": "e30=",
+        },
+        "layers": descs,
+        "subject": {
+            "mediaType": subject.media_type,
+            "digest": subject.digest,
+            "size": subject.size,
+        },
+        "annotations": annotations,
+    });
+    let bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Json {
+        what: "index artifact".into(),
+        source: e,
+    })?;
+    let digest = crate::blob::sha256_of(&bytes);
+    let (_, said) = client.put_referrer(repo, &digest, &bytes, OCI_MANIFEST)?;
+    if said.as_deref() == Some(subject.digest.as_str()) {
+        return Ok(Pushed {
+            digest,
+            bytes: total,
+            listed: Listed::Referrers,
+        });
+    }
+    let entry = json!({
+        "mediaType": OCI_MANIFEST,
+        "digest": digest,
+        "size": bytes.len(),
+        "artifactType": ARTIFACT_TYPE,
+        "annotations": annotations,
+    });
+    let listed = add_to_fallback_tag(client, repo, &subject.digest, entry)?;
+    Ok(Pushed {
+        digest,
+        bytes: total,
+        listed,
+    })
+}
+
+/// Adds `entry` to the index under the subject's fallback tag (made if missing), replacing
+/// flatfs index artifacts of the same format, which index the same layers. Another writer
+/// racing this one may lose its entry: the fallback has no compare-and-swap.
+fn add_to_fallback_tag(client: &Client, repo: &str, subject: &str, entry: Value) -> Result<Listed> {
+    let tag = fallback_tag(subject);
+    let scopes = [push_scope(repo)];
+    let what = format!("{repo}:{tag}");
+    let mut index =
+        match client.get_document(repo, &format!("manifests/{tag}"), OCI_INDEX, &scopes)? {
+            None => json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}),
+            Some((bytes, _)) => {
+                let v: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+                    what: what.clone(),
+                    source: e,
+                })?;
+                if v["mediaType"].as_str() != Some(OCI_INDEX) || !v["manifests"].is_array() {
+                    return Err(Error::invalid(
+                        &what,
+                        "the referrers tag holds something other than an OCI image index; not \
+                     overwriting it",
+                    ));
+                }
+                v
+            }
+        };
+    let list = index["manifests"].as_array_mut().expect("checked above");
+    if list.contains(&entry) {
+        return Ok(Listed::TagPresent);
+    }
+    list.retain(|e| !ours(e));
+    list.push(entry);
+    let bytes = serde_json::to_vec(&index).map_err(|e| Error::Json { what, source: e })?;
+    client.put_manifest(repo, &tag, &bytes, OCI_INDEX)?;
+    Ok(Listed::TagAdded)
+}
+
+/// True for a referrers-list entry that is a flatfs index artifact this flatfs can read.
+fn ours(entry: &Value) -> bool {
+    entry["artifactType"].as_str() == Some(ARTIFACT_TYPE)
+        && entry["annotations"][FORMAT_ANNOTATION].as_str()
+            == Some(crate::cache::VERSION.to_string().as_str())
+        && entry["mediaType"].as_str() == Some(OCI_MANIFEST)
+}
+
+/// A layer whose index is wanted: digest, blob size, diff_id from the config.
+pub type Wanted = (String, u64, Option<String>);
+
+/// Looks for an index artifact of image `subject` in `repo` (referrers API, then the
+/// fallback tag) and imports the indexes of `wanted` layers from it into `cache`, each blob
+/// checked against its digest and decoded with every check of a cache file. Returns the
+/// layers imported; a layer it cannot import is an error naming it (the others imported
+/// before it stay: each was checked on its own).
+pub fn import(
+    client: &Client,
+    repo: &str,
+    subject: &str,
+    wanted: &[Wanted],
+    cache: &Cache,
+    imported: &mut Vec<String>,
+) -> Result<()> {
+    let Some(entry) = find(client, repo, subject)? else {
+        return Ok(());
+    };
+    let digest = entry["digest"]
+        .as_str()
+        .ok_or_else(|| Error::invalid(repo, "referrers list entry without a digest"))?;
+    let what = format!("index artifact {repo}@{digest}");
+    let m = client.manifest(repo, digest)?;
+    let manifest: Value = serde_json::from_slice(&m.bytes).map_err(|e| Error::Json {
+        what: what.clone(),
+        source: e,
+    })?;
+    if manifest["artifactType"].as_str() != Some(ARTIFACT_TYPE)
+        || manifest["subject"]["digest"].as_str() != Some(subject)
+    {
+        return Err(Error::invalid(
+            &what,
+            format!("not a flatfs index artifact of {subject}"),
+        ));
+    }
+    let blobs = manifest["layers"].as_array().map_or(&[][..], Vec::as_slice);
+    for (layer, size, diff_id) in wanted {
+        let Some(desc) = blobs.iter().find(|d| {
+            d["annotations"][LAYER_ANNOTATION].as_str() == Some(layer)
+                && d["mediaType"].as_str() == Some(LAYER_MEDIA_TYPE)
+        }) else {
+            log::info!("{what}: no index of layer {layer}");
+            continue;
+        };
+        let (Some(blob), Some(blob_size)) = (desc["digest"].as_str(), desc["size"].as_u64()) else {
+            return Err(Error::invalid(
+                &what,
+                format!("bad descriptor for layer {layer}"),
+            ));
+        };
+        let index = fetch_index(client, repo, blob, blob_size)
+            .map_err(|e| Error::invalid(&what, format!("index of layer {layer}: {e}")))?;
+        cache
+            .import(layer, *size, diff_id.as_deref(), &index)
+            .map_err(|e| Error::invalid(&what, format!("index of layer {layer}: {e}")))?;
+        imported.push(layer.clone());
+    }
+    Ok(())
+}
+
+/// The newest readable flatfs index artifact listed for `subject`, if any.
+fn find(client: &Client, repo: &str, subject: &str) -> Result<Option<Value>> {
+    let scopes = [pull_scope(repo)];
+    let api = format!("referrers/{subject}?artifactType={ARTIFACT_TYPE}");
+    // A registry without the API answers 404 (or, for some, another error): then the tag.
+    let listed = match client.get_document(repo, &api, OCI_INDEX, &scopes) {
+        Ok(Some((bytes, ct))) if ct.starts_with(OCI_INDEX) => Some(bytes),
+        Ok(_) => None,
+        Err(e) => {
+            log::debug!("referrers API: {e}");
+            None
+        }
+    };
+    let bytes = match listed {
+        Some(b) => b,
+        None => {
+            let tag = format!("manifests/{}", fallback_tag(subject));
+            match client.get_document(repo, &tag, OCI_INDEX, &scopes)? {
+                Some((b, _)) => b,
+                None => return Ok(None),
+            }
+        }
+    };
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+        what: format!("referrers of {repo}@{subject}"),
+        source: e,
+    })?;
+    let list = v["manifests"].as_array().map_or(&[][..], Vec::as_slice);
+    Ok(list.iter().rev().find(|e| ours(e)).cloned())
+}
+
+/// Blob `digest` (`size` bytes, compressed) checked against its digest, inflated.
+fn fetch_index(client: &Client, repo: &str, digest: &str, size: u64) -> Result<Vec<u8>, String> {
+    if size == 0 || size > MAX_BLOB {
+        return Err(format!("a blob of {size} bytes"));
+    }
+    let bytes = client
+        .fetch_range(repo, digest, 0, size)
+        .map_err(|e| e.to_string())?;
+    let found = crate::blob::sha256_of(&bytes);
+    if bytes.len() as u64 != size || found != digest {
+        return Err(format!(
+            "blob {digest}: digest mismatch (found {found}, {} bytes)",
+            bytes.len()
+        ));
+    }
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::new(&bytes[..])
+        .and_then(|d| d.take(MAX_INDEX + 1).read_to_end(&mut out))
+        .map_err(|e| format!("blob {digest}: {e}"))?;
+    if out.len() as u64 > MAX_INDEX {
+        return Err(format!("blob {digest} inflates past {MAX_INDEX} bytes"));
+    }
+    Ok(out)
+}
+
+/// For a lazy open: imports from the image's index artifact the indexes of the layers
+/// `wanted` that the cache in `dir` lacks. Best effort: a missing or bad artifact is a
+/// warning, and those layers are then read as without one. Returns the layers imported.
+pub fn fill_cache(
+    client: &Client,
+    repo: &str,
+    subject: &str,
+    wanted: &[Wanted],
+    dir: &Path,
+) -> Vec<String> {
+    let cache = Cache::new(dir);
+    let missing: Vec<Wanted> = wanted
+        .iter()
+        .filter(|(d, size, _)| cache.span_digests(d, *size).is_none())
+        .cloned()
+        .collect();
+    let mut imported = Vec::new();
+    if missing.is_empty() {
+        return imported;
+    }
+    match import(client, repo, subject, &missing, &cache, &mut imported) {
+        Ok(()) if imported.is_empty() => log::info!(
+            "{}: no flatfs index artifact for {repo}@{subject}",
+            client.host()
+        ),
+        Ok(()) => log::info!(
+            "{}: {} of {} missing layer indexes from the index artifact",
+            client.host(),
+            imported.len(),
+            missing.len()
+        ),
+        Err(e) => log::warn!(
+            "{}: {e}; not using the index artifact (the layers are read as without one)",
+            client.host()
+        ),
+    }
+    imported
+}
