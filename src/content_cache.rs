@@ -116,7 +116,9 @@ impl LayerCache {
         max: u64,
         checkpoints: Option<Arc<Checkpoints>>,
     ) -> Option<Self> {
-        if layer.compression == Compression::None || max == 0 {
+        // A layer read through its table of contents (`toc/`) has no stream to decompress:
+        // its chunks are fetched and checked one by one.
+        if layer.compression == Compression::None || max == 0 || layer.blob.toc().is_some() {
             return None;
         }
         let diff_id = layer.diff_id.clone()?;
