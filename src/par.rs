@@ -198,7 +198,11 @@ fn work(job: &Job, shared: &Shared) {
             state.next += 1;
             state.next - 1
         };
-        let result = decompress(job, job.ranges[k]);
+        // A panic must still leave a result: the reader waits for every range in turn.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decompress(job, job.ranges[k])
+        }))
+        .unwrap_or_else(|_| Err(io::Error::other("a decompressing thread panicked")));
         let mut state = shared.lock();
         if result.is_err() {
             // Later ranges would never be read past this one.
