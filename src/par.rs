@@ -73,6 +73,8 @@ pub struct ParallelReader {
     pos: usize,
     /// Set once a range failed: every later read repeats the error.
     failed: Option<(io::ErrorKind, String)>,
+    /// The error after the current range's bytes, returned once they are read.
+    pending: Option<io::Error>,
     trailers: Trailers,
 }
 
@@ -132,6 +134,7 @@ impl ParallelReader {
             current: Vec::new(),
             pos: 0,
             failed: None,
+            pending: None,
             trailers: Trailers::new(),
         })
     }
@@ -150,6 +153,7 @@ impl ParallelReader {
                 drop(state);
                 let done = r?;
                 self.trailers.check(&done)?;
+                self.pending = done.error;
                 return Ok(Some(done.bytes));
             }
             state = self
@@ -204,7 +208,7 @@ fn work(job: &Job, shared: &Shared) {
         }))
         .unwrap_or_else(|_| Err(io::Error::other("a decompressing thread panicked")));
         let mut state = shared.lock();
-        if result.is_err() {
+        if result.as_ref().map_or(true, |d| d.error.is_some()) {
             // Later ranges would never be read past this one.
             state.next = job.ranges.len();
         }
@@ -213,10 +217,12 @@ fn work(job: &Job, shared: &Shared) {
     }
 }
 
-/// One range decompressed: its bytes and the gzip member ends in it.
+/// One range decompressed: its bytes, the gzip member ends in them, and the error that
+/// stopped it short, if one did.
 struct Done {
     bytes: Vec<u8>,
     ends: Vec<MemberEnd>,
+    error: Option<io::Error>,
 }
 
 /// The decompressed bytes of one range, exactly as many as lie between its checkpoints.
@@ -239,12 +245,16 @@ fn decompress(job: &Job, range: Range) -> io::Result<Done> {
                 Some(c) => GzipReader::resume(input(c.read_from()), c),
             }
             .map_err(at)?;
-            let bytes = read_range(&mut d, start, end).map_err(at)?;
+            let (bytes, error) = read_range(&mut d, start, end);
             // The decoder may have run past the range's end into output the next range has.
             let limit = end.unwrap_or(u64::MAX);
             let mut ends = d.take_member_ends();
             ends.retain(|e| e.output <= limit);
-            Ok(Done { bytes, ends })
+            Ok(Done {
+                bytes,
+                ends,
+                error: error.map(at),
+            })
         }
         Compression::Zstd => {
             let mut d = match from {
@@ -252,10 +262,11 @@ fn decompress(job: &Job, range: Range) -> io::Result<Done> {
                 Some(c) => ZstdReader::resume(input(c.input), c),
             }
             .map_err(at)?;
-            let bytes = read_range(&mut d, start, end).map_err(at)?;
+            let (bytes, error) = read_range(&mut d, start, end);
             Ok(Done {
                 bytes,
                 ends: Vec::new(),
+                error: error.map(at),
             })
         }
         Compression::None => unreachable!("refused by ParallelReader::new"),
@@ -263,26 +274,33 @@ fn decompress(job: &Job, range: Range) -> io::Result<Done> {
 }
 
 /// Reads from `start` to `end` (or the end of the stream), refusing to end short of `end`.
-fn read_range(d: &mut impl Read, start: u64, end: Option<u64>) -> io::Result<Vec<u8>> {
-    let Some(end) = end else {
-        let mut out = Vec::with_capacity(RANGE as usize);
-        d.read_to_end(&mut out)?;
-        return Ok(out);
+/// An error comes with the bytes before it: like one decoder's, it reaches the reader only if
+/// the reader gets that far (a walk that stops at its last file never sees what follows it).
+fn read_range(d: &mut impl Read, start: u64, end: Option<u64>) -> (Vec<u8>, Option<io::Error>) {
+    let want = end.map(|end| end - start);
+    let mut out = Vec::with_capacity(want.unwrap_or(RANGE) as usize);
+    // read_to_end keeps what it read before an error.
+    let read = match want {
+        Some(n) => d.take(n).read_to_end(&mut out),
+        None => d.read_to_end(&mut out),
     };
-    let want = end - start;
-    let mut out = Vec::with_capacity(want as usize);
-    d.take(want).read_to_end(&mut out)?;
-    if (out.len() as u64) < want {
-        return Err(io::Error::new(
+    if let Err(e) = read {
+        return (out, Some(e));
+    }
+    if let (Some(end), Some(n)) = (end, want)
+        && (out.len() as u64) < n
+    {
+        let e = io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
                 "the stream ends at decompressed offset {}, before its checkpoint at {end} \
                  (the layer or its cached index is damaged)",
                 start + out.len() as u64
             ),
-        ));
+        );
+        return (out, Some(e));
     }
-    Ok(out)
+    (out, None)
 }
 
 /// Checks, in stream order, the CRC-32 and length of gzip members that workers entered
@@ -360,6 +378,10 @@ impl Read for ParallelReader {
             return Err(io::Error::new(*kind, msg.clone()));
         }
         while self.pos == self.current.len() {
+            if let Some(e) = self.pending.take() {
+                self.failed = Some((e.kind(), e.to_string()));
+                return Err(e);
+            }
             match self.next_range() {
                 Ok(Some(bytes)) => {
                     self.current = bytes;
@@ -557,6 +579,23 @@ mod tests {
         let (_, points) = zstd_points(&z, 50_000);
         let cut = &z[..z.len() / 2];
         assert!(par(cut, Compression::Zstd, points, plain.len(), 1).is_err());
+    }
+
+    #[test]
+    fn an_error_after_the_last_range_waits_until_it_is_read_to() {
+        let plain = sample(9, 300_000);
+        let mut gz = gzip_flushed(&plain, 4_000);
+        let (_, points) = record(&gz, 30_000);
+        gz.extend(b"garbage after the stream");
+        let cps = Checkpoints::new(points, plain.len() as u64).expect("valid");
+        let mut r = ParallelReader::new(blob_of(&gz), Compression::Gzip, Arc::new(cps), 2, 1, 2)
+            .expect("reader");
+        let mut all = vec![0; plain.len()];
+        r.read_exact(&mut all)
+            .expect("every byte before the garbage");
+        assert!(all == plain);
+        assert!(r.read(&mut [0; 10]).is_err());
+        assert!(r.read(&mut [0; 10]).is_err(), "the error stays");
     }
 
     #[test]
