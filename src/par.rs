@@ -48,6 +48,8 @@ struct State {
     /// The next range the reader hands on.
     taken: usize,
     done: BTreeMap<usize, io::Result<Done>>,
+    /// Buffers of ranges already read, for the next ones.
+    free: Vec<Vec<u8>>,
     stop: bool,
 }
 
@@ -109,6 +111,7 @@ impl ParallelReader {
                 next: 0,
                 taken: 0,
                 done: BTreeMap::new(),
+                free: Vec::new(),
                 stop: false,
             }),
             changed: Condvar::new(),
@@ -141,7 +144,13 @@ impl ParallelReader {
 
     /// Takes the next range's bytes, waiting for a worker to finish it; `None` at the end.
     fn next_range(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let used = std::mem::take(&mut self.current);
+        self.pos = 0;
         let mut state = self.shared.lock();
+        if used.capacity() > 0 {
+            // Back to the workers: a fresh buffer per range would fault in every page again.
+            state.free.push(used);
+        }
         if state.taken >= self.ranges {
             return Ok(None);
         }
@@ -185,7 +194,7 @@ fn split(points: &[Checkpoint], range: u64) -> Vec<Range> {
 /// A worker: takes ranges in order while the reader is not too far behind.
 fn work(job: &Job, shared: &Shared) {
     loop {
-        let k = {
+        let (k, buf) = {
             let mut state = shared.lock();
             loop {
                 if state.stop || state.next >= job.ranges.len() {
@@ -200,11 +209,11 @@ fn work(job: &Job, shared: &Shared) {
                     .unwrap_or_else(|e| e.into_inner());
             }
             state.next += 1;
-            state.next - 1
+            (state.next - 1, state.free.pop().unwrap_or_default())
         };
         // A panic must still leave a result: the reader waits for every range in turn.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            decompress(job, job.ranges[k])
+            decompress(job, job.ranges[k], buf)
         }))
         .unwrap_or_else(|_| Err(io::Error::other("a decompressing thread panicked")));
         let mut state = shared.lock();
@@ -226,7 +235,7 @@ struct Done {
 }
 
 /// The decompressed bytes of one range, exactly as many as lie between its checkpoints.
-fn decompress(job: &Job, range: Range) -> io::Result<Done> {
+fn decompress(job: &Job, range: Range, buf: Vec<u8>) -> io::Result<Done> {
     let points = job.checkpoints.points();
     let from = range.from.map(|i| &points[i]);
     let start = from.map_or(0, |c| c.output);
@@ -245,7 +254,7 @@ fn decompress(job: &Job, range: Range) -> io::Result<Done> {
                 Some(c) => GzipReader::resume(input(c.read_from()), c),
             }
             .map_err(at)?;
-            let (bytes, error) = read_range(&mut d, start, end);
+            let (bytes, error) = read_range(&mut d, start, end, buf);
             // The decoder may have run past the range's end into output the next range has.
             let limit = end.unwrap_or(u64::MAX);
             let mut ends = d.take_member_ends();
@@ -262,7 +271,7 @@ fn decompress(job: &Job, range: Range) -> io::Result<Done> {
                 Some(c) => ZstdReader::resume(input(c.input), c),
             }
             .map_err(at)?;
-            let (bytes, error) = read_range(&mut d, start, end);
+            let (bytes, error) = read_range(&mut d, start, end, buf);
             Ok(Done {
                 bytes,
                 ends: Vec::new(),
@@ -276,9 +285,15 @@ fn decompress(job: &Job, range: Range) -> io::Result<Done> {
 /// Reads from `start` to `end` (or the end of the stream), refusing to end short of `end`.
 /// An error comes with the bytes before it: like one decoder's, it reaches the reader only if
 /// the reader gets that far (a walk that stops at its last file never sees what follows it).
-fn read_range(d: &mut impl Read, start: u64, end: Option<u64>) -> (Vec<u8>, Option<io::Error>) {
+fn read_range(
+    d: &mut impl Read,
+    start: u64,
+    end: Option<u64>,
+    mut out: Vec<u8>,
+) -> (Vec<u8>, Option<io::Error>) {
     let want = end.map(|end| end - start);
-    let mut out = Vec::with_capacity(want.unwrap_or(RANGE) as usize);
+    out.clear();
+    out.reserve(want.unwrap_or(RANGE) as usize);
     // read_to_end keeps what it read before an error.
     let read = match want {
         Some(n) => d.take(n).read_to_end(&mut out),
