@@ -8,19 +8,22 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::{Value, json};
 
-use crate::blob::{BlobReader, Compression, Decoder, HashWriter, open_decoded, sha256_of};
+use crate::blob::{Compression, HashWriter, open_decoded, sha256_of};
 use crate::compress::{ParallelGzip, ParallelZstd};
 use crate::error::{Error, Result};
 use crate::layer::Meta;
+use crate::par::{self, ParallelReader};
 use crate::pipe::{CHUNK, DEPTH, PipeReader, PipeWriter, drain_into, is_hangup, joined, pipe};
 use crate::reference::Reference;
 use crate::source::{Family, Image};
 use crate::squash::Plan;
 use crate::tree::{Extent, NodeId, NodeKind, Tree, Xattrs};
+use crate::zran::Checkpoints;
 
 /// Output container format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +60,9 @@ pub struct Options {
     pub tag: Option<String>,
     /// `SOURCE_DATE_EPOCH`: clamps mtimes and sets `created`.
     pub source_date_epoch: Option<i64>,
+    /// Per layer, by position, the checkpoints of its cached index ([`crate::Opened`]): a
+    /// compressed layer that has some is decompressed on every core ([`ParallelReader`]).
+    pub checkpoints: Vec<Option<Arc<Checkpoints>>>,
 }
 
 /// What was written.
@@ -241,6 +247,7 @@ fn export_image(
             &out_dir,
             progress,
             None,
+            &opts.checkpoints,
         )?;
         dest.commit()?;
         return Ok(Report {
@@ -266,6 +273,7 @@ fn export_image(
         &out_dir,
         progress,
         plan,
+        &opts.checkpoints,
     )?;
     spool.rewind().map_err(|e| Error::io("layer spool", e))?;
 
@@ -815,13 +823,23 @@ fn write_layer<W: Write + Send>(
     spill_dir: &Path,
     progress: &dyn Fn(u64),
     plan: Option<&Plan>,
+    checkpoints: &[Option<Arc<Checkpoints>>],
 ) -> Result<(LayerOut, u64)> {
     // Building the tar (headers, contents read from the layers) and hashing, compressing and
     // writing it run on two threads: each is about half the work.
     let (tx, rx) = pipe(DEPTH, CHUNK);
     let (walked, written) = std::thread::scope(|s| {
         let writing = s.spawn(move || write_stage(rx, w, compression));
-        let walked = write_entries(image, tree, tx, epoch, spill_dir, progress, plan);
+        let walked = write_entries(
+            image,
+            tree,
+            tx,
+            epoch,
+            spill_dir,
+            progress,
+            plan,
+            checkpoints,
+        );
         (walked, joined(writing.join()))
     });
     match (walked, written) {
@@ -868,6 +886,7 @@ fn write_stage<W: Write>(
 
 /// Streams the merged tree as one tar into `tar` (with a plan, only what it writes, and its
 /// whiteouts and opaque markers); returns the number of names written.
+#[allow(clippy::too_many_arguments)]
 fn write_entries(
     image: &Image,
     tree: &Tree,
@@ -876,8 +895,9 @@ fn write_entries(
     spill_dir: &Path,
     progress: &dyn Fn(u64),
     plan: Option<&Plan>,
+    checkpoints: &[Option<Arc<Checkpoints>>],
 ) -> Result<u64> {
-    let mut contents = LayerPasses::new(image, tree, spill_dir, plan)?;
+    let mut contents = LayerPasses::new(image, tree, spill_dir, plan, checkpoints)?;
     let mut first_name: HashMap<NodeId, Vec<u8>> = HashMap::new();
     let mut entries = 0u64;
     let out_err = |e: io::Error| Error::io("output", e);
@@ -1136,15 +1156,37 @@ struct LayerPasses<'a> {
     spill_len: u64,
     spilled: HashMap<NodeId, u64>,
     windows: Windows,
+    /// Per layer: how to decompress it on several threads, when its index has checkpoints.
+    parallel: Vec<Option<Parallel>>,
 }
 
+/// What a [`ParallelReader`] of one layer is made with.
+struct Parallel {
+    checkpoints: Arc<Checkpoints>,
+    threads: usize,
+    range: u64,
+    ahead: usize,
+}
+
+/// Most layers decompressed on several threads at once: a walk alternating between layers
+/// keeps a reader, its threads and its ranges alive for each; the biggest layers gain most.
+const PARALLEL_LAYERS: usize = 4;
+/// Decompressed bytes all parallel readers together may hold ahead of the walk.
+const PARALLEL_BUDGET: u64 = 64 << 20;
+
 struct Pass {
-    decoder: Decoder<BufReader<BlobReader>>,
+    decoder: Box<dyn Read + Send>,
     pos: u64,
 }
 
 impl<'a> LayerPasses<'a> {
-    fn new(image: &'a Image, tree: &Tree, spill_dir: &Path, plan: Option<&Plan>) -> Result<Self> {
+    fn new(
+        image: &'a Image,
+        tree: &Tree,
+        spill_dir: &Path,
+        plan: Option<&Plan>,
+        checkpoints: &[Option<Arc<Checkpoints>>],
+    ) -> Result<Self> {
         let mut wanted = vec![Vec::new(); image.layers.len()];
         tree.walk(|_, id, first| {
             if first
@@ -1168,6 +1210,7 @@ impl<'a> LayerPasses<'a> {
             spill_len: 0,
             spilled: HashMap::new(),
             windows: Windows::new(image.layers.len()),
+            parallel: parallel_plan(image, checkpoints),
         })
     }
 
@@ -1224,7 +1267,8 @@ impl<'a> LayerPasses<'a> {
             }
             let at = self.spill_len;
             let spill = self.spill.as_mut().expect("created above");
-            let pass = pass_for(&mut self.passes[li], layer).map_err(layer_err)?;
+            let pass =
+                pass_for(&mut self.passes[li], layer, &self.parallel[li]).map_err(layer_err)?;
             pass.read_to(
                 off,
                 size,
@@ -1237,20 +1281,70 @@ impl<'a> LayerPasses<'a> {
             self.spill_len += size;
             self.spilled.insert(other, at);
         }
-        let pass = pass_for(&mut self.passes[li], layer).map_err(layer_err)?;
+        let pass = pass_for(&mut self.passes[li], layer, &self.parallel[li]).map_err(layer_err)?;
         pass.read_to(extent.offset, stored, w).map_err(layer_err)
     }
+}
+
+/// Which layers get a [`ParallelReader`], and its shape: compressed layers with checkpoints
+/// (their index came from the cache), the biggest [`PARALLEL_LAYERS`] of them.
+fn parallel_plan(image: &Image, checkpoints: &[Option<Arc<Checkpoints>>]) -> Vec<Option<Parallel>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut eligible: Vec<usize> = (0..image.layers.len())
+        .filter(|&i| {
+            image.layers[i].compression != Compression::None
+                && checkpoints
+                    .get(i)
+                    .is_some_and(|c| c.as_ref().is_some_and(|c| !c.is_empty()))
+        })
+        .collect();
+    // On one core the single worker still overlaps decompression with the tar walk.
+    let mut plan: Vec<Option<Parallel>> = image.layers.iter().map(|_| None).collect();
+    eligible.sort_by_key(|&i| std::cmp::Reverse(image.layers[i].blob.len()));
+    eligible.truncate(PARALLEL_LAYERS);
+    let share = PARALLEL_BUDGET / eligible.len().max(1) as u64;
+    for i in eligible {
+        let Some(Some(c)) = checkpoints.get(i) else {
+            continue;
+        };
+        // Enough ranges ahead to keep every thread busy, within this layer's share.
+        let range = par::RANGE.min(share / (2 * threads as u64)).max(256 << 10);
+        plan[i] = Some(Parallel {
+            checkpoints: Arc::clone(c),
+            threads,
+            range,
+            ahead: ((share / range) as usize).clamp(2, 2 * threads),
+        });
+    }
+    plan
 }
 
 fn pass_for<'p>(
     slot: &'p mut Option<Pass>,
     layer: &crate::source::Layer,
+    parallel: &Option<Parallel>,
 ) -> io::Result<&'p mut Pass> {
     if slot.is_none() {
-        *slot = Some(Pass {
-            decoder: open_decoded(&layer.blob, layer.compression)?,
-            pos: 0,
-        });
+        let decoder: Box<dyn Read + Send> = match parallel {
+            Some(p) => {
+                log::info!(
+                    "layer {}: decompressing on {} threads from {} checkpoints",
+                    layer.label(),
+                    p.threads,
+                    p.checkpoints.len()
+                );
+                Box::new(ParallelReader::new(
+                    layer.blob.clone(),
+                    layer.compression,
+                    Arc::clone(&p.checkpoints),
+                    p.threads,
+                    p.range,
+                    p.ahead,
+                )?)
+            }
+            None => Box::new(open_decoded(&layer.blob, layer.compression)?),
+        };
+        *slot = Some(Pass { decoder, pos: 0 });
     }
     Ok(slot.as_mut().expect("set above"))
 }

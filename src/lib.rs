@@ -22,6 +22,7 @@ pub mod fs;
 pub mod inspect;
 pub mod layer;
 pub mod mount;
+pub mod par;
 pub mod pipe;
 pub mod reference;
 pub mod registry;

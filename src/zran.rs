@@ -419,6 +419,19 @@ pub struct GzipReader<R> {
     out: Box<[u8]>,
     out_start: usize,
     out_end: usize,
+    /// Where members ended, with the trailers zlib could not check (see [`MemberEnd`]).
+    ends: Vec<MemberEnd>,
+}
+
+/// The end of a gzip member, as a reader passed it: `output` is the decompressed offset. A
+/// member entered at a checkpoint was read as raw deflate, so its CRC-32 and length were not
+/// checked; they are in `trailer` (CRC, ISIZE) for whoever saw the whole member's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberEnd {
+    /// Decompressed offset of the member's end.
+    pub output: u64,
+    /// The unchecked trailer, when the member was entered mid-way.
+    pub trailer: Option<(u32, u32)>,
 }
 
 impl<R: BufRead> GzipReader<R> {
@@ -434,6 +447,7 @@ impl<R: BufRead> GzipReader<R> {
             out: Box::default(),
             out_start: 0,
             out_end: 0,
+            ends: Vec::new(),
         })
     }
 
@@ -475,6 +489,7 @@ impl<R: BufRead> GzipReader<R> {
             out: Box::default(),
             out_start: 0,
             out_end: 0,
+            ends: Vec::new(),
         })
     }
 
@@ -494,6 +509,11 @@ impl<R: BufRead> GzipReader<R> {
     /// The compressed input, positioned after the last byte consumed.
     pub fn into_inner(self) -> R {
         self.input
+    }
+
+    /// The member ends passed so far (possibly ahead of [`GzipReader::position`]).
+    pub fn take_member_ends(&mut self) -> Vec<MemberEnd> {
+        std::mem::take(&mut self.ends)
     }
 
     /// One step inside a member: returns the bytes produced (possibly 0).
@@ -537,11 +557,14 @@ impl<R: BufRead> GzipReader<R> {
                 }
             }
             Z_STREAM_END => {
-                if raw {
-                    // zlib read raw deflate: the CRC-32 and length are still ahead. They
-                    // cannot be checked from mid-member; the indexing pass checked them.
-                    self.skip(8)?;
-                }
+                // zlib read raw deflate: the CRC-32 and length are still ahead. They cannot be
+                // checked from mid-member (the indexing pass checked them); a reader that saw
+                // the member's earlier output can (`par.rs`).
+                let trailer = if raw { Some(self.trailer()?) } else { None };
+                self.ends.push(MemberEnd {
+                    output: self.output_pos,
+                    trailer,
+                });
                 self.state = State::Between;
             }
             ret => {
@@ -599,18 +622,23 @@ impl<R: BufRead> GzipReader<R> {
         }
     }
 
-    /// Consumes `n` input bytes (a member trailer).
-    fn skip(&mut self, mut n: usize) -> io::Result<()> {
-        while n > 0 {
-            let avail = self.input.fill_buf()?.len().min(n);
+    /// Consumes a member trailer: its CRC-32 and ISIZE.
+    fn trailer(&mut self) -> io::Result<(u32, u32)> {
+        let mut bytes = [0u8; 8];
+        let mut got = 0;
+        while got < 8 {
+            let input = self.input.fill_buf()?;
+            let avail = input.len().min(8 - got);
             if avail == 0 {
                 return Err(truncated());
             }
+            bytes[got..got + avail].copy_from_slice(&input[..avail]);
             self.input.consume(avail);
             self.input_pos += avail as u64;
-            n -= avail;
+            got += avail;
         }
-        Ok(())
+        let word = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
+        Ok((word(0), word(4)))
     }
 
     fn step(&mut self, buf: &mut [u8], stalls: &mut u32) -> io::Result<usize> {

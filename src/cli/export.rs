@@ -178,6 +178,7 @@ pub fn run(ui: &Ui, args: ExportArgs) -> Result<()> {
         }),
         tag: tag.map(|t| t.to_string()),
         source_date_epoch: source_date_epoch()?,
+        checkpoints: Vec::new(),
     };
     // Compressed layers are kept decompressed beside the output while indexing, so
     // export reads file contents in place instead of decompressing every layer again.
@@ -201,8 +202,15 @@ pub fn run(ui: &Ui, args: ExportArgs) -> Result<()> {
         (layers, report, text)
     } else {
         let Opened {
-            image: img, tree, ..
+            image: img,
+            tree,
+            checkpoints,
         } = ui.open(&image, platform.as_ref(), None, Some(&spool_dir))?;
+        // Layers whose index came from the cache kept their checkpoints: decompressed in parallel.
+        let opts = export::Options {
+            checkpoints,
+            ..opts
+        };
         let started = Instant::now();
         let bar = ui.bar(export::content_bytes(&tree), "exporting");
         let report = export::export_with_progress(&img, &tree, &output, &opts, &|n| {
@@ -263,6 +271,10 @@ fn export_keeping(
         ui.index_with(img, None, Some(spool_dir), keep)
     })?;
     let (img, tree) = (opened.image, opened.tree);
+    let opts = &export::Options {
+        checkpoints: opened.checkpoints,
+        ..opts.clone()
+    };
     let started = Instant::now();
     let plan = crate::squash::Plan::new(&base, &tree)?;
     drop(base);

@@ -65,14 +65,18 @@ pub fn run(job: &AllPlatforms, dest: Dest, ui: &Ui) -> Result<()> {
     let reference = job.tag.and_then(Reference::tag).unwrap_or(DEFAULT_TAG);
     let mut entries = Vec::new();
     for (i, platform) in platforms.iter().enumerate() {
-        let Opened { image, tree, .. } =
-            ui.open(job.image, Some(platform), None, Some(work.path()))?;
+        let Opened {
+            image,
+            tree,
+            checkpoints,
+        } = ui.open(job.image, Some(platform), None, Some(work.path()))?;
         let dir = work.path().join(format!("p{i}"));
         let opts = export::Options {
             format: Some(Format::Oci),
             compression: job.compression,
             tag: job.tag.map(ToString::to_string),
             source_date_epoch: job.source_date_epoch,
+            checkpoints,
         };
         let out = dir.to_string_lossy().into_owned();
         let report = export::export_with_progress(&image, &tree, &out, &opts, &|_| {})

@@ -1529,3 +1529,83 @@ fn tag_with_rootfs_format_is_refused() {
     let stderr = export_fails(f.docker(), &["--format", "rootfs", "--tag", "a:b"]);
     assert!(stderr.contains("--tag"), "{stderr}");
 }
+
+/// Compressible bytes, different for every `seed`: words and runs of noise, like a layer's files.
+fn words(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: &[&[u8]] = &[
+        b"/usr/lib/",
+        b"python3",
+        b"\n",
+        b" ",
+        b"libc.so.6",
+        b"\0\0\0",
+    ];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if x.is_multiple_of(4) {
+            out.extend((0..(x >> 8) % 24).map(|i| (x >> (i % 7 * 8)) as u8));
+        } else {
+            out.extend_from_slice(WORDS[(x >> 8) as usize % WORDS.len()]);
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+#[test]
+fn export_from_a_warm_index_decompresses_in_parallel_and_writes_the_same_tar() {
+    let tmp = TempDir::new().expect("tempdir");
+    // Big enough for several ranges per layer; files the upper layer replaces make the export
+    // spill, so the parallel readers are read in a different order than the walk.
+    let lower = layer((0..30).map(|i| file(format!("d/f{i:02}"), words(i, 400_000))))
+        .compression(Compression::GzipMembers(3));
+    let upper = layer(
+        (20..45)
+            .map(|i| file(format!("d/f{i:02}"), words(100 + i, 400_000)))
+            .chain([file("a/first", b"first in the walk, last in the layer")]),
+    )
+    .compression(Compression::ZstdFrames(300_001));
+    let layers = [lower, upper];
+    let image = tmp.path().join("image");
+    write_oci_layout(&layers, &default_config(&layers), &image, None);
+    let cache = tmp.path().join("cache");
+    let export = |name: &str| {
+        let out_path = tmp.path().join(name);
+        let out = flatfs()
+            .env("FLATFS_CACHE_DIR", &cache)
+            .args(["-v", "export", "-q", "--format", "rootfs", "-o"])
+            .arg(&out_path)
+            .arg(&image)
+            .output()
+            .expect("run flatfs export");
+        assert_success(&out);
+        (std::fs::read(&out_path).expect("read tar"), stderr_of(&out))
+    };
+    let (cold, log) = export("cold.tar");
+    assert!(!log.contains("decompressing on"), "{log}");
+    // An export leaves no index of compressed layers in the cache; inspect does.
+    assert_success(
+        &flatfs()
+            .env("FLATFS_CACHE_DIR", &cache)
+            .args(["inspect", "--json"])
+            .arg(&image)
+            .output()
+            .expect("run flatfs inspect"),
+    );
+    let (warm, log) = export("warm.tar");
+    assert_eq!(log.matches("index from cache").count(), 2, "{log}");
+    assert_eq!(log.matches("decompressing on").count(), 2, "{log}");
+    assert!(cold == warm, "the tars differ");
+    let files = tar_files(&warm);
+    for i in 0..45u64 {
+        let seed = if i < 20 { i } else { 100 + i };
+        assert!(
+            files[&format!("d/f{i:02}")] == words(seed, 400_000),
+            "d/f{i:02}"
+        );
+    }
+}
