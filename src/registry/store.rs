@@ -291,7 +291,7 @@ impl BlobStore {
     }
 
     /// Removes a partial blob and its map (the map first: a map never outlives its data).
-    fn remove_partial(&self, digest: &str) -> io::Result<()> {
+    pub fn remove_partial(&self, digest: &str) -> io::Result<()> {
         let Some((data, map)) = self.partial_paths(digest) else {
             return Ok(());
         };

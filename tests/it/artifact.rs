@@ -404,6 +404,8 @@ fn artifact_tampered_or_lying_is_refused_and_the_mount_reads_the_layers() {
         )),
         "{log}"
     );
+    let partial = host_e.join("blobs/partial").join(&digests[0][7..]);
+    assert!(!partial.exists(), "{} left behind", partial.display());
     // The index cached in the end is the one the pass over the layer built.
     let (again, read) = mount_and_read(&host_e, &reg.url("app:1"), &mnt);
     assert_eq!(read, want(), "{again}");
