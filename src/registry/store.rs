@@ -278,19 +278,39 @@ impl BlobStore {
     /// the store as a whole blob (the same file: whoever has it open reads on). A mismatch
     /// removes it. Returns the whole blob's path.
     pub fn promote_partial(&self, digest: &str) -> io::Result<PathBuf> {
-        let (data_path, map_path) = self.partial_paths(digest).ok_or_else(|| {
+        self.promote_partial_with(digest, &|| {})
+    }
+
+    /// [`BlobStore::promote_partial`], running `between` after the check (a test's way into
+    /// the window where another process may replace the partial file).
+    fn promote_partial_with(&self, digest: &str, between: &dyn Fn()) -> io::Result<PathBuf> {
+        let (data_path, _) = self.partial_paths(digest).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("unsupported digest {digest:?}"),
             )
         })?;
         let to = self.path(digest).unwrap_or_default();
-        let mut f = fs::File::open(&data_path)?;
+        let sha = self.root.join("sha256");
+        fs::create_dir_all(&sha)?;
+        // The file to check gets a name of its own first: eviction or `cache clear` may put
+        // another mount's unfinished file at `partial/HEX` meanwhile, and only the file that
+        // was hashed may become the blob.
+        let held = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .make_in(&sha, |p| fs::hard_link(&data_path, p))?;
+        let mut f = fs::File::open(held.path())?;
+        let mine = f.metadata()?;
+        let still_mine = || {
+            fs::metadata(&data_path).is_ok_and(|m| m.ino() == mine.ino() && m.dev() == mine.dev())
+        };
         let mut hasher = crate::blob::HashWriter::new(io::sink());
         io::copy(&mut f, &mut hasher)?;
         let (found, _, _) = hasher.finish();
         if found != digest {
-            self.remove_partial(digest)?;
+            if still_mine() {
+                self.remove_partial(digest)?;
+            }
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("digest mismatch: expected {digest}, the assembled spans hash to {found}"),
@@ -299,9 +319,11 @@ impl BlobStore {
         if self.durable {
             f.sync_all()?;
         }
-        fs::create_dir_all(self.root.join("sha256"))?;
-        fs::rename(&data_path, &to)?;
-        let _ = fs::remove_file(&map_path);
+        between();
+        held.persist(&to).map_err(|e| e.error)?;
+        if still_mine() {
+            self.remove_partial(digest)?;
+        }
         Ok(to)
     }
 
@@ -604,8 +626,22 @@ mod tests {
         let (data, _, _) = store.open_partial(&digest, 5000, 1).unwrap();
         data.write_all_at(&bytes, 0).unwrap();
         let whole = store.promote_partial(&digest).unwrap();
-        assert_eq!(fs::read(whole).unwrap(), bytes);
+        assert_eq!(fs::read(&whole).unwrap(), bytes);
         assert!(store.list().unwrap().iter().all(|b| !b.partial));
+        // Evicted and made again by another mount while being kept whole: the file that was
+        // checked becomes the blob, not the new one, which stays partial.
+        fs::remove_file(&whole).unwrap();
+        let (data, _, _) = store.open_partial(&digest, 5000, 1).unwrap();
+        data.write_all_at(&bytes, 0).unwrap();
+        let whole = store
+            .promote_partial_with(&digest, &|| {
+                store.remove_partial(&digest).unwrap();
+                store.open_partial(&digest, 5000, 1).unwrap();
+            })
+            .unwrap();
+        assert_eq!(fs::read(&whole).unwrap(), bytes);
+        assert!(path.exists(), "the other mount's file is left alone");
+        store.remove_partial(&digest).unwrap();
         // A mount opening the file at another length replaces it: the bytes a mount checked
         // in the file it has open stay.
         let (data, _, _) = store.open_partial(&digest, 5000, 1).unwrap();
