@@ -52,6 +52,28 @@ pub fn dir() -> PathBuf {
     }
 }
 
+/// Checks that the stats directory and its parent are this user's own and writable by no
+/// one else: under a shared temp dir, another user could have made them first, to read
+/// what is mounted where or to plant stats.
+fn private(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: getuid cannot fail and touches no memory.
+    let me = unsafe { libc::getuid() };
+    for d in [Some(dir), dir.parent()].into_iter().flatten() {
+        let m = std::fs::symlink_metadata(d)?;
+        if !m.is_dir() || m.uid() != me || m.mode() & 0o022 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is not a directory of user {me} that only it may write to",
+                    d.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The stats file of a mount on `mountpoint` (an absolute, canonical path).
 pub fn path_for(mountpoint: &Path) -> PathBuf {
     use std::os::unix::ffi::OsStrExt;
@@ -128,6 +150,7 @@ impl Reporter {
             .recursive(true)
             .mode(0o700)
             .create(&dir)?;
+        private(&dir)?;
         let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir)?;
         serde_json::to_writer_pretty(&mut tmp, v)?;
         tmp.write_all(b"\n")?;
@@ -172,7 +195,11 @@ impl Reporter {
 /// Removes the stats files of serving processes that are gone (killed, so they never removed
 /// their own): best effort.
 fn remove_stale() {
-    let Ok(rd) = std::fs::read_dir(dir()) else {
+    let dir = dir();
+    if private(&dir).is_err() {
+        return;
+    }
+    let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
     for e in rd.flatten() {
@@ -200,6 +227,15 @@ pub fn read(mountpoint: &Path) -> Result<Value, String> {
     let canon =
         std::fs::canonicalize(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
     let path = path_for(&canon);
+    if let Err(e) = private(&dir()).map_err(|e| (e.kind(), e))
+        && e.0 != io::ErrorKind::NotFound
+    {
+        return Err(format!(
+            "{}: not reading stats: {}",
+            mountpoint.display(),
+            e.1
+        ));
+    }
     let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => format!(
             "{}: no flatfs mount is serving it (no stats at {})",
@@ -272,6 +308,25 @@ fn unescape_mount_field(field: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stats_dir_others_may_write_to_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let parent = tmp.path().join("flatfs-x");
+        let dir = parent.join("stats");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mode = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+        mode(&parent, 0o700).unwrap();
+        mode(&dir, 0o700).unwrap();
+        private(&dir).unwrap();
+        mode(&parent, 0o777).unwrap();
+        let e = private(&dir).unwrap_err();
+        assert!(e.to_string().contains("flatfs-x"), "{e}");
+        mode(&parent, 0o700).unwrap();
+        mode(&dir, 0o770).unwrap();
+        assert!(private(&dir).is_err());
+    }
 
     #[test]
     fn mount_table_escapes_are_undone() {

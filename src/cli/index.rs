@@ -24,9 +24,14 @@ use crate::source::Platform;
 /// layers are then read as without one.
 ///
 /// Trust: the artifact is as trustworthy as the repository's push rights. Layer bytes are
-/// always checked (span digests), but an index from someone who may push to the repository
-/// could describe files the layer does not hold.
+/// checked against the artifact's span digests as they are fetched (and against the layer
+/// digest once all are local), but an index from someone who may push to the repository
+/// could describe files the layer does not hold. `flatfs mount --no-index-artifact` does
+/// without them.
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  flatfs index push docker://registry.example/app:1\n  flatfs index push app.oci.tar --to docker://registry.example/app:1   # indexes built from the local copy\n  flatfs mount docker://registry.example/app:1 /mnt/app                 # on another host: no pass over the layers"
+)]
 pub struct IndexArgs {
     #[command(subcommand)]
     action: IndexAction,
@@ -40,6 +45,9 @@ enum IndexAction {
     /// REF with its layers unchanged (then the indexes come from the local copy and nothing is
     /// downloaded). Layers whose indexes are cached are not downloaded either. Pushing the
     /// same indexes again changes nothing.
+    #[command(
+        after_help = "Examples:\n  flatfs index push docker://registry.example/app:1\n  flatfs index push app.oci.tar --to docker://registry.example/app:1   # indexes built from the local copy\n  flatfs mount docker://registry.example/app:1 /mnt/app                 # on another host: no pass over the layers"
+    )]
     Push(PushArgs),
 }
 

@@ -23,6 +23,12 @@ use crate::{mount, stats};
 /// permission bits (default_permissions). Only the user who mounts sees it, unless
 /// --allow-other.
 ///
+/// A registry image (`docker://REF`) is mounted lazily: the mount is up once every layer's
+/// index is known (from the cache, from an index artifact pushed with `flatfs index push`,
+/// else from one pass over the layer), and file bytes are then fetched by range requests as
+/// they are read, each 256 KiB span checked against the index before use and kept in the
+/// cache for the next mount. `flatfs stats MOUNTPOINT` shows what it fetched.
+///
 /// To unmount: `flatfs umount MOUNTPOINT` (or `fusermount3 -u MOUNTPOINT`), or send the
 /// serving process SIGINT or SIGTERM (Ctrl-C with -f).
 #[derive(Args, Debug)]
@@ -50,15 +56,21 @@ pub struct MountArgs {
     /// Do not push small files (up to 64 KiB) into the page cache as their directory is
     /// listed. The push makes `tar`, `cp -r` or `grep -r` over many small files several
     /// times faster, at the cost of decompressing them when only listed (`ls -l`). Always off
-    /// on a lazy registry mount, where it would fetch them.
+    /// on a lazy registry mount, where it would fetch them. (Unrelated to `--prefetch`.)
     #[arg(long)]
     no_prefetch: bool,
-    /// On a lazy registry mount, fetch what reads have not in the background: `all` fetches
-    /// every layer, in layer order, one request at a time, giving way to reads that wait;
-    /// then the mount is fully local. Each span is checked as a read's would be. Watch it
-    /// with `flatfs stats MOUNTPOINT`.
+    /// On a lazy registry mount, what to download in the background besides what is read:
+    /// `all` fetches the rest of every layer, in layer order, one request at a time, giving
+    /// way to reads that wait, until the mount is fully local; `none` fetches only what is
+    /// read. Every span is checked as a read's would be. Watch it with `flatfs stats
+    /// MOUNTPOINT`.
     #[arg(long, value_name = "WHAT", value_parser = ["all", "none"], default_value = "none")]
     prefetch: String,
+    /// On a lazy registry mount, do not use index artifacts from the registry (`flatfs index
+    /// push`): a layer whose index is not cached is read once to build it. For a repository
+    /// whose pushers you do not trust to describe its layers.
+    #[arg(long)]
+    no_index_artifact: bool,
     /// More mount options, comma-separated, e.g. noexec, noatime, allow_root, fsname=NAME,
     /// max_read=BYTES; `dev` and `suid` lift the defaults; `nonempty` mounts over a directory
     /// that is not empty (refused otherwise, as its contents would be hidden). `rw` is refused.
@@ -79,6 +91,7 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
         layers,
         no_prefetch,
         prefetch,
+        no_index_artifact,
         options,
         ..
     } = args;
@@ -97,6 +110,7 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
         cache: ui.cache.clone(),
         registry: crate::registry::Options {
             lazy: true,
+            no_index_artifact,
             ..ui.registry.clone()
         },
     };

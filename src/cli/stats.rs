@@ -14,7 +14,10 @@ use crate::inspect::human;
 /// requests, reads served locally and time spent waiting for the network; for any mount, the
 /// bytes read and decompressed.
 ///
-/// The serving process rewrites the numbers every second while they change.
+/// The serving process keeps the numbers current (within a quarter of a second) while the
+/// mount is up. LOCAL is how much of a layer is on this host, FETCHED what this mount
+/// downloaded (of it, by `--prefetch all`: pre), HITS the reads served with no wait for the
+/// network, BLOCKED the time reads waited for it.
 #[derive(Args, Debug)]
 #[command(
     after_help = "Examples:\n  flatfs stats /mnt/app\n  flatfs stats --json /mnt/app | jq '.layers[].fetched_bytes'"
@@ -71,7 +74,7 @@ pub fn run(args: StatsArgs) -> Result<()> {
                 format!(
                     "{}/{}",
                     n(l, "span_hits"),
-                    n(l, "span_hits") + n(l, "span_misses")
+                    n(l, "span_hits").saturating_add(n(l, "span_misses"))
                 ),
                 n(l, "blocked_ms"),
                 if l["complete"] == true {

@@ -32,6 +32,19 @@ const EMPTY_JSON: &[u8] = b"{}";
 const MAX_BLOB: u64 = 1 << 30;
 /// An index inflating past this is refused: a small blob must not take all memory.
 const MAX_INDEX: u64 = 4 << 30;
+/// A layer's index may inflate to this many times the layer's (compressed) size, or to
+/// [`MIN_INDEX_LIMIT`] for a small layer; honest ones are a fraction of that (entries of a
+/// tar of empty files come closest).
+const INDEX_PER_LAYER_BYTE: u64 = 16;
+/// The least an index may inflate to, whatever the layer's size.
+const MIN_INDEX_LIMIT: u64 = 64 << 20;
+
+/// The most the index of a layer of `layer_size` bytes may take, packed or inflated.
+fn index_limit(layer_size: u64) -> u64 {
+    layer_size
+        .saturating_mul(INDEX_PER_LAYER_BYTE)
+        .clamp(MIN_INDEX_LIMIT, MAX_INDEX)
+}
 /// zstd level for index blobs: the same bytes give the same blob, so a re-push is a no-op.
 const LEVEL: i32 = 9;
 
@@ -246,7 +259,7 @@ pub fn import(
                 format!("bad descriptor for layer {layer}"),
             ));
         };
-        let index = fetch_index(client, repo, blob, blob_size)
+        let index = fetch_index(client, repo, blob, blob_size, index_limit(*size))
             .map_err(|e| Error::invalid(&what, format!("index of layer {layer}: {e}")))?;
         cache
             .import(layer, *size, diff_id.as_deref(), &index)
@@ -287,10 +300,19 @@ fn find(client: &Client, repo: &str, subject: &str) -> Result<Option<Value>> {
     Ok(list.iter().rev().find(|e| ours(e)).cloned())
 }
 
-/// Blob `digest` (`size` bytes, compressed) checked against its digest, inflated.
-fn fetch_index(client: &Client, repo: &str, digest: &str, size: u64) -> Result<Vec<u8>, String> {
-    if size == 0 || size > MAX_BLOB {
-        return Err(format!("a blob of {size} bytes"));
+/// Blob `digest` (`size` bytes, compressed) checked against its digest, inflated to at most
+/// `limit` bytes.
+fn fetch_index(
+    client: &Client,
+    repo: &str,
+    digest: &str,
+    size: u64,
+    limit: u64,
+) -> Result<Vec<u8>, String> {
+    if size == 0 || size > MAX_BLOB.min(limit) {
+        return Err(format!(
+            "blob {digest}: {size} bytes is too big for an index"
+        ));
     }
     let bytes = client
         .fetch_range(repo, digest, 0, size)
@@ -302,12 +324,17 @@ fn fetch_index(client: &Client, repo: &str, digest: &str, size: u64) -> Result<V
             bytes.len()
         ));
     }
+    inflate(&bytes, limit).map_err(|e| format!("blob {digest}: {e}"))
+}
+
+/// A zstd index blob inflated, refused past `limit` bytes.
+fn inflate(bytes: &[u8], limit: u64) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
-    zstd::stream::read::Decoder::new(&bytes[..])
-        .and_then(|d| d.take(MAX_INDEX + 1).read_to_end(&mut out))
-        .map_err(|e| format!("blob {digest}: {e}"))?;
-    if out.len() as u64 > MAX_INDEX {
-        return Err(format!("blob {digest} inflates past {MAX_INDEX} bytes"));
+    zstd::stream::read::Decoder::new(bytes)
+        .and_then(|d| d.take(limit + 1).read_to_end(&mut out))
+        .map_err(|e| e.to_string())?;
+    if out.len() as u64 > limit {
+        return Err(format!("inflates past {limit} bytes"));
     }
     Ok(out)
 }
@@ -349,4 +376,23 @@ pub fn fill_cache(
         ),
     }
     imported
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_blob_inflates_only_so_far_for_its_layer() {
+        assert_eq!(index_limit(1000), MIN_INDEX_LIMIT);
+        assert_eq!(index_limit(1 << 30), MAX_INDEX);
+        assert_eq!(index_limit(u64::MAX), MAX_INDEX);
+        let limit = index_limit(10 << 20);
+        let bomb = zstd::bulk::compress(&vec![0u8; limit as usize + 1], 3).unwrap();
+        assert!(bomb.len() < 1 << 20);
+        let e = inflate(&bomb, limit).unwrap_err();
+        assert!(e.contains("inflates past"), "{e}");
+        let fits = zstd::bulk::compress(&vec![0u8; limit as usize], 3).unwrap();
+        assert_eq!(inflate(&fits, limit).unwrap().len() as u64, limit);
+    }
 }

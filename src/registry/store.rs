@@ -222,8 +222,8 @@ impl BlobStore {
 
     /// Opens (creating if need be) the partial blob `digest` of `len` bytes and its span map
     /// of `spans` bytes, both for reading and writing; marks it used. A data file of another
-    /// length, or a map without its data file, starts over empty (a map only speaks for the
-    /// file it was written beside).
+    /// length is replaced by an empty one, and a new data file starts its map over empty (a
+    /// map only speaks for the file it was written beside).
     pub fn open_partial(
         &self,
         digest: &str,
@@ -236,22 +236,37 @@ impl BlobStore {
                 format!("unsupported digest {digest:?}"),
             )
         })?;
-        fs::create_dir_all(self.root.join("partial"))?;
-        let rw = || {
-            let mut o = fs::OpenOptions::new();
-            o.read(true).write(true).create(true).truncate(false);
-            o
+        let dir = self.root.join("partial");
+        fs::create_dir_all(&dir)?;
+        // A data file appears at its path only at its full length, and one of another length
+        // is replaced, never truncated: another mount may be reading spans it checked in it.
+        let mut tries = 0;
+        let (data, fresh) = loop {
+            match fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&data_path)
+            {
+                Ok(f) if f.metadata()?.len() == len => break (f, false),
+                Ok(_) => self.remove_partial(digest)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir)?;
+            tmp.as_file().set_len(len)?;
+            match fs::hard_link(tmp.path(), &data_path) {
+                Ok(()) => break (tmp.into_parts().0, true),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 3 => tries += 1,
+                Err(e) => return Err(e),
+            }
         };
-        let data = rw().open(&data_path)?;
-        let map = rw().open(&map_path)?;
-        let fresh = data.metadata()?.len() != len;
-        if fresh {
-            // The map first: while it is being reset, no mark may speak for new bytes.
-            map.set_len(0)?;
-            data.set_len(0)?;
-            data.set_len(len)?;
-        }
-        if map.metadata()?.len() != spans {
+        let map = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&map_path)?;
+        if fresh || map.metadata()?.len() != spans {
             map.set_len(0)?;
             map.set_len(spans)?;
         }
@@ -263,19 +278,39 @@ impl BlobStore {
     /// the store as a whole blob (the same file: whoever has it open reads on). A mismatch
     /// removes it. Returns the whole blob's path.
     pub fn promote_partial(&self, digest: &str) -> io::Result<PathBuf> {
-        let (data_path, map_path) = self.partial_paths(digest).ok_or_else(|| {
+        self.promote_partial_with(digest, &|| {})
+    }
+
+    /// [`BlobStore::promote_partial`], running `between` after the check (a test's way into
+    /// the window where another process may replace the partial file).
+    fn promote_partial_with(&self, digest: &str, between: &dyn Fn()) -> io::Result<PathBuf> {
+        let (data_path, _) = self.partial_paths(digest).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("unsupported digest {digest:?}"),
             )
         })?;
         let to = self.path(digest).unwrap_or_default();
-        let mut f = fs::File::open(&data_path)?;
+        let sha = self.root.join("sha256");
+        fs::create_dir_all(&sha)?;
+        // The file to check gets a name of its own first: eviction or `cache clear` may put
+        // another mount's unfinished file at `partial/HEX` meanwhile, and only the file that
+        // was hashed may become the blob.
+        let held = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .make_in(&sha, |p| fs::hard_link(&data_path, p))?;
+        let mut f = fs::File::open(held.path())?;
+        let mine = f.metadata()?;
+        let still_mine = || {
+            fs::metadata(&data_path).is_ok_and(|m| m.ino() == mine.ino() && m.dev() == mine.dev())
+        };
         let mut hasher = crate::blob::HashWriter::new(io::sink());
         io::copy(&mut f, &mut hasher)?;
         let (found, _, _) = hasher.finish();
         if found != digest {
-            self.remove_partial(digest)?;
+            if still_mine() {
+                self.remove_partial(digest)?;
+            }
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("digest mismatch: expected {digest}, the assembled spans hash to {found}"),
@@ -284,14 +319,16 @@ impl BlobStore {
         if self.durable {
             f.sync_all()?;
         }
-        fs::create_dir_all(self.root.join("sha256"))?;
-        fs::rename(&data_path, &to)?;
-        let _ = fs::remove_file(&map_path);
+        between();
+        held.persist(&to).map_err(|e| e.error)?;
+        if still_mine() {
+            self.remove_partial(digest)?;
+        }
         Ok(to)
     }
 
     /// Removes a partial blob and its map (the map first: a map never outlives its data).
-    fn remove_partial(&self, digest: &str) -> io::Result<()> {
+    pub fn remove_partial(&self, digest: &str) -> io::Result<()> {
         let Some((data, map)) = self.partial_paths(digest) else {
             return Ok(());
         };
@@ -589,8 +626,32 @@ mod tests {
         let (data, _, _) = store.open_partial(&digest, 5000, 1).unwrap();
         data.write_all_at(&bytes, 0).unwrap();
         let whole = store.promote_partial(&digest).unwrap();
-        assert_eq!(fs::read(whole).unwrap(), bytes);
+        assert_eq!(fs::read(&whole).unwrap(), bytes);
         assert!(store.list().unwrap().iter().all(|b| !b.partial));
+        // Evicted and made again by another mount while being kept whole: the file that was
+        // checked becomes the blob, not the new one, which stays partial.
+        fs::remove_file(&whole).unwrap();
+        let (data, _, _) = store.open_partial(&digest, 5000, 1).unwrap();
+        data.write_all_at(&bytes, 0).unwrap();
+        let whole = store
+            .promote_partial_with(&digest, &|| {
+                store.remove_partial(&digest).unwrap();
+                store.open_partial(&digest, 5000, 1).unwrap();
+            })
+            .unwrap();
+        assert_eq!(fs::read(&whole).unwrap(), bytes);
+        assert!(path.exists(), "the other mount's file is left alone");
+        store.remove_partial(&digest).unwrap();
+        // A mount opening the file at another length replaces it: the bytes a mount checked
+        // in the file it has open stay.
+        let (data, _, _) = store.open_partial(&digest, 5000, 1).unwrap();
+        data.write_all_at(&bytes[..100], 0).unwrap();
+        let (other_len, _, _) = store.open_partial(&digest, 6000, 1).unwrap();
+        assert_eq!(other_len.metadata().unwrap().len(), 6000);
+        let mut back = vec![0; 100];
+        data.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(back, bytes[..100], "another mount truncated the file");
+        store.remove_partial(&digest).unwrap();
         // Evicted like a whole one.
         let other = crate::blob::sha256_of(b"other");
         let (data, _, _) = store.open_partial(&other, 1 << 20, 4).unwrap();

@@ -105,16 +105,24 @@ pub(super) fn open(
         if let Some(spans) = lazy_spans(opts, &digest, layer.size()) {
             let path = layout_path(layout.path(), &digest)?;
             match open_lazy(&client, repo, &digest, &path, spans, &blobs) {
-                Ok(l) => {
+                Ok(Some(l)) => {
                     lazy.insert(digest.clone(), l);
                     continue;
                 }
+                Ok(None) => {
+                    link(&digest, &stored(&digest)?)?;
+                    continue;
+                }
                 // The first span does not check against an index artifact's digests: the
-                // artifact lies. Forget its index and pull the layer as without one.
+                // artifact lies. Forget its index and pull the layer as without one; its
+                // partial file holds nothing worth keeping.
                 Err(e) if imported.contains(&digest) => {
                     log::warn!("{e}; not using the index artifact for layer {digest}");
                     forget_index(opts, &digest);
                     let _ = std::fs::remove_file(&path);
+                    if let Err(e) = blobs.remove_partial(&digest) {
+                        log::warn!("cannot remove the partial {digest}: {e}");
+                    }
                 }
                 Err(e) => return Err(e),
             }
@@ -275,7 +283,8 @@ fn forget_index(opts: &Options, digest: &str) {
 /// at `path` in the layout and filled by range requests as it is read, each span checked
 /// against `spans` and recorded in its span map. Once every span is there, it is checked
 /// whole and becomes a stored blob. Its first span is fetched now: the layer's compression is
-/// sniffed from its first bytes when the image opens.
+/// sniffed from its first bytes when the image opens. `None` if another mount completed the
+/// blob meanwhile: it is whole in the store.
 fn open_lazy(
     client: &Arc<Client>,
     repo: &str,
@@ -283,12 +292,10 @@ fn open_lazy(
     path: &Path,
     spans: SpanDigests,
     blobs: &BlobStore,
-) -> Result<Arc<Lazy>> {
-    let store_err = |e| Error::io(blobs.root().display(), e);
-    let (file, map, partial) = blobs
-        .open_partial(digest, spans.blob_len, spans.digests.len() as u64)
-        .map_err(store_err)?;
-    std::fs::hard_link(&partial, path).map_err(|e| Error::io(path.display(), e))?;
+) -> Result<Option<Arc<Lazy>>> {
+    let Some((file, map, partial)) = link_partial(blobs, digest, &spans, path, &|| {})? else {
+        return Ok(None);
+    };
     let (c, r, d) = (client.clone(), repo.to_string(), digest.to_string());
     let fetch = Box::new(move |start, end| {
         c.fetch_range(&r, &d, start, end)
@@ -309,7 +316,40 @@ fn open_lazy(
     }
     let lazy = Arc::new(lazy.on_complete(keep_whole));
     lazy.fetch_start().map_err(|e| client.error(e))?;
-    Ok(lazy)
+    Ok(Some(lazy))
+}
+
+/// Opens the blob's partial file and links it at `path`. Another mount may promote the
+/// partial file (or eviction remove it) between the open and the link: then the blob is
+/// whole (`None`) or the partial file is opened afresh. `between` runs between the two (a
+/// test's way into that window).
+fn link_partial(
+    blobs: &BlobStore,
+    digest: &str,
+    spans: &SpanDigests,
+    path: &Path,
+    between: &dyn Fn(),
+) -> Result<Option<(std::fs::File, std::fs::File, PathBuf)>> {
+    let mut tries = 0;
+    loop {
+        if blobs.has(digest, spans.blob_len) {
+            return Ok(None);
+        }
+        let (file, map, partial) = blobs
+            .open_partial(digest, spans.blob_len, spans.digests.len() as u64)
+            .map_err(|e| Error::io(blobs.root().display(), e))?;
+        between();
+        match std::fs::hard_link(&partial, path) {
+            Ok(()) => return Ok(Some((file, map, partial))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 3 => tries += 1,
+            Err(e) => {
+                return Err(Error::io(
+                    format!("{} (linked from {})", path.display(), partial.display()),
+                    e,
+                ));
+            }
+        }
+    }
 }
 
 /// A layer download: digest, size, where it goes, who waits for it.
@@ -541,4 +581,49 @@ fn write_layout(dir: &Path, top: &Descriptor) -> Result<()> {
     std::fs::write(dir.join("index.json"), index.to_string()).map_err(io)?;
     std::fs::create_dir_all(dir.join("blobs/sha256")).map_err(io)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    #[test]
+    fn a_partial_blob_promoted_or_evicted_while_being_linked_is_found_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::in_cache(dir.path());
+        let layout = dir.path().join("layout");
+        std::fs::create_dir(&layout).unwrap();
+        let bytes = vec![7u8; 1000];
+        let digest = crate::blob::sha256_of(&bytes);
+        let spans = SpanDigests {
+            blob_len: 1000,
+            digests: vec![[0; 32]],
+        };
+        // Another mount fetches the last span and keeps the blob whole in the window.
+        let complete = || {
+            let (data, _, _) = blobs.open_partial(&digest, 1000, 1).unwrap();
+            data.write_all_at(&bytes, 0).unwrap();
+            blobs.promote_partial(&digest).unwrap();
+        };
+        let got = link_partial(&blobs, &digest, &spans, &layout.join("a"), &complete).unwrap();
+        assert!(got.is_none(), "the whole blob is to be linked");
+        assert!(blobs.has(&digest, 1000));
+
+        // Evicted in the window, once: the partial file is made again and linked.
+        let other = crate::blob::sha256_of(b"other");
+        let evicted = std::cell::Cell::new(false);
+        let evict = || {
+            if !evicted.replace(true) {
+                blobs.remove_partial(&other).unwrap();
+            }
+        };
+        let to = layout.join("b");
+        let (file, _, partial) = link_partial(&blobs, &other, &spans, &to, &evict)
+            .unwrap()
+            .expect("a partial file");
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        assert_eq!(ino(&to), ino(&partial));
+        assert_eq!(file.metadata().unwrap().ino(), ino(&partial));
+    }
 }

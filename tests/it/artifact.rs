@@ -274,6 +274,31 @@ fn artifact_pushed_by_one_host_makes_a_mount_on_another_lazy_at_once() {
         "{}",
         stderr_of(&out)
     );
+
+    // Host N will not use artifacts: it never asks for one, and reads the layers itself.
+    let host_n = tmp.path().join("host-n");
+    let proxy = FaultProxy::start(&reg.host);
+    let out = ok(
+        &host_n,
+        &[
+            "mount",
+            &proxy.url("app:1"),
+            mnt.to_str().unwrap(),
+            "--tls-verify=false",
+            "--no-index-artifact",
+        ],
+    );
+    let read = std::fs::read(mnt.join("data/tail.txt"));
+    ok(&host_n, &["umount", mnt.to_str().unwrap()]);
+    assert_eq!(read.unwrap(), want()[0], "{}", stderr_of(&out));
+    let asked: Vec<String> = proxy.seen().iter().map(|s| s.path.clone()).collect();
+    assert!(
+        !asked
+            .iter()
+            .any(|p| p.contains("/manifests/sha256-") || p.contains("/referrers/")),
+        "{asked:?}"
+    );
+    assert!(fetched(&proxy, &digests[0], big_size) >= big_size);
 }
 
 #[test]
@@ -404,6 +429,8 @@ fn artifact_tampered_or_lying_is_refused_and_the_mount_reads_the_layers() {
         )),
         "{log}"
     );
+    let partial = host_e.join("blobs/partial").join(&digests[0][7..]);
+    assert!(!partial.exists(), "{} left behind", partial.display());
     // The index cached in the end is the one the pass over the layer built.
     let (again, read) = mount_and_read(&host_e, &reg.url("app:1"), &mnt);
     assert_eq!(read, want(), "{again}");
