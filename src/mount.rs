@@ -7,10 +7,11 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::Duration;
 
@@ -192,7 +193,12 @@ impl Mountpoint {
         }
     }
 
-    fn run(&self, fs: FlatFs, ready: Ready, then: impl FnOnce() + Send + 'static) -> Result<()> {
+    fn run(
+        &self,
+        mut fs: FlatFs,
+        ready: Ready,
+        then: impl FnOnce() + Send + 'static,
+    ) -> Result<()> {
         // An indexing thread still on its way out would take a signal with the default action
         // (death, mount left behind), as it never blocked them.
         wait_until_single_threaded();
@@ -204,6 +210,20 @@ impl Mountpoint {
             ready.failed(&msg);
             return Err(self.error(msg));
         }
+        // When serving ends, fuser 0.18 unmounts the mountpoint by path even if the kernel has
+        // already unmounted us (its still-mounted test reads POLLERR the wrong way round), so a
+        // new mount made there meanwhile — `flatfs mount … && fusermount3 -u …` in a loop —
+        // was taken down with this server. So look for ourselves: POLLERR on our /dev/fuse
+        // connection means the kernel has ended it, and this process leaves at once, touching
+        // no mount. (Mount IDs and device numbers are reused at once: they can't tell.) This
+        // is the last `on_stop` job: those before it, stats and logs, still run.
+        let dev: Arc<OnceLock<OwnedFd>> = Arc::default();
+        let ours = dev.clone();
+        fs.on_stop(Box::new(move || {
+            if ours.get().is_some_and(disconnected) {
+                std::process::exit(0);
+            }
+        }));
         let notifier = fs.notifier_slot();
         let mut session = match Session::new(fs, &self.path, &self.config) {
             Ok(session) => session,
@@ -214,6 +234,9 @@ impl Mountpoint {
             }
         };
         let _ = notifier.set(session.notifier());
+        if let Ok(fd) = session.as_fd().try_clone_to_owned() {
+            let _ = dev.set(fd);
+        }
         let unmounter = session.unmount_callable();
         let path = self.path.clone();
         let waiter = thread::Builder::new()
@@ -627,6 +650,24 @@ fn mount_type(path: &Path) -> io::Result<Option<String>> {
         }
     }
     Ok(found)
+}
+
+/// True when the kernel has ended the FUSE connection `fd` (unmounted, or aborted): `/dev/fuse`
+/// then polls with POLLERR.
+fn disconnected(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd, for a descriptor this process owns; no wait.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return n == 1 && p.revents & libc::POLLERR != 0;
+    }
 }
 
 /// Undoes the kernel's octal escapes (`\040` for a space) in a mountinfo field.
