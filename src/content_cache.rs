@@ -40,10 +40,7 @@ const NON_SEQUENTIAL: u64 = 4 << 20;
 /// The content cache's bound: `$FLATFS_CONTENT_CACHE_MAX` bytes (0 turns it off), default
 /// 10 GiB; as the blob store's `$FLATFS_BLOB_CACHE_MAX`.
 pub fn max_size() -> u64 {
-    std::env::var("FLATFS_CONTENT_CACHE_MAX")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(DEFAULT_MAX)
+    crate::inspect::env_bytes("FLATFS_CONTENT_CACHE_MAX", DEFAULT_MAX)
 }
 
 /// Where decompressed layers live inside the cache directory `dir`.

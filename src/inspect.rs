@@ -414,6 +414,50 @@ pub fn inspect(image: &Image, indexes: &[LayerIndex]) -> Result<Inspect> {
 }
 
 /// Human-readable byte counts (powers of 1024), e.g. `1.5 MiB`.
+/// Parses a byte count as `human` writes it, roughly: `1073741824`, `1G`, `1GiB`, `512 MiB`
+/// (K, M, G, T are powers of 1024, with or without `iB`/`B`).
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let unit = unit.trim().to_ascii_uppercase();
+    let unit = unit
+        .strip_suffix("IB")
+        .or(unit.strip_suffix('B'))
+        .unwrap_or(&unit);
+    let shift = match unit {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return None,
+    };
+    n.checked_mul(1 << shift)
+}
+
+/// The byte count in environment variable `var` (see `parse_bytes`), else `default`; a value
+/// that does not parse is said once (`FLATFS_CONTENT_CACHE_MAX=2X` silently meaning the
+/// default would surprise whoever set it).
+pub fn env_bytes(var: &'static str, default: u64) -> u64 {
+    static WARNED: std::sync::Mutex<Vec<&str>> = std::sync::Mutex::new(Vec::new());
+    let Ok(value) = std::env::var(var) else {
+        return default;
+    };
+    parse_bytes(&value).unwrap_or_else(|| {
+        let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+        if !warned.contains(&var) {
+            warned.push(var);
+            log::warn!(
+                "${var}={value:?} is not a size (bytes, or with K, M, G, T): using {}",
+                human(default)
+            );
+        }
+        default
+    })
+}
+
 pub fn human(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -694,6 +738,20 @@ pub fn cat(tree: &Tree, content: &Content, path: &[u8], w: &mut impl Write) -> R
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn sizes_parse_with_binary_units_and_bad_ones_do_not() {
+        assert_eq!(parse_bytes("0"), Some(0));
+        assert_eq!(parse_bytes(" 1000000 "), Some(1_000_000));
+        assert_eq!(parse_bytes("2G"), Some(2 << 30));
+        assert_eq!(parse_bytes("512MiB"), Some(512 << 20));
+        assert_eq!(parse_bytes("512 mb"), Some(512 << 20));
+        assert_eq!(parse_bytes("1t"), Some(1 << 40));
+        assert_eq!(parse_bytes("64K"), Some(64 << 10));
+        for bad in ["", "abc", "2X", "G", "-1", "1.5G", "99999999999T"] {
+            assert_eq!(parse_bytes(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn rfc3339_parses_back_what_export_writes_and_offsets() {

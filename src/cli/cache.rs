@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use crate::cache::{Cache, CacheEntry, CacheKind};
 use crate::inspect;
 
-/// Manage the cache of layer indexes and merged trees.
+/// Manage the cache: layer indexes, merged trees, pulled blobs and decompressed layers.
 #[derive(Args, Debug)]
 pub struct CacheArgs {
     #[command(subcommand)]

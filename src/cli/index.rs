@@ -81,6 +81,7 @@ fn push(ui: &Ui, args: &PushArgs) -> Result<()> {
         );
     };
     let reference: Reference = name.parse().with_context(|| target.to_string())?;
+    let mut local_layers = None;
     if args.to.is_some() {
         // The local image's indexes go to the cache, keyed by layer digest, where the open
         // of REF below finds them for the layers it shares.
@@ -89,6 +90,7 @@ fn push(ui: &Ui, args: &PushArgs) -> Result<()> {
         }
         let img = ui.open_image(&args.image, args.platform.as_ref())?;
         ui.index(&img, None, None)?;
+        local_layers = Some(img.layers.into_iter().map(|l| l.digest).collect::<Vec<_>>());
     }
     // Layers with a cached index are read by ranges (not at all); the others are pulled and
     // indexed. The indexes pushed are built here, never taken from another artifact.
@@ -102,6 +104,23 @@ fn push(ui: &Ui, args: &PushArgs) -> Result<()> {
         },
     };
     let img = ui.open_image(target, args.platform.as_ref())?;
+    if let Some(local) = &local_layers {
+        // A copy pushed with recompression (skopeo gzips a docker archive's layers), or the
+        // wrong --to, shares no blobs with REF: say so before its layers are downloaded.
+        let missing = img
+            .layers
+            .iter()
+            .filter(|l| l.digest.is_none() || !local.contains(&l.digest))
+            .count();
+        if missing > 0 {
+            log::warn!(
+                "{}: {missing} of {target}'s {} layers are not in it (recompressed on push, or \
+                 another image?): they are downloaded from the registry and indexed",
+                args.image,
+                img.layers.len()
+            );
+        }
+    }
     let indexes = ui.index(&img, None, None)?;
     let client = Client::connect(reference.domain(), &ui.registry)?;
     let repo = reference.path();

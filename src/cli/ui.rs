@@ -31,8 +31,8 @@ pub struct LogArgs {
 pub struct UiArgs {
     #[command(flatten)]
     pub log: LogArgs,
-    /// Neither read nor write the cache of layer indexes and merged trees ($FLATFS_CACHE_DIR, else
-    /// $XDG_CACHE_HOME/flatfs, else ~/.cache/flatfs).
+    /// Neither read nor write the cache: layer indexes, merged trees, pulled blobs, decompressed
+    /// layers ($FLATFS_CACHE_DIR, else $XDG_CACHE_HOME/flatfs, else ~/.cache/flatfs).
     #[arg(long)]
     pub no_cache: bool,
     #[command(flatten)]

@@ -403,10 +403,7 @@ impl BlobStore {
 
 /// The store's bound: `$FLATFS_BLOB_CACHE_MAX` bytes, default 20 GiB.
 pub fn max_size() -> u64 {
-    std::env::var("FLATFS_BLOB_CACHE_MAX")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(DEFAULT_MAX)
+    crate::inspect::env_bytes("FLATFS_BLOB_CACHE_MAX", DEFAULT_MAX)
 }
 
 /// Marks a blob used: sets its access time to now (explicitly, so `noatime`/`relatime` mounts

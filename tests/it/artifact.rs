@@ -611,3 +611,43 @@ fn index_push_needs_a_registry_image_to_attach_to() {
     let indexed = std::fs::read_dir(&cache).map_or(0, |d| d.count());
     assert_eq!(indexed, 0, "indexed before the arguments were checked");
 }
+
+#[test]
+fn index_push_to_warns_when_the_local_copy_is_not_the_registry_image() {
+    registry_tools(&[]);
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &[u8]| {
+        let layers = vec![layer([file("a.txt", text)]).compression(Compression::Gzip)];
+        let path = tmp.path().join(name);
+        write_oci_layout(&layers, &default_config(&layers), &path, Some("latest"));
+        format!("oci:{}:latest", path.display())
+    };
+    let (pushed, other) = (write("pushed", b"pushed\n"), write("other", b"other\n"));
+    reg.push(&pushed, "app:1");
+    let host = tmp.path().join("host");
+    let to = reg.url("app:1");
+
+    // The copy that was pushed: its indexes serve, nothing to say.
+    let out = ok(
+        &host,
+        &["index", "push", &pushed, "--to", &to, "--tls-verify=false"],
+    );
+    assert!(
+        !stderr_of(&out).contains("not in it"),
+        "{}",
+        stderr_of(&out)
+    );
+
+    // Another image: the artifact is still REF's, but the user hears that the local copy
+    // was of no use and REF's layers were downloaded.
+    let out = ok(
+        &host,
+        &["index", "push", &other, "--to", &to, "--tls-verify=false"],
+    );
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("1 of") && err.contains("layers are not in it"),
+        "{err}"
+    );
+}

@@ -299,9 +299,10 @@ fn the_bound_evicts_the_least_recently_used_layer() {
     wait_until(|| !cache_file(&cache, &id_a).exists(), "layer a's eviction");
     m.finish();
 
-    // A bound smaller than the layer: no file at all, reads as before.
+    // A bound smaller than the layer (with a unit, as a user writes it): no file at all,
+    // reads as before.
     let small = tmp.path().join("small");
-    let env = [("FLATFS_CONTENT_CACHE_MAX", "100000")];
+    let env = [("FLATFS_CONTENT_CACHE_MAX", "97K")];
     let m = Mount::new(&a, &small, &env);
     read_all_shuffled(&m, &files_a, 13);
     assert_eq!(decompressed(&m.finish()).1, 0);
