@@ -517,6 +517,29 @@ fn mount_shows_the_merged_tree_through_the_kernel() {
 }
 
 #[test]
+fn an_ending_server_leaves_the_next_mount_at_its_place_alone() {
+    require_fuse!("an_ending_server_leaves_the_next_mount_at_its_place_alone");
+    // `mount && fusermount3 -u` in a loop: each server ends while the next mount is made at the
+    // same place. fuser's own unmount-by-path at the end of serving took that new mount down
+    // (14 rounds in 60 with the demo image before the fix); a server must never touch it.
+    let m = Mounted::new();
+    let image = docker_image(&m, &sample_layers());
+    for round in 0..40 {
+        m.mount(&image, &[]);
+        let out = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&m.mnt)
+            .output()
+            .expect("run fusermount3");
+        assert!(
+            out.status.success(),
+            "round {round}: the mount was gone before its unmount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
 fn mount_and_export_show_the_same_tree() {
     require_fuse!("mount_and_export_show_the_same_tree");
     // One model, two consumers: the mount lists exactly what `export --format rootfs` writes.
