@@ -315,6 +315,9 @@ pub const ESTARGZ_CHUNK: u64 = 4 << 20;
 /// Name of the eStargz TOC entry, the last in the tar.
 pub const ESTARGZ_TOC_NAME: &str = "stargz.index.json";
 
+/// Name of the eStargz landmark saying no file is prioritised for prefetching.
+pub const ESTARGZ_NO_PREFETCH: &str = ".no.prefetch.landmark";
+
 /// Length of the eStargz footer: an empty gzip member whose extra field holds the TOC offset.
 pub const ESTARGZ_FOOTER: usize = 51;
 
@@ -385,7 +388,25 @@ pub fn write_estargz<W: Write>(
         diff: Sha256::new(),
         plain: 0,
     };
-    let mut entries = Vec::new();
+    // No file is prioritised for prefetching, which the spec says with this landmark: a
+    // 1-byte regular file (0xf), first.
+    let mut header = tar::Header::new_ustar();
+    header.set_path(ESTARGZ_NO_PREFETCH)?;
+    header.set_size(1);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    w.write(header.as_bytes())?;
+    w.close()?;
+    let landmark_at = w.written;
+    w.write(&[0xf])?;
+    w.write(&[0u8; 511])?;
+    let landmark = format!("sha256:{}", hex(&Sha256::digest([0xfu8])));
+    let mut entries = vec![serde_json::json!({
+        "name": ESTARGZ_NO_PREFETCH, "type": "reg", "size": 1, "mode": 0o100644, "uid": 0,
+        "gid": 0, "offset": landmark_at, "digest": landmark, "chunkDigest": landmark,
+    })];
     let mut pos = 0u64;
     io::Seek::rewind(&mut &*tar)?;
     let mut archive = tar::Archive::new(tar);
@@ -411,10 +432,19 @@ pub fn write_estargz<W: Write>(
             }
         };
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        // The mode with its file type bits, as the spec's examples and zstd:chunked have it.
+        let ifmt = match kind {
+            "reg" | "hardlink" => 0o100000,
+            "dir" => 0o40000,
+            "symlink" => 0o120000,
+            "char" => 0o20000,
+            "block" => 0o60000,
+            _ => 0o10000,
+        };
         let mut e = serde_json::json!({
             "name": name,
             "type": kind,
-            "mode": h.mode().unwrap_or(0),
+            "mode": h.mode().unwrap_or(0) & 0o7777 | ifmt,
             "uid": h.uid().unwrap_or(0),
             "gid": h.gid().unwrap_or(0),
         });
@@ -473,7 +503,8 @@ pub fn write_estargz<W: Write>(
                 serde_json::json!({"name": name, "type": "chunk", "chunkOffset": done})
             };
             c["offset"] = offset.into();
-            if len == chunk {
+            // The spec: every chunk but a file's last gives its size; the last says 0.
+            if done + len < size {
                 c["chunkSize"] = len.into();
             }
             c["chunkDigest"] = format!("sha256:{}", hex(&Sha256::digest(&data))).into();
@@ -773,8 +804,9 @@ mod tests {
             e.diff_id,
             format!("sha256:{}", hex(&sha2::Sha256::digest(&plain)))
         );
+        // After the landmark (header and one block), the input tar but its end.
         let body = tar.len() - 1024;
-        assert_eq!(plain[..body], tar[..body]);
+        assert_eq!(plain[1024..1024 + body], tar[..body]);
         let mut names = Vec::new();
         let mut toc = Vec::new();
         for entry in tar::Archive::new(&plain[..]).entries().expect("entries") {
@@ -785,7 +817,14 @@ mod tests {
         }
         assert_eq!(
             names,
-            ["d/", "d/big", "d/small", "d/empty", ESTARGZ_TOC_NAME]
+            [
+                ESTARGZ_NO_PREFETCH,
+                "d/",
+                "d/big",
+                "d/small",
+                "d/empty",
+                ESTARGZ_TOC_NAME
+            ]
         );
         assert_eq!(
             e.toc_digest,
@@ -815,6 +854,9 @@ mod tests {
         }
         assert_eq!(chunks[0]["size"], 10_000);
         assert_eq!(chunks[2]["chunkOffset"], 8192);
+        assert_eq!(chunks[0]["chunkSize"], 4096);
+        assert_eq!(chunks[2]["chunkSize"], serde_json::Value::Null);
+        assert_eq!(chunks[0]["mode"], 0o100644);
         let whole = format!("sha256:{}", hex(&sha2::Sha256::digest(&big)));
         assert_eq!(chunks[0]["digest"], whole.as_str());
     }

@@ -352,6 +352,11 @@ fn estargz_export_is_a_gzip_tar_any_tool_unpacks_like_the_gzip_export() {
     assert!(listing.status.success(), "tar -tzf: {listing:?}");
     let names = String::from_utf8(listing.stdout).unwrap();
     assert_eq!(names.lines().last(), Some("stargz.index.json"), "{names}");
+    assert_eq!(
+        names.lines().next(),
+        Some(".no.prefetch.landmark"),
+        "{names}"
+    );
     // The TOC entry is what the annotation's digest names.
     let toc = Command::new("tar")
         .args(["-xzOf"])
@@ -365,12 +370,15 @@ fn estargz_export_is_a_gzip_tar_any_tool_unpacks_like_the_gzip_export() {
         layer["annotations"]["io.containers.estargz.uncompressed-size"],
         uncompressed.stdout.len().to_string()
     );
-    // umoci (eStargz-agnostic) unpacks the same tree as from the gzip export, plus the TOC.
+    // umoci (eStargz-agnostic) unpacks the same tree as from the gzip export, plus the TOC
+    // and the landmark.
     let want = umoci_tree(&gz, &tmp.path().join("u-gz"));
     let got = umoci_tree(&esgz, &tmp.path().join("u-esgz"));
     let got: String = got
         .lines()
-        .filter(|l| !l.starts_with("stargz.index.json "))
+        .filter(|l| {
+            !l.starts_with("stargz.index.json ") && !l.starts_with(".no.prefetch.landmark ")
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     assert_eq!(got, want);
