@@ -39,11 +39,12 @@ pub fn is_estargz(descriptor: &serde_json::Value) -> bool {
         .is_some()
 }
 
-/// True for an eStargz layer: its descriptor says so or (docker archives have none) its
-/// local gzip blob ends in an eStargz footer.
+/// True for an eStargz layer: its descriptor says so or, with no descriptor (docker
+/// archives), its local gzip blob ends in an eStargz footer.
 pub fn is_estargz_layer(layer: &crate::source::Layer) -> bool {
-    if layer.descriptor.as_ref().is_some_and(is_estargz) {
-        return true;
+    if let Some(d) = &layer.descriptor {
+        // A descriptor is authoritative; and a read here could fetch from a registry.
+        return is_estargz(d);
     }
     let blob = &layer.blob;
     let mut footer = [0u8; ESTARGZ_FOOTER];
