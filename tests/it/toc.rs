@@ -335,17 +335,17 @@ fn estargz_export_is_a_gzip_tar_any_tool_unpacks_like_the_gzip_export() {
     export(&cache, &src, "estargz", &esgz);
     export(&cache, &src, "gzip", &gz);
     let (manifest, _) = layout_manifest(&esgz);
-    let layer = &manifest["layers"][0];
+    let desc = &manifest["layers"][0];
     assert_eq!(
-        layer["mediaType"],
+        desc["mediaType"],
         "application/vnd.oci.image.layer.v1.tar+gzip"
     );
-    let toc_digest = layer["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
+    let toc_digest = desc["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
         .as_str()
         .expect("toc.digest annotation");
     let blob = esgz
         .join("blobs/sha256")
-        .join(&layer["digest"].as_str().unwrap()[7..]);
+        .join(&desc["digest"].as_str().unwrap()[7..]);
     let gzip_t = Command::new("gzip").arg("-t").arg(&blob).output().unwrap();
     assert!(gzip_t.status.success(), "gzip -t: {gzip_t:?}");
     let listing = Command::new("tar").arg("-tzf").arg(&blob).output().unwrap();
@@ -367,7 +367,7 @@ fn estargz_export_is_a_gzip_tar_any_tool_unpacks_like_the_gzip_export() {
     assert_eq!(toc_digest, digest_of(&toc.stdout));
     let uncompressed = Command::new("gzip").arg("-dc").arg(&blob).output().unwrap();
     assert_eq!(
-        layer["annotations"]["io.containers.estargz.uncompressed-size"],
+        desc["annotations"]["io.containers.estargz.uncompressed-size"],
         uncompressed.stdout.len().to_string()
     );
     // umoci (eStargz-agnostic) unpacks the same tree as from the gzip export, plus the TOC
@@ -386,6 +386,39 @@ fn estargz_export_is_a_gzip_tar_any_tool_unpacks_like_the_gzip_export() {
     let by_flatfs = ls(&cache, esgz.to_str().unwrap());
     assert!(!by_flatfs.contains("stargz.index.json"), "{by_flatfs}");
     assert_eq!(by_flatfs, ls(&cache, gz.to_str().unwrap()));
+    // A docker archive has no descriptors: its eStargz layer is known by its footer.
+    let docker = tmp.path().join("esgz.docker.tar");
+    let o = flatfs()
+        .env("FLATFS_CACHE_DIR", &cache)
+        .arg("export")
+        .arg(&src)
+        .args([
+            "--format",
+            "docker-archive",
+            "--compression",
+            "estargz",
+            "-o",
+        ])
+        .arg(&docker)
+        .output()
+        .expect("run flatfs export");
+    assert_success(&o);
+    assert_eq!(ls(&cache, docker.to_str().unwrap()), by_flatfs);
+    // In a layer that is not eStargz, a file of that name is the image's own.
+    let plain = vec![
+        layer([
+            file("stargz.index.json", b"{}"),
+            file(".no.prefetch.landmark", b"x"),
+        ])
+        .compression(Compression::Gzip),
+    ];
+    let plain_at = tmp.path().join("plain");
+    write_oci_layout(&plain, &default_config(&plain), &plain_at, Some("latest"));
+    let listed = ls(&cache, plain_at.to_str().unwrap());
+    assert!(
+        listed.contains("stargz.index.json") && listed.contains(".no.prefetch.landmark"),
+        "{listed}"
+    );
 }
 
 #[test]
