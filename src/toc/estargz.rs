@@ -303,6 +303,45 @@ mod tests {
     }
 
     #[test]
+    fn hostile_tocs_are_errors_not_panics() {
+        let d = "sha256:".to_string() + &"ab".repeat(32);
+        let reg = |name: &str, size: u64, offset: u64, chunk: u64| {
+            serde_json::json!({"name": name, "type": "reg", "size": size, "offset": offset,
+                "chunkSize": chunk, "chunkDigest": d, "mode": 0o100644})
+        };
+        let piece = |offset: u64, at: u64, size: u64| {
+            serde_json::json!({"name": "f", "type": "chunk", "offset": offset,
+                "chunkOffset": at, "chunkSize": size, "chunkDigest": d})
+        };
+        let cases = [
+            // Past the TOC, or at it.
+            vec![reg("f", 10, 5000, 0)],
+            vec![reg("f", 10, 1000, 0)],
+            // Huge files and chunks: no overflow of the virtual offsets.
+            vec![reg("f", u64::MAX, 0, 0), reg("g", u64::MAX, 10, 0)],
+            vec![
+                reg("f", u64::MAX, 0, u64::MAX / 2),
+                piece(10, u64::MAX / 2, 0),
+            ],
+            // Chunks that do not add up, go backwards, or belong to nothing.
+            vec![reg("f", 10, 0, 4), piece(10, 4, 4)],
+            vec![reg("f", 10, 0, 4), piece(10, 3, 0)],
+            vec![piece(10, 0, 4)],
+            // Escapes and a non-directory root.
+            vec![reg("../etc/passwd", 1, 0, 0)],
+            vec![reg("/", 1, 0, 0)],
+        ];
+        for entries in cases {
+            let json = serde_json::json!({"version": 1, "entries": entries}).to_string();
+            let r = parse_estargz(json.as_bytes(), 1000);
+            assert!(r.is_err(), "{json}");
+        }
+        for json in ["", "{", "[]", r#"{"version": 2, "entries": []}"#] {
+            assert!(parse_estargz(json.as_bytes(), 1000).is_err(), "{json}");
+        }
+    }
+
+    #[test]
     fn special_names() {
         assert!(is_special(b"stargz.index.json"));
         assert!(is_special(b"./.prefetch.landmark"));

@@ -220,6 +220,9 @@ fn build(m: Manifest, blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), String>
             if let Some(prev) = chunks.last_mut() {
                 prev.end = e.offset;
             }
+            if e.chunk_size > MAX_CHUNK {
+                return Err(bad("a chunk larger than a chunk may be"));
+            }
             chunks.push(chunk(e, virt, e.chunk_size, &e.chunk_digest).map_err(|m| bad(&m))?);
             virt += e.chunk_size;
             continue;
@@ -279,6 +282,10 @@ fn build(m: Manifest, blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), String>
             } else {
                 &e.chunk_digest
             };
+            // Checked here, not only at the end: the virtual offsets must not overflow first.
+            if first > MAX_CHUNK {
+                return Err(bad("a chunk larger than a chunk may be"));
+            }
             if first > size {
                 return Err(bad("a chunk larger than its file"));
             }
