@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde_json::{Value, json};
 
 use crate::blob::{Compression, HashWriter, open_decoded, sha256_of};
-use crate::compress::{ParallelGzip, ParallelZstd};
+use crate::compress::{ESTARGZ_CHUNK, ParallelGzip, ParallelZstd};
 use crate::error::{Error, Result};
 use crate::layer::Meta;
 use crate::par::{self, ParallelReader};
@@ -47,6 +47,8 @@ pub enum OutCompression {
     Zstd,
     /// Plain tar.
     None,
+    /// eStargz: gzip members per file chunk and a table of contents (`tar+gzip` to any reader).
+    Estargz,
 }
 
 /// What the user asked for.
@@ -284,10 +286,24 @@ fn export_image(
     })?;
     let config_digest = sha256_of(&config_bytes);
     let layer_media_type = match compression {
-        OutCompression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+        OutCompression::Gzip | OutCompression::Estargz => {
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        }
         OutCompression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
         OutCompression::None => "application/vnd.oci.image.layer.v1.tar",
     };
+    let mut layer_descriptor = json!({
+        "mediaType": layer_media_type,
+        "digest": layer.digest,
+        "size": layer.size,
+    });
+    if let Some(e) = &layer.estargz {
+        // What stargz-aware readers (flatfs's lazy mount too) locate and check the TOC by.
+        layer_descriptor["annotations"] = json!({
+            "containerd.io/snapshot/stargz/toc.digest": e.toc_digest,
+            "io.containers.estargz.uncompressed-size": e.uncompressed.to_string(),
+        });
+    }
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -296,11 +312,7 @@ fn export_image(
             "digest": config_digest,
             "size": config_bytes.len(),
         },
-        "layers": kept.iter().map(|k| k.descriptor.clone()).chain([json!({
-            "mediaType": layer_media_type,
-            "digest": layer.digest,
-            "size": layer.size,
-        })]).collect::<Vec<_>>(),
+        "layers": kept.iter().map(|k| k.descriptor.clone()).chain([layer_descriptor]).collect::<Vec<_>>(),
     });
     let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Json {
         what: "new manifest".into(),
@@ -764,6 +776,8 @@ struct LayerOut {
     diff_id: String,
     digest: String,
     size: u64,
+    /// The TOC digest and uncompressed size of an eStargz layer.
+    estargz: Option<crate::compress::EstargzOut>,
 }
 
 enum Compressor<W: Write> {
@@ -781,6 +795,7 @@ impl<W: Write> Compressor<W> {
             OutCompression::Gzip => Compressor::Gzip(ParallelGzip::new(w, 6, threads)),
             // Level 3, zstd's default; many frames, so the layer is seekable.
             OutCompression::Zstd => Compressor::Zstd(ParallelZstd::new(w, 3, threads)?),
+            OutCompression::Estargz => unreachable!("eStargz is written from a spooled tar"),
         })
     }
 
@@ -829,7 +844,7 @@ fn write_layer<W: Write + Send>(
     // writing it run on two threads: each is about half the work.
     let (tx, rx) = pipe(DEPTH, CHUNK);
     let (walked, written) = std::thread::scope(|s| {
-        let writing = s.spawn(move || write_stage(rx, w, compression));
+        let writing = s.spawn(move || write_stage(rx, w, compression, spill_dir));
         let walked = write_entries(
             image,
             tree,
@@ -856,7 +871,24 @@ fn write_stage<W: Write>(
     mut input: PipeReader,
     w: W,
     compression: OutCompression,
+    spill_dir: &Path,
 ) -> io::Result<LayerOut> {
+    if compression == OutCompression::Estargz {
+        // eStargz lays members out per entry, which needs each entry's header parsed: the
+        // tar is spooled and rewritten from there.
+        let mut spool = tempfile::tempfile_in(spill_dir)?;
+        drain_into(&mut input, &mut spool)?;
+        let outer = HashWriter::new(w);
+        let (outer, e) = crate::compress::write_estargz(&spool, outer, ESTARGZ_CHUNK, 6)?;
+        let (digest, size, mut w) = outer.finish();
+        w.flush()?;
+        return Ok(LayerOut {
+            diff_id: e.diff_id.clone(),
+            digest,
+            size,
+            estargz: Some(e),
+        });
+    }
     if compression == OutCompression::None {
         // The blob is the tar: one digest serves as both.
         let mut tar = HashWriter::new(w);
@@ -867,6 +899,7 @@ fn write_stage<W: Write>(
             digest: diff_id.clone(),
             diff_id,
             size,
+            estargz: None,
         });
     }
     let outer = HashWriter::new(w);
@@ -881,6 +914,7 @@ fn write_stage<W: Write>(
         diff_id,
         digest,
         size,
+        estargz: None,
     })
 }
 

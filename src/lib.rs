@@ -74,7 +74,7 @@ pub fn index_layers(image: &Image, opts: &IndexOptions) -> Result<Vec<LayerIndex
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<LayerIndex>>>> =
         Mutex::new(layers.iter().map(|_| None).collect());
-    let index_one = |layer: &source::Layer| -> Result<LayerIndex> {
+    let index_raw = |layer: &source::Layer| -> Result<LayerIndex> {
         // Its own verified TOC: no pass over the layer, and nothing to cache (the offsets
         // are the TOC's virtual ones, see `toc`).
         if let Some(toc) = layer.blob.toc() {
@@ -109,6 +109,17 @@ pub fn index_layers(image: &Image, opts: &IndexOptions) -> Result<Vec<LayerIndex
                 layer.label(),
                 cache.dir().display()
             );
+        }
+        Ok(index)
+    };
+    let index_one = |layer: &source::Layer| -> Result<LayerIndex> {
+        let mut index = index_raw(layer)?;
+        // An eStargz layer read as the tar it also is: its TOC entry and prefetch landmarks
+        // are the format's, not the image's (the lazy mount's TOC never lists them).
+        if layer.blob.toc().is_none() && toc::estargz::is_estargz_layer(layer) {
+            index
+                .entries
+                .retain(|e| e.path.contains(&b'/') || !toc::estargz::is_special(&e.path));
         }
         Ok(index)
     };

@@ -85,6 +85,8 @@ enum CompressionArg {
     Gzip,
     Zstd,
     None,
+    /// gzip laid out as eStargz (per-file members, a TOC): lazily mountable, still tar+gzip.
+    Estargz,
 }
 
 /// Runs `flatfs export`.
@@ -138,6 +140,7 @@ pub fn run(ui: &Ui, args: ExportArgs) -> Result<()> {
                 CompressionArg::Gzip => OutCompression::Gzip,
                 CompressionArg::Zstd => OutCompression::Zstd,
                 CompressionArg::None => OutCompression::None,
+                CompressionArg::Estargz => OutCompression::Estargz,
             }),
             tag: target.as_ref().or(tag.as_ref()),
             source_date_epoch: source_date_epoch()?,
@@ -175,6 +178,7 @@ pub fn run(ui: &Ui, args: ExportArgs) -> Result<()> {
             CompressionArg::Gzip => OutCompression::Gzip,
             CompressionArg::Zstd => OutCompression::Zstd,
             CompressionArg::None => OutCompression::None,
+            CompressionArg::Estargz => OutCompression::Estargz,
         }),
         tag: tag.map(|t| t.to_string()),
         source_date_epoch: source_date_epoch()?,

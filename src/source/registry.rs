@@ -215,7 +215,7 @@ fn lazy_spans(opts: &Options, digest: &str, size: u64) -> Option<SpanDigests> {
     Some(Arc::unwrap_or_clone(spans))
 }
 
-/// The verified TOC of a layer that carries one (zstd:chunked), fetched by range; `None`
+/// The verified TOC of a layer that carries one (eStargz, zstd:chunked), fetched by range; `None`
 /// (with a warning when the layer has a TOC that cannot be used) means a pass over the layer.
 fn open_toc(client: &Arc<Client>, repo: &str, layer: &Descriptor) -> Option<crate::toc::Toc> {
     let annotations = serde_json::to_value(layer.annotations().as_ref()?).ok()?;
@@ -226,6 +226,12 @@ fn open_toc(client: &Arc<Client>, repo: &str, layer: &Descriptor) -> Option<crat
         c.fetch_range(&r, &d, start, end)
             .map_err(|e| std::io::Error::other(e.to_string()))
     });
+    if let Some(at) = crate::toc::estargz::locate(&annotations) {
+        let r = at.and_then(|d| crate::toc::estargz::open(d, layer.size(), &name, fetch));
+        return r
+            .inspect_err(|e| log::warn!("{name}: not using its eStargz TOC: {e}"))
+            .ok();
+    }
     let r = crate::toc::zstd_chunked::locate(&annotations)?
         .and_then(|at| crate::toc::zstd_chunked::open(at, layer.size(), &name, fetch));
     r.inspect_err(|e| log::warn!("{name}: not using its zstd:chunked TOC: {e}"))

@@ -1,4 +1,4 @@
-//! Layers that carry their own table of contents (zstd:chunked): the TOC, checked against the
+//! Layers that carry their own table of contents (zstd:chunked, eStargz): the TOC, checked against the
 //! digest the (digest-checked) manifest gives for it, becomes the layer index with no pass over
 //! the layer, and each file's bytes are read as the compressed chunk(s) holding them, fetched
 //! by range and checked against their own digest before a byte is served (`content.rs` hooks
@@ -8,6 +8,7 @@
 //! virtual stream instead, each file's contents back to back in TOC order, and a read maps a
 //! virtual offset to its chunk.
 
+pub mod estargz;
 pub mod zstd_chunked;
 
 use std::io;

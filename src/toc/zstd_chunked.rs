@@ -22,7 +22,7 @@ const PREFIXES: [&str; 2] = [
 ];
 
 /// Largest TOC accepted, compressed or not: a lying annotation must not cost a huge fetch.
-const MAX_TOC: u64 = 256 << 20;
+pub(super) const MAX_TOC: u64 = 256 << 20;
 
 /// Where a TOC is: offset, compressed and uncompressed length, sha256.
 pub type Position = (u64, u64, u64, [u8; 32]);
@@ -129,6 +129,58 @@ struct TocEntry {
 /// pass; anything the TOC cannot express the way a tar would is an error (fall back).
 pub fn parse(json: &[u8], blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), String> {
     let m: Manifest = serde_json::from_slice(json).map_err(|e| format!("TOC JSON: {e}"))?;
+    build(m, blob_len)
+}
+
+/// An eStargz TOC (the same JSON, see `estargz.rs`) whose TOC member starts at `toc_offset`:
+/// its entries say where a chunk's gzip member starts but not where it ends (where the next
+/// member holding a chunk, or the TOC's, starts), nor a last chunk's size (the file's rest);
+/// its prefetch landmarks are markers, not files.
+pub(super) fn parse_estargz(
+    json: &[u8],
+    toc_offset: u64,
+) -> Result<(LayerIndex, Vec<Chunk>), String> {
+    let mut m: Manifest = serde_json::from_slice(json).map_err(|e| format!("TOC JSON: {e}"))?;
+    m.entries
+        .retain(|e| !super::estargz::is_special(e.name.as_bytes()));
+    let holds = |e: &TocEntry| e.kind == "chunk" || (e.kind == "reg" && e.size > 0);
+    let mut starts: Vec<u64> = m
+        .entries
+        .iter()
+        .filter(|e| holds(e))
+        .map(|e| e.offset)
+        .collect();
+    starts.push(toc_offset);
+    starts.sort_unstable();
+    starts.dedup();
+    let mut file_size = 0;
+    for e in m.entries.iter_mut().filter(|e| holds(e)) {
+        let i = starts.partition_point(|&s| s <= e.offset);
+        // A start past the TOC's is caught by `build`'s range check as an empty chunk.
+        e.end_offset = starts.get(i).copied().unwrap_or(e.offset);
+        if e.kind == "reg" {
+            file_size = e.size;
+        } else if e.chunk_size == 0 {
+            e.chunk_size = file_size.saturating_sub(e.chunk_offset);
+        }
+    }
+    // A file's own entry ends where its last chunk does.
+    for i in (0..m.entries.len()).rev() {
+        if m.entries[i].kind == "reg" {
+            let last = m.entries[i + 1..]
+                .iter()
+                .take_while(|e| e.kind == "chunk")
+                .last()
+                .map(|e| e.end_offset);
+            if let Some(end) = last {
+                m.entries[i].end_offset = end;
+            }
+        }
+    }
+    build(m, toc_offset)
+}
+
+fn build(m: Manifest, blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), String> {
     if m.version != 1 {
         return Err(format!("TOC version {} is not supported", m.version));
     }
@@ -167,6 +219,9 @@ pub fn parse(json: &[u8], blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), Str
             }
             if let Some(prev) = chunks.last_mut() {
                 prev.end = e.offset;
+            }
+            if e.chunk_size > MAX_CHUNK {
+                return Err(bad("a chunk larger than a chunk may be"));
             }
             chunks.push(chunk(e, virt, e.chunk_size, &e.chunk_digest).map_err(|m| bad(&m))?);
             virt += e.chunk_size;
@@ -227,6 +282,10 @@ pub fn parse(json: &[u8], blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), Str
             } else {
                 &e.chunk_digest
             };
+            // Checked here, not only at the end: the virtual offsets must not overflow first.
+            if first > MAX_CHUNK {
+                return Err(bad("a chunk larger than a chunk may be"));
+            }
             if first > size {
                 return Err(bad("a chunk larger than its file"));
             }

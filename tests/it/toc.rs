@@ -287,3 +287,246 @@ fn registry_zstd_chunked_lazy_mount_reads_through_the_verified_toc() {
     );
     assert_eq!(tail.unwrap(), b"the end of the big layer\n");
 }
+
+/// `flatfs export SRC --format oci --compression C -o OUT`.
+fn export(cache: &Path, src: &Path, compression: &str, out: &Path) {
+    let o = flatfs()
+        .env("FLATFS_CACHE_DIR", cache)
+        .arg("export")
+        .arg(src)
+        .args(["--format", "oci", "--compression", compression, "-o"])
+        .arg(out)
+        .output()
+        .expect("run flatfs export");
+    assert_success(&o);
+}
+
+/// `umoci unpack --rootless` of a layout's `latest`, listed by `walk`.
+fn umoci_tree(layout: &Path, at: &Path) -> String {
+    let o = Command::new("umoci")
+        .args(["unpack", "--rootless", "--image"])
+        .arg(format!("{}:latest", layout.display()))
+        .arg(at)
+        .output()
+        .expect("run umoci");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    walk(&at.join("rootfs"))
+}
+
+/// The layout's image manifest (the one `index.json` names).
+fn layout_manifest(layout: &Path) -> (serde_json::Value, String) {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blob = std::fs::read(layout.join("blobs/sha256").join(&digest[7..])).unwrap();
+    (serde_json::from_slice(&blob).unwrap(), digest)
+}
+
+#[test]
+fn estargz_export_is_a_gzip_tar_any_tool_unpacks_like_the_gzip_export() {
+    registry_tools(&["umoci", "tar", "gzip"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, _) = source_image(tmp.path());
+    let cache = tmp.path().join("cache");
+    let (esgz, gz) = (tmp.path().join("esgz"), tmp.path().join("gz"));
+    export(&cache, &src, "estargz", &esgz);
+    export(&cache, &src, "gzip", &gz);
+    let (manifest, _) = layout_manifest(&esgz);
+    let desc = &manifest["layers"][0];
+    assert_eq!(
+        desc["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+    let toc_digest = desc["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
+        .as_str()
+        .expect("toc.digest annotation");
+    let blob = esgz
+        .join("blobs/sha256")
+        .join(&desc["digest"].as_str().unwrap()[7..]);
+    let gzip_t = Command::new("gzip").arg("-t").arg(&blob).output().unwrap();
+    assert!(gzip_t.status.success(), "gzip -t: {gzip_t:?}");
+    let listing = Command::new("tar").arg("-tzf").arg(&blob).output().unwrap();
+    assert!(listing.status.success(), "tar -tzf: {listing:?}");
+    let names = String::from_utf8(listing.stdout).unwrap();
+    assert_eq!(names.lines().last(), Some("stargz.index.json"), "{names}");
+    assert_eq!(
+        names.lines().next(),
+        Some(".no.prefetch.landmark"),
+        "{names}"
+    );
+    // The TOC entry is what the annotation's digest names.
+    let toc = Command::new("tar")
+        .args(["-xzOf"])
+        .arg(&blob)
+        .arg("stargz.index.json")
+        .output()
+        .unwrap();
+    assert_eq!(toc_digest, digest_of(&toc.stdout));
+    let uncompressed = Command::new("gzip").arg("-dc").arg(&blob).output().unwrap();
+    assert_eq!(
+        desc["annotations"]["io.containers.estargz.uncompressed-size"],
+        uncompressed.stdout.len().to_string()
+    );
+    // umoci (eStargz-agnostic) unpacks the same tree as from the gzip export, plus the TOC
+    // and the landmark.
+    let want = umoci_tree(&gz, &tmp.path().join("u-gz"));
+    let got = umoci_tree(&esgz, &tmp.path().join("u-esgz"));
+    let got: String = got
+        .lines()
+        .filter(|l| {
+            !l.starts_with("stargz.index.json ") && !l.starts_with(".no.prefetch.landmark ")
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(got, want);
+    // flatfs reads it as the image it holds: no TOC entry in the merged tree.
+    let by_flatfs = ls(&cache, esgz.to_str().unwrap());
+    assert!(!by_flatfs.contains("stargz.index.json"), "{by_flatfs}");
+    assert_eq!(by_flatfs, ls(&cache, gz.to_str().unwrap()));
+    // A docker archive has no descriptors: its eStargz layer is known by its footer.
+    let docker = tmp.path().join("esgz.docker.tar");
+    let o = flatfs()
+        .env("FLATFS_CACHE_DIR", &cache)
+        .arg("export")
+        .arg(&src)
+        .args([
+            "--format",
+            "docker-archive",
+            "--compression",
+            "estargz",
+            "-o",
+        ])
+        .arg(&docker)
+        .output()
+        .expect("run flatfs export");
+    assert_success(&o);
+    assert_eq!(ls(&cache, docker.to_str().unwrap()), by_flatfs);
+    // In a layer that is not eStargz, a file of that name is the image's own.
+    let plain = vec![
+        layer([
+            file("stargz.index.json", b"{}"),
+            file(".no.prefetch.landmark", b"x"),
+        ])
+        .compression(Compression::Gzip),
+    ];
+    let plain_at = tmp.path().join("plain");
+    write_oci_layout(&plain, &default_config(&plain), &plain_at, Some("latest"));
+    let listed = ls(&cache, plain_at.to_str().unwrap());
+    assert!(
+        listed.contains("stargz.index.json") && listed.contains(".no.prefetch.landmark"),
+        "{listed}"
+    );
+}
+
+#[test]
+fn registry_estargz_lazy_mount_reads_through_the_verified_toc() {
+    registry_tools(&[]);
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, noise) = source_image(tmp.path());
+    let esgz = tmp.path().join("esgz");
+    export(&tmp.path().join("export-cache"), &src, "estargz", &esgz);
+    let (manifest, _) = layout_manifest(&esgz);
+    let big = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let size = manifest["layers"][0]["size"].as_u64().unwrap();
+    let copy = |layout: &Path, to: &str| {
+        let out = Command::new("timeout")
+            .args(["300", "skopeo", "copy", "-q", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:latest", layout.display()))
+            .arg(reg.url(to))
+            .output()
+            .expect("run skopeo");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    copy(&esgz, "esgz:1");
+    let want = ls(&tmp.path().join("stream"), &reg.url("esgz:1"));
+    assert!(!want.contains("stargz.index.json"), "{want}");
+    if !fuse_available("registry_estargz_lazy_mount_reads_through_the_verified_toc") {
+        return;
+    }
+    let proxy = FaultProxy::start(&reg.host);
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let cache = tmp.path().join("cache");
+    let image = proxy.url("esgz:1");
+    let ((at_mount, tail, after_tail, tampered, whole, listing), log) =
+        mounted(&cache, &image, &mnt, || {
+            let at_mount = fetched(&proxy, &big, 0, size);
+            let tail = std::fs::read(mnt.join("data/tail.txt"));
+            let after_tail = fetched(&proxy, &big, 0, size);
+            proxy.inject(Fault::Corrupt {
+                path: format!("/blobs/{big}"),
+                times: 1000,
+            });
+            let tampered = std::fs::read(mnt.join("data/noise.bin"));
+            proxy.clear_faults();
+            let whole = std::fs::read(mnt.join("data/noise.bin"));
+            let listing = walk(&mnt);
+            (at_mount, tail, after_tail, tampered, whole, listing)
+        });
+    eprintln!(
+        "eStargz lazy mount: {} bytes in {} requests at mount (footer and TOC), {} bytes in {} \
+         requests after reading data/tail.txt, of a {size}-byte layer blob",
+        at_mount.0, at_mount.1, after_tail.0, after_tail.1
+    );
+    assert!(log.contains("eStargz TOC of"), "{log}");
+    assert_eq!(tail.unwrap(), b"the end of the big layer\n");
+    assert_eq!(at_mount.1, 2, "{log}");
+    assert_eq!(after_tail.1, 3, "{log}");
+    assert!(after_tail.0 < 64 * 1024, "{after_tail:?}");
+    let Err(err) = tampered else {
+        panic!("tampered bytes were read");
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(whole.unwrap() == noise, "noise.bin differs");
+    assert!(
+        listing.contains("data/top.txt")
+            && !listing.contains("gone")
+            && !listing.contains("stargz.index.json"),
+        "{listing}"
+    );
+
+    // A manifest whose toc.digest does not match the TOC: refused, the layer read the
+    // ordinary way, and the files are right.
+    let (mut manifest, old) = layout_manifest(&esgz);
+    manifest["layers"][0]["annotations"]["containerd.io/snapshot/stargz/toc.digest"] =
+        digest_of(b"another TOC").into();
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    let new = digest_of(&bytes);
+    std::fs::write(esgz.join("blobs/sha256").join(&new[7..]), &bytes).unwrap();
+    let index = std::fs::read_to_string(esgz.join("index.json")).unwrap();
+    let index = index.replace(&old, &new).replace(
+        &format!("\"size\":{}", manifest_len(&esgz, &old)),
+        &format!("\"size\":{}", bytes.len()),
+    );
+    std::fs::write(esgz.join("index.json"), index).unwrap();
+    copy(&esgz, "esgz:bad");
+    let (tail, log) = mounted(
+        &tmp.path().join("cache2"),
+        &proxy.url("esgz:bad"),
+        &mnt,
+        || std::fs::read(mnt.join("data/tail.txt")),
+    );
+    assert!(
+        log.contains("not using its eStargz TOC") && log.contains("does not match"),
+        "{log}"
+    );
+    assert_eq!(tail.unwrap(), b"the end of the big layer\n");
+}
+
+/// The size of blob `digest` in a layout.
+fn manifest_len(layout: &Path, digest: &str) -> u64 {
+    std::fs::metadata(layout.join("blobs/sha256").join(&digest[7..]))
+        .unwrap()
+        .len()
+}
