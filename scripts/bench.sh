@@ -272,7 +272,7 @@ registry_row() {
 last_file() {
   "$FLATFS" ls -R --layer "$1" > "$TMP/layers.txt"
   python3 - "$2" "$3" "$TMP/layers.txt" <<'PY'
-import json, sys, tarfile
+import json, subprocess, sys, tarfile
 layout, manifest, listing = sys.argv[1:]
 blobs = layout + "/blobs/sha256/"
 layers = json.load(open(blobs + manifest))["layers"]
@@ -283,11 +283,19 @@ for line in open(listing, encoding="utf-8", errors="surrogateescape"):
     if number.isdigit():  # "-" for directories no layer describes
         origin[path] = int(number)
 files = []
+# Decompressed by pigz or zstd: Python's gzip takes many minutes over the thousands of members
+# of an eStargz layer.
+blob = blobs + layers[k]["digest"][7:]
+with open(blob, "rb") as f:
+    zstd = f.read(4) == b"\x28\xb5\x2f\xfd"
+dec = subprocess.Popen(["zstd" if zstd else "pigz", "-dc", blob], stdout=subprocess.PIPE)
 try:
-    with tarfile.open(blobs + layers[k]["digest"][7:], mode="r|*") as tar:
+    with tarfile.open(fileobj=dec.stdout, mode="r|") as tar:
         files = [m.name for m in tar if m.isreg() and m.size > 0]
 except tarfile.TarError:
-    pass  # zstd, which tarfile cannot read: no row
+    pass
+dec.stdout.close()
+dec.wait()
 for name in reversed(files):
     name = name.lstrip("/").removeprefix("./")
     if origin.get(name) == k + 1 and not any(c.isspace() or c in "'\"\\$`" for c in name):

@@ -11,6 +11,7 @@
 pub mod estargz;
 pub mod zstd_chunked;
 
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,8 +21,19 @@ use sha2::{Digest as _, Sha256};
 use crate::blob::FetchRange;
 use crate::layer::LayerIndex;
 
-/// Decoded chunks kept per layer, most recently used last.
-const CACHED_CHUNKS: usize = 16;
+/// Decoded bytes kept per layer (whole chunks, least recently used out first).
+const CACHED_BYTES: usize = 32 << 20;
+
+/// Compressed bytes one request may cover when reads go through the chunks in order: a walk
+/// of many small files (`tar` of the mount) would otherwise pay a round trip per file.
+const READ_AHEAD: u64 = 2 << 20;
+
+/// The first read-ahead, doubled on each further read in order, up to [`READ_AHEAD`].
+const FIRST_READ_AHEAD: u64 = 128 << 10;
+
+/// Compressed bytes between two chunks (the next entries' tar headers) still fetched in the
+/// same request rather than starting another.
+const GAP: u64 = 64 << 10;
 
 /// Largest chunk decoded into memory: a TOC naming a bigger one is not used.
 pub const MAX_CHUNK: u64 = 64 << 20;
@@ -52,7 +64,7 @@ pub struct Toc {
     name: String,
     fetch: Box<FetchRange>,
     decode: fn(&[u8], u64) -> io::Result<Vec<u8>>,
-    cache: Mutex<Vec<(usize, Arc<[u8]>)>>,
+    cache: Mutex<ChunkCache>,
     fetched: AtomicU64,
     requests: AtomicU64,
 }
@@ -105,40 +117,120 @@ impl Toc {
         Ok(())
     }
 
-    /// Chunk `i`, decoded and verified: from the cache, or fetched.
+    /// Chunk `i`, decoded and verified: from the cache, or fetched (with the chunks after it,
+    /// when reads go through the layer in order).
     fn chunk(&self, i: usize) -> io::Result<Arc<[u8]>> {
-        {
+        let end = {
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(k) = cache.iter().position(|(j, _)| *j == i) {
-                let hit = cache.remove(k);
-                let data = hit.1.clone();
-                cache.push(hit);
+            if let Some(data) = cache.get(i) {
                 return Ok(data);
             }
-        }
-        let c = &self.chunks[i];
+            cache.window = if i > 0 && i == cache.next {
+                (cache.window * 2).clamp(FIRST_READ_AHEAD, READ_AHEAD)
+            } else {
+                0
+            };
+            let first = &self.chunks[i];
+            let mut end = i + 1;
+            while let (Some(prev), Some(c)) = (self.chunks.get(end - 1), self.chunks.get(end)) {
+                let near = c.start >= prev.end && c.start - prev.end <= GAP;
+                if !near || c.end - first.start > cache.window || cache.has(end) {
+                    break;
+                }
+                end += 1;
+            }
+            cache.next = end;
+            end
+        };
+        let (from, to) = (self.chunks[i].start, self.chunks[end - 1].end);
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let raw = (self.fetch)(c.start, c.end)?;
+        let raw = (self.fetch)(from, to)?;
         self.fetched.fetch_add(raw.len() as u64, Ordering::Relaxed);
-        let bad = |what: String| invalid(format!("{}: chunk at {}: {what}", self.name, c.start));
-        if raw.len() as u64 != c.end - c.start {
-            return Err(bad(format!(
-                "asked for {} bytes, got {}",
-                c.end - c.start,
+        if raw.len() as u64 != to - from {
+            return Err(invalid(format!(
+                "{}: chunk at {from}: asked for {} bytes, got {}",
+                self.name,
+                to - from,
                 raw.len()
             )));
         }
-        let data = (self.decode)(&raw, c.size).map_err(|e| bad(e.to_string()))?;
+        let mut wanted = None;
+        for (k, c) in self.chunks[i..end].iter().enumerate() {
+            let bytes = &raw[(c.start - from) as usize..(c.end - from) as usize];
+            match self.verified(c, bytes) {
+                Ok(data) => {
+                    let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                    cache.put(i + k, data.clone());
+                    if k == 0 {
+                        wanted = Some(data);
+                    }
+                }
+                // Only the chunk asked for fails the read; one read ahead is left for its
+                // own read to fetch again and report.
+                Err(e) if k == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        wanted.ok_or_else(|| invalid(format!("{}: chunk {i} not decoded", self.name)))
+    }
+
+    /// Chunk `c` decoded from its compressed `raw` bytes, checked against its digest.
+    fn verified(&self, c: &Chunk, raw: &[u8]) -> io::Result<Arc<[u8]>> {
+        let bad = |what: String| invalid(format!("{}: chunk at {}: {what}", self.name, c.start));
+        let data = (self.decode)(raw, c.size).map_err(|e| bad(e.to_string()))?;
         if data.len() as u64 != c.size || <[u8; 32]>::from(Sha256::digest(&data)) != c.digest {
             return Err(bad("does not match its digest in the TOC".into()));
         }
-        let data: Arc<[u8]> = data.into();
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= CACHED_CHUNKS {
-            cache.remove(0);
+        Ok(data.into())
+    }
+}
+
+/// Decoded, verified chunks of one layer, and how its reads have been going.
+#[derive(Default)]
+struct ChunkCache {
+    /// Chunk number → (bytes, when last used).
+    chunks: HashMap<usize, (Arc<[u8]>, u64)>,
+    /// When last used → chunk number: least recently used first.
+    by_use: BTreeMap<u64, usize>,
+    clock: u64,
+    bytes: usize,
+    /// The chunk after the last run fetched: a miss there is a read in order.
+    next: usize,
+    /// Compressed bytes the fetch of the next read in order may cover.
+    window: u64,
+}
+
+impl ChunkCache {
+    fn has(&self, i: usize) -> bool {
+        self.chunks.contains_key(&i)
+    }
+
+    fn get(&mut self, i: usize) -> Option<Arc<[u8]>> {
+        self.clock += 1;
+        let (data, used) = self.chunks.get_mut(&i)?;
+        self.by_use.remove(used);
+        *used = self.clock;
+        self.by_use.insert(self.clock, i);
+        Some(data.clone())
+    }
+
+    fn put(&mut self, i: usize, data: Arc<[u8]>) {
+        if self.has(i) {
+            return;
         }
-        cache.push((i, data.clone()));
-        Ok(data)
+        self.clock += 1;
+        self.bytes += data.len();
+        self.chunks.insert(i, (data, self.clock));
+        self.by_use.insert(self.clock, i);
+        // The newest always stays: a chunk bigger than the bound is still read.
+        while self.bytes > CACHED_BYTES && self.chunks.len() > 1 {
+            let Some((_, old)) = self.by_use.pop_first() else {
+                break;
+            };
+            if let Some((data, _)) = self.chunks.remove(&old) {
+                self.bytes -= data.len();
+            }
+        }
     }
 }
 

@@ -549,4 +549,57 @@ pub(crate) mod tests {
         assert!(locate(&ann).unwrap().is_err());
         assert!(locate(&serde_json::json!({})).is_none());
     }
+
+    #[test]
+    fn reads_in_order_fetch_chunks_ahead_and_a_lone_read_only_its_own() {
+        // 200 small files, each its own frame, read in TOC order: far fewer requests than
+        // files, every byte checked. Then a lone read of one file on a fresh TOC: one request,
+        // exactly its frame.
+        let bodies: Vec<Vec<u8>> = (0..200u32)
+            .map(|i| {
+                format!("file {i} ")
+                    .repeat(50 + i as usize % 7)
+                    .into_bytes()
+            })
+            .collect();
+        let names: Vec<String> = (0..200).map(|i| format!("d/f{i:03}")).collect();
+        let files: Vec<(&str, &[u8])> = names
+            .iter()
+            .zip(&bodies)
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        let (blob, ann) = build(&files, &[]);
+        let open_toc = || {
+            let (fetch, asked) = fetcher(blob.clone(), Default::default());
+            let at = locate(&ann).unwrap().unwrap();
+            (open(at, blob.len() as u64, "t", fetch).unwrap(), asked)
+        };
+        let (toc, asked) = open_toc();
+        let toc_requests = asked.lock().unwrap().len();
+        let index = toc.layer_index("t".into());
+        let regular: Vec<_> = index.entries.iter().filter(|e| e.size > 0).collect();
+        assert_eq!(regular.len(), 200);
+        for (e, body) in regular.iter().zip(&bodies) {
+            let mut buf = vec![0; e.size as usize];
+            toc.read(e.offset, &mut buf).unwrap();
+            assert!(buf == *body, "{}", String::from_utf8_lossy(&e.path));
+        }
+        let reads = asked.lock().unwrap().len() - toc_requests;
+        assert!(reads <= 10, "{reads} requests for 200 files read in order");
+
+        let (toc, asked) = open_toc();
+        let e = regular[117];
+        let mut buf = vec![0; e.size as usize];
+        toc.read(e.offset, &mut buf).unwrap();
+        assert!(buf == bodies[117]);
+        let asked = asked.lock().unwrap();
+        assert_eq!(asked.len(), toc_requests + 1);
+        let (s, t) = asked[asked.len() - 1];
+        let c = toc.chunks.iter().find(|c| c.virt == e.offset).unwrap();
+        assert_eq!(
+            (s, t),
+            (c.start, c.end),
+            "a lone read fetches only its frame"
+        );
+    }
 }
