@@ -472,7 +472,22 @@ fn stats_of_a_local_mount_count_reads_and_go_at_unmount() {
     let host = Host::new(tmp.path());
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    host.ok(&["mount", img.to_str().unwrap(), mnt.to_str().unwrap()]);
+    // `--prefetch all` has nothing to do on a local image: a warning says so.
+    let out = host.run(&[
+        "mount",
+        img.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+        "--prefetch",
+        "all",
+    ]);
+    assert_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "warning: --prefetch all: a local image is read in place; nothing to prefetch"
+        ),
+        "{err}"
+    );
     let read = std::fs::read(mnt.join("big.bin")).unwrap();
     let t = Instant::now();
     let stats = loop {
@@ -482,6 +497,13 @@ fn stats_of_a_local_mount_count_reads_and_go_at_unmount() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    // A path inside the mount means the mount.
+    let inside = host.stats(&mnt.join("big.bin"));
+    assert_eq!(
+        inside["mountpoint"].as_str(),
+        mnt.canonicalize().unwrap().to_str(),
+        "{inside}"
+    );
     host.umount(&mnt);
     assert!(read == big);
     assert_eq!(stats["content"]["read_bytes"], big.len() as u64, "{stats}");
