@@ -188,6 +188,8 @@ pub struct Lazy {
     misses: AtomicU64,
     reused: AtomicU64,
     blocked_ns: AtomicU64,
+    /// The compression the manifest says, which the first span's magic must match.
+    expect: std::sync::OnceLock<Compression>,
 }
 
 /// The spans' states, and how many are in the file (`Stored` or `Local`).
@@ -249,6 +251,7 @@ impl Lazy {
             misses: AtomicU64::new(0),
             reused: AtomicU64::new(0),
             blocked_ns: AtomicU64::new(0),
+            expect: std::sync::OnceLock::new(),
         }
     }
 
@@ -345,6 +348,12 @@ impl Lazy {
             self.seq_run.fetch_add(1, Ordering::Relaxed);
         }
         r
+    }
+
+    /// Records the compression the blob is read with, taken from its media type before its
+    /// first bytes are here: the first span fetched must start with its magic number.
+    pub fn expect_compression(&self, c: Compression) {
+        let _ = self.expect.set(c);
     }
 
     /// Makes the first bytes of the blob local (its magic number), fetching no more than
@@ -590,6 +599,23 @@ impl Lazy {
                         "{}: bytes {at}-{} do not match the layer index's span digest",
                         self.name,
                         at + span.len() as u64 - 1
+                    ),
+                ));
+            }
+        }
+        if let Some(&want) = self.expect.get().filter(|_| a == 0) {
+            let found = Compression::of_magic(&bytes);
+            if found != want {
+                log::error!(
+                    "{}: the blob starts as {found:?} but its media type says {want:?}; \
+                     its reads fail",
+                    self.name
+                );
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: the blob starts as {found:?} but its media type says {want:?}",
+                        self.name
                     ),
                 ));
             }
@@ -935,11 +961,16 @@ impl Compression {
     pub fn detect(blob: &Blob) -> io::Result<Self> {
         let mut magic = [0u8; 4];
         let n = blob.read_at(&mut magic, 0)?;
-        Ok(match &magic[..n] {
+        Ok(Self::of_magic(&magic[..n]))
+    }
+
+    /// The compression whose magic number `start` (a blob's first bytes) begins with.
+    pub fn of_magic(start: &[u8]) -> Self {
+        match start {
             [0x1f, 0x8b, ..] => Compression::Gzip,
-            [0x28, 0xb5, 0x2f, 0xfd] => Compression::Zstd,
+            [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,
             _ => Compression::None,
-        })
+        }
     }
 }
 
@@ -1267,6 +1298,27 @@ mod tests {
         blob.read_exact_at(&mut buf, 10).unwrap();
         assert_eq!(buf, data[10..1010]);
         assert_eq!(asked.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_first_span_unlike_the_media_type_is_an_error_and_the_rest_reads() {
+        let mut data = noise(SPAN_BYTES as usize * 3);
+        data[..4].copy_from_slice(&[0x28, 0xb5, 0x2f, 0xfd]);
+        let data = Arc::new(data);
+        let (blob, lazy, _) = lazy_blob(data.clone(), Arc::new(AtomicBool::new(false)));
+        lazy.expect_compression(Compression::Gzip);
+        let mut buf = vec![0; 100];
+        let err = blob.read_exact_at(&mut buf, 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("media type says Gzip"), "{err}");
+        let at = SPAN_BYTES * 2 + 5;
+        blob.read_exact_at(&mut buf, at).unwrap();
+        assert_eq!(buf, data[at as usize..at as usize + 100]);
+        // The media type right: the first span reads.
+        let (blob, lazy, _) = lazy_blob(data.clone(), Arc::new(AtomicBool::new(false)));
+        lazy.expect_compression(Compression::Zstd);
+        blob.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, data[..100]);
     }
 
     #[test]
