@@ -7,6 +7,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 
@@ -187,6 +188,8 @@ pub struct Lazy {
     misses: AtomicU64,
     reused: AtomicU64,
     blocked_ns: AtomicU64,
+    /// The compression the manifest says, which the first span's magic must match.
+    expect: std::sync::OnceLock<Compression>,
 }
 
 /// The spans' states, and how many are in the file (`Stored` or `Local`).
@@ -194,7 +197,17 @@ struct SpanTable {
     spans: Vec<Span>,
     in_file: usize,
     completed: bool,
+    /// When each span's last fetch failed for want of the registry (not a bad check), and
+    /// that error: see [`FAIL_FAST`].
+    failed: Vec<Option<Instant>>,
+    failure: String,
 }
+
+/// How long a span whose fetch failed for want of the registry fails again at once, with no
+/// new request. The kernel retries a failed read (its readahead, then the page itself), which
+/// would otherwise double a reader's wait on a silent registry; after this, a read asks again,
+/// so the mount recovers when the registry is back.
+const FAIL_FAST: Duration = Duration::from_secs(2);
 
 impl fmt::Debug for Lazy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -225,6 +238,8 @@ impl Lazy {
                 spans: vec![Span::Absent; n],
                 in_file: 0,
                 completed: n == 0,
+                failed: vec![None; n],
+                failure: String::new(),
             }),
             fetched_cond: Condvar::new(),
             last_end: AtomicU64::new(u64::MAX),
@@ -236,6 +251,7 @@ impl Lazy {
             misses: AtomicU64::new(0),
             reused: AtomicU64::new(0),
             blocked_ns: AtomicU64::new(0),
+            expect: std::sync::OnceLock::new(),
         }
     }
 
@@ -334,6 +350,12 @@ impl Lazy {
         r
     }
 
+    /// Records the compression the blob is read with, taken from its media type before its
+    /// first bytes are here: the first span fetched must start with its magic number.
+    pub fn expect_compression(&self, c: Compression) {
+        let _ = self.expect.set(c);
+    }
+
     /// Makes the first bytes of the blob local (its magic number), fetching no more than
     /// the first span: a mount opens every layer, and may read nothing else of most.
     pub fn fetch_start(&self) -> io::Result<()> {
@@ -422,6 +444,14 @@ impl Lazy {
                             t.spans[a] = Span::Busy;
                             break Err(a);
                         }
+                        _ if who == Who::Reader
+                            && t.failed[a].is_some_and(|at| at.elapsed() < FAIL_FAST) =>
+                        {
+                            return Err(io::Error::other(format!(
+                                "{} (less than {FAIL_FAST:?} ago; not asking again yet)",
+                                t.failure
+                            )));
+                        }
                         _ => {
                             let b = fetch_run(&t.spans, a, last, min_spans);
                             // Spans of the run this reader fetches; a local gap in it is
@@ -461,6 +491,21 @@ impl Lazy {
                         if m {
                             *s = if r.is_ok() { Span::Local } else { Span::Absent };
                         }
+                    }
+                    // A bad span is asked for again at once (the next answer may be right);
+                    // a registry that is away, not for a moment.
+                    let away = r
+                        .as_ref()
+                        .err()
+                        .filter(|e| e.kind() != io::ErrorKind::InvalidData);
+                    let mark = away.map(|_| Instant::now());
+                    for (f, &m) in t.failed[a..b].iter_mut().zip(&mine) {
+                        if m {
+                            *f = mark;
+                        }
+                    }
+                    if let Some(e) = away {
+                        t.failure = e.to_string();
                     }
                     if r.is_ok() {
                         t.in_file += mine.iter().filter(|&&m| m).count();
@@ -554,6 +599,23 @@ impl Lazy {
                         "{}: bytes {at}-{} do not match the layer index's span digest",
                         self.name,
                         at + span.len() as u64 - 1
+                    ),
+                ));
+            }
+        }
+        if let Some(&want) = self.expect.get().filter(|_| a == 0) {
+            let found = Compression::of_magic(&bytes);
+            if found != want {
+                log::error!(
+                    "{}: the blob starts as {found:?} but its media type says {want:?}; \
+                     its reads fail",
+                    self.name
+                );
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: the blob starts as {found:?} but its media type says {want:?}",
+                        self.name
                     ),
                 ));
             }
@@ -899,11 +961,16 @@ impl Compression {
     pub fn detect(blob: &Blob) -> io::Result<Self> {
         let mut magic = [0u8; 4];
         let n = blob.read_at(&mut magic, 0)?;
-        Ok(match &magic[..n] {
+        Ok(Self::of_magic(&magic[..n]))
+    }
+
+    /// The compression whose magic number `start` (a blob's first bytes) begins with.
+    pub fn of_magic(start: &[u8]) -> Self {
+        match start {
             [0x1f, 0x8b, ..] => Compression::Gzip,
-            [0x28, 0xb5, 0x2f, 0xfd] => Compression::Zstd,
+            [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,
             _ => Compression::None,
-        })
+        }
     }
 }
 
@@ -1186,6 +1253,72 @@ mod tests {
         let (bytes, requests) = lazy.stats();
         // Spans 5-6, 0-1 twice (the lie is fetched, not kept), and the last one.
         assert_eq!((bytes, requests), (SPAN_BYTES * 6 + 77, 4));
+    }
+
+    #[test]
+    fn a_span_the_registry_failed_fails_again_at_once_then_is_asked_again() {
+        let data = Arc::new(noise(SPAN_BYTES as usize * 4));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(data.len() as u64).unwrap();
+        let away = Arc::new(AtomicBool::new(true));
+        let asked: Asked = Arc::default();
+        let (d, a, gone) = (data.clone(), asked.clone(), away.clone());
+        let fetch = Box::new(move |start: u64, end: u64| {
+            a.lock().unwrap().push((start, end));
+            if gone.load(Ordering::Relaxed) {
+                return Err(io::Error::other("connection refused"));
+            }
+            Ok(d[start as usize..end as usize].to_vec())
+        });
+        let lazy = Arc::new(Lazy::new(file, spans_of(&data), "test", fetch));
+        let blob = Blob::new(
+            Arc::new(File::open(&path).unwrap()),
+            0,
+            data.len() as u64,
+            "t",
+        )
+        .lazy(lazy.clone());
+        let mut buf = vec![0; 1000];
+        let err = blob.read_exact_at(&mut buf, 10).unwrap_err();
+        assert!(err.to_string().contains("connection refused"), "{err}");
+        // The kernel's retry of the same page: the same error, no new request.
+        let err = blob.read_exact_at(&mut buf, 4096).unwrap_err();
+        assert!(err.to_string().contains("not asking again yet"), "{err}");
+        assert_eq!(asked.lock().unwrap().len(), 1);
+        // Back, and the window over: the read asks again and gets the bytes.
+        away.store(false, Ordering::Relaxed);
+        std::thread::sleep(FAIL_FAST + Duration::from_millis(100));
+        blob.read_exact_at(&mut buf, 10).unwrap();
+        assert_eq!(buf, data[10..1010]);
+        assert_eq!(asked.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_first_span_unlike_the_media_type_is_an_error_and_the_rest_reads() {
+        let mut data = noise(SPAN_BYTES as usize * 3);
+        data[..4].copy_from_slice(&[0x28, 0xb5, 0x2f, 0xfd]);
+        let data = Arc::new(data);
+        let (blob, lazy, _) = lazy_blob(data.clone(), Arc::new(AtomicBool::new(false)));
+        lazy.expect_compression(Compression::Gzip);
+        let mut buf = vec![0; 100];
+        let err = blob.read_exact_at(&mut buf, 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("media type says Gzip"), "{err}");
+        let at = SPAN_BYTES * 2 + 5;
+        blob.read_exact_at(&mut buf, at).unwrap();
+        assert_eq!(buf, data[at as usize..at as usize + 100]);
+        // The media type right: the first span reads.
+        let (blob, lazy, _) = lazy_blob(data.clone(), Arc::new(AtomicBool::new(false)));
+        lazy.expect_compression(Compression::Zstd);
+        blob.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, data[..100]);
     }
 
     #[test]

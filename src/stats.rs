@@ -226,6 +226,11 @@ impl Drop for StatsFile {
 pub fn read(mountpoint: &Path) -> Result<Value, String> {
     let canon =
         std::fs::canonicalize(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    // A path inside a mount (`MNT/etc/os-release`) means that mount.
+    let canon = match path_for(&canon).exists() {
+        true => canon,
+        false => mount_root(&canon).unwrap_or(canon),
+    };
     let path = path_for(&canon);
     if let Err(e) = private(&dir()).map_err(|e| (e.kind(), e))
         && e.0 != io::ErrorKind::NotFound
@@ -264,6 +269,18 @@ pub fn read(mountpoint: &Path) -> Result<Value, String> {
         ));
     }
     Ok(v)
+}
+
+/// The top of the filesystem that holds `path` (canonical): its last ancestor on the same
+/// device, if that is not `path` itself.
+fn mount_root(path: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let root = path
+        .ancestors()
+        .take_while(|a| std::fs::metadata(a).is_ok_and(|m| m.dev() == dev))
+        .last()?;
+    (root != path).then(|| root.to_path_buf())
 }
 
 /// Whether `/proc/self/mounts` has a FUSE mount on `path` (canonical).

@@ -146,25 +146,34 @@ fn push(ui: &Ui, args: &PushArgs) -> Result<()> {
     let pushed = artifact::push(&client, repo, &subject, &layers)
         .with_context(|| format!("pushing the index artifact of {target}"))?;
     println!("{}", pushed.digest);
-    if !ui.quiet {
-        let how = match pushed.listed {
-            Listed::Referrers => "listed by the referrers API".to_string(),
-            Listed::TagAdded => {
-                format!("listed in tag {}", artifact::fallback_tag(&subject.digest))
-            }
-            Listed::TagPresent => format!(
-                "already listed in tag {}",
-                artifact::fallback_tag(&subject.digest)
-            ),
-        };
+    if ui.quiet {
+        return Ok(());
+    }
+    // A re-push uploads nothing new (blobs and manifest are already there, by digest): say
+    // so rather than "pushed".
+    if pushed.listed == Listed::TagPresent {
         eprintln!(
-            "flatfs: pushed the indexes of {} layers ({} compressed) as {}@{} for {}, {how}",
+            "flatfs: the indexes of {} layers, {}@{} for {} (listed in tag {}), are already \
+             in the registry; nothing pushed",
             layers.len(),
-            crate::inspect::human(pushed.bytes),
             reference.name(),
             pushed.digest,
-            subject.digest
+            subject.digest,
+            artifact::fallback_tag(&subject.digest)
         );
+        return Ok(());
     }
+    let how = match pushed.listed {
+        Listed::Referrers => "listed by the referrers API".to_string(),
+        _ => format!("listed in tag {}", artifact::fallback_tag(&subject.digest)),
+    };
+    eprintln!(
+        "flatfs: pushed the indexes of {} layers ({} compressed) as {}@{} for {}, {how}",
+        layers.len(),
+        crate::inspect::human(pushed.bytes),
+        reference.name(),
+        pushed.digest,
+        subject.digest
+    );
     Ok(())
 }

@@ -143,7 +143,14 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
         .filter_map(|l| l.blob.lazy_handle().cloned())
         .collect();
     if fetch_all && lazies.is_empty() {
-        log::info!("--prefetch all: no layer is read lazily; nothing to prefetch");
+        // Not an error (a script may pass it for every image), but not silent either: the
+        // user asked for something that will not happen.
+        let why = if img.name.starts_with("docker://") {
+            "every layer is already in the cache"
+        } else {
+            "a local image is read in place"
+        };
+        eprintln!("flatfs: warning: --prefetch all: {why}; nothing to prefetch");
     }
     if fetch_all && !lazies.is_empty() {
         fs.on_start(Box::new(move || prefetch_all(lazies)));

@@ -353,34 +353,51 @@ impl Client {
     pub fn fetch_range(&self, repo: &str, digest: &str, start: u64, end: u64) -> Result<Vec<u8>> {
         let what = format!("GET blob {repo}@{digest} bytes {start}-{}", end - 1);
         let scopes = [pull_scope(repo)];
-        let resp = self.send_timed(
-            &Req {
-                method: "GET",
-                url: format!("{}/v2/{repo}/blobs/{digest}", self.base),
-                scopes: &scopes,
-                headers: vec![("range", format!("bytes={start}-{}", end - 1))],
-                body: Payload::Empty,
-                what: &what,
-                attempts: RANGE_ATTEMPTS,
-            },
-            Some(range_timeout()),
-        )?;
-        let skip = match resp.status().as_u16() {
-            200 => start,
-            206 if content_range_start(&resp) == Some(start) => 0,
-            206 => {
-                return Err(self.error(format!("{what}: got {:?}", header(&resp, "content-range"))));
+        // The request is retried by `send_timed`; an answer whose body stops short (the
+        // connection dropped or went silent) is asked for again here, as many times.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let resp = self.send_timed(
+                &Req {
+                    method: "GET",
+                    url: format!("{}/v2/{repo}/blobs/{digest}", self.base),
+                    scopes: &scopes,
+                    headers: vec![("range", format!("bytes={start}-{}", end - 1))],
+                    body: Payload::Empty,
+                    what: &what,
+                    attempts: RANGE_ATTEMPTS,
+                },
+                Some(range_timeout()),
+            )?;
+            let skip = match resp.status().as_u16() {
+                200 => start,
+                206 if content_range_start(&resp) == Some(start) => 0,
+                206 => {
+                    return Err(
+                        self.error(format!("{what}: got {:?}", header(&resp, "content-range")))
+                    );
+                }
+                s => return Err(self.status_error(&what, s, resp)),
+            };
+            let mut body = resp.into_body().into_reader();
+            let mut out = Vec::with_capacity((end - start) as usize);
+            let read = io::copy(&mut (&mut body).take(skip), &mut io::sink())
+                .and_then(|_| body.take(end - start).read_to_end(&mut out));
+            let problem = match read {
+                Err(e) => e.to_string(),
+                Ok(_) if (out.len() as u64) < end - start => {
+                    format!("the answer ended after {} bytes", out.len())
+                }
+                Ok(_) => return Ok(out),
+            };
+            if tries >= RANGE_ATTEMPTS {
+                return Err(self.error(format!("{what}: {problem}")));
             }
-            s => return Err(self.status_error(&what, s, resp)),
-        };
-        let mut body = resp.into_body().into_reader();
-        io::copy(&mut (&mut body).take(skip), &mut io::sink())
-            .map_err(|e| self.error(format!("{what}: {e}")))?;
-        let mut out = Vec::with_capacity((end - start) as usize);
-        body.take(end - start)
-            .read_to_end(&mut out)
-            .map_err(|e| self.error(format!("{what}: {e}")))?;
-        Ok(out)
+            let wait = backoff(tries, None);
+            log::warn!("{}: {what}: {problem}; retrying in {wait:.1?}", self.host());
+            std::thread::sleep(wait);
+        }
     }
 
     /// True when the registry has blob `digest` in `repo` (HEAD).

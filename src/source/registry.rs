@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
 
 use super::{Image, Platform, Store, oci};
-use crate::blob::{Arrival, Lazy, SpanDigests};
+use crate::blob::{Arrival, Compression, Lazy, SpanDigests};
 use crate::error::{Error, Result};
 use crate::reference::{DEFAULT_TAG, Reference};
 use crate::registry::store::BlobWriter;
@@ -104,7 +104,8 @@ pub(super) fn open(
         }
         if let Some(spans) = lazy_spans(opts, &digest, layer.size()) {
             let path = layout_path(layout.path(), &digest)?;
-            match open_lazy(&client, repo, &digest, &path, spans, &blobs) {
+            let check = imported.contains(&digest);
+            match open_lazy(&client, repo, &digest, &path, spans, &blobs, check) {
                 Ok(Some(l)) => {
                     lazy.insert(digest.clone(), l);
                     continue;
@@ -175,6 +176,16 @@ pub(super) fn open(
             layer.blob = layer.blob.clone().arriving(a.clone());
         }
         if let Some(l) = layer.digest.as_ref().and_then(|d| lazy.get(d)) {
+            // Its first bytes may not be fetched yet: the manifest says how it is compressed,
+            // and the first span, when it comes, must agree.
+            let media_type = layer
+                .descriptor
+                .as_ref()
+                .and_then(|d| d["mediaType"].as_str());
+            if let Some(c) = media_type.and_then(compression_of) {
+                layer.compression = c;
+                l.expect_compression(c);
+            }
             layer.blob = layer.blob.clone().lazy(l.clone());
         }
         if let Some(t) = layer.digest.as_ref().and_then(|d| tocs.get(d)) {
@@ -291,6 +302,22 @@ fn forget_index(opts: &Options, digest: &str) {
 /// whole and becomes a stored blob. Its first span is fetched now: the layer's compression is
 /// sniffed from its first bytes when the image opens. `None` if another mount completed the
 /// blob meanwhile: it is whole in the store.
+/// The compression a layer media type names (those `oci::check_layer_media_type` accepts).
+fn compression_of(media_type: &str) -> Option<Compression> {
+    match media_type {
+        "application/vnd.oci.image.layer.v1.tar"
+        | "application/vnd.docker.image.rootfs.diff.tar" => Some(Compression::None),
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+        | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Some(Compression::Gzip),
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Some(Compression::Zstd),
+        _ => None,
+    }
+}
+
+/// Opens layer `digest` for reads by ranges. With `check_start` (an index imported from an
+/// artifact, which may lie) its first span is fetched now, so a lie is found while the layer
+/// can still be pulled whole; with an index this host made, nothing is fetched until read.
 fn open_lazy(
     client: &Arc<Client>,
     repo: &str,
@@ -298,6 +325,7 @@ fn open_lazy(
     path: &Path,
     spans: SpanDigests,
     blobs: &BlobStore,
+    check_start: bool,
 ) -> Result<Option<Arc<Lazy>>> {
     let Some((file, map, partial)) = link_partial(blobs, digest, &spans, path, &|| {})? else {
         return Ok(None);
@@ -321,7 +349,9 @@ fn open_lazy(
         keep_whole();
     }
     let lazy = Arc::new(lazy.on_complete(keep_whole));
-    lazy.fetch_start().map_err(|e| client.error(e))?;
+    if check_start {
+        lazy.fetch_start().map_err(|e| client.error(e))?;
+    }
     Ok(Some(lazy))
 }
 

@@ -204,7 +204,7 @@ fn artifact_pushed_by_one_host_makes_a_mount_on_another_lazy_at_once() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), artifact);
     assert!(
-        stderr_of(&out).contains("already listed"),
+        stderr_of(&out).contains("already in the registry; nothing pushed"),
         "{}",
         stderr_of(&out)
     );
@@ -224,7 +224,7 @@ fn artifact_pushed_by_one_host_makes_a_mount_on_another_lazy_at_once() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), artifact);
     assert!(
-        stderr_of(&out).contains("already listed"),
+        stderr_of(&out).contains("already in the registry; nothing pushed"),
         "{}",
         stderr_of(&out)
     );
