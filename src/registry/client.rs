@@ -576,25 +576,8 @@ impl Client {
         bytes: &[u8],
         media_type: &str,
     ) -> Result<String> {
-        let what = format!("PUT manifest {repo}{}{reference}", sep(reference));
-        let scopes = [push_scope(repo)];
-        let resp = self.send(&Req {
-            method: "PUT",
-            url: format!("{}/v2/{repo}/manifests/{reference}", self.base),
-            scopes: &scopes,
-            headers: vec![
-                ("content-type", media_type.to_string()),
-                ("content-length", bytes.len().to_string()),
-            ],
-            body: Payload::Bytes(bytes),
-            what: &what,
-            attempts: ATTEMPTS,
-        })?;
-        match resp.status().as_u16() {
-            201 | 200 => Ok(header(&resp, "docker-content-digest")
-                .unwrap_or_else(|| crate::blob::sha256_of(bytes))),
-            s => Err(self.status_error(&what, s, resp)),
-        }
+        self.put_referrer(repo, reference, bytes, media_type)
+            .map(|(digest, _)| digest)
     }
 
     /// PUTs a manifest that has a `subject` under `reference`; returns the digest the

@@ -18,15 +18,7 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// A 12 MiB layer of noise (gzip stores it: every byte fetched is a byte of the blob) with
 /// a small file after it, and a small layer on top; returns the layout and the noise.
 fn image(at: &Path) -> (PathBuf, Vec<u8>, Vec<String>) {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let noise: Vec<u8> = (0..12 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let noise = noise(0x9e37_79b9_7f4a_7c15, 12 << 20);
     let layers = vec![
         layer([
             dir("data"),

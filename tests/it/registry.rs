@@ -358,15 +358,7 @@ fn skopeo_transports_name_local_images() {
 /// An image with one layer of 1 MiB that does not compress, so a connection can drop in the
 /// middle of its blob; returns the layout and that layer's digest.
 fn big_image(at: &Path) -> (PathBuf, String) {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let noise: Vec<u8> = (0..1 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let noise = noise(0x9e37_79b9_7f4a_7c15, 1 << 20);
     let layers = vec![
         layer([dir("data"), file("data/noise.bin", noise)]).compression(Compression::Gzip),
         layer([file("data/small.txt", b"small\n")]).compression(Compression::Gzip),
@@ -1300,15 +1292,7 @@ fn registry_pushed_flat_image_is_pulled_and_run_by_podman() {
 /// Lazy mounts (issue 14): an image whose first layer is 12 MiB that does not compress, with
 /// a small file after it; returns the layout, the noise, and that layer's digest and size.
 pub(crate) fn lazy_image(at: &Path) -> (PathBuf, Vec<u8>, String, u64) {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let noise: Vec<u8> = (0..12 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let noise = noise(0x2545_f491_4f6c_dd1d, 12 << 20);
     let layers = vec![
         layer([
             dir("data"),

@@ -12,15 +12,7 @@ use crate::util::*;
 /// A layout of two gzip layers: directories, a big file of noise with a small file after it,
 /// a symlink, a hardlink, an empty file, and a whiteout in the upper layer.
 fn source_image(at: &Path) -> (std::path::PathBuf, Vec<u8>) {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let noise: Vec<u8> = (0..4 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let noise = noise(0x2545_f491_4f6c_dd1d, 4 << 20);
     let layers = vec![
         layer([
             dir("data"),
