@@ -595,7 +595,7 @@ fn head_end(prefix: &[u8]) -> Option<usize> {
 }
 
 /// Reads into `buf` until it is full or the file ends; how many bytes it holds.
-fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {

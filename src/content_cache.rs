@@ -15,7 +15,7 @@
 //! the block path, never an error because of the cache.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -388,7 +388,7 @@ impl Shared {
             let mut buf = vec![0; CHUNK];
             let mut done = 0u64;
             loop {
-                let n = read_full(&mut file, &mut buf)?;
+                let n = crate::cache::read_up_to(&mut file, &mut buf)?;
                 if n == 0 {
                     break;
                 }
@@ -455,7 +455,7 @@ impl Shared {
                 loop {
                     let mut buf = empty_rx.try_recv().unwrap_or_default();
                     buf.resize(CHUNK, 0);
-                    let n = read_full(&mut decoder, &mut buf)?;
+                    let n = crate::cache::read_up_to(&mut decoder, &mut buf)?;
                     if n == 0 {
                         return Ok(());
                     }
@@ -521,20 +521,6 @@ fn publish(file: &File, dir: &Path, path: &Path) -> io::Result<()> {
     fs::rename(&tmp, path).inspect_err(|_| {
         let _ = fs::remove_file(&tmp);
     })
-}
-
-/// Reads until `buf` is full or the input ends.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// Marks a cache file used: its access time is now (explicitly, whatever the mount's atime
