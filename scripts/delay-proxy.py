@@ -7,7 +7,7 @@ issue 14): every request waits --delay-ms before it is forwarded, and every resp
 shares one --rate-mbs (MB/s, 10^6 bytes) link with the others, as a real network would.
 
 LOG gets one line per request, written as the response ends:
-    METHOD PATH STATUS BODY_BYTES_SENT SECONDS
+    METHOD PATH STATUS BODY_BYTES_SENT SECONDS RANGE
 so the bytes a command fetched are the sum of the lines it added (bench.sh counts lines before
 and after). Plain HTTP only; stops on SIGTERM/SIGINT.
 """
@@ -104,7 +104,8 @@ def handler(upstream_port, delay, link, log, log_lock):
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True  # the client went away mid-body (an aborted read)
             finally:
-                line = f"{self.command} {self.path} {status} {sent} {time.monotonic() - began:.3f}\n"
+                rng = (self.headers.get("Range") or "-").replace(" ", "")
+                line = f"{self.command} {self.path} {status} {sent} {time.monotonic() - began:.3f} {rng}\n"
                 with log_lock:
                     log.write(line)
                     log.flush()
