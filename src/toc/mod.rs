@@ -14,7 +14,7 @@ pub mod zstd_chunked;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use sha2::{Digest as _, Sha256};
 
@@ -64,7 +64,7 @@ pub struct Toc {
     name: String,
     fetch: Box<FetchRange>,
     decode: fn(&[u8], u64) -> io::Result<Vec<u8>>,
-    cache: Mutex<ChunkCache>,
+    cache: Chunks,
     fetched: AtomicU64,
     requests: AtomicU64,
 }
@@ -121,9 +121,21 @@ impl Toc {
     /// when reads go through the layer in order).
     fn chunk(&self, i: usize) -> io::Result<Arc<[u8]>> {
         let end = {
-            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(data) = cache.get(i) {
-                return Ok(data);
+            let mut cache = self.cache.lock();
+            // Another reader fetching this chunk (the kernel's readahead and the read it runs
+            // ahead of often want the same one) is waited for, not raced: one request, not two.
+            loop {
+                if let Some(data) = cache.get(i) {
+                    return Ok(data);
+                }
+                if !cache.fetching(i) {
+                    break;
+                }
+                cache = self
+                    .cache
+                    .arrived
+                    .wait(cache)
+                    .unwrap_or_else(|e| e.into_inner());
             }
             cache.window = if i > 0 && i == cache.next {
                 (cache.window * 2).clamp(FIRST_READ_AHEAD, READ_AHEAD)
@@ -134,13 +146,22 @@ impl Toc {
             let mut end = i + 1;
             while let (Some(prev), Some(c)) = (self.chunks.get(end - 1), self.chunks.get(end)) {
                 let near = c.start >= prev.end && c.start - prev.end <= GAP;
-                if !near || c.end - first.start > cache.window || cache.has(end) {
+                if !near
+                    || c.end - first.start > cache.window
+                    || cache.has(end)
+                    || cache.fetching(end)
+                {
                     break;
                 }
                 end += 1;
             }
             cache.next = end;
+            cache.in_flight.insert(i, end);
             end
+        };
+        let _done = InFlight {
+            chunks: &self.cache,
+            start: i,
         };
         let (from, to) = (self.chunks[i].start, self.chunks[end - 1].end);
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -159,7 +180,7 @@ impl Toc {
             let bytes = &raw[(c.start - from) as usize..(c.end - from) as usize];
             match self.verified(c, bytes) {
                 Ok(data) => {
-                    let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut cache = self.cache.lock();
                     cache.put(i + k, data.clone());
                     if k == 0 {
                         wanted = Some(data);
@@ -185,6 +206,33 @@ impl Toc {
     }
 }
 
+/// A layer's chunk cache, and the signal that a fetch into it has ended.
+#[derive(Default)]
+struct Chunks {
+    state: Mutex<ChunkCache>,
+    arrived: Condvar,
+}
+
+impl Chunks {
+    fn lock(&self) -> MutexGuard<'_, ChunkCache> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A run of chunks being fetched: taken off the in-flight list when its fetch ends, however
+/// it ends, and the readers waiting on it woken.
+struct InFlight<'a> {
+    chunks: &'a Chunks,
+    start: usize,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.chunks.lock().in_flight.remove(&self.start);
+        self.chunks.arrived.notify_all();
+    }
+}
+
 /// Decoded, verified chunks of one layer, and how its reads have been going.
 #[derive(Default)]
 struct ChunkCache {
@@ -198,11 +246,20 @@ struct ChunkCache {
     next: usize,
     /// Compressed bytes the fetch of the next read in order may cover.
     window: u64,
+    /// Runs of chunks being fetched now: first chunk → one past the last.
+    in_flight: BTreeMap<usize, usize>,
 }
 
 impl ChunkCache {
     fn has(&self, i: usize) -> bool {
         self.chunks.contains_key(&i)
+    }
+
+    fn fetching(&self, i: usize) -> bool {
+        self.in_flight
+            .range(..=i)
+            .next_back()
+            .is_some_and(|(_, &end)| i < end)
     }
 
     fn get(&mut self, i: usize) -> Option<Arc<[u8]>> {

@@ -602,4 +602,46 @@ pub(crate) mod tests {
             "a lone read fetches only its frame"
         );
     }
+
+    #[test]
+    fn readers_wanting_a_chunk_being_fetched_wait_for_it_instead_of_fetching_it_again() {
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (blob, ann) = build(&[("d/big", &big)], &[]);
+        let (inner, asked) = fetcher(blob.clone(), Default::default());
+        // A slow registry: the second reader arrives while the first one's fetch is out.
+        let fetch = Box::new(move |s: u64, e: u64| {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            inner(s, e)
+        });
+        let toc = open(
+            locate(&ann).unwrap().unwrap(),
+            blob.len() as u64,
+            "t",
+            fetch,
+        )
+        .unwrap();
+        let before = asked.lock().unwrap().len();
+        let offset = toc.layer_index("t".into()).entries[0].offset;
+        std::thread::scope(|scope| {
+            let readers: Vec<_> = [0u64, 4096, 8192]
+                .into_iter()
+                .map(|at| {
+                    let (toc, big) = (&toc, &big);
+                    scope.spawn(move || {
+                        let mut buf = vec![0; 4096];
+                        toc.read(offset + at, &mut buf).unwrap();
+                        assert!(buf == big[at as usize..at as usize + 4096]);
+                    })
+                })
+                .collect();
+            for r in readers {
+                r.join().unwrap();
+            }
+        });
+        assert_eq!(
+            asked.lock().unwrap().len() - before,
+            1,
+            "one request for one chunk"
+        );
+    }
 }
