@@ -788,10 +788,12 @@ impl Blob {
         if let Some(t) = &self.toc {
             let (bytes, requests) = t.stats();
             log::info!(
-                "{}: fetched {bytes} of {} bytes in {requests} range requests ({} TOC)",
+                "{}: fetched {bytes} of {} bytes in {requests} range requests ({} TOC); {} \
+                 bytes of chunks read from the blob store",
                 t.name(),
                 self.len,
-                t.format
+                t.format,
+                t.local_bytes()
             );
         }
         if let Some(l) = &self.lazy {

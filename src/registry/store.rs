@@ -8,6 +8,11 @@
 //! [`crate::blob::Lazy`]): what one mount fetched, the next reads locally. A partial blob counts
 //! towards the bound by the space it takes on disk, and is evicted like a whole one; once all
 //! its spans are there, it is checked against its digest and becomes a whole blob.
+//!
+//! A layer read through its TOC (eStargz, zstd:chunked) keeps the compressed chunks it
+//! verified in the same `partial/HEX`, and their byte ranges in `partial/HEX.ranges`
+//! ([`PartialRanges`]): its chunks are checked against their digests on every read, so that map
+//! only says where to look, never what to trust.
 
 use std::fs;
 use std::io::{self, Write};
@@ -220,17 +225,41 @@ impl BlobStore {
         Some((dir.join(&hex), dir.join(format!("{hex}.spans"))))
     }
 
-    /// Opens (creating if need be) the partial blob `digest` of `len` bytes and its span map
-    /// of `spans` bytes, both for reading and writing; marks it used. A data file of another
-    /// length is replaced by an empty one, and a new data file starts its map over empty (a
-    /// map only speaks for the file it was written beside).
-    pub fn open_partial(
-        &self,
-        digest: &str,
-        len: u64,
-        spans: u64,
-    ) -> io::Result<(fs::File, fs::File, PathBuf)> {
-        let (data_path, map_path) = self.partial_paths(digest).ok_or_else(|| {
+    /// Opens (creating if need be) the partial blob `digest` of `len` bytes with its map of
+    /// byte ranges, for a layer read through its TOC; marks it used.
+    pub fn open_partial_ranges(&self, digest: &str, len: u64) -> io::Result<PartialRanges> {
+        let (data, fresh, data_path) = self.open_partial_data(digest, len)?;
+        let map_path = data_path.with_extension("ranges");
+        let mut map = fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&map_path)?;
+        if fresh {
+            map.set_len(0)?;
+        }
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut map, &mut bytes)?;
+        let mut ranges = RangeSet::default();
+        // A torn last record (a process killed mid-append) is just not there.
+        for r in bytes.chunks_exact(16) {
+            let from = u64::from_le_bytes(r[..8].try_into().unwrap_or_default());
+            let to = u64::from_le_bytes(r[8..].try_into().unwrap_or_default());
+            if from < to && to <= len {
+                ranges.insert(from, to);
+            }
+        }
+        Ok(PartialRanges {
+            data,
+            len,
+            map: std::sync::Mutex::new((map, ranges)),
+        })
+    }
+
+    /// The data file `partial/HEX` of `len` bytes, opened for reading and writing (created if
+    /// need be: then `true`), and its path; marks it used.
+    fn open_partial_data(&self, digest: &str, len: u64) -> io::Result<(fs::File, bool, PathBuf)> {
+        let (data_path, _) = self.partial_paths(digest).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("unsupported digest {digest:?}"),
@@ -260,6 +289,22 @@ impl BlobStore {
                 Err(e) => return Err(e),
             }
         };
+        touch(&data_path);
+        Ok((data, fresh, data_path))
+    }
+
+    /// Opens (creating if need be) the partial blob `digest` of `len` bytes and its span map
+    /// of `spans` bytes, both for reading and writing; marks it used. A data file of another
+    /// length is replaced by an empty one, and a new data file starts its map over empty (a
+    /// map only speaks for the file it was written beside).
+    pub fn open_partial(
+        &self,
+        digest: &str,
+        len: u64,
+        spans: u64,
+    ) -> io::Result<(fs::File, fs::File, PathBuf)> {
+        let (data, fresh, data_path) = self.open_partial_data(digest, len)?;
+        let map_path = data_path.with_extension("spans");
         let map = fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -270,7 +315,6 @@ impl BlobStore {
             map.set_len(0)?;
             map.set_len(spans)?;
         }
-        touch(&data_path);
         Ok((data, map, data_path))
     }
 
@@ -327,12 +371,12 @@ impl BlobStore {
         Ok(to)
     }
 
-    /// Removes a partial blob and its map (the map first: a map never outlives its data).
+    /// Removes a partial blob and its maps (the maps first: a map never outlives its data).
     pub fn remove_partial(&self, digest: &str) -> io::Result<()> {
         let Some((data, map)) = self.partial_paths(digest) else {
             return Ok(());
         };
-        for p in [map, data] {
+        for p in [map, data.with_extension("ranges"), data] {
             match fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -358,7 +402,10 @@ impl BlobStore {
                 continue;
             }
             let m = e.metadata()?;
-            let map = fs::metadata(e.path().with_extension("spans")).map_or(0, |m| m.len());
+            let map = ["spans", "ranges"]
+                .iter()
+                .map(|x| fs::metadata(e.path().with_extension(x)).map_or(0, |m| m.len()))
+                .sum::<u64>();
             out.push(StoredBlob {
                 digest,
                 size: m.blocks() * 512 + map,
@@ -505,6 +552,98 @@ impl Write for BlobWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         self.tmp.flush()
+    }
+}
+
+/// A partial blob read through a TOC: the compressed bytes of verified chunks, and the map of
+/// which byte ranges of it hold them (appended 16-byte records: start, end).
+#[derive(Debug)]
+pub struct PartialRanges {
+    data: fs::File,
+    len: u64,
+    map: std::sync::Mutex<(fs::File, RangeSet)>,
+}
+
+impl PartialRanges {
+    /// True if every byte of `[from, to)` is stored.
+    pub fn has(&self, from: u64, to: u64) -> bool {
+        self.lock().1.covers(from, to)
+    }
+
+    /// Bytes `[from, to)`, if all are stored (checked against their digests by the reader).
+    pub fn get(&self, from: u64, to: u64) -> Option<Vec<u8>> {
+        if !self.has(from, to) {
+            return None;
+        }
+        let mut buf = vec![0; usize::try_from(to - from).ok()?];
+        std::os::unix::fs::FileExt::read_exact_at(&self.data, &mut buf, from).ok()?;
+        Some(buf)
+    }
+
+    /// Stores bytes the reader verified, at `from` (best effort: a failure only means they
+    /// are fetched again).
+    pub fn put(&self, from: u64, bytes: &[u8]) {
+        let to = from + bytes.len() as u64;
+        if bytes.is_empty() || to > self.len || self.has(from, to) {
+            return;
+        }
+        if std::os::unix::fs::FileExt::write_all_at(&self.data, bytes, from).is_err() {
+            return;
+        }
+        let mut rec = [0u8; 16];
+        rec[..8].copy_from_slice(&from.to_le_bytes());
+        rec[8..].copy_from_slice(&to.to_le_bytes());
+        let mut map = self.lock();
+        // One write of a whole record, appended: other mounts of the blob append theirs.
+        if map.0.write_all(&rec).is_ok() {
+            map.1.insert(from, to);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (fs::File, RangeSet)> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl crate::toc::ChunkStore for PartialRanges {
+    fn has(&self, from: u64, to: u64) -> bool {
+        PartialRanges::has(self, from, to)
+    }
+
+    fn get(&self, from: u64, to: u64) -> Option<Vec<u8>> {
+        PartialRanges::get(self, from, to)
+    }
+
+    fn put(&self, from: u64, bytes: &[u8]) {
+        PartialRanges::put(self, from, bytes)
+    }
+}
+
+/// Disjoint byte ranges, start → end, merged as they are added.
+#[derive(Debug, Default)]
+struct RangeSet(std::collections::BTreeMap<u64, u64>);
+
+impl RangeSet {
+    fn insert(&mut self, mut from: u64, mut to: u64) {
+        // Swallow every range that overlaps or touches [from, to).
+        while let Some((&s, &e)) = self.0.range(..=to).next_back() {
+            if e < from {
+                break;
+            }
+            self.0.remove(&s);
+            from = from.min(s);
+            to = to.max(e);
+        }
+        self.0.insert(from, to);
+    }
+
+    fn covers(&self, from: u64, to: u64) -> bool {
+        from >= to
+            || self
+                .0
+                .range(..=from)
+                .next_back()
+                .is_some_and(|(_, &e)| e >= to)
     }
 }
 
@@ -656,5 +795,57 @@ mod tests {
         store.evict(std::slice::from_ref(&digest), 5000).unwrap();
         assert!(store.list().unwrap().iter().all(|b| b.digest == digest));
         assert_eq!(store.clear().unwrap(), 5000);
+    }
+
+    #[test]
+    fn range_sets_merge_and_cover() {
+        let mut r = RangeSet::default();
+        r.insert(10, 20);
+        r.insert(30, 40);
+        assert!(r.covers(10, 20) && r.covers(12, 18) && !r.covers(15, 25) && !r.covers(5, 12));
+        r.insert(20, 30);
+        assert_eq!(r.0.len(), 1);
+        assert!(r.covers(10, 40) && !r.covers(10, 41));
+        r.insert(0, 100);
+        assert_eq!(r.0.iter().collect::<Vec<_>>(), [(&0, &100)]);
+    }
+
+    #[test]
+    fn ranges_of_a_toc_layer_persist_and_go_with_the_partial_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_cache(dir.path());
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let p = store.open_partial_ranges(&d, 1000).unwrap();
+        assert_eq!(p.get(100, 200), None);
+        p.put(100, &[7; 100]);
+        p.put(990, &[1; 20]); // past the end: refused
+        assert_eq!(p.get(100, 200).unwrap(), vec![7; 100]);
+        assert_eq!(p.get(100, 201), None);
+        drop(p);
+        // Another mount reads what this one kept; a torn record is ignored.
+        let map = dir
+            .path()
+            .join("blobs/partial")
+            .join(format!("{}.ranges", "ab".repeat(32)));
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&map)
+            .unwrap()
+            .write_all(&[9; 7])
+            .unwrap();
+        let p = store.open_partial_ranges(&d, 1000).unwrap();
+        assert_eq!(p.get(150, 200).unwrap(), vec![7; 50]);
+        assert!(
+            store
+                .list()
+                .unwrap()
+                .iter()
+                .any(|b| b.partial && b.digest == d)
+        );
+        store.remove_partial(&d).unwrap();
+        assert!(!map.exists());
+        // A data file of another length starts over, map and all.
+        let p = store.open_partial_ranges(&d, 1000).unwrap();
+        assert_eq!(p.get(100, 200), None);
     }
 }

@@ -135,6 +135,12 @@ pub(super) fn open(
                 std::fs::File::create_new(&path).map_err(|e| Error::io(path.display(), e))?;
             file.set_len(layer.size())
                 .map_err(|e| Error::io(path.display(), e))?;
+            // Verified chunks are kept in the blob store: a re-read, or a later mount's, is
+            // local.
+            match blobs.open_partial_ranges(&digest, layer.size()) {
+                Ok(kept) => toc.keep_chunks_in(Box::new(kept)),
+                Err(e) => log::warn!("blob store: cannot keep the chunks of {digest}: {e}"),
+            }
             tocs.insert(digest, Arc::new(toc));
             continue;
         }

@@ -14,7 +14,7 @@ pub mod zstd_chunked;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use sha2::{Digest as _, Sha256};
 
@@ -51,6 +51,19 @@ pub struct Chunk {
     pub end: u64,
     /// sha256 of the uncompressed chunk.
     pub digest: [u8; 32],
+}
+
+/// Where a TOC layer keeps the compressed bytes of the chunks it verified, so that a re-read,
+/// by this mount or a later one, needs no request (the registry blob store's partial file).
+/// What it returns is checked against the chunk digests like fetched bytes: it only says
+/// where to look.
+pub trait ChunkStore: Send + Sync {
+    /// True if every byte of `[from, to)` is stored.
+    fn has(&self, from: u64, to: u64) -> bool;
+    /// Bytes `[from, to)` of the blob, if all are stored.
+    fn get(&self, from: u64, to: u64) -> Option<Vec<u8>>;
+    /// Keeps verified bytes found at `from` in the blob (best effort).
+    fn put(&self, from: u64, bytes: &[u8]);
 }
 
 /// A verified TOC: the layer's entries and the chunks their contents are read from.
@@ -92,6 +105,16 @@ impl Toc {
         )
     }
 
+    /// Keeps the chunks this TOC verifies in `store`, and reads them from there first.
+    pub fn keep_chunks_in(&self, store: Box<dyn ChunkStore>) {
+        let _ = self.cache.store.set(store);
+    }
+
+    /// Compressed bytes of chunks read from the [`ChunkStore`] instead of fetched.
+    pub fn local_bytes(&self) -> u64 {
+        self.cache.local.load(Ordering::Relaxed)
+    }
+
     /// The blob's name in messages.
     pub fn name(&self) -> &str {
         &self.name
@@ -117,10 +140,12 @@ impl Toc {
         Ok(())
     }
 
-    /// Chunk `i`, decoded and verified: from the cache, or fetched (with the chunks after it,
-    /// when reads go through the layer in order).
+    /// Chunk `i`, decoded and verified: from the cache, the chunk store, or fetched (with the
+    /// chunks after it, when reads go through the layer in order).
     fn chunk(&self, i: usize) -> io::Result<Arc<[u8]>> {
-        let end = {
+        let store = self.cache.store.get();
+        let stored = |c: &Chunk| store.is_some_and(|s| s.has(c.start, c.end));
+        let (end, local) = {
             let mut cache = self.cache.lock();
             // Another reader fetching this chunk (the kernel's readahead and the read it runs
             // ahead of often want the same one) is waited for, not raced: one request, not two.
@@ -143,13 +168,16 @@ impl Toc {
                 0
             };
             let first = &self.chunks[i];
+            let local = stored(first);
             let mut end = i + 1;
             while let (Some(prev), Some(c)) = (self.chunks.get(end - 1), self.chunks.get(end)) {
                 let near = c.start >= prev.end && c.start - prev.end <= GAP;
-                if !near
+                if local
+                    || !near
                     || c.end - first.start > cache.window
                     || cache.has(end)
                     || cache.fetching(end)
+                    || stored(c)
                 {
                     break;
                 }
@@ -157,13 +185,23 @@ impl Toc {
             }
             cache.next = end;
             cache.in_flight.insert(i, end);
-            end
+            (end, local)
         };
         let _done = InFlight {
             chunks: &self.cache,
             start: i,
         };
         let (from, to) = (self.chunks[i].start, self.chunks[end - 1].end);
+        if local {
+            // Damaged or replaced stored bytes fail their digest and are fetched instead.
+            let c = &self.chunks[i];
+            let found = store.and_then(|s| s.get(from, to));
+            if let Some(data) = found.and_then(|raw| self.verified(c, &raw).ok()) {
+                self.cache.local.fetch_add(to - from, Ordering::Relaxed);
+                self.cache.lock().put(i, data.clone());
+                return Ok(data);
+            }
+        }
         self.requests.fetch_add(1, Ordering::Relaxed);
         let raw = (self.fetch)(from, to)?;
         self.fetched.fetch_add(raw.len() as u64, Ordering::Relaxed);
@@ -180,6 +218,9 @@ impl Toc {
             let bytes = &raw[(c.start - from) as usize..(c.end - from) as usize];
             match self.verified(c, bytes) {
                 Ok(data) => {
+                    if let Some(s) = store {
+                        s.put(c.start, bytes);
+                    }
                     let mut cache = self.cache.lock();
                     cache.put(i + k, data.clone());
                     if k == 0 {
@@ -211,6 +252,10 @@ impl Toc {
 struct Chunks {
     state: Mutex<ChunkCache>,
     arrived: Condvar,
+    /// Where verified chunks are kept across mounts, if anywhere.
+    store: OnceLock<Box<dyn ChunkStore>>,
+    /// Compressed bytes read from `store`.
+    local: AtomicU64,
 }
 
 impl Chunks {

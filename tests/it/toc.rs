@@ -522,3 +522,70 @@ fn manifest_len(layout: &Path, digest: &str) -> u64 {
         .unwrap()
         .len()
 }
+
+#[test]
+fn an_estargz_layers_verified_chunks_are_kept_so_the_next_mount_reads_them_locally() {
+    registry_tools(&[]);
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, noise) = source_image(tmp.path());
+    let esgz = tmp.path().join("esgz");
+    export(&tmp.path().join("export-cache"), &src, "estargz", &esgz);
+    let (manifest, _) = layout_manifest(&esgz);
+    let big = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let size = manifest["layers"][0]["size"].as_u64().unwrap();
+    let out = Command::new("timeout")
+        .args(["300", "skopeo", "copy", "-q", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:latest", esgz.display()))
+        .arg(reg.url("esgz:1"))
+        .output()
+        .expect("run skopeo");
+    assert_success(&out);
+    if !fuse_available(
+        "an_estargz_layers_verified_chunks_are_kept_so_the_next_mount_reads_them_locally",
+    ) {
+        return;
+    }
+    let proxy = FaultProxy::start(&reg.host);
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let cache = tmp.path().join("cache");
+    let image = proxy.url("esgz:1");
+    let read = || {
+        let from = proxy.seen().len();
+        let noise = std::fs::read(mnt.join("data/noise.bin")).unwrap();
+        let tail = std::fs::read(mnt.join("data/tail.txt")).unwrap();
+        (noise, tail, fetched(&proxy, &big, from, size))
+    };
+    let ((n1, t1, first), _) = mounted(&cache, &image, &mnt, read);
+    assert!(n1 == noise && t1 == b"the end of the big layer\n");
+    assert!(
+        first.0 >= 4 << 20,
+        "the first mount fetched the chunks: {first:?}"
+    );
+    let ((n2, t2, second), log) = mounted(&cache, &image, &mnt, read);
+    assert!(n2 == noise && t2 == b"the end of the big layer\n");
+    assert_eq!(second, (0, 0), "the second mount read them locally\n{log}");
+    assert!(
+        log.contains("bytes of chunks read from the blob store"),
+        "{log}"
+    );
+
+    // Stored bytes that no longer match are fetched again, never served.
+    let partial = cache.join("blobs/partial").join(&big[7..]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&partial)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0xa5; 1 << 20], size / 3).unwrap();
+    let ((n3, t3, third), _) = mounted(&cache, &image, &mnt, read);
+    assert!(
+        n3 == noise && t3 == b"the end of the big layer\n",
+        "damaged bytes were served"
+    );
+    // (noise.bin is one chunk: fetched again whole; tail.txt is still read locally.)
+    assert_eq!(third.1, 1, "only the damaged chunk fetched: {third:?}");
+}
