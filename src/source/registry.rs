@@ -141,7 +141,9 @@ pub(super) fn open(
                 Ok(kept) => toc.keep_chunks_in(Box::new(kept)),
                 Err(e) => log::warn!("blob store: cannot keep the chunks of {digest}: {e}"),
             }
-            tocs.insert(digest, Arc::new(toc));
+            let toc = Arc::new(toc);
+            toc.read_ahead_in_background();
+            tocs.insert(digest, toc);
             continue;
         }
         let mut w = blobs

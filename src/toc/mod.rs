@@ -140,9 +140,66 @@ impl Toc {
         Ok(())
     }
 
+    /// Starts a thread that keeps one run of chunks fetched ahead of reads going through the
+    /// layer in order, so the network works while the reader decodes and serves the run
+    /// before (`tar` of a lazy mount). It ends once the TOC is dropped.
+    pub fn read_ahead_in_background(self: &Arc<Self>) {
+        let (toc, ahead) = (Arc::downgrade(self), self.cache.ahead.clone());
+        let worker = move || {
+            loop {
+                let next = {
+                    let mut want = ahead.0.lock().unwrap_or_else(|e| e.into_inner());
+                    loop {
+                        if let Some(i) = want.take() {
+                            break i;
+                        }
+                        if toc.strong_count() == 0 {
+                            return;
+                        }
+                        want = ahead
+                            .1
+                            .wait_timeout(want, std::time::Duration::from_secs(1))
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                };
+                let Some(toc) = toc.upgrade() else { return };
+                let go = {
+                    let cache = toc.cache.lock();
+                    next == cache.next
+                        && next < toc.chunks.len()
+                        && !cache.has(next)
+                        && !cache.fetching(next)
+                };
+                if go {
+                    // A failure is the reader's to meet and report when it gets there.
+                    let _ = toc.load(next, true);
+                }
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("toc-read-ahead".into())
+            .spawn(worker)
+        {
+            log::warn!("{}: no background read-ahead: {e}", self.name);
+        }
+    }
+
+    /// Asks the read-ahead thread, if there is one, for the run starting at chunk `i`.
+    fn want_ahead(&self, i: usize) {
+        let (want, wake) = &*self.cache.ahead;
+        *want.lock().unwrap_or_else(|e| e.into_inner()) = Some(i);
+        wake.notify_one();
+    }
+
     /// Chunk `i`, decoded and verified: from the cache, the chunk store, or fetched (with the
     /// chunks after it, when reads go through the layer in order).
     fn chunk(&self, i: usize) -> io::Result<Arc<[u8]>> {
+        self.load(i, false)
+    }
+
+    /// [`Toc::chunk`]; `ahead` for the read-ahead thread's fetches.
+    fn load(&self, i: usize, ahead: bool) -> io::Result<Arc<[u8]>> {
         let store = self.cache.store.get();
         let stored = |c: &Chunk| store.is_some_and(|s| s.has(c.start, c.end));
         let (end, local) = {
@@ -151,6 +208,13 @@ impl Toc {
             // ahead of often want the same one) is waited for, not raced: one request, not two.
             loop {
                 if let Some(data) = cache.get(i) {
+                    // The reader has reached the run fetched ahead: time for the next one.
+                    if !ahead && cache.ahead_from == Some(i) {
+                        cache.ahead_from = None;
+                        let next = cache.next;
+                        drop(cache);
+                        self.want_ahead(next);
+                    }
                     return Ok(data);
                 }
                 if !cache.fetching(i) {
@@ -162,7 +226,8 @@ impl Toc {
                     .wait(cache)
                     .unwrap_or_else(|e| e.into_inner());
             }
-            cache.window = if i > 0 && i == cache.next {
+            let in_order = i > 0 && i == cache.next;
+            cache.window = if in_order {
                 (cache.window * 2).clamp(FIRST_READ_AHEAD, READ_AHEAD)
             } else {
                 0
@@ -185,6 +250,16 @@ impl Toc {
             }
             cache.next = end;
             cache.in_flight.insert(i, end);
+            if ahead {
+                cache.ahead_from = Some(i);
+            }
+            // A reader going in order at full stride: the run after this one is fetched
+            // meanwhile.
+            if in_order && !ahead && cache.window >= READ_AHEAD && end < self.chunks.len() {
+                cache.ahead_from = None;
+                drop(cache);
+                self.want_ahead(end);
+            }
             (end, local)
         };
         let _done = InFlight {
@@ -256,6 +331,8 @@ struct Chunks {
     store: OnceLock<Box<dyn ChunkStore>>,
     /// Compressed bytes read from `store`.
     local: AtomicU64,
+    /// The run the read-ahead thread should fetch next (its first chunk), and its wake-up.
+    ahead: Arc<(Mutex<Option<usize>>, Condvar)>,
 }
 
 impl Chunks {
@@ -293,6 +370,8 @@ struct ChunkCache {
     window: u64,
     /// Runs of chunks being fetched now: first chunk → one past the last.
     in_flight: BTreeMap<usize, usize>,
+    /// First chunk of the run last fetched ahead: a read of it asks for the next run.
+    ahead_from: Option<usize>,
 }
 
 impl ChunkCache {

@@ -644,4 +644,75 @@ pub(crate) mod tests {
             "one request for one chunk"
         );
     }
+
+    #[test]
+    fn a_reader_in_order_finds_the_next_run_fetched_in_the_background() {
+        // 48 files of 128 KiB of noise (incompressible: 6 MiB of frames), read in order.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let bodies: Vec<Vec<u8>> = (0..48)
+            .map(|_| {
+                (0..128 << 10)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect()
+            })
+            .collect();
+        let names: Vec<String> = (0..48).map(|i| format!("d/f{i:02}")).collect();
+        let files: Vec<(&str, &[u8])> = names
+            .iter()
+            .zip(&bodies)
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        let (blob, ann) = build(&files, &[]);
+        let (inner, asked) = fetcher(blob.clone(), Default::default());
+        let behind = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let b = behind.clone();
+        let fetch = Box::new(move |s: u64, e: u64| {
+            if std::thread::current().name() == Some("toc-read-ahead") {
+                b.fetch_add(1, Ordering::Relaxed);
+            }
+            inner(s, e)
+        });
+        let at = locate(&ann).unwrap().unwrap();
+        let toc = Arc::new(open(at, blob.len() as u64, "t", fetch).unwrap());
+        toc.read_ahead_in_background();
+        let before = asked.lock().unwrap().len();
+        let index = toc.layer_index("t".into());
+        let regular: Vec<_> = index.entries.iter().filter(|e| e.size > 0).collect();
+        let read = |k: usize| {
+            let mut buf = vec![0; regular[k].size as usize];
+            toc.read(regular[k].offset, &mut buf).unwrap();
+            assert!(buf == bodies[k], "file {k}");
+        };
+        for k in 0..regular.len() {
+            read(k);
+        }
+        // 128 KiB doubling to 2 MiB, then a run fetched ahead of each the reader fetches.
+        let behind = behind.load(Ordering::Relaxed);
+        assert!(behind >= 1, "nothing was fetched ahead");
+        // Every byte once: what was fetched ahead was used, not fetched again.
+        let asked = asked.lock().unwrap();
+        let fetched: u64 = asked[before..].iter().map(|(s, e)| e - s).sum();
+        let frames: u64 = toc.chunks.iter().map(|c| c.end - c.start).sum();
+        assert!(
+            fetched <= frames + 48 * crate::toc::GAP,
+            "{fetched} bytes fetched for {frames}"
+        );
+        drop(asked);
+        let weak = Arc::downgrade(&toc);
+        drop(toc);
+        // The thread holds the TOC only while it fetches, then lets it go.
+        let start = std::time::Instant::now();
+        while weak.strong_count() > 0 {
+            assert!(
+                start.elapsed().as_secs() < 10,
+                "the read-ahead thread keeps the TOC"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
 }
