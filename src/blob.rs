@@ -788,10 +788,11 @@ impl Blob {
         if let Some(t) = &self.toc {
             let (bytes, requests) = t.stats();
             log::info!(
-                "{}: fetched {bytes} of {} bytes in {requests} range requests ({} TOC); {} \
-                 bytes of chunks read from the blob store",
+                "{}: fetched {bytes} of {} bytes in {requests} range requests ({} ahead of \
+                 the reads; {} TOC); {} bytes of chunks read from the blob store",
                 t.name(),
                 self.len,
+                t.requests_ahead(),
                 t.format,
                 t.local_bytes()
             );

@@ -28,6 +28,13 @@ const CACHED_BYTES: usize = 32 << 20;
 /// of many small files (`tar` of the mount) would otherwise pay a round trip per file.
 const READ_AHEAD: u64 = 2 << 20;
 
+/// Runs the background read-ahead keeps fetched beyond the reads.
+const RUNS_AHEAD: usize = 2;
+
+/// Compressed bytes of a run the background read-ahead fetches: twice a reader's, as no reader
+/// waits for it; held compressed until read, so a few of them cost a few MiB.
+const AHEAD_RUN: u64 = 2 * READ_AHEAD;
+
 /// The first read-ahead, doubled on each further read in order, up to [`READ_AHEAD`].
 const FIRST_READ_AHEAD: u64 = 128 << 10;
 
@@ -115,6 +122,11 @@ impl Toc {
         self.cache.local.load(Ordering::Relaxed)
     }
 
+    /// Of the range requests, those made ahead of the reads, in the background.
+    pub fn requests_ahead(&self) -> u64 {
+        self.cache.ahead_requests.load(Ordering::Relaxed)
+    }
+
     /// The blob's name in messages.
     pub fn name(&self) -> &str {
         &self.name
@@ -140,40 +152,44 @@ impl Toc {
         Ok(())
     }
 
-    /// Starts a thread that keeps one run of chunks fetched ahead of reads going through the
-    /// layer in order, so the network works while the reader decodes and serves the run
-    /// before (`tar` of a lazy mount). It ends once the TOC is dropped.
+    /// Starts a thread that keeps up to [`RUNS_AHEAD`] runs of chunks fetched ahead of reads
+    /// going through the layer in order, so the network works while the reader decodes and
+    /// serves the runs before (`tar` of a lazy mount). It ends once the TOC is dropped.
     pub fn read_ahead_in_background(self: &Arc<Self>) {
-        let (toc, ahead) = (Arc::downgrade(self), self.cache.ahead.clone());
+        let (toc, poke) = (Arc::downgrade(self), self.cache.poke.clone());
         let worker = move || {
             loop {
-                let next = {
-                    let mut want = ahead.0.lock().unwrap_or_else(|e| e.into_inner());
-                    loop {
-                        if let Some(i) = want.take() {
-                            break i;
-                        }
+                {
+                    let mut poked = poke.0.lock().unwrap_or_else(|e| e.into_inner());
+                    while !std::mem::take(&mut *poked) {
                         if toc.strong_count() == 0 {
                             return;
                         }
-                        want = ahead
+                        poked = poke
                             .1
-                            .wait_timeout(want, std::time::Duration::from_secs(1))
+                            .wait_timeout(poked, std::time::Duration::from_secs(1))
                             .unwrap_or_else(|e| e.into_inner())
                             .0;
                     }
-                };
+                }
                 let Some(toc) = toc.upgrade() else { return };
-                let go = {
-                    let cache = toc.cache.lock();
-                    next == cache.next
-                        && next < toc.chunks.len()
-                        && !cache.has(next)
-                        && !cache.fetching(next)
-                };
-                if go {
+                loop {
+                    let next = {
+                        let cache = toc.cache.lock();
+                        let next = cache.next;
+                        let go = cache.ahead.len() < RUNS_AHEAD
+                            && next < toc.chunks.len()
+                            && !cache.has(next)
+                            && !cache.fetching(next);
+                        if !go {
+                            break;
+                        }
+                        next
+                    };
                     // A failure is the reader's to meet and report when it gets there.
-                    let _ = toc.load(next, true);
+                    if toc.load(next, true).is_err() {
+                        break;
+                    }
                 }
             }
         };
@@ -185,10 +201,10 @@ impl Toc {
         }
     }
 
-    /// Asks the read-ahead thread, if there is one, for the run starting at chunk `i`.
-    fn want_ahead(&self, i: usize) {
-        let (want, wake) = &*self.cache.ahead;
-        *want.lock().unwrap_or_else(|e| e.into_inner()) = Some(i);
+    /// Wakes the read-ahead thread, if there is one, to top up the runs fetched ahead.
+    fn poke_ahead(&self) {
+        let (poked, wake) = &*self.cache.poke;
+        *poked.lock().unwrap_or_else(|e| e.into_inner()) = true;
         wake.notify_one();
     }
 
@@ -198,7 +214,8 @@ impl Toc {
         self.load(i, false)
     }
 
-    /// [`Toc::chunk`]; `ahead` for the read-ahead thread's fetches.
+    /// [`Toc::chunk`]; `ahead` for the read-ahead thread's fetches, which only fetch: their
+    /// chunks wait, unchecked, for the reader to decode and check them (and return nothing).
     fn load(&self, i: usize, ahead: bool) -> io::Result<Arc<[u8]>> {
         let store = self.cache.store.get();
         let stored = |c: &Chunk| store.is_some_and(|s| s.has(c.start, c.end));
@@ -207,15 +224,47 @@ impl Toc {
             // Another reader fetching this chunk (the kernel's readahead and the read it runs
             // ahead of often want the same one) is waited for, not raced: one request, not two.
             loop {
+                // The reader has reached a run fetched ahead: time for another one.
+                let reached = !ahead && cache.ahead.contains(&i);
+                if reached {
+                    cache.ahead.retain(|&start| start > i);
+                }
                 if let Some(data) = cache.get(i) {
-                    // The reader has reached the run fetched ahead: time for the next one.
-                    if !ahead && cache.ahead_from == Some(i) {
-                        cache.ahead_from = None;
-                        let next = cache.next;
-                        drop(cache);
-                        self.want_ahead(next);
+                    drop(cache);
+                    if reached {
+                        self.poke_ahead();
                     }
                     return Ok(data);
+                }
+                if let Some(raw) = (!ahead).then(|| cache.raw.remove(&i)).flatten() {
+                    cache.raw_bytes -= raw.len();
+                    // Fetched ahead, not yet checked: the reader decodes and checks it (the
+                    // read-ahead thread only fetches, so the network never waits for that).
+                    // Other readers of it wait while it is checked, rather than fetch it.
+                    cache.in_flight.insert(i, i + 1);
+                    drop(cache);
+                    let _checking = InFlight {
+                        chunks: &self.cache,
+                        start: i,
+                    };
+                    if reached {
+                        self.poke_ahead();
+                    }
+                    let c = &self.chunks[i];
+                    return match self.verified(c, &raw) {
+                        Ok(data) => {
+                            if let Some(s) = store {
+                                s.put(c.start, &raw);
+                            }
+                            self.cache.lock().put(i, data.clone());
+                            Ok(data)
+                        }
+                        // Fetched again by the reader, which reports what it finds.
+                        Err(_) => {
+                            drop(_checking);
+                            self.load(i, false)
+                        }
+                    };
                 }
                 if !cache.fetching(i) {
                     break;
@@ -227,7 +276,9 @@ impl Toc {
                     .unwrap_or_else(|e| e.into_inner());
             }
             let in_order = i > 0 && i == cache.next;
-            cache.window = if in_order {
+            cache.window = if ahead {
+                AHEAD_RUN
+            } else if in_order {
                 (cache.window * 2).clamp(FIRST_READ_AHEAD, READ_AHEAD)
             } else {
                 0
@@ -241,6 +292,7 @@ impl Toc {
                     || !near
                     || c.end - first.start > cache.window
                     || cache.has(end)
+                    || cache.raw.contains_key(&end)
                     || cache.fetching(end)
                     || stored(c)
                 {
@@ -251,14 +303,16 @@ impl Toc {
             cache.next = end;
             cache.in_flight.insert(i, end);
             if ahead {
-                cache.ahead_from = Some(i);
+                cache.ahead.push(i);
             }
             // A reader going in order at full stride: the run after this one is fetched
             // meanwhile.
-            if in_order && !ahead && cache.window >= READ_AHEAD && end < self.chunks.len() {
-                cache.ahead_from = None;
+            if in_order && !ahead && cache.window == READ_AHEAD && end < self.chunks.len() {
+                cache.ahead.clear();
+                cache.raw.clear();
+                cache.raw_bytes = 0;
                 drop(cache);
-                self.want_ahead(end);
+                self.poke_ahead();
             }
             (end, local)
         };
@@ -278,6 +332,9 @@ impl Toc {
             }
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
+        if ahead {
+            self.cache.ahead_requests.fetch_add(1, Ordering::Relaxed);
+        }
         let raw = (self.fetch)(from, to)?;
         self.fetched.fetch_add(raw.len() as u64, Ordering::Relaxed);
         if raw.len() as u64 != to - from {
@@ -287,6 +344,25 @@ impl Toc {
                 to - from,
                 raw.len()
             )));
+        }
+        if ahead {
+            let mut cache = self.cache.lock();
+            for (k, c) in self.chunks[i..end].iter().enumerate() {
+                let bytes = &raw[(c.start - from) as usize..(c.end - from) as usize];
+                cache.raw_bytes += bytes.len();
+                if let Some(old) = cache.raw.insert(i + k, bytes.into()) {
+                    cache.raw_bytes -= old.len();
+                }
+            }
+            // Chunks fetched ahead that no read took (the reader went elsewhere) go, oldest
+            // first.
+            while cache.raw_bytes > 2 * RUNS_AHEAD * AHEAD_RUN as usize {
+                match cache.raw.pop_first() {
+                    Some((_, old)) => cache.raw_bytes -= old.len(),
+                    None => break,
+                }
+            }
+            return Ok(Arc::from(&[][..]));
         }
         let mut wanted = None;
         for (k, c) in self.chunks[i..end].iter().enumerate() {
@@ -331,8 +407,10 @@ struct Chunks {
     store: OnceLock<Box<dyn ChunkStore>>,
     /// Compressed bytes read from `store`.
     local: AtomicU64,
-    /// The run the read-ahead thread should fetch next (its first chunk), and its wake-up.
-    ahead: Arc<(Mutex<Option<usize>>, Condvar)>,
+    /// Requests the read-ahead thread made.
+    ahead_requests: AtomicU64,
+    /// Set (and signalled) when the read-ahead thread should top up the runs ahead.
+    poke: Arc<(Mutex<bool>, Condvar)>,
 }
 
 impl Chunks {
@@ -370,8 +448,12 @@ struct ChunkCache {
     window: u64,
     /// Runs of chunks being fetched now: first chunk → one past the last.
     in_flight: BTreeMap<usize, usize>,
-    /// First chunk of the run last fetched ahead: a read of it asks for the next run.
-    ahead_from: Option<usize>,
+    /// First chunks of the runs fetched ahead that no read has reached yet.
+    ahead: Vec<usize>,
+    /// Compressed bytes of chunks fetched ahead, not yet decoded nor checked.
+    raw: BTreeMap<usize, Box<[u8]>>,
+    /// Their size.
+    raw_bytes: usize,
 }
 
 impl ChunkCache {
