@@ -106,6 +106,13 @@ pub type OnComplete = dyn Fn() + Send + Sync;
 /// a checkpoint to one small file fetches little more than it reads.
 const READAHEAD_SHIFT: u32 = 2;
 
+/// Bytes beyond a reader going through a blob in order that the read-ahead thread keeps
+/// fetched ([`Lazy::read_ahead_in_background`]).
+const AHEAD_BYTES: u64 = 4 << 20;
+
+/// Bytes the read-ahead thread asks for in one request.
+const AHEAD_RUN: u64 = 1 << 20;
+
 /// Spans a background prefetch asks for in one request: small enough that a foreground read
 /// arriving meanwhile waits for at most this much of someone else's transfer.
 const PREFETCH_SPANS: usize = 4;
@@ -190,6 +197,14 @@ pub struct Lazy {
     blocked_ns: AtomicU64,
     /// The compression the manifest says, which the first span's magic must match.
     expect: std::sync::OnceLock<Compression>,
+    /// Where a reader going through the blob in order has got to (set, and signalled, for
+    /// the read-ahead thread).
+    ahead: Arc<(Mutex<Option<u64>>, Condvar)>,
+    /// This blob, for the read-ahead thread, once [`Lazy::read_ahead_in_background`] allows it.
+    me: std::sync::OnceLock<std::sync::Weak<Lazy>>,
+    /// The process the read-ahead thread was started in (0: none yet). A mount forks after
+    /// opening the image, and a thread does not cross a fork (nor may one exist then).
+    worker_pid: AtomicU32,
 }
 
 /// The spans' states, and how many are in the file (`Stored` or `Local`).
@@ -252,6 +267,9 @@ impl Lazy {
             reused: AtomicU64::new(0),
             blocked_ns: AtomicU64::new(0),
             expect: std::sync::OnceLock::new(),
+            ahead: Default::default(),
+            me: std::sync::OnceLock::new(),
+            worker_pid: AtomicU32::new(0),
         }
     }
 
@@ -343,11 +361,79 @@ impl Lazy {
         };
         let ahead = MIN_FETCH_SPANS << run.saturating_sub(1).min(READAHEAD_SHIFT);
         let before = self.requests.load(Ordering::Relaxed);
+        if sequential && run > READAHEAD_SHIFT {
+            // At full stride: the read-ahead thread keeps the next MiBs coming meanwhile.
+            let (at, wake) = &*self.ahead;
+            *at.lock().unwrap_or_else(|e| e.into_inner()) = Some(end);
+            wake.notify_one();
+            self.start_read_ahead();
+        }
         let r = self.ensure_spans(pos, end, ahead, Who::Reader);
         if sequential && self.requests.load(Ordering::Relaxed) != before {
             self.seq_run.fetch_add(1, Ordering::Relaxed);
         }
         r
+    }
+
+    /// Lets a thread keep [`AHEAD_BYTES`] beyond a reader going through the blob in order
+    /// fetched (and checked), a run at a time, so the network works while the reader
+    /// decompresses (a `tar` of a lazy mount, an export). The thread starts with the first
+    /// such reader (so after the mount's fork) and ends once the blob is dropped.
+    pub fn read_ahead_in_background(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
+    }
+
+    /// Starts the read-ahead thread in this process, if allowed and not yet done.
+    fn start_read_ahead(&self) {
+        let pid = std::process::id();
+        if self.worker_pid.swap(pid, Ordering::Relaxed) == pid {
+            return;
+        }
+        let Some(lazy) = self.me.get().cloned() else {
+            return;
+        };
+        let ahead = self.ahead.clone();
+        let worker = move || {
+            loop {
+                let at = {
+                    let mut at = ahead.0.lock().unwrap_or_else(|e| e.into_inner());
+                    loop {
+                        if let Some(pos) = at.take() {
+                            break pos;
+                        }
+                        if lazy.strong_count() == 0 {
+                            return;
+                        }
+                        at = ahead
+                            .1
+                            .wait_timeout(at, Duration::from_secs(1))
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                };
+                let Some(lazy) = lazy.upgrade() else { return };
+                let len = lazy.spans.blob_len;
+                let mut pos = at;
+                while pos < at.saturating_add(AHEAD_BYTES).min(len) {
+                    let end = (pos + AHEAD_RUN).min(len);
+                    // A failure is the reader's to meet and report when it gets there.
+                    if lazy.ensure_spans(pos, end, 1, Who::Prefetch).is_err() {
+                        break;
+                    }
+                    pos = end;
+                    // The reader has moved on: start again from where it is now.
+                    if ahead.0.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                        break;
+                    }
+                }
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("lazy-read-ahead".into())
+            .spawn(worker)
+        {
+            log::warn!("{}: no background read-ahead: {e}", self.name);
+        }
     }
 
     /// Records the compression the blob is read with, taken from its media type before its
@@ -1473,5 +1559,42 @@ mod tests {
             vec![(SPAN_BYTES * 3, SPAN_BYTES * 4)]
         );
         assert!(lazy.full_stats().complete);
+    }
+
+    #[test]
+    fn a_reader_in_order_finds_the_next_mibs_fetched_in_the_background() {
+        let data = Arc::new(noise(24 << 20));
+        let (blob, lazy, asked) = lazy_blob(data.clone(), Default::default());
+        lazy.read_ahead_in_background();
+        // Reads of 64 KiB in order, as a decompressor's: the first few fetch for themselves,
+        // at growing strides; then the read-ahead thread runs ahead of them.
+        let mut buf = vec![0; 64 << 10];
+        for pos in (0..16 << 20).step_by(buf.len()) {
+            blob.read_exact_at(&mut buf, pos as u64).unwrap();
+            assert!(buf == data[pos..pos + buf.len()], "at {pos}");
+        }
+        let s = lazy.full_stats();
+        assert!(s.prefetched_bytes > 0, "nothing fetched ahead: {s:?}");
+        // Every byte fetched once, and no further than the read-ahead's reach past the reads.
+        let asked = asked.lock().unwrap();
+        let mut ranges = asked.clone();
+        ranges.sort();
+        assert!(
+            ranges.windows(2).all(|w| w[0].1 <= w[1].0),
+            "fetched twice: {ranges:?}"
+        );
+        let fetched: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+        assert!(fetched <= (16 << 20) + AHEAD_BYTES + AHEAD_RUN, "{fetched}");
+        drop(asked);
+        let weak = Arc::downgrade(&lazy);
+        drop((blob, lazy));
+        let start = Instant::now();
+        while weak.strong_count() > 0 {
+            assert!(
+                start.elapsed().as_secs() < 10,
+                "the read-ahead thread keeps the blob"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }

@@ -357,6 +357,7 @@ fn open_lazy(
         keep_whole();
     }
     let lazy = Arc::new(lazy.on_complete(keep_whole));
+    lazy.read_ahead_in_background();
     if check_start {
         lazy.fetch_start().map_err(|e| client.error(e))?;
     }

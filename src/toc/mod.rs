@@ -155,8 +155,23 @@ impl Toc {
     /// Starts a thread that keeps up to [`RUNS_AHEAD`] runs of chunks fetched ahead of reads
     /// going through the layer in order, so the network works while the reader decodes and
     /// serves the runs before (`tar` of a lazy mount). It ends once the TOC is dropped.
+    ///
+    /// The thread starts with the first such reader (so after the mount's fork: a thread does
+    /// not cross a fork, nor may one exist then).
     pub fn read_ahead_in_background(self: &Arc<Self>) {
-        let (toc, poke) = (Arc::downgrade(self), self.cache.poke.clone());
+        let _ = self.cache.me.set(Arc::downgrade(self));
+    }
+
+    /// Starts the read-ahead thread in this process, if allowed and not yet done.
+    fn start_read_ahead(&self) {
+        let pid = std::process::id();
+        if self.cache.worker_pid.swap(pid, Ordering::Relaxed) == pid {
+            return;
+        }
+        let Some(toc) = self.cache.me.get().cloned() else {
+            return;
+        };
+        let poke = self.cache.poke.clone();
         let worker = move || {
             loop {
                 {
@@ -206,6 +221,7 @@ impl Toc {
         let (poked, wake) = &*self.cache.poke;
         *poked.lock().unwrap_or_else(|e| e.into_inner()) = true;
         wake.notify_one();
+        self.start_read_ahead();
     }
 
     /// Chunk `i`, decoded and verified: from the cache, the chunk store, or fetched (with the
@@ -411,6 +427,10 @@ struct Chunks {
     ahead_requests: AtomicU64,
     /// Set (and signalled) when the read-ahead thread should top up the runs ahead.
     poke: Arc<(Mutex<bool>, Condvar)>,
+    /// The TOC, for the read-ahead thread, once [`Toc::read_ahead_in_background`] allows it.
+    me: OnceLock<std::sync::Weak<Toc>>,
+    /// The process the read-ahead thread was started in (0: none yet).
+    worker_pid: std::sync::atomic::AtomicU32,
 }
 
 impl Chunks {
