@@ -599,3 +599,39 @@ fn lazy_a_killed_server_leaves_only_true_spans_marked() {
         );
     }
 }
+
+#[test]
+fn lazy_reads_in_order_find_the_next_mibs_fetched_ahead_by_the_daemon() {
+    let Some(s) = setup("lazy_reads_in_order_find_the_next_mibs_fetched_ahead_by_the_daemon")
+    else {
+        return;
+    };
+    // A daemon mount (the read-ahead thread must start after its fork), no --prefetch.
+    s.host.mount(&s.image(), &s.mnt, &[]);
+    let seen = s.proxy.seen().len();
+    let all = std::fs::read(s.mnt.join("data/noise.bin")).unwrap();
+    // The serving process rewrites the stats within a moment of the reads.
+    let t = Instant::now();
+    let stats = loop {
+        let st = s.host.stats(&s.mnt);
+        let pre = layer_stats(&st, 1)["prefetched_bytes"].as_u64().unwrap();
+        if pre > 0 || t.elapsed() > Duration::from_secs(5) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let fetched = ranged_bytes(&s.proxy, &s.big, seen);
+    s.host.umount(&s.mnt);
+    assert!(all == s.noise, "noise.bin read back wrong");
+    let big = layer_stats(&stats, 1);
+    assert!(
+        big["prefetched_bytes"].as_u64().unwrap() > 0,
+        "nothing fetched ahead of the reads: {stats}"
+    );
+    // Each byte fetched once: what was fetched ahead was used, not fetched again.
+    assert!(
+        fetched.0 <= s.blob.len() as u64,
+        "{fetched:?} for {}",
+        s.blob.len()
+    );
+}
