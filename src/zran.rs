@@ -105,6 +105,20 @@ impl Checkpoint {
 pub struct Checkpoints {
     points: OnceLock<(Vec<Checkpoint>, Option<u64>)>,
     load: Mutex<Option<Loader>>,
+    /// What a checked index head says of deferred points, so that reads which need none
+    /// (in the first span) and length queries do not load them.
+    summary: Option<Summary>,
+}
+
+/// What an index head records of a layer's checkpoints besides the points themselves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Summary {
+    /// How many there are.
+    pub count: u64,
+    /// The decompressed length of the stream.
+    pub output_len: u64,
+    /// The output offset of the first one: a read before it starts at the stream's start.
+    pub first_output: u64,
 }
 
 /// Reads and checks deferred checkpoints; `None` if they turned out unusable.
@@ -115,6 +129,7 @@ impl Default for Checkpoints {
         Checkpoints {
             points: OnceLock::from((Vec::new(), Some(0))),
             load: Mutex::new(None),
+            summary: None,
         }
     }
 }
@@ -124,6 +139,7 @@ impl Clone for Checkpoints {
         Checkpoints {
             points: OnceLock::from((self.points().to_vec(), self.output_len())),
             load: Mutex::new(None),
+            summary: None,
         }
     }
 }
@@ -165,6 +181,7 @@ impl Checkpoints {
         Some(Checkpoints {
             points: OnceLock::from((points, Some(output_len))),
             load: Mutex::new(None),
+            summary: None,
         })
     }
 
@@ -175,6 +192,21 @@ impl Checkpoints {
         Checkpoints {
             points: OnceLock::new(),
             load: Mutex::new(Some(Box::new(load))),
+            summary: None,
+        }
+    }
+
+    /// [`Checkpoints::lazy`], with what a checked index head says of them: until a read past
+    /// `summary.first_output` needs them, they are not loaded (the loader may be waiting for
+    /// the network). Loaded points that disagree with the summary are refused by the loader,
+    /// and a summary that lies can only make a read start earlier than it could.
+    pub fn lazy_summarised(
+        summary: Summary,
+        load: impl FnOnce() -> Option<Checkpoints> + Send + 'static,
+    ) -> Self {
+        Checkpoints {
+            summary: Some(summary),
+            ..Checkpoints::lazy(load)
         }
     }
 
@@ -186,7 +218,10 @@ impl Checkpoints {
     /// The length of the decompressed stream, if known (loads deferred points; `None` if
     /// they failed their checks).
     pub fn output_len(&self) -> Option<u64> {
-        self.loaded().1
+        match self.summary {
+            Some(s) if !self.is_loaded() => Some(s.output_len),
+            _ => self.loaded().1,
+        }
     }
 
     /// All checkpoints, in stream order.
@@ -213,11 +248,20 @@ impl Checkpoints {
 
     /// True when the stream has none (it is shorter than a span).
     pub fn is_empty(&self) -> bool {
-        self.points().is_empty()
+        match self.summary {
+            Some(s) if !self.is_loaded() => s.count == 0,
+            _ => self.points().is_empty(),
+        }
     }
 
     /// The last checkpoint at or before decompressed offset `pos`.
     pub fn at_or_before(&self, pos: u64) -> Option<&Checkpoint> {
+        if self
+            .summary
+            .is_some_and(|s| pos < s.first_output && !self.is_loaded())
+        {
+            return None;
+        }
         let points = self.points();
         let i = points.partition_point(|p| p.output <= pos);
         i.checked_sub(1).map(|i| &points[i])

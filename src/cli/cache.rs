@@ -45,6 +45,7 @@ pub fn run(quiet: bool, args: CacheArgs) -> Result<()> {
             for e in &entries {
                 let what = match e.kind {
                     CacheKind::LayerIndex => "entries",
+                    CacheKind::Checkpoints => "gzip checkpoints (of the layer index)",
                     CacheKind::MergedTree => "nodes (merged tree)",
                     CacheKind::Blob | CacheKind::PartialBlob | CacheKind::Content => "",
                 };

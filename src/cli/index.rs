@@ -130,7 +130,7 @@ fn push(ui: &Ui, args: &PushArgs) -> Result<()> {
         digest: m.digest,
         size: m.bytes.len() as u64,
     };
-    let mut layers: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut layers: Vec<(String, crate::cache::Portable)> = Vec::new();
     for (layer, index) in img.layers.iter().zip(&indexes) {
         let digest = layer
             .digest

@@ -14,6 +14,39 @@ use crate::util::*;
 
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const INDEX_BLOB: &str = "application/vnd.flatfs.index.layer.v2+zstd";
+const CHECKPOINTS_BLOB: &str = "application/vnd.flatfs.index.checkpoints.v2+zstd";
+
+/// Where the artifact `manifest` lists the blob of `media_type` for layer `digest`.
+fn blob_at(manifest: &Value, media_type: &str, digest: &str) -> Option<usize> {
+    manifest["layers"].as_array().unwrap().iter().position(|b| {
+        b["mediaType"] == media_type && b["annotations"]["dev.flatfs.layer.digest"] == digest
+    })
+}
+
+/// Puts `manifest` (an edited artifact, with `blobs`) in the registry in place of the one the
+/// fallback tag lists.
+fn replace_artifact(reg: &Registry, manifest: &Value, blobs: Vec<Vec<u8>>) {
+    let bytes = serde_json::to_vec(manifest).unwrap();
+    let digest = format!("sha256:{}", sha256_hex(&bytes));
+    let (tag, mut list) = fallback(reg, "app");
+    list[0]["digest"] = Value::from(digest.clone());
+    list[0]["size"] = Value::from(bytes.len());
+    list[0]["annotations"] = manifest["annotations"].clone();
+    let index = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list});
+    reg.put_raw(
+        "app",
+        &blobs,
+        &[
+            (digest, OCI_MANIFEST.to_string(), bytes),
+            (
+                tag,
+                OCI_INDEX.to_string(),
+                serde_json::to_vec(&index).unwrap(),
+            ),
+        ],
+    );
+}
 
 /// A 12 MiB layer of noise (gzip stores it: every byte fetched is a byte of the blob) with
 /// a small file after it, and a small layer on top; returns the layout and the noise.
@@ -168,6 +201,7 @@ fn artifact_pushed_by_one_host_makes_a_mount_on_another_lazy_at_once() {
     let blobs = manifest["layers"].as_array().unwrap();
     let indexed: Vec<&str> = blobs
         .iter()
+        .filter(|b| b["mediaType"] == INDEX_BLOB)
         .map(|b| {
             b["annotations"]["dev.flatfs.layer.digest"]
                 .as_str()
@@ -178,6 +212,11 @@ fn artifact_pushed_by_one_host_makes_a_mount_on_another_lazy_at_once() {
         indexed,
         digests.iter().map(String::as_str).collect::<Vec<_>>()
     );
+    // The big layer's gzip checkpoints travel in a blob of their own; the small layer has
+    // none (it is shorter than a checkpoint span).
+    assert!(blob_at(&manifest, CHECKPOINTS_BLOB, &digests[0]).is_some());
+    assert!(blob_at(&manifest, CHECKPOINTS_BLOB, &digests[1]).is_none());
+    assert_eq!(manifest["annotations"]["dev.flatfs.index.format"], "7");
 
     // From the local copy, on a host that never pulled it (`--to`): the same indexes, so
     // the same artifact, listed once; no layer downloaded.
@@ -240,6 +279,10 @@ fn artifact_pushed_by_one_host_makes_a_mount_on_another_lazy_at_once() {
     assert!(
         host_b.join(format!("{}.idx", &digests[0][7..])).exists(),
         "the imported index is cached"
+    );
+    assert!(
+        host_b.join(format!("{}.cpt", &digests[0][7..])).exists(),
+        "the imported checkpoints are cached"
     );
     assert!(!log.contains("warning"), "{log}");
     // A part of the noise reads right, fetched by ranges.
@@ -307,7 +350,8 @@ fn artifact_tampered_or_lying_is_refused_and_the_mount_reads_the_layers() {
     );
     let artifact = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let manifest = get_doc(&reg, "app", &artifact, OCI_MANIFEST);
-    let first_blob = manifest["layers"][0]["digest"]
+    let first = blob_at(&manifest, INDEX_BLOB, &digests[0]).unwrap();
+    let first_blob = manifest["layers"][first]["digest"]
         .as_str()
         .unwrap()
         .to_string();
@@ -332,30 +376,14 @@ fn artifact_tampered_or_lying_is_refused_and_the_mount_reads_the_layers() {
 
     // A well-formed artifact whose indexes do not fit: each blob claims the other layer.
     let mut lying = manifest.clone();
+    let second = blob_at(&manifest, INDEX_BLOB, &digests[1]).unwrap();
     let (a, b) = (
-        lying["layers"][0]["annotations"].clone(),
-        lying["layers"][1]["annotations"].clone(),
+        lying["layers"][first]["annotations"].clone(),
+        lying["layers"][second]["annotations"].clone(),
     );
-    lying["layers"][0]["annotations"] = b;
-    lying["layers"][1]["annotations"] = a;
-    let bytes = serde_json::to_vec(&lying).unwrap();
-    let lying_digest = format!("sha256:{}", sha256_hex(&bytes));
-    let (tag, mut list) = fallback(&reg, "app");
-    list[0]["digest"] = Value::from(lying_digest.clone());
-    list[0]["size"] = Value::from(bytes.len());
-    let index = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list});
-    reg.put_raw(
-        "app",
-        &[],
-        &[
-            (lying_digest, OCI_MANIFEST.to_string(), bytes),
-            (
-                tag,
-                OCI_INDEX.to_string(),
-                serde_json::to_vec(&index).unwrap(),
-            ),
-        ],
-    );
+    lying["layers"][first]["annotations"] = b;
+    lying["layers"][second]["annotations"] = a;
+    replace_artifact(&reg, &lying, Vec::new());
     let host_d = tmp.path().join("host-d");
     let (log, read) = mount_and_read(&host_d, &reg.url("app:1"), &mnt);
     assert_eq!(read, want(), "{log}");
@@ -391,26 +419,9 @@ fn artifact_tampered_or_lying_is_refused_and_the_mount_reads_the_layers() {
     index[end..].copy_from_slice(&sum);
     let forged_blob = zstd::bulk::compress(&index, 3).unwrap();
     let mut forged = manifest.clone();
-    forged["layers"][0]["digest"] = Value::from(format!("sha256:{}", sha256_hex(&forged_blob)));
-    forged["layers"][0]["size"] = Value::from(forged_blob.len());
-    let bytes = serde_json::to_vec(&forged).unwrap();
-    let forged_digest = format!("sha256:{}", sha256_hex(&bytes));
-    let (tag, mut list) = fallback(&reg, "app");
-    list[0]["digest"] = Value::from(forged_digest.clone());
-    list[0]["size"] = Value::from(bytes.len());
-    let index = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list});
-    reg.put_raw(
-        "app",
-        &[forged_blob],
-        &[
-            (forged_digest, OCI_MANIFEST.to_string(), bytes),
-            (
-                tag,
-                OCI_INDEX.to_string(),
-                serde_json::to_vec(&index).unwrap(),
-            ),
-        ],
-    );
+    forged["layers"][first]["digest"] = Value::from(format!("sha256:{}", sha256_hex(&forged_blob)));
+    forged["layers"][first]["size"] = Value::from(forged_blob.len());
+    replace_artifact(&reg, &forged, vec![forged_blob]);
     let host_e = tmp.path().join("host-e");
     let (log, read) = mount_and_read(&host_e, &reg.url("app:1"), &mnt);
     assert_eq!(read, want(), "{log}");
