@@ -23,15 +23,21 @@ use sha2::{Digest as _, Sha256};
 use crate::blob::SpanDigests;
 use crate::layer::{Entry, Kind, LayerIndex, Meta};
 use crate::source::Layer;
-use crate::zran::{Checkpoint, Checkpoints, Summary};
+use crate::zran::{Checkpoint, Checkpoints, Place};
 
 mod merged;
 
 const MAGIC: &[u8; 8] = b"FLATFSIX";
 /// Bump when the encoding or the meaning of a field changes; old files are then ignored.
 pub(crate) const VERSION: u32 = 7;
-/// Magic of a checkpoints file (`HEX.cpt`); its version is [`VERSION`].
-const CPT_MAGIC: &[u8; 8] = b"FLATFSCP";
+/// zstd level of a checkpoint window's frame in a checkpoints file: the same windows give the
+/// same file, so an artifact's blob and a local file agree.
+const FRAME_LEVEL: i32 = 3;
+/// The longest frame a window of [`crate::zran::WINDOW`] bytes can take (zstd stores
+/// incompressible bytes nearly as they are).
+const MAX_FRAME: u32 = crate::zran::WINDOW as u32 + 4096;
+/// Bytes an index head takes per checkpoint.
+const ENTRY: usize = 8 + 1 + 8 + 4 + 4 + 32;
 /// Length of a [`checksum`].
 const SUM: usize = 4;
 /// Magic, version and the head's length.
@@ -310,22 +316,31 @@ impl Cache {
     /// artifact's blob, untrusted) is run once, by that read or by whoever loads them first,
     /// its bytes are checked against the sha256 and count the index's head records and range
     /// checked, then saved as the checkpoints file. False if the index needs none.
-    pub fn expect_checkpoints(&self, digest: &str, fetch: CheckpointsFetch) -> bool {
+    ///
+    /// `range` fetches a byte range of that file (its blob in the artifact): a read that needs
+    /// one checkpoint before all have arrived gets its window alone, checked against the
+    /// sha256 the head records for it.
+    pub fn expect_checkpoints(
+        &self,
+        digest: &str,
+        fetch: CheckpointsFetch,
+        range: RangeFetch,
+    ) -> bool {
         let Some(path) = self.path_for(digest) else {
             return false;
         };
         let Some(head) = read_head_file(&path).filter(|h| h.key == digest) else {
             return false;
         };
-        let Some(cpt) = head.checkpoints.filter(|c| c.count > 0) else {
+        let Some(cpt) = head.checkpoints.filter(|c| c.count() > 0) else {
             return false;
         };
         let (file, dir, tar_size) = (cpt_path(&path), self.dir.clone(), head.tar_size);
-        let to = file.clone();
+        let (to, want) = (file.clone(), cpt.clone());
         let job: CheckpointsJob = Box::new(move || {
-            let bytes = fetch(cpt.len)?;
-            let c = decode_checkpoints(&bytes, &cpt, tar_size).ok_or(
-                "they do not match the sha256 and count its index records, or fail the range \
+            let bytes = fetch(want.len())?;
+            let c = decode_checkpoints(&bytes, &want, tar_size).ok_or(
+                "they do not match the sha256 digests its index records, or fail the range \
                  checks",
             )?;
             if let Err(e) = write_atomically(&dir, &to, &bytes) {
@@ -335,6 +350,7 @@ impl Cache {
         });
         let pending = Arc::new(Pending {
             cpt,
+            range,
             job: Mutex::new(Some(job)),
             done: OnceLock::new(),
         });
@@ -382,7 +398,7 @@ impl Cache {
             }
             let size = e.metadata()?.len();
             let entries = match kind {
-                CacheKind::Checkpoints => checkpoint_count(&e.path()),
+                CacheKind::Checkpoints => None,
                 _ => fs::read(e.path()).ok().and_then(|b| match kind {
                     CacheKind::LayerIndex => decode(&b).map(|(i, ..)| i.entries.len() as u64),
                     CacheKind::MergedTree => merged::node_count(&b),
@@ -475,6 +491,9 @@ pub struct Portable {
 /// it must have (to bound what it inflates); says why not.
 pub type CheckpointsFetch = Box<dyn FnOnce(u64) -> std::result::Result<Vec<u8>, String> + Send>;
 
+/// Fetches bytes `start..end` of a checkpoints file from elsewhere; says why not.
+pub type RangeFetch = Arc<dyn Fn(u64, u64) -> std::result::Result<Vec<u8>, String> + Send + Sync>;
+
 /// Fetches and checks a layer's checkpoints, and saves them.
 type CheckpointsJob = Box<dyn FnOnce() -> std::result::Result<Checkpoints, String> + Send>;
 
@@ -483,6 +502,8 @@ type CheckpointsJob = Box<dyn FnOnce() -> std::result::Result<Checkpoints, Strin
 struct Pending {
     /// What the index's head says they must be.
     cpt: CptRef,
+    /// One window's frame, for a read that needs it before the whole file is here.
+    range: RangeFetch,
     job: Mutex<Option<CheckpointsJob>>,
     done: OnceLock<Option<Checkpoints>>,
 }
@@ -540,7 +561,7 @@ fn cpt_path(idx: &Path) -> PathBuf {
 /// damaged file of the right length is caught by its sha256 when loaded).
 fn cpt_present(idx: &Path, cpt: Option<&CptRef>) -> bool {
     match cpt {
-        Some(c) if c.count > 0 => fs::metadata(cpt_path(idx)).is_ok_and(|m| m.len() == c.len),
+        Some(c) if c.count() > 0 => fs::metadata(cpt_path(idx)).is_ok_and(|m| m.len() == c.len()),
         _ => true,
     }
 }
@@ -555,16 +576,25 @@ fn checkpoints_of(
     label: String,
 ) -> Option<Arc<Checkpoints>> {
     let cpt = cpt?;
-    if cpt.count == 0 {
+    if cpt.count() == 0 {
         return Checkpoints::new(Vec::new(), tar_size).map(Arc::new);
     }
     let file = cpt_path(idx);
-    let summary = Summary {
-        count: cpt.count,
-        output_len: tar_size,
-        first_output: cpt.first_output,
-    };
-    Some(Arc::new(Checkpoints::lazy_summarised(summary, move || {
+    let places = cpt.entries.iter().map(|e| e.place).collect();
+    let (f, c) = (file.clone(), cpt.clone());
+    // One window: from the local file, else (not there yet) by a range of the pending fetch.
+    let window = Box::new(move |i: usize| {
+        let (at, len) = c.frame(i)?;
+        let local = read_at(&f, at, len).and_then(|b| decode_frame(&b, &c.entries[i]));
+        local.or_else(|| {
+            let range = pending_map().get(&f).filter(|p| p.cpt == c)?.range.clone();
+            let b = range(at, at + len)
+                .inspect_err(|e| log::debug!("checkpoint {i} of {}: {e}", f.display()))
+                .ok()?;
+            decode_frame(&b, &c.entries[i])
+        })
+    });
+    let checkpoints = Checkpoints::lazy_placed(places, tar_size, window, move || {
         let loaded = fs::read(&file)
             .ok()
             .and_then(|b| decode_checkpoints(&b, &cpt, tar_size))
@@ -577,16 +607,16 @@ fn checkpoints_of(
             );
         }
         loaded
-    })))
+    });
+    checkpoints.map(Arc::new)
 }
 
-/// How many checkpoints a checkpoints file holds, for `flatfs cache ls` (not checked).
-fn checkpoint_count(path: &Path) -> Option<u64> {
-    let mut start = [0u8; 20];
-    File::open(path).ok()?.read_exact(&mut start).ok()?;
-    let mut d = Dec(&start);
-    (d.take(8)? == CPT_MAGIC && d.u32()? == VERSION).then_some(())?;
-    d.u64()
+/// `len` bytes at `at` of the file at `path`.
+fn read_at(path: &Path, at: u64, len: u64) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; usize::try_from(len).ok()?];
+    File::open(path).ok()?.read_exact_at(&mut buf, at).ok()?;
+    Some(buf)
 }
 
 fn is_hex64(s: &str) -> bool {
@@ -632,16 +662,41 @@ impl Enc {
     }
 }
 
-/// What an index head records of its layer's checkpoints, which are in a file of their own.
+/// What an index head records of one checkpoint: where it is, and its window's zstd frame in
+/// the checkpoints file (the frames are back to back in checkpoint order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct CptRef {
-    /// How many (none: no file).
-    count: u64,
-    /// The output offset of the first.
-    first_output: u64,
-    /// The checkpoints file's length and sha256: it is this file or none.
-    len: u64,
+struct CptEntry {
+    place: Place,
+    frame_len: u32,
+    /// Of the frame: each is checked on its own, so one can be read (or fetched) alone.
     sha256: [u8; 32],
+}
+
+/// What an index head records of its layer's checkpoints, which are in a file of their own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CptRef {
+    entries: Arc<[CptEntry]>,
+}
+
+impl CptRef {
+    /// How many (none: no file).
+    fn count(&self) -> u64 {
+        self.entries.len() as u64
+    }
+
+    /// The checkpoints file's length.
+    fn len(&self) -> u64 {
+        self.entries.iter().map(|e| u64::from(e.frame_len)).sum()
+    }
+
+    /// Where checkpoint `i`'s frame is in the file: offset and length.
+    fn frame(&self, i: usize) -> Option<(u64, u64)> {
+        let at = self.entries[..i]
+            .iter()
+            .map(|e| u64::from(e.frame_len))
+            .sum();
+        Some((at, u64::from(self.entries.get(i)?.frame_len)))
+    }
 }
 
 /// The index file and, if the layer has checkpoints, its checkpoints file.
@@ -650,61 +705,62 @@ fn encode_both(index: &LayerIndex, stamp: [u64; 6], key: &str) -> (Vec<u8>, Opti
     let idx = encode(index, cpt.as_ref().map(|c| &c.1), stamp, key);
     (
         idx,
-        cpt.and_then(|(bytes, r)| (r.count > 0).then_some(bytes)),
+        cpt.and_then(|(bytes, r)| (r.count() > 0).then_some(bytes)),
     )
 }
 
-/// A checkpoints file (magic, version, then the points) and what the index head says of it.
-/// The same points give the same bytes, so an artifact's blob and a local file agree.
+/// A checkpoints file (each window as a zstd frame, back to back) and what the index head
+/// says of it.
 fn encode_checkpoints(c: &Checkpoints) -> (Vec<u8>, CptRef) {
-    let mut e = Enc(Vec::with_capacity(32 + c.window_bytes() + c.len() * 25));
-    e.0.extend_from_slice(CPT_MAGIC);
-    e.u32(VERSION);
-    e.u64(c.len() as u64);
+    let mut bytes = Vec::with_capacity(c.window_bytes() / 2);
+    let mut entries = Vec::with_capacity(c.len());
     for p in c.points() {
-        e.u64(p.input);
-        e.u8(p.bits);
-        e.u64(p.output);
-        e.bytes(&p.window);
+        // Compressing bytes held in memory into a Vec does not fail.
+        let frame = zstd::bulk::compress(&p.window, FRAME_LEVEL).unwrap_or_default();
+        entries.push(CptEntry {
+            place: Place {
+                input: p.input,
+                bits: p.bits,
+                output: p.output,
+                window_len: p.window.len() as u32,
+            },
+            frame_len: frame.len() as u32,
+            sha256: Sha256::digest(&frame).into(),
+        });
+        bytes.extend_from_slice(&frame);
     }
-    let r = CptRef {
-        count: c.len() as u64,
-        first_output: c.points().first().map_or(0, |p| p.output),
-        len: if c.is_empty() { 0 } else { e.0.len() as u64 },
-        sha256: if c.is_empty() {
-            [0; 32]
-        } else {
-            Sha256::digest(&e.0).into()
-        },
-    };
-    (e.0, r)
+    let entries = entries.into();
+    (bytes, CptRef { entries })
 }
 
-/// The checkpoints in `bytes` if they are exactly the file `cpt` names (length, sha256, count,
-/// first offset) and pass [`Checkpoints::new`]'s range checks for a stream of `tar_size`.
+/// The window in `frame` if it is the frame `entry` names (sha256) and inflates to exactly its
+/// window's length.
+fn decode_frame(frame: &[u8], entry: &CptEntry) -> Option<Box<[u8]>> {
+    if <[u8; 32]>::from(Sha256::digest(frame)) != entry.sha256 {
+        return None;
+    }
+    let len = entry.place.window_len as usize;
+    let window = zstd::bulk::decompress(frame, len).ok()?;
+    (window.len() == len).then(|| window.into_boxed_slice())
+}
+
+/// The checkpoints in `bytes` if they are exactly the file `cpt` names (every frame's sha256)
+/// and pass [`Checkpoints::new`]'s range checks for a stream of `tar_size`.
 fn decode_checkpoints(bytes: &[u8], cpt: &CptRef, tar_size: u64) -> Option<Checkpoints> {
-    if bytes.len() as u64 != cpt.len || <[u8; 32]>::from(Sha256::digest(bytes)) != cpt.sha256 {
+    if bytes.len() as u64 != cpt.len() {
         return None;
     }
-    let mut d = Dec(bytes);
-    if d.take(8)? != CPT_MAGIC || d.u32()? != VERSION {
-        return None;
-    }
-    let n = d.count(25)?;
-    if n as u64 != cpt.count {
-        return None;
-    }
-    let mut points = Vec::with_capacity(n);
-    for _ in 0..n {
+    let mut at = 0usize;
+    let mut points = Vec::with_capacity(cpt.entries.len());
+    for e in cpt.entries.iter() {
+        let end = at.checked_add(e.frame_len as usize)?;
         points.push(Checkpoint {
-            input: d.u64()?,
-            bits: d.u8()?,
-            output: d.u64()?,
-            window: d.bytes()?.into_boxed_slice(),
+            input: e.place.input,
+            bits: e.place.bits,
+            output: e.place.output,
+            window: decode_frame(bytes.get(at..end)?, e)?,
         });
-    }
-    if !d.0.is_empty() || points.first().map(|p| p.output) != Some(cpt.first_output) {
-        return None;
+        at = end;
     }
     // Checked like the rest: a checkpoint that lies would make reads return wrong data.
     Checkpoints::new(points, tar_size)
@@ -726,10 +782,15 @@ fn encode(index: &LayerIndex, cpt: Option<&CptRef>, stamp: [u64; 6], key: &str) 
         None => e.u8(0),
         Some(c) => {
             e.u8(1);
-            e.u64(c.count);
-            e.u64(c.first_output);
-            e.u64(c.len);
-            e.0.extend_from_slice(&c.sha256);
+            e.u64(c.count());
+            for x in c.entries.iter() {
+                e.u64(x.place.input);
+                e.u8(x.place.bits);
+                e.u64(x.place.output);
+                e.u32(x.place.window_len);
+                e.u32(x.frame_len);
+                e.0.extend_from_slice(&x.sha256);
+            }
         }
     }
     match &index.spans {
@@ -918,20 +979,29 @@ fn parse_head(bytes: &[u8]) -> Option<Head> {
     let checkpoints = match d.u8()? {
         0 => None,
         1 => {
-            let c = CptRef {
-                count: d.u64()?,
-                first_output: d.u64()?,
-                len: d.u64()?,
-                sha256: d.take(32)?.try_into().ok()?,
-            };
-            // A file of `count` points holds at least 25 bytes each; none means no file.
-            let sane = if c.count == 0 {
-                c.len == 0 && c.first_output == 0
-            } else {
-                c.count <= c.len / 25 && c.first_output <= tar_size
-            };
-            Some(c).filter(|_| sane)?;
-            Some(c)
+            let n = d.count(ENTRY)?;
+            let entries = (0..n)
+                .map(|_| {
+                    let e = CptEntry {
+                        place: Place {
+                            input: d.u64()?,
+                            bits: d.u8()?,
+                            output: d.u64()?,
+                            window_len: d.u32()?,
+                        },
+                        frame_len: d.u32()?,
+                        sha256: d.take(32)?.try_into().ok()?,
+                    };
+                    (e.frame_len > 0 && e.frame_len <= MAX_FRAME).then_some(e)
+                })
+                .collect::<Option<Vec<_>>>()?;
+            // Checked now, without a window: places that lie would make reads go wrong.
+            if !crate::zran::places_are_sane(entries.iter().map(|e| e.place), tar_size) {
+                return None;
+            }
+            Some(CptRef {
+                entries: entries.into(),
+            })
         }
         _ => return None,
     };
@@ -1188,8 +1258,8 @@ mod tests {
         let (_, named, _, _) = super::decode(&bytes).expect("decodes");
         let named = named.expect("names checkpoints");
         let cpt = cpt.expect("a checkpoints file");
-        assert_eq!(named.count, 2);
-        assert_eq!(named.first_output, 1500);
+        assert_eq!(named.count(), 2);
+        assert_eq!(named.entries[0].place.output, 1500);
         let loaded = decode_checkpoints(&cpt, &named, 4096).expect("checkpoints decode");
         assert_eq!(Some(&loaded), sample().checkpoints.as_deref());
         // Not for another stream length or another file.
@@ -1211,7 +1281,7 @@ mod tests {
         let (bytes, cpt) = encode_both(&short, [0; 6], "sha256:ab");
         assert!(cpt.is_none());
         let named = super::decode(&bytes).expect("decodes").1.expect("named");
-        assert_eq!((named.count, named.len), (0, 0));
+        assert_eq!((named.count(), named.len()), (0, 0));
     }
 
     #[test]
@@ -1267,43 +1337,48 @@ mod tests {
 
     #[test]
     fn lying_checkpoints_are_rejected_despite_a_good_checksum() {
-        // A file from a buggy writer, whose index names its sha256: its checkpoints are
+        // A file from a buggy writer, with valid checksums: the places its head records are
         // range checked anyway.
         let (bytes, cpt) = encode_both(&sample(), [0; 6], "sha256:ab");
         let (cpt, named) = (
             cpt.expect("a file"),
             super::decode(&bytes).unwrap().1.unwrap(),
         );
-        // The first checkpoint's `bits` byte follows its u64 input (100).
+        // The first checkpoint's `bits` byte follows its u64 input (100) in the head.
         let needle: Vec<u8> = [&100u64.to_le_bytes()[..], &[3]].concat();
-        let at = cpt
+        let at = bytes
             .windows(needle.len())
             .position(|w| w == needle)
             .expect("checkpoint encoded")
             + 8;
         for bits in [8u8, 200] {
-            let mut bad = cpt.clone();
+            let mut bad = bytes.clone();
             bad[at] = bits;
-            assert!(decode_checkpoints(&bad, &named, 4096).is_none(), "sha256");
-            let resealed = CptRef {
-                sha256: Sha256::digest(&bad).into(),
-                ..named
-            };
+            reseal(&mut bad);
+            assert!(super::decode(&bad).is_none(), "bits {bits} accepted");
             assert!(
-                decode_checkpoints(&bad, &resealed, 4096).is_none(),
-                "bits {bits} accepted"
+                parse_head(&bad).is_none(),
+                "bits {bits} accepted in the head"
             );
         }
-        // A head that lies about the count or the first checkpoint.
-        for lie in [
-            CptRef { count: 1, ..named },
-            CptRef {
-                first_output: 1000,
-                ..named
-            },
-        ] {
-            assert!(decode_checkpoints(&cpt, &lie, 4096).is_none(), "{lie:?}");
-        }
+        // A frame that is not the one its digest names; one whose digest was redone but
+        // which inflates to another length than its window's.
+        let mut bad = cpt.clone();
+        bad[3] ^= 1;
+        assert!(decode_checkpoints(&bad, &named, 4096).is_none());
+        let mut entries = named.entries.to_vec();
+        entries[0].place.window_len -= 1;
+        let short = CptRef {
+            entries: entries.into(),
+        };
+        assert!(decode_checkpoints(&cpt, &short, 4096).is_none());
+        assert!(
+            decode_frame(
+                &cpt[..named.entries[0].frame_len as usize],
+                &short.entries[0]
+            )
+            .is_none()
+        );
         let good = decode_checkpoints(&cpt, &named, 4096).expect("unchanged file decodes");
         assert_eq!(good, sample_checkpoints(3));
     }
@@ -1387,7 +1462,8 @@ mod tests {
                         input: i * 100,
                         bits: 0,
                         output: i * 100_000,
-                        window: vec![i as u8; crate::zran::WINDOW].into_boxed_slice(),
+                        window: crate::zran::tests::sample(i, crate::zran::WINDOW)
+                            .into_boxed_slice(),
                     })
                     .collect(),
                 4 << 20,
@@ -1397,10 +1473,10 @@ mod tests {
         index.tar_size = 4 << 20;
         let (bytes, cpt) = encode_both(&index, [1, 2, 3, 4, 5, 6], "sha256:ab");
         let end = head_end(&bytes).expect("prefix") + SUM;
-        assert!(end < 1024, "head of {end} bytes");
-        assert!(cpt.expect("a file").len() > 20 * crate::zran::WINDOW);
+        assert!(end < 20 * 64 + 256, "head of {end} bytes");
+        assert!(cpt.expect("a file").len() > 4 * end);
         let head = parse_head(&bytes[..end]).expect("head decodes alone");
-        assert_eq!(head.checkpoints.map(|c| c.count), Some(20));
+        assert_eq!(head.checkpoints.map(|c| c.count()), Some(20));
         assert_eq!(
             (head.key.as_str(), head.stamp),
             ("sha256:ab", [1, 2, 3, 4, 5, 6])
@@ -1456,13 +1532,14 @@ mod tests {
         // removed after the mount read the head: caught when the checkpoints are first used.
         let bytes = fs::read(&cpt).expect("read");
         let other = {
+            let mut points = sample_checkpoints(3).points().to_vec();
+            points[0].window.reverse();
             let mut i = sample();
-            i.checkpoints = Some(Arc::new(sample_checkpoints(2)));
+            i.checkpoints = Some(Arc::new(Checkpoints::new(points, 4096).unwrap()));
             encode_both(&i, [0; 6], "sha256:ab").1.expect("a file")
         };
-        assert_eq!(other.len(), bytes.len());
         let mut damaged = bytes.clone();
-        damaged[bytes.len() - 100] ^= 0x10;
+        damaged[5] ^= 0x10;
         for bad in [Some(damaged), Some(other), None] {
             fs::write(&cpt, &bytes).expect("restore");
             let lazy = cache.load_checkpoints(&layer).expect("fits").expect("has");
@@ -1509,10 +1586,16 @@ mod tests {
         assert_eq!(cache.needs(&digest, size), Need::Checkpoints);
         let (lazy_layer, _blob) = lazy_layer(&digest, size);
         let calls = Arc::new(AtomicUsize::new(0));
-        // A tampered blob, a failed fetch, then the right one: only the last is kept.
         let mut tampered = good.clone();
-        let n = tampered.len();
-        tampered[n - 5] ^= 1;
+        tampered[5] ^= 1;
+        // Ranges of the good file, or of none.
+        let ranges = |of: Option<Vec<u8>>| -> RangeFetch {
+            Arc::new(move |a, b| match &of {
+                Some(f) => Ok(f[a as usize..b as usize].to_vec()),
+                None => Err("registry gone".into()),
+            })
+        };
+        // A tampered blob, a failed fetch, then the right one: only the last is kept.
         for (bytes, ok) in [
             (Ok(tampered), false),
             (Err("registry gone".to_string()), false),
@@ -1526,7 +1609,8 @@ mod tests {
                     c.fetch_add(1, Ordering::SeqCst);
                     assert_eq!(len, want);
                     bytes
-                })
+                }),
+                ranges(None),
             ));
             let before = calls.load(Ordering::SeqCst);
             let lazy = cache
@@ -1545,15 +1629,53 @@ mod tests {
         }
         // Saved: the next load reads the file, and fetches nothing.
         assert_eq!(cache.needs(&digest, size), Need::Nothing);
-        assert_eq!(
-            fs::read(dir.path().join(format!("{}.cpt", "cd".repeat(32)))).unwrap(),
-            good
-        );
-        assert!(cache.expect_checkpoints(&digest, Box::new(|_| panic!("fetched"))));
+        let file = dir.path().join(format!("{}.cpt", "cd".repeat(32)));
+        assert_eq!(fs::read(&file).unwrap(), good);
+        let never = || -> CheckpointsFetch { Box::new(|_| panic!("fetched")) };
+        assert!(cache.expect_checkpoints(&digest, never(), ranges(None)));
         let lazy = cache.load_checkpoints(&lazy_layer).unwrap().unwrap();
         assert_eq!(&*lazy, &sample_checkpoints(3));
+
+        // Before the whole file is here, a read gets the one checkpoint it needs by its
+        // range (checked), and the whole set is not loaded for it; a tampered range is not
+        // used (the whole set is waited for then: here, it fails, so none).
+        fs::remove_file(&file).unwrap();
+        for (of, ok) in [
+            (Some(good.clone()), true),
+            (Some(tampered_copy(&good)), false),
+        ] {
+            assert!(cache.expect_checkpoints(&digest, never(), ranges(of)) || !ok);
+            let lazy = cache.load_checkpoints(&lazy_layer).unwrap().unwrap();
+            if ok {
+                let c = lazy.at_or_before(2000).expect("the first checkpoint");
+                assert_eq!(c, &sample_checkpoints(3).points()[0]);
+                assert!(!lazy.is_loaded());
+            }
+        }
+        let c = calls.clone();
+        assert!(cache.expect_checkpoints(
+            &digest,
+            Box::new(move |_| {
+                c.fetch_add(1, Ordering::SeqCst);
+                Err("gone".into())
+            }),
+            ranges(Some(tampered_copy(&good))),
+        ));
+        let lazy = cache.load_checkpoints(&lazy_layer).unwrap().unwrap();
+        let before = calls.load(Ordering::SeqCst);
+        assert_eq!(lazy.at_or_before(2000), None);
+        assert!(lazy.is_loaded());
+        assert_eq!(calls.load(Ordering::SeqCst), before + 1);
+
         cache.forget(&digest).unwrap();
         assert_eq!(cache.needs(&digest, size), Need::Index);
+    }
+
+    /// `bytes` with one byte of its first frame flipped.
+    fn tampered_copy(bytes: &[u8]) -> Vec<u8> {
+        let mut b = bytes.to_vec();
+        b[5] ^= 1;
+        b
     }
 
     /// A lazy layer of blob `digest` (`size` bytes, never read).

@@ -20,10 +20,11 @@ pub const ARTIFACT_TYPE: &str = "application/vnd.flatfs.index.v1";
 /// Media type of one layer's index: a flatfs index cache file (`HEX.idx`: head and entries,
 /// no checkpoint windows), zstd-compressed.
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.flatfs.index.layer.v2+zstd";
-/// Media type of one layer's gzip checkpoints: a flatfs checkpoints file (`HEX.cpt`, what its
-/// index's head names by sha256), zstd-compressed. A mount is live without them; they are
-/// fetched behind it.
-pub const CHECKPOINTS_MEDIA_TYPE: &str = "application/vnd.flatfs.index.checkpoints.v2+zstd";
+/// Media type of one layer's gzip checkpoints: a flatfs checkpoints file (`HEX.cpt`: each
+/// window a zstd frame, which its index's head names by offset and sha256), as it is, so that
+/// one window can be fetched by a range request. A mount is live without them; they are
+/// fetched behind it, and a read that needs one before they are here fetches its frame.
+pub const CHECKPOINTS_MEDIA_TYPE: &str = "application/vnd.flatfs.index.checkpoints.v2";
 /// Annotation of an index or checkpoints blob: the digest of the layer it belongs to.
 pub const LAYER_ANNOTATION: &str = "dev.flatfs.layer.digest";
 /// Index blobs fetched at once.
@@ -114,15 +115,16 @@ pub fn push(
     let mut descs = Vec::new();
     let mut total = 0;
     for (i, (layer, files)) in layers.iter().enumerate() {
+        let packed = zstd::bulk::compress(&files.index, LEVEL)
+            .map_err(|e| Error::io(format!("compressing the index of {layer}"), e))?;
         let blobs = [
-            (LAYER_MEDIA_TYPE, Some(&files.index)),
+            (LAYER_MEDIA_TYPE, Some(&packed)),
+            // Its frames are compressed already, and must stay reachable by range.
             (CHECKPOINTS_MEDIA_TYPE, files.checkpoints.as_ref()),
         ];
         for (j, (media_type, bytes)) in blobs.into_iter().enumerate() {
             let Some(bytes) = bytes else { continue };
-            let packed = zstd::bulk::compress(bytes, LEVEL)
-                .map_err(|e| Error::io(format!("compressing the index of {layer}"), e))?;
-            let (digest, size) = put_blob(&format!("{i}.{j}"), &packed)?;
+            let (digest, size) = put_blob(&format!("{i}.{j}"), bytes)?;
             total += size;
             descs.push(json!({
                 "mediaType": media_type,
@@ -318,9 +320,29 @@ pub fn import(
         let Some((blob, blob_size)) = blob_of(layer, CHECKPOINTS_MEDIA_TYPE)? else {
             continue;
         };
+        let (c, r, b) = (client.clone(), repo.to_string(), blob.clone());
+        let fetch = Box::new(move |len: u64| {
+            if len != blob_size {
+                return Err(format!(
+                    "blob {b} has {blob_size} bytes, the index names {len}"
+                ));
+            }
+            let bytes = c.fetch_range(&r, &b, 0, len).map_err(|e| e.to_string())?;
+            let found = crate::blob::sha256_of(&bytes);
+            if found != b {
+                return Err(format!("blob {b}: digest mismatch (found {found})"));
+            }
+            Ok(bytes)
+        });
         let (c, r) = (client.clone(), repo.to_string());
-        let fetch = Box::new(move |len: u64| fetch_blob(&c, &r, &blob, blob_size, len));
-        cache.expect_checkpoints(layer, fetch);
+        let range = Arc::new(move |start: u64, end: u64| {
+            if end > blob_size || start >= end {
+                return Err(format!("blob {blob}: no bytes {start}..{end}"));
+            }
+            c.fetch_range(&r, &blob, start, end)
+                .map_err(|e| e.to_string())
+        });
+        cache.expect_checkpoints(layer, fetch, range);
     }
     match first_error {
         Some(e) => Err(e),

@@ -15,7 +15,7 @@ use crate::util::*;
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const INDEX_BLOB: &str = "application/vnd.flatfs.index.layer.v2+zstd";
-const CHECKPOINTS_BLOB: &str = "application/vnd.flatfs.index.checkpoints.v2+zstd";
+const CHECKPOINTS_BLOB: &str = "application/vnd.flatfs.index.checkpoints.v2";
 
 /// Where the artifact `manifest` lists the blob of `media_type` for layer `digest`.
 fn blob_at(manifest: &Value, media_type: &str, digest: &str) -> Option<usize> {
