@@ -654,3 +654,148 @@ fn index_push_to_warns_when_the_local_copy_is_not_the_registry_image() {
         "{err}"
     );
 }
+
+/// The checkpoints of a layer come after the mount: a read that needs one before they are
+/// here gets its window alone; a checkpoints blob that is tampered with (in transit, or
+/// forged with a digest of its own) is refused and the layer read from its start, right; an
+/// artifact of another format is not used at all.
+#[test]
+fn artifact_checkpoints_come_after_the_mount_checked_and_an_old_format_is_ignored() {
+    registry_tools(&[]);
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, _, digests) = image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "app:1");
+    let big_size = std::fs::metadata(img.join("blobs/sha256").join(&digests[0][7..]))
+        .unwrap()
+        .len();
+    let out = ok(
+        &tmp.path().join("host-a"),
+        &["index", "push", &reg.url("app:1"), "--tls-verify=false"],
+    );
+    let artifact = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let manifest = get_doc(&reg, "app", &artifact, OCI_MANIFEST);
+    let at = blob_at(&manifest, CHECKPOINTS_BLOB, &digests[0]).expect("a checkpoints blob");
+    let cpt_blob = manifest["layers"][at]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cpt_size = manifest["layers"][at]["size"].as_u64().unwrap();
+    if !fuse_available(
+        "artifact_checkpoints_come_after_the_mount_checked_and_an_old_format_is_ignored",
+    ) {
+        return;
+    }
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let cpt_file = |host: &Path| host.join(format!("{}.cpt", &digests[0][7..]));
+
+    // The whole checkpoints blob stalls for 6 s: a read at the end of the big layer gets
+    // the window it needs by a range of its own, and does not wait.
+    let proxy = FaultProxy::start(&reg.host);
+    proxy.inject(Fault::Stall {
+        path: format!("/blobs/{cpt_blob}"),
+        after: 0,
+        secs: 6,
+        times: 1,
+    });
+    let host = tmp.path().join("host-b");
+    let out = ok(
+        &host,
+        &[
+            "mount",
+            &proxy.url("app:1"),
+            mnt.to_str().unwrap(),
+            "--tls-verify=false",
+        ],
+    );
+    // Wait until the fetch of the whole blob (the stalled one) has gone out.
+    let asked = |proxy: &FaultProxy| {
+        proxy
+            .seen()
+            .iter()
+            .filter(|s| s.path.ends_with(&format!("/blobs/{cpt_blob}")))
+            .count()
+    };
+    let start = std::time::Instant::now();
+    while asked(&proxy) == 0 && start.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!cpt_file(&host).exists(), "the stalled blob arrived");
+    let start = std::time::Instant::now();
+    let read = std::fs::read(mnt.join("data/tail.txt"));
+    let took = start.elapsed();
+    let windows: Vec<u64> = proxy
+        .seen()
+        .iter()
+        .filter(|s| s.path.ends_with(&format!("/blobs/{cpt_blob}")))
+        .filter_map(|s| s.header("range").map(str::to_string))
+        .map(|r| {
+            let (a, b) = r.trim_start_matches("bytes=").split_once('-').unwrap();
+            b.parse::<u64>().unwrap() + 1 - a.parse::<u64>().unwrap()
+        })
+        .collect();
+    // Then the whole blob comes (asked again after the stall), is checked and kept.
+    let start_wait = std::time::Instant::now();
+    while !cpt_file(&host).exists() && start_wait.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let kept = cpt_file(&host).exists();
+    ok(&host, &["umount", mnt.to_str().unwrap()]);
+    assert_eq!(read.unwrap(), want()[0], "{}", stderr_of(&out));
+    assert!(took.as_secs() < 5, "the read waited {took:?}");
+    assert!(
+        windows.iter().any(|&n| n < cpt_size / 2),
+        "no window fetched alone: {windows:?} of {cpt_size}"
+    );
+    assert!(kept, "the checkpoints were not kept");
+    assert_eq!(
+        std::fs::read(cpt_file(&host)).unwrap().len() as u64,
+        cpt_size
+    );
+
+    // Every byte of the checkpoints blob flipped in transit: its digest (and each window's
+    // sha256) refuse it; the layer is read from its start, right, and nothing is kept.
+    let proxy = FaultProxy::start(&reg.host);
+    proxy.inject(Fault::Corrupt {
+        path: format!("/blobs/{cpt_blob}"),
+        times: 1000,
+    });
+    let host = tmp.path().join("host-c");
+    let (log, read) = mount_and_read(&host, &proxy.url("app:1"), &mnt);
+    assert_eq!(read, want(), "{log}");
+    assert!(!cpt_file(&host).exists());
+    assert!(fetched(&proxy, &digests[0], big_size) >= big_size / 2);
+
+    // A forged checkpoints blob that matches its own digest but not the sha256 digests the
+    // index names: refused all the same.
+    let mut forged = std::fs::read(cpt_file(&tmp.path().join("host-b"))).unwrap();
+    forged[10] ^= 1;
+    let mut lying = manifest.clone();
+    lying["layers"][at]["digest"] = Value::from(format!("sha256:{}", sha256_hex(&forged)));
+    replace_artifact(&reg, &lying, vec![forged]);
+    let proxy = FaultProxy::start(&reg.host);
+    let host = tmp.path().join("host-d");
+    let (log, read) = mount_and_read(&host, &proxy.url("app:1"), &mnt);
+    assert_eq!(read, want(), "{log}");
+    assert!(!cpt_file(&host).exists());
+    assert!(fetched(&proxy, &digests[0], big_size) >= big_size / 2);
+
+    // An artifact of another format (an older flatfs's) is not even fetched: the layers
+    // are read as without one.
+    let mut old = manifest.clone();
+    old["annotations"]["dev.flatfs.index.format"] = Value::from("6");
+    replace_artifact(&reg, &old, Vec::new());
+    let proxy = FaultProxy::start(&reg.host);
+    let host = tmp.path().join("host-e");
+    let (log, read) = mount_and_read(&host, &proxy.url("app:1"), &mnt);
+    assert_eq!(read, want(), "{log}");
+    assert!(
+        proxy
+            .seen()
+            .iter()
+            .all(|s| !s.path.contains("/manifests/sha256:")),
+        "the old artifact was fetched"
+    );
+    assert!(fetched(&proxy, &digests[0], big_size) >= big_size);
+}
