@@ -158,8 +158,8 @@ impl Cache {
     ) -> Option<LayerIndex> {
         let key = Self::key(layer)?;
         let path = self.path_for(key)?;
-        let bytes = fs::read(&path).ok()?;
-        let (mut index, cpt, saved_stamp, saved_key) = decode(&bytes)?;
+        let (mut index, cpt, saved_stamp, saved_key) =
+            take_imported(&path).or_else(|| decode(&fs::read(&path).ok()?))?;
         if saved_key != key || layer.diff_id.as_deref().is_some_and(|d| d != index.diff_id) {
             return None;
         }
@@ -244,6 +244,15 @@ impl Cache {
         }
     }
 
+    /// The digest and size of the checkpoints file the cached index of blob `digest` names,
+    /// if it names one: the blob of an index artifact that carries them, too.
+    pub fn checkpoints_blob(&self, digest: &str) -> Option<(String, u64)> {
+        let head = read_head_file(&self.path_for(digest)?).filter(|h| h.key == digest)?;
+        let cpt = head.checkpoints.filter(|c| c.count() > 0)?;
+        let hex: String = cpt.sha256.iter().map(|b| format!("{b:02x}")).collect();
+        Some((format!("sha256:{hex}"), cpt.len()))
+    }
+
     /// Saves a layer's index (best effort is the caller's choice: errors are returned).
     pub fn store(&self, layer: &Layer, index: &LayerIndex) -> io::Result<()> {
         let Some(key) = Self::key(layer) else {
@@ -308,7 +317,13 @@ impl Cache {
         // Re-encoded with no stamp of a local file: a forged stamp must not pass for one.
         let bytes = encode(&index, cpt.as_ref(), lazy_stamp(size), digest);
         write_atomically(&self.dir, &path, &bytes)
-            .map_err(|e| format!("cannot save it in {}: {e}", self.dir.display()))
+            .map_err(|e| format!("cannot save it in {}: {e}", self.dir.display()))?;
+        // The open that follows loads this very file: it takes the decoded index instead.
+        if let Some(id) = identity(&path) {
+            let decoded = (index, cpt, lazy_stamp(size), key);
+            imported_map().insert(path, (id, decoded));
+        }
+        Ok(())
     }
 
     /// Says where the checkpoints of the cached index of blob `digest` will come from if its
@@ -364,6 +379,7 @@ impl Cache {
             return Ok(());
         };
         pending_map().remove(&cpt_path(&path));
+        imported_map().remove(&path);
         for p in [cpt_path(&path), path] {
             match fs::remove_file(p) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -552,6 +568,31 @@ fn from_pending(file: &Path, cpt: &CptRef, label: &str) -> Option<Checkpoints> {
     done.clone()
 }
 
+/// An index file as [`decode`] gives it.
+type Decoded = (LayerIndex, Option<CptRef>, [u64; 6], String);
+
+/// Decoded indexes by path, with their file's identity.
+type Imported = HashMap<PathBuf, ([u64; 4], Decoded)>;
+
+/// Indexes this process imported and saved, decoded, by path, with the saved file's identity:
+/// a load of the same file takes them instead of reading and decoding it again.
+fn imported_map() -> std::sync::MutexGuard<'static, Imported> {
+    static IMPORTED: LazyLock<Mutex<Imported>> = LazyLock::new(Mutex::default);
+    IMPORTED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Which file is at `path`: replaced (by rename) or rewritten, it is another.
+fn identity(path: &Path) -> Option<[u64; 4]> {
+    let m = fs::metadata(path).ok()?;
+    Some([m.dev(), m.ino(), m.size(), m.mtime_nsec() as u64])
+}
+
+/// The decoded index this process saved at `path`, if the file there is still that one.
+fn take_imported(path: &Path) -> Option<Decoded> {
+    let (id, decoded) = imported_map().remove(path)?;
+    (identity(path) == Some(id)).then_some(decoded)
+}
+
 /// The checkpoints file beside index file `idx`.
 fn cpt_path(idx: &Path) -> PathBuf {
     idx.with_extension("cpt")
@@ -676,6 +717,9 @@ struct CptEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CptRef {
     entries: Arc<[CptEntry]>,
+    /// Of the whole file: the digest of the index artifact's blob that carries it, so a host
+    /// whose file went missing can fetch it again without looking for the artifact.
+    sha256: [u8; 32],
 }
 
 impl CptRef {
@@ -730,7 +774,8 @@ fn encode_checkpoints(c: &Checkpoints) -> (Vec<u8>, CptRef) {
         bytes.extend_from_slice(&frame);
     }
     let entries = entries.into();
-    (bytes, CptRef { entries })
+    let sha256 = Sha256::digest(&bytes).into();
+    (bytes, CptRef { entries, sha256 })
 }
 
 /// The window in `frame` if it is the frame `entry` names (sha256) and inflates to exactly its
@@ -782,6 +827,7 @@ fn encode(index: &LayerIndex, cpt: Option<&CptRef>, stamp: [u64; 6], key: &str) 
         None => e.u8(0),
         Some(c) => {
             e.u8(1);
+            e.0.extend_from_slice(&c.sha256);
             e.u64(c.count());
             for x in c.entries.iter() {
                 e.u64(x.place.input);
@@ -979,6 +1025,7 @@ fn parse_head(bytes: &[u8]) -> Option<Head> {
     let checkpoints = match d.u8()? {
         0 => None,
         1 => {
+            let sha256 = d.take(32)?.try_into().ok()?;
             let n = d.count(ENTRY)?;
             let entries = (0..n)
                 .map(|_| {
@@ -1001,6 +1048,7 @@ fn parse_head(bytes: &[u8]) -> Option<Head> {
             }
             Some(CptRef {
                 entries: entries.into(),
+                sha256,
             })
         }
         _ => return None,
@@ -1032,8 +1080,7 @@ fn parse_head(bytes: &[u8]) -> Option<Head> {
 }
 
 /// An index file's entries and head; its checkpoints are the caller's (`checkpoints_of`).
-#[allow(clippy::type_complexity)]
-fn decode(bytes: &[u8]) -> Option<(LayerIndex, Option<CptRef>, [u64; 6], String)> {
+fn decode(bytes: &[u8]) -> Option<Decoded> {
     let head = parse_head(bytes)?;
     let body_start = head_end(bytes)? + SUM;
     let body_end = bytes.len().checked_sub(SUM)?;
@@ -1370,6 +1417,7 @@ mod tests {
         entries[0].place.window_len -= 1;
         let short = CptRef {
             entries: entries.into(),
+            ..named.clone()
         };
         assert!(decode_checkpoints(&cpt, &short, 4096).is_none());
         assert!(
@@ -1669,6 +1717,32 @@ mod tests {
 
         cache.forget(&digest).unwrap();
         assert_eq!(cache.needs(&digest, size), Need::Index);
+    }
+
+    #[test]
+    fn an_imported_index_is_loaded_without_decoding_it_again_unless_the_file_changed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new(dir.path());
+        let digest = format!("sha256:{}", "ef".repeat(32));
+        let size = crate::blob::SPAN_BYTES + 1;
+        let (layer, _blob) = lazy_layer(&digest, size);
+        let files = Cache::portable(&sample(), &digest).expect("portable");
+        let path = cache.path_for(&digest).unwrap();
+        cache.import(&digest, size, None, &files.index).unwrap();
+        assert!(imported_map().contains_key(&path));
+        let loaded = cache.load(&layer, || Ok(false)).expect("loads");
+        assert_eq!(loaded.entries, sample().entries);
+        assert!(!imported_map().contains_key(&path), "taken once");
+        // Replaced after the import by another index of the layer: that one is loaded.
+        cache.import(&digest, size, None, &files.index).unwrap();
+        let mut other = sample();
+        other.entries.truncate(1);
+        let other = Cache::portable(&other, &digest).unwrap().index;
+        let tmp = dir.path().join("other");
+        fs::write(&tmp, &other).unwrap();
+        fs::rename(&tmp, &path).unwrap();
+        let loaded = cache.load(&layer, || Ok(false)).expect("loads");
+        assert_eq!(loaded.entries.len(), 1);
     }
 
     /// `bytes` with one byte of its first frame flipped.

@@ -320,6 +320,25 @@ pub fn import(
         let Some((blob, blob_size)) = blob_of(layer, CHECKPOINTS_MEDIA_TYPE)? else {
             continue;
         };
+        expect_checkpoints(client, repo, cache, layer, blob, blob_size);
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Sets up the fetch of the checkpoints of layer `layer` from blob `blob` (`blob_size` bytes)
+/// of `repo`, for when they are first needed ([`Cache::expect_checkpoints`]).
+fn expect_checkpoints(
+    client: &Arc<Client>,
+    repo: &str,
+    cache: &Cache,
+    layer: &str,
+    blob: String,
+    blob_size: u64,
+) -> bool {
+    {
         let (c, r, b) = (client.clone(), repo.to_string(), blob.clone());
         let fetch = Box::new(move |len: u64| {
             if len != blob_size {
@@ -342,11 +361,7 @@ pub fn import(
             c.fetch_range(&r, &blob, start, end)
                 .map_err(|e| e.to_string())
         });
-        cache.expect_checkpoints(layer, fetch, range);
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(()),
+        cache.expect_checkpoints(layer, fetch, range)
     }
 }
 
@@ -469,6 +484,14 @@ pub fn fill_cache(
     let mut missing: Vec<(Wanted, Need)> = Vec::new();
     for w in wanted {
         let need = cache.needs(&w.0, w.1);
+        if need == Need::Checkpoints
+            && let Some((blob, size)) = cache.checkpoints_blob(&w.0)
+        {
+            // Cached index, checkpoints file gone (a mount that ended before they came):
+            // the index names their blob, which is then fetched as the artifact's would be.
+            expect_checkpoints(client, repo, &cache, &w.0, blob, size);
+            continue;
+        }
         if need != Need::Nothing && !missing.iter().any(|(m, _)| m.0 == w.0) {
             missing.push((w.clone(), need));
         }
