@@ -170,24 +170,41 @@ impl Cache {
                 .spans
                 .as_ref()
                 .filter(|s| s.blob_len == layer.blob.len())?;
-        } else {
-            // A local layer whose checkpoints file is gone (an index imported from an
-            // artifact whose checkpoints never arrived) would be read from its start by every
-            // read: indexing it again costs one pass and writes both files.
-            if !cpt_present(&path, cpt.as_ref()) {
+        }
+        // A layer whose checkpoints file is gone (an index imported from an artifact whose
+        // checkpoints never arrived), and is not on its way, would be read from its start by
+        // every read: indexing it again costs one pass and writes both files.
+        if !cpt_present(&path, cpt.as_ref())
+            && (!layer.blob.is_lazy() || !pending_map().contains_key(&cpt_path(&path)))
+        {
+            return None;
+        }
+        if !layer.blob.is_lazy() && saved_stamp != stamp(layer) {
+            // Another copy of the same digest: the index fits it only if the bytes are
+            // right. Only the head changes: the checkpoints file stays as it is.
+            if !verify().unwrap_or(false) {
                 return None;
             }
-            if saved_stamp != stamp(layer) {
-                // Another copy of the same digest: the index fits it only if the bytes are
-                // right. Only the head changes: the checkpoints file stays as it is.
-                if !verify().unwrap_or(false) {
-                    return None;
-                }
-                let bytes = encode(&index, cpt.as_ref(), stamp(layer), key);
-                let _ = write_atomically(&self.dir, &path, &bytes);
-            }
+            let bytes = encode(&index, cpt.as_ref(), stamp(layer), key);
+            let _ = write_atomically(&self.dir, &path, &bytes);
         }
-        index.checkpoints = checkpoints_of(&path, index.tar_size, cpt, layer.label());
+        index.checkpoints = if layer.blob.is_lazy() {
+            // They may still be on their way: checked when a read needs them.
+            checkpoints_of(&path, index.tar_size, cpt, layer.label())
+        } else {
+            // Read and checked now, as the entries are: a damaged file is a miss, and the
+            // layer's index is rebuilt rather than its reads started from its start.
+            match cpt {
+                None => None,
+                Some(c) if c.count() == 0 => Checkpoints::new(Vec::new(), index.tar_size),
+                Some(c) => Some(decode_checkpoints(
+                    &fs::read(cpt_path(&path)).ok()?,
+                    &c,
+                    index.tar_size,
+                )?),
+            }
+            .map(Arc::new)
+        };
         index.label = layer.label();
         Some(index)
     }
@@ -207,7 +224,9 @@ impl Cache {
         let fits = head.key == key
             && layer.diff_id.as_deref().is_none_or(|d| d == head.diff_id)
             && (head.stamp == stamp(layer) || lazy);
-        if !fits || (!lazy && !cpt_present(&path, head.checkpoints.as_ref())) {
+        let missing = !cpt_present(&path, head.checkpoints.as_ref())
+            && (!lazy || !pending_map().contains_key(&cpt_path(&path)));
+        if !fits || missing {
             return None;
         }
         Some(checkpoints_of(
@@ -270,11 +289,22 @@ impl Cache {
     }
 
     /// A layer's index as cache files that name no local file: what an index artifact
-    /// carries (`registry/artifact.rs`). `None` without span digests, which a lazy read needs.
-    pub fn portable(index: &LayerIndex, digest: &str) -> Option<Portable> {
-        let len = index.spans.as_ref()?.blob_len;
+    /// carries (`registry/artifact.rs`). Refused without span digests, which a lazy read
+    /// needs, or if its checkpoints could not be loaded (an artifact without them would make
+    /// every host read the layer from its start).
+    pub fn portable(index: &LayerIndex, digest: &str) -> std::result::Result<Portable, String> {
+        let len = index
+            .spans
+            .as_ref()
+            .ok_or("its index has no span digests")?
+            .blob_len;
+        if index.checkpoints.as_ref().is_some_and(|c| !c.is_complete()) {
+            return Err(
+                "its cached checkpoints are damaged (`flatfs cache clear` and retry)".into(),
+            );
+        }
         let (index, checkpoints) = encode_both(index, lazy_stamp(len), digest);
-        Some(Portable { index, checkpoints })
+        Ok(Portable { index, checkpoints })
     }
 
     /// Takes the index of blob `digest` (`size` bytes, uncompressed `diff_id` if known) from
@@ -1728,6 +1758,7 @@ mod tests {
         let (layer, _blob) = lazy_layer(&digest, size);
         let files = Cache::portable(&sample(), &digest).expect("portable");
         let path = cache.path_for(&digest).unwrap();
+        fs::write(cpt_path(&path), files.checkpoints.unwrap()).unwrap();
         cache.import(&digest, size, None, &files.index).unwrap();
         assert!(imported_map().contains_key(&path));
         let loaded = cache.load(&layer, || Ok(false)).expect("loads");

@@ -276,6 +276,13 @@ impl Checkpoints {
         })
     }
 
+    /// Loads deferred points; false if they were placed (their head said how many) and the
+    /// load failed, so that there are none.
+    pub fn is_complete(&self) -> bool {
+        let n = self.points().len();
+        self.table.as_ref().is_none_or(|t| t.places.len() == n)
+    }
+
     /// How many there are.
     pub fn len(&self) -> usize {
         self.points().len()

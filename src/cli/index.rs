@@ -140,7 +140,7 @@ fn push(ui: &Ui, args: &PushArgs) -> Result<()> {
             continue;
         }
         let bytes = Cache::portable(index, &digest)
-            .with_context(|| format!("layer {}: its index has no span digests", layer.label()))?;
+            .map_err(|e| anyhow::anyhow!("layer {}: {e}", layer.label()))?;
         layers.push((digest, bytes));
     }
     let pushed = artifact::push(&client, repo, &subject, &layers)
