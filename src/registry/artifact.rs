@@ -5,6 +5,7 @@
 //! (distribution 2.8) through the `sha256-HEX` tag the OCI 1.1 fallback defines.
 //! See: <https://github.com/opencontainers/distribution-spec/blob/main/spec.md#listing-referrers>
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -228,6 +229,20 @@ fn ours(entry: &Value) -> bool {
 /// A layer whose index is wanted: digest, blob size.
 pub type Wanted = (String, u64);
 
+/// Says, for a layer (digest, size) whose index is about to be fetched, how many of its
+/// first bytes to fetch beside it (the first span a lazy open checks), if any.
+pub type FirstSpan<'a> = &'a (dyn Fn(&str, u64) -> Option<u64> + Sync);
+
+/// What a lazy open takes from an index artifact ([`fill_cache`]).
+#[derive(Debug, Default)]
+pub struct Filled {
+    /// The layers whose index was imported.
+    pub imported: Vec<String>,
+    /// The first bytes of some of them, fetched beside their indexes: unverified (the lazy
+    /// blob checks them against the span digests, as any fetched span).
+    pub starts: HashMap<String, Vec<u8>>,
+}
+
 /// Looks for an index artifact of image `subject` in `repo` (referrers API, then the
 /// fallback tag) and imports into `cache` what `wanted` layers need from it: the index blobs,
 /// fetched in parallel, each checked against its digest and decoded with every check of a
@@ -235,15 +250,18 @@ pub type Wanted = (String, u64);
 /// each the fetch of its checkpoints blob, set up for when they are first loaded
 /// ([`Cache::expect_checkpoints`]). Returns the layers whose index was imported; a layer it
 /// cannot import is an error naming it (the others stay: each was checked on its own).
-pub fn import(
+#[allow(clippy::too_many_arguments)]
+fn import(
     client: &Arc<Client>,
     repo: &str,
     subject: &str,
     wanted: &[(Wanted, Need)],
     cache: &Cache,
     diff_ids: &mut dyn FnMut() -> Vec<(String, String)>,
-    imported: &mut Vec<String>,
+    first_span: FirstSpan,
+    filled: &mut Filled,
 ) -> Result<()> {
+    let imported = &mut filled.imported;
     let Some(entry) = find(client, repo, subject)? else {
         return Ok(());
     };
@@ -291,7 +309,30 @@ pub fn import(
             None => log::info!("{what}: no index of layer {layer}"),
         }
     }
-    let fetched = fetch_all(client, repo, &jobs);
+    // Beside them, the first span of each of those layers, which the open checks next.
+    let starts: Vec<(String, u64)> = jobs
+        .iter()
+        .filter_map(|(layer, size, _, _)| Some((layer.clone(), first_span(layer, *size)?)))
+        .collect();
+    let mut work: Vec<Job> = Vec::new();
+    for (_, size, blob, blob_size) in &jobs {
+        work.push(Box::new(move || {
+            fetch_blob(client, repo, blob, *blob_size, index_limit(*size))
+        }));
+    }
+    for (layer, end) in &starts {
+        work.push(Box::new(move || {
+            client
+                .fetch_range(repo, layer, 0, *end)
+                .map_err(|e| e.to_string())
+        }));
+    }
+    let mut fetched = run_all(work);
+    for ((layer, _), bytes) in starts.iter().zip(fetched.split_off(jobs.len())) {
+        if let Ok(b) = bytes {
+            filled.starts.insert(layer.clone(), b);
+        }
+    }
     let diff_ids = if jobs.is_empty() {
         Vec::new()
     } else {
@@ -365,24 +406,23 @@ fn expect_checkpoints(
     }
 }
 
-/// The blobs of `jobs` (layer, layer size, blob, blob size), fetched on a few threads, each
-/// checked and inflated as [`fetch_blob`] does, in the order of `jobs`.
-fn fetch_all(
-    client: &Client,
-    repo: &str,
-    jobs: &[(String, u64, String, u64)],
-) -> Vec<Result<Vec<u8>, String>> {
-    let results = Mutex::new(jobs.iter().map(|_| None).collect::<Vec<_>>());
-    let next = std::sync::atomic::AtomicUsize::new(0);
+/// A fetch [`run_all`] runs.
+type Job<'a> = Box<dyn FnOnce() -> Result<Vec<u8>, String> + Send + 'a>;
+
+/// Runs `jobs` on a few threads; their results in the order of `jobs`.
+fn run_all(jobs: Vec<Job>) -> Vec<Result<Vec<u8>, String>> {
+    let n = jobs.len();
+    let queue = Mutex::new(jobs.into_iter().enumerate().collect::<Vec<_>>());
+    let results = Mutex::new((0..n).map(|_| None).collect::<Vec<_>>());
     std::thread::scope(|s| {
-        for _ in 0..PARALLEL.min(jobs.len()) {
+        for _ in 0..PARALLEL.min(n) {
             s.spawn(|| {
                 loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some((_, size, blob, blob_size)) = jobs.get(i) else {
-                        break;
-                    };
-                    let r = fetch_blob(client, repo, blob, *blob_size, index_limit(*size));
+                    // Taken from the end: the first spans, then the index blobs, largest
+                    // last; they all go out at once anyway.
+                    let job = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                    let Some((i, job)) = job else { break };
+                    let r = job();
                     results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
                 }
             });
@@ -468,10 +508,10 @@ fn inflate(bytes: &[u8], limit: u64) -> Result<Vec<u8>, String> {
 }
 
 /// For a lazy open: imports from the image's index artifact what the cache in `dir` lacks of
-/// the layers `wanted` (indexes, and the fetch of their checkpoints, see [`import`]).
-/// `diff_ids` gives the config's (layer, diff_id) pairs, once an index needs them. Best
-/// effort: a missing or bad artifact is a warning, and those layers are then read as without
-/// one. Returns the layers whose index was imported.
+/// the layers `wanted` (indexes, and the fetch of their checkpoints, see `import`).
+/// `diff_ids` gives the config's (layer, diff_id) pairs, once an index needs them;
+/// `first_span` says how much of a layer to fetch beside its index. Best effort: a missing or
+/// bad artifact is a warning, and those layers are then read as without one.
 pub fn fill_cache(
     client: &Arc<Client>,
     repo: &str,
@@ -479,7 +519,8 @@ pub fn fill_cache(
     wanted: &[Wanted],
     dir: &Path,
     diff_ids: &mut dyn FnMut() -> Vec<(String, String)>,
-) -> Vec<String> {
+    first_span: FirstSpan,
+) -> Filled {
     let cache = Cache::new(dir);
     let mut missing: Vec<(Wanted, Need)> = Vec::new();
     for w in wanted {
@@ -496,9 +537,9 @@ pub fn fill_cache(
             missing.push((w.clone(), need));
         }
     }
-    let mut imported = Vec::new();
+    let mut filled = Filled::default();
     if missing.is_empty() {
-        return imported;
+        return filled;
     }
     let r = import(
         client,
@@ -507,17 +548,18 @@ pub fn fill_cache(
         &missing,
         &cache,
         diff_ids,
-        &mut imported,
+        first_span,
+        &mut filled,
     );
     match r {
-        Ok(()) if imported.is_empty() => log::info!(
+        Ok(()) if filled.imported.is_empty() => log::info!(
             "{}: no flatfs index artifact for {repo}@{subject}",
             client.host()
         ),
         Ok(()) => log::info!(
             "{}: {} of {} missing layer indexes from the index artifact",
             client.host(),
-            imported.len(),
+            filled.imported.len(),
             missing.len()
         ),
         Err(e) => log::warn!(
@@ -525,7 +567,7 @@ pub fn fill_cache(
             client.host()
         ),
     }
-    imported
+    filled
 }
 
 #[cfg(test)]

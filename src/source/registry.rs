@@ -72,7 +72,7 @@ pub(super) fn open(
     let config_digest = config.digest().to_string();
     // The config and the index artifact are fetched side by side: the artifact needs the
     // config only to check the indexes' diff_ids, once they are here.
-    let (path, imported) = std::thread::scope(|s| {
+    let (path, filled) = std::thread::scope(|s| {
         let fetch_config =
             s.spawn(|| client.fetch_blob(repo, &config_digest, config.size(), &blobs, &|_| {}));
         let mut fetch_config = Some(fetch_config);
@@ -83,26 +83,42 @@ pub(super) fn open(
             fetched = Some(r);
             ids.unwrap_or_default()
         };
-        let imported = index_artifact(
+        let first_span =
+            |d: &str, size: u64| (!blobs.has(d, size)).then(|| crate::blob::SPAN_BYTES.min(size));
+        let filled = index_artifact(
             &client,
             repo,
             desc.digest().as_ref(),
             &manifest,
             opts,
             &mut diff_ids,
+            &first_span,
         );
         let path = match (fetched, fetch_config) {
             (Some(r), _) => r,
             (None, Some(h)) => join(h),
             (None, None) => unreachable!("the config is fetched or being fetched"),
         };
-        (path, imported)
+        (path, filled)
     });
     let path = path?;
     link(&config_digest, &path)?;
-    // The first span of each layer whose index came from the artifact is fetched now, all at
-    // once: a lie is found while the layer can still be pulled whole (below).
-    let mut checked = check_starts(&client, repo, &manifest, &imported, &layout, &blobs, opts);
+    // The first span of each layer whose index came from the artifact is checked now (most
+    // were fetched beside the indexes), all at once: a lie is found while the layer can
+    // still be pulled whole (below).
+    let crate::registry::artifact::Filled {
+        imported,
+        mut starts,
+    } = filled;
+    let mut checked = check_starts(
+        &client,
+        repo,
+        &manifest,
+        (&imported, &mut starts),
+        &layout,
+        &blobs,
+        opts,
+    );
 
     // Layers: those in the store are linked; the others start downloading now, and the
     // image opens on their growing files, so indexing reads each layer as it arrives
@@ -130,7 +146,7 @@ pub(super) fn open(
             let check = imported.contains(&digest);
             let opened = match checked.remove(&digest) {
                 Some(r) => r,
-                None => open_lazy(&client, repo, &digest, &path, spans, &blobs, check),
+                None => open_lazy(&client, repo, &digest, &path, spans, &blobs, check, None),
             };
             match opened {
                 Ok(Some(l)) => {
@@ -287,20 +303,21 @@ fn index_artifact(
     manifest: &ImageManifest,
     opts: &Options,
     diff_ids: &mut dyn FnMut() -> Vec<(String, String)>,
-) -> Vec<String> {
+    first_span: crate::registry::artifact::FirstSpan,
+) -> crate::registry::artifact::Filled {
     let Some(dir) = opts
         .cache_dir
         .as_ref()
         .filter(|_| opts.lazy && !opts.no_index_artifact)
     else {
-        return Vec::new();
+        return Default::default();
     };
     let wanted: Vec<_> = manifest
         .layers()
         .iter()
         .map(|l| (l.digest().to_string(), l.size()))
         .collect();
-    crate::registry::artifact::fill_cache(client, repo, subject, &wanted, dir, diff_ids)
+    crate::registry::artifact::fill_cache(client, repo, subject, &wanted, dir, diff_ids, first_span)
 }
 
 /// The (layer digest, diff_id) pairs of a manifest's layers by the config at `config` (a
@@ -327,22 +344,23 @@ fn join<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> T {
 }
 
 /// Opens for reads by ranges each layer of `manifest` whose index was `imported` from an
-/// artifact (and is not whole in the store), fetching their first spans in parallel: what
-/// [`open_lazy`] with `check_start` gives, by layer digest.
+/// artifact (and is not whole in the store), fetching their first spans in parallel (unless
+/// in `starts`, fetched already): what [`open_lazy`] with `check_start` gives, by layer
+/// digest.
 fn check_starts(
     client: &Arc<Client>,
     repo: &str,
     manifest: &ImageManifest,
-    imported: &[String],
+    (imported, starts): (&[String], &mut HashMap<String, Vec<u8>>),
     layout: &tempfile::TempDir,
     blobs: &BlobStore,
     opts: &Options,
 ) -> HashMap<String, Result<Option<Arc<Lazy>>>> {
-    let mut todo = Vec::new();
+    let mut todo: Vec<(String, PathBuf, SpanDigests, Option<Vec<u8>>)> = Vec::new();
     for layer in manifest.layers() {
         let digest = layer.digest().to_string();
         if !imported.contains(&digest)
-            || todo.iter().any(|(d, _, _)| *d == digest)
+            || todo.iter().any(|(d, ..)| *d == digest)
             || blobs.has(&digest, layer.size())
         {
             continue;
@@ -353,14 +371,15 @@ fn check_starts(
         ) else {
             continue;
         };
-        todo.push((digest, path, spans));
+        let start = starts.remove(&digest);
+        todo.push((digest, path, spans, start));
     }
     std::thread::scope(|s| {
         let handles: Vec<_> = todo
             .into_iter()
-            .map(|(digest, path, spans)| {
+            .map(|(digest, path, spans, start)| {
                 s.spawn(move || {
-                    let r = open_lazy(client, repo, &digest, &path, spans, blobs, true);
+                    let r = open_lazy(client, repo, &digest, &path, spans, blobs, true, start);
                     (digest, r)
                 })
             })
@@ -401,8 +420,10 @@ fn compression_of(media_type: &str) -> Option<Compression> {
 }
 
 /// Opens layer `digest` for reads by ranges. With `check_start` (an index imported from an
-/// artifact, which may lie) its first span is fetched now, so a lie is found while the layer
-/// can still be pulled whole; with an index this host made, nothing is fetched until read.
+/// artifact, which may lie) its first span is fetched now (or taken from `first`, its first
+/// bytes fetched already, checked as fetched ones), so a lie is found while the layer can
+/// still be pulled whole; with an index this host made, nothing is fetched until read.
+#[allow(clippy::too_many_arguments)]
 fn open_lazy(
     client: &Arc<Client>,
     repo: &str,
@@ -411,12 +432,22 @@ fn open_lazy(
     spans: SpanDigests,
     blobs: &BlobStore,
     check_start: bool,
+    first: Option<Vec<u8>>,
 ) -> Result<Option<Arc<Lazy>>> {
     let Some((file, map, partial)) = link_partial(blobs, digest, &spans, path, &|| {})? else {
         return Ok(None);
     };
     let (c, r, d) = (client.clone(), repo.to_string(), digest.to_string());
+    let first = Mutex::new(first);
     let fetch = Box::new(move |start, end| {
+        // Taken once, by the request it answers.
+        let mut got = first.lock().unwrap_or_else(|e| e.into_inner());
+        if start == 0 && got.as_ref().is_some_and(|b| b.len() as u64 >= end) {
+            let mut b = got.take().unwrap_or_default();
+            b.truncate(end as usize);
+            return Ok(b);
+        }
+        drop(got);
         c.fetch_range(&r, &d, start, end)
             .map_err(|e| std::io::Error::other(e.to_string()))
     });
