@@ -369,6 +369,20 @@ fn a_corrupt_or_stale_cache_file_is_rebuilt_with_the_same_checkpoints() {
             );
         }
     }
+    // `cache ls` lists the checkpoints file beside its index, `cache clear` removes both.
+    let run = |args: &[&str]| {
+        let out = flatfs()
+            .env("FLATFS_CACHE_DIR", cache.dir())
+            .args(args)
+            .output()
+            .expect("run flatfs");
+        assert_success(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ls = run(&["cache", "ls"]);
+    assert!(ls.contains("gzip checkpoint windows"), "{ls}");
+    run(&["cache", "clear"]);
+    assert!(!cpt.exists() && !path.exists());
 }
 
 // ---------------------------------------------------------------------------------------
