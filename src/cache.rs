@@ -5,11 +5,12 @@
 //! a corrupt, stale or foreign file is ignored and rebuilt, never trusted.
 //!
 //! `HEX.idx` has two separately checksummed parts: a head (identity, span digests, and of the
-//! checkpoints only their count, length and sha256) and a body (entries). The checkpoints with
-//! their windows, most of the bytes, are in `HEX.cpt`, read (and checked against the head's
-//! sha256) only when a read first needs them. So a mount whose merged tree is cached
-//! (`merged.rs`) reads small heads and never decodes the entries, and a lazy registry mount
-//! can be live before a layer's checkpoints have arrived (`expect_checkpoints`).
+//! checkpoints only their places and the sha256 of each window's frame) and a body (entries).
+//! The windows, most of the bytes, are in `HEX.cpt`, one zstd frame each, read (and checked
+//! against the head) only when a read first needs them, all at once or one frame alone. So a
+//! mount whose merged tree is cached (`merged.rs`) reads small heads and never decodes the
+//! entries, and a lazy registry mount can be live before a layer's checkpoints have arrived
+//! (`expect_checkpoints`), fetching a window alone for a read that needs one before then.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -214,8 +215,9 @@ impl Cache {
     /// another copy.
     ///
     /// Only the index's head is read now (small: the windows are in the checkpoints file);
-    /// the checkpoints themselves are [`Checkpoints::lazy`]: read, checked against the head's
-    /// sha256 and range checked when a read first needs that layer.
+    /// the checkpoints themselves are [`Checkpoints::lazy`]: read, each window's frame
+    /// checked against the head's sha256, and range checked when a read first needs that
+    /// layer (a read that needs one before then reads its frame alone).
     pub fn load_checkpoints(&self, layer: &Layer) -> Option<Option<Arc<Checkpoints>>> {
         let key = Self::key(layer)?;
         let path = self.path_for(key)?;
@@ -359,7 +361,7 @@ impl Cache {
     /// Says where the checkpoints of the cached index of blob `digest` will come from if its
     /// checkpoints file is missing or wrong when a read first needs them: `fetch` (an index
     /// artifact's blob, untrusted) is run once, by that read or by whoever loads them first,
-    /// its bytes are checked against the sha256 and count the index's head records and range
+    /// its bytes are checked against the frame digests the index's head records and range
     /// checked, then saved as the checkpoints file. False if the index needs none.
     ///
     /// `range` fetches a byte range of that file (its blob in the artifact): a read that needs
