@@ -4,29 +4,41 @@
 //! layers, skips the indexing pass. Files are versioned, checksummed and written atomically;
 //! a corrupt, stale or foreign file is ignored and rebuilt, never trusted.
 //!
-//! A file has two separately checksummed parts: a head (identity, digests, checkpoints) and a
-//! body (entries). A mount whose merged tree is cached (`merged.rs`) needs only the
-//! checkpoints, so it reads the head (when a read first needs the layer) and never decodes
-//! the entries.
+//! `HEX.idx` has two separately checksummed parts: a head (identity, span digests, and of the
+//! checkpoints only their places and the sha256 of each window's frame) and a body (entries).
+//! The windows, most of the bytes, are in `HEX.cpt`, one zstd frame each, read (and checked
+//! against the head) only when a read first needs them, all at once or one frame alone. So a
+//! mount whose merged tree is cached (`merged.rs`) reads small heads and never decodes the
+//! entries, and a lazy registry mount can be live before a layer's checkpoints have arrived
+//! (`expect_checkpoints`), fetching a window alone for a read that needs one before then.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 
 use sha2::{Digest as _, Sha256};
 
 use crate::blob::SpanDigests;
 use crate::layer::{Entry, Kind, LayerIndex, Meta};
 use crate::source::Layer;
-use crate::zran::{Checkpoint, Checkpoints};
+use crate::zran::{Checkpoint, Checkpoints, Place};
 
 mod merged;
 
 const MAGIC: &[u8; 8] = b"FLATFSIX";
 /// Bump when the encoding or the meaning of a field changes; old files are then ignored.
-pub(crate) const VERSION: u32 = 6;
+pub(crate) const VERSION: u32 = 7;
+/// zstd level of a checkpoint window's frame in a checkpoints file: the same windows give the
+/// same file, so an artifact's blob and a local file agree.
+const FRAME_LEVEL: i32 = 3;
+/// The longest frame a window of [`crate::zran::WINDOW`] bytes can take (zstd stores
+/// incompressible bytes nearly as they are).
+const MAX_FRAME: u32 = crate::zran::WINDOW as u32 + 4096;
+/// Bytes an index head takes per checkpoint.
+const ENTRY: usize = 8 + 1 + 8 + 4 + 4 + 32;
 /// Length of a [`checksum`].
 const SUM: usize = 4;
 /// Magic, version and the head's length.
@@ -70,6 +82,8 @@ pub struct CacheEntry {
 pub enum CacheKind {
     /// One layer's index (`HEX.idx`).
     LayerIndex,
+    /// The gzip checkpoints of a layer's index (`HEX.cpt`).
+    Checkpoints,
     /// The merged tree of a stack of layers (`HEX.tree`).
     MergedTree,
     /// A blob pulled from a registry (`blobs/sha256/HEX`).
@@ -145,8 +159,8 @@ impl Cache {
     ) -> Option<LayerIndex> {
         let key = Self::key(layer)?;
         let path = self.path_for(key)?;
-        let bytes = fs::read(&path).ok()?;
-        let (index, saved_stamp, saved_key) = decode(&bytes)?;
+        let (mut index, cpt, saved_stamp, saved_key) =
+            take_imported(&path).or_else(|| decode(&fs::read(&path).ok()?))?;
         if saved_key != key || layer.diff_id.as_deref().is_some_and(|d| d != index.diff_id) {
             return None;
         }
@@ -157,14 +171,41 @@ impl Cache {
                 .spans
                 .as_ref()
                 .filter(|s| s.blob_len == layer.blob.len())?;
-        } else if saved_stamp != stamp(layer) {
-            // Another copy of the same digest: the index fits it only if the bytes are right.
+        }
+        // A layer whose checkpoints file is gone (an index imported from an artifact whose
+        // checkpoints never arrived), and is not on its way, would be read from its start by
+        // every read: indexing it again costs one pass and writes both files.
+        if !cpt_present(&path, cpt.as_ref())
+            && (!layer.blob.is_lazy() || !pending_map().contains_key(&cpt_path(&path)))
+        {
+            return None;
+        }
+        if !layer.blob.is_lazy() && saved_stamp != stamp(layer) {
+            // Another copy of the same digest: the index fits it only if the bytes are
+            // right. Only the head changes: the checkpoints file stays as it is.
             if !verify().unwrap_or(false) {
                 return None;
             }
-            let _ = self.store(layer, &index);
+            let bytes = encode(&index, cpt.as_ref(), stamp(layer), key);
+            let _ = write_atomically(&self.dir, &path, &bytes);
         }
-        let mut index = index;
+        index.checkpoints = if layer.blob.is_lazy() {
+            // They may still be on their way: checked when a read needs them.
+            checkpoints_of(&path, index.tar_size, cpt, layer.label())
+        } else {
+            // Read and checked now, as the entries are: a damaged file is a miss, and the
+            // layer's index is rebuilt rather than its reads started from its start.
+            match cpt {
+                None => None,
+                Some(c) if c.count() == 0 => Checkpoints::new(Vec::new(), index.tar_size),
+                Some(c) => Some(decode_checkpoints(
+                    &fs::read(cpt_path(&path)).ok()?,
+                    &c,
+                    index.tar_size,
+                )?),
+            }
+            .map(Arc::new)
+        };
         index.label = layer.label();
         Some(index)
     }
@@ -173,65 +214,64 @@ impl Cache {
     /// from exactly this blob file counts: unlike [`Cache::load`], this never re-verifies
     /// another copy.
     ///
-    /// Only the head's first fields are read now, and compared with what they must be (a
-    /// corrupt field can only make them differ: a miss). The checkpoints themselves, most of
-    /// the head, are [`Checkpoints::lazy`]: read, checksummed and range checked when a read
-    /// first needs that layer, so a warm mount of a 100-layer image does not read 100 heads.
+    /// Only the index's head is read now (small: the windows are in the checkpoints file);
+    /// the checkpoints themselves are [`Checkpoints::lazy`]: read, each window's frame
+    /// checked against the head's sha256, and range checked when a read first needs that
+    /// layer (a read that needs one before then reads its frame alone).
     pub fn load_checkpoints(&self, layer: &Layer) -> Option<Option<Arc<Checkpoints>>> {
         let key = Self::key(layer)?;
         let path = self.path_for(key)?;
-        let fits = |h_key: &str, h_stamp: [u64; 6], h_diff_id: &str| {
-            h_key == key
-                && layer.diff_id.as_deref().is_none_or(|d| d == h_diff_id)
-                && (h_stamp == stamp(layer) || layer.blob.is_lazy())
-        };
-        let mut file = File::open(&path).ok()?;
-        let mut start = [0u8; 1024];
-        let n = read_up_to(&mut file, &mut start).ok()?;
-        let (h_key, h_stamp, h_diff_id, has) = head_start(&start[..n])?;
-        if !fits(h_key, h_stamp, h_diff_id) {
+        let head = read_head_file(&path)?;
+        let lazy = layer.blob.is_lazy();
+        let fits = head.key == key
+            && layer.diff_id.as_deref().is_none_or(|d| d == head.diff_id)
+            && (head.stamp == stamp(layer) || lazy);
+        let missing = !cpt_present(&path, head.checkpoints.as_ref())
+            && (!lazy || !pending_map().contains_key(&cpt_path(&path)));
+        if !fits || missing {
             return None;
         }
-        if !has {
-            return Some(None);
-        }
-        let (key, diff_id, want) = (key.to_owned(), layer.diff_id.clone(), stamp(layer));
-        let lazy = layer.blob.is_lazy();
-        let label = layer.label();
-        let read = move |path: &Path| {
-            // Opened again by path, whatever it holds by now: it is checked as on a load.
-            let file = File::open(path).ok()?;
-            let len = file.metadata().ok()?.len();
-            // Streamed: the windows go straight from the file into their own buffers.
-            let head = read_head(io::BufReader::with_capacity(1 << 16, file), len)?;
-            let fits = head.key == key
-                && diff_id.as_deref().is_none_or(|d| d == head.diff_id)
-                && (head.stamp == want || lazy);
-            // Checked by `read_head` (Checkpoints::new), and not lazy themselves.
-            fits.then_some(head.checkpoints?).map(Arc::unwrap_or_clone)
-        };
-        Some(Some(Arc::new(Checkpoints::lazy(move || {
-            let loaded = read(&path);
-            if loaded.is_none() {
-                log::warn!(
-                    "layer {label}: its cached checkpoints ({}) changed or were damaged after \
-                     the mount checked them; reading the layer from its start instead",
-                    path.display()
-                );
-            }
-            loaded
-        }))))
+        Some(checkpoints_of(
+            &path,
+            head.tar_size,
+            head.checkpoints,
+            layer.label(),
+        ))
     }
 
     /// The span digests recorded in the cached index of blob `digest` (`size` bytes), from
     /// the file's head: what a lazy registry read checks its bytes against.
     pub fn span_digests(&self, digest: &str, size: u64) -> Option<Arc<SpanDigests>> {
-        let file = File::open(self.path_for(digest)?).ok()?;
-        let len = file.metadata().ok()?.len();
-        let head = read_head(io::BufReader::with_capacity(1 << 16, file), len)?;
+        let head = read_head_file(&self.path_for(digest)?)?;
         (head.key == digest)
             .then_some(head.spans)?
             .filter(|s| s.blob_len == size)
+    }
+
+    /// What the cache lacks for a lazy read of blob `digest` (`size` bytes).
+    pub fn needs(&self, digest: &str, size: u64) -> Need {
+        let Some(path) = self.path_for(digest) else {
+            return Need::Index;
+        };
+        match read_head_file(&path) {
+            Some(h) if h.key == digest && h.spans.as_ref().is_some_and(|s| s.blob_len == size) => {
+                if cpt_present(&path, h.checkpoints.as_ref()) {
+                    Need::Nothing
+                } else {
+                    Need::Checkpoints
+                }
+            }
+            _ => Need::Index,
+        }
+    }
+
+    /// The digest and size of the checkpoints file the cached index of blob `digest` names,
+    /// if it names one: the blob of an index artifact that carries them, too.
+    pub fn checkpoints_blob(&self, digest: &str) -> Option<(String, u64)> {
+        let head = read_head_file(&self.path_for(digest)?).filter(|h| h.key == digest)?;
+        let cpt = head.checkpoints.filter(|c| c.count() > 0)?;
+        let hex: String = cpt.sha256.iter().map(|b| format!("{b:02x}")).collect();
+        Some((format!("sha256:{hex}"), cpt.len()))
     }
 
     /// Saves a layer's index (best effort is the caller's choice: errors are returned).
@@ -242,20 +282,38 @@ impl Cache {
         let Some(path) = self.path_for(key) else {
             return Ok(());
         };
-        write_atomically(&self.dir, &path, &encode(index, stamp(layer), key))
+        let (idx, cpt) = encode_both(index, stamp(layer), key);
+        // The checkpoints first: an index file never names a checkpoints file not yet written.
+        if let Some(cpt) = cpt {
+            write_atomically(&self.dir, &cpt_path(&path), &cpt)?;
+        }
+        write_atomically(&self.dir, &path, &idx)
     }
 
-    /// A layer's index as a cache file that names no local file: what an index artifact
-    /// carries (`registry/artifact.rs`). `None` without span digests, which a lazy read needs.
-    pub fn portable(index: &LayerIndex, digest: &str) -> Option<Vec<u8>> {
-        let len = index.spans.as_ref()?.blob_len;
-        Some(encode(index, lazy_stamp(len), digest))
+    /// A layer's index as cache files that name no local file: what an index artifact
+    /// carries (`registry/artifact.rs`). Refused without span digests, which a lazy read
+    /// needs, or if its checkpoints could not be loaded (an artifact without them would make
+    /// every host read the layer from its start).
+    pub fn portable(index: &LayerIndex, digest: &str) -> std::result::Result<Portable, String> {
+        let len = index
+            .spans
+            .as_ref()
+            .ok_or("its index has no span digests")?
+            .blob_len;
+        if index.checkpoints.as_ref().is_some_and(|c| !c.is_complete()) {
+            return Err(
+                "its cached checkpoints are damaged (`flatfs cache clear` and retry)".into(),
+            );
+        }
+        let (index, checkpoints) = encode_both(index, lazy_stamp(len), digest);
+        Ok(Portable { index, checkpoints })
     }
 
     /// Takes the index of blob `digest` (`size` bytes, uncompressed `diff_id` if known) from
     /// untrusted bytes (an index artifact): decoded with every check a cache file gets, it must
     /// be of this blob, with span digests covering exactly its size, then it is saved
-    /// atomically, as if indexed here. Says why it was refused.
+    /// atomically, as if indexed here. Its checkpoints, if it has any, come separately
+    /// ([`Cache::expect_checkpoints`]). Says why it was refused.
     pub fn import(
         &self,
         digest: &str,
@@ -266,7 +324,7 @@ impl Cache {
         let path = self
             .path_for(digest)
             .ok_or_else(|| format!("unsupported digest {digest:?}"))?;
-        let (index, _, key) = decode(bytes).ok_or(
+        let (index, cpt, _, key) = decode(bytes).ok_or(
             "not a valid layer index (damaged, forged, or made by another flatfs version)",
         )?;
         if key != digest {
@@ -289,16 +347,78 @@ impl Cache {
             ));
         }
         // Re-encoded with no stamp of a local file: a forged stamp must not pass for one.
-        write_atomically(&self.dir, &path, &encode(&index, lazy_stamp(size), digest))
-            .map_err(|e| format!("cannot save it in {}: {e}", self.dir.display()))
+        let bytes = encode(&index, cpt.as_ref(), lazy_stamp(size), digest);
+        write_atomically(&self.dir, &path, &bytes)
+            .map_err(|e| format!("cannot save it in {}: {e}", self.dir.display()))?;
+        // The open that follows loads this very file: it takes the decoded index instead.
+        if let Some(id) = identity(&path) {
+            let decoded = (index, cpt, lazy_stamp(size), key);
+            imported_map().insert(path, (id, decoded));
+        }
+        Ok(())
+    }
+
+    /// Says where the checkpoints of the cached index of blob `digest` will come from if its
+    /// checkpoints file is missing or wrong when a read first needs them: `fetch` (an index
+    /// artifact's blob, untrusted) is run once, by that read or by whoever loads them first,
+    /// its bytes are checked against the frame digests the index's head records and range
+    /// checked, then saved as the checkpoints file. False if the index needs none.
+    ///
+    /// `range` fetches a byte range of that file (its blob in the artifact): a read that needs
+    /// one checkpoint before all have arrived gets its window alone, checked against the
+    /// sha256 the head records for it.
+    pub fn expect_checkpoints(
+        &self,
+        digest: &str,
+        fetch: CheckpointsFetch,
+        range: RangeFetch,
+    ) -> bool {
+        let Some(path) = self.path_for(digest) else {
+            return false;
+        };
+        let Some(head) = read_head_file(&path).filter(|h| h.key == digest) else {
+            return false;
+        };
+        let Some(cpt) = head.checkpoints.filter(|c| c.count() > 0) else {
+            return false;
+        };
+        let (file, dir, tar_size) = (cpt_path(&path), self.dir.clone(), head.tar_size);
+        let (to, want) = (file.clone(), cpt.clone());
+        let job: CheckpointsJob = Box::new(move || {
+            let bytes = fetch(want.len())?;
+            let c = decode_checkpoints(&bytes, &want, tar_size).ok_or(
+                "they do not match the sha256 digests its index records, or fail the range \
+                 checks",
+            )?;
+            if let Err(e) = write_atomically(&dir, &to, &bytes) {
+                log::warn!("cannot save {}: {e}", to.display());
+            }
+            Ok(c)
+        });
+        let pending = Arc::new(Pending {
+            cpt,
+            range,
+            job: Mutex::new(Some(job)),
+            done: OnceLock::new(),
+        });
+        pending_map().insert(file, pending);
+        true
     }
 
     /// Removes the index of blob `digest` (one imported from an artifact that proved wrong).
     pub fn forget(&self, digest: &str) -> io::Result<()> {
-        match self.path_for(digest).map(fs::remove_file) {
-            Some(Err(e)) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        let Some(path) = self.path_for(digest) else {
+            return Ok(());
+        };
+        pending_map().remove(&cpt_path(&path));
+        imported_map().remove(&path);
+        for p in [cpt_path(&path), path] {
+            match fs::remove_file(p) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
+        Ok(())
     }
 
     /// Every cache file.
@@ -314,6 +434,8 @@ impl Cache {
             let name = e.file_name().to_string_lossy().into_owned();
             let (hex, kind) = if let Some(hex) = name.strip_suffix(".idx") {
                 (hex, CacheKind::LayerIndex)
+            } else if let Some(hex) = name.strip_suffix(".cpt") {
+                (hex, CacheKind::Checkpoints)
             } else if let Some(hex) = name.strip_suffix(".tree") {
                 (hex, CacheKind::MergedTree)
             } else {
@@ -323,11 +445,14 @@ impl Cache {
                 continue;
             }
             let size = e.metadata()?.len();
-            let entries = fs::read(e.path()).ok().and_then(|b| match kind {
-                CacheKind::LayerIndex => decode(&b).map(|(i, _, _)| i.entries.len() as u64),
-                CacheKind::MergedTree => merged::node_count(&b),
-                CacheKind::Blob | CacheKind::PartialBlob | CacheKind::Content => None,
-            });
+            let entries = match kind {
+                CacheKind::Checkpoints => None,
+                _ => fs::read(e.path()).ok().and_then(|b| match kind {
+                    CacheKind::LayerIndex => decode(&b).map(|(i, ..)| i.entries.len() as u64),
+                    CacheKind::MergedTree => merged::node_count(&b),
+                    _ => None,
+                }),
+            };
             out.push(CacheEntry {
                 digest: format!("sha256:{hex}"),
                 kind,
@@ -370,6 +495,7 @@ impl Cache {
             let hex = e.digest.trim_start_matches("sha256:");
             let ext = match e.kind {
                 CacheKind::LayerIndex => "idx",
+                CacheKind::Checkpoints => "cpt",
                 CacheKind::MergedTree => "tree",
                 CacheKind::Blob | CacheKind::PartialBlob | CacheKind::Content => continue,
             };
@@ -387,6 +513,183 @@ impl Cache {
         }
         Ok(freed)
     }
+}
+
+/// What the cache lacks for a lazy read of a layer ([`Cache::needs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Its index and checkpoints are there.
+    Nothing,
+    /// Its index is there, its checkpoints file is not.
+    Checkpoints,
+    /// No usable index.
+    Index,
+}
+
+/// A layer's index as an index artifact carries it ([`Cache::portable`]).
+#[derive(Debug, Clone)]
+pub struct Portable {
+    /// The index file (head and entries).
+    pub index: Vec<u8>,
+    /// The checkpoints file, if the layer has checkpoints.
+    pub checkpoints: Option<Vec<u8>>,
+}
+
+/// Fetches a checkpoints file from elsewhere ([`Cache::expect_checkpoints`]), given the length
+/// it must have (to bound what it inflates); says why not.
+pub type CheckpointsFetch = Box<dyn FnOnce(u64) -> std::result::Result<Vec<u8>, String> + Send>;
+
+/// Fetches bytes `start..end` of a checkpoints file from elsewhere; says why not.
+pub type RangeFetch = Arc<dyn Fn(u64, u64) -> std::result::Result<Vec<u8>, String> + Send + Sync>;
+
+/// Fetches and checks a layer's checkpoints, and saves them.
+type CheckpointsJob = Box<dyn FnOnce() -> std::result::Result<Checkpoints, String> + Send>;
+
+/// Checkpoints on their way, by the path of the checkpoints file they become: the fetch is
+/// run by the first loader that needs them, later ones wait for it (`OnceLock`).
+struct Pending {
+    /// What the index's head says they must be.
+    cpt: CptRef,
+    /// One window's frame, for a read that needs it before the whole file is here.
+    range: RangeFetch,
+    job: Mutex<Option<CheckpointsJob>>,
+    done: OnceLock<Option<Checkpoints>>,
+}
+
+/// Process-wide, because the registry source that knows where checkpoints come from and the
+/// cache loads that need them hold different [`Cache`] values of one directory.
+fn pending_map() -> std::sync::MutexGuard<'static, HashMap<PathBuf, Arc<Pending>>> {
+    static PENDING: LazyLock<Mutex<HashMap<PathBuf, Arc<Pending>>>> = LazyLock::new(Mutex::default);
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The checkpoints of `cpt`, fetched through a pending fetch for `file` if one was set up
+/// (run now, or waited for); `None` if there is none or it failed (said in the log).
+fn from_pending(file: &Path, cpt: &CptRef, label: &str) -> Option<Checkpoints> {
+    let pending = pending_map().get(file).cloned()?;
+    if pending.cpt != *cpt {
+        return None;
+    }
+    let done = pending.done.get_or_init(|| {
+        let job = pending.job.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let start = std::time::Instant::now();
+        match job.map(|job| job()) {
+            Some(Ok(c)) => {
+                log::info!(
+                    "layer {label}: {} checkpoints from the index artifact in {:.0?}",
+                    c.len(),
+                    start.elapsed()
+                );
+                Some(c)
+            }
+            Some(Err(e)) => {
+                log::warn!(
+                    "layer {label}: its checkpoints from the index artifact: {e}; reading it \
+                     from its start instead"
+                );
+                None
+            }
+            None => None,
+        }
+    });
+    // Saved as a file by now (or not at all): later loads read that.
+    let mut map = pending_map();
+    if map.get(file).is_some_and(|p| Arc::ptr_eq(p, &pending)) {
+        map.remove(file);
+    }
+    done.clone()
+}
+
+/// An index file as [`decode`] gives it.
+type Decoded = (LayerIndex, Option<CptRef>, [u64; 6], String);
+
+/// Decoded indexes by path, with their file's identity.
+type Imported = HashMap<PathBuf, ([u64; 4], Decoded)>;
+
+/// Indexes this process imported and saved, decoded, by path, with the saved file's identity:
+/// a load of the same file takes them instead of reading and decoding it again.
+fn imported_map() -> std::sync::MutexGuard<'static, Imported> {
+    static IMPORTED: LazyLock<Mutex<Imported>> = LazyLock::new(Mutex::default);
+    IMPORTED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Which file is at `path`: replaced (by rename) or rewritten, it is another.
+fn identity(path: &Path) -> Option<[u64; 4]> {
+    let m = fs::metadata(path).ok()?;
+    Some([m.dev(), m.ino(), m.size(), m.mtime_nsec() as u64])
+}
+
+/// The decoded index this process saved at `path`, if the file there is still that one.
+fn take_imported(path: &Path) -> Option<Decoded> {
+    let (id, decoded) = imported_map().remove(path)?;
+    (identity(path) == Some(id)).then_some(decoded)
+}
+
+/// The checkpoints file beside index file `idx`.
+fn cpt_path(idx: &Path) -> PathBuf {
+    idx.with_extension("cpt")
+}
+
+/// True unless the head names checkpoints whose file is missing or of another length (a
+/// damaged file of the right length is caught by its sha256 when loaded).
+fn cpt_present(idx: &Path, cpt: Option<&CptRef>) -> bool {
+    match cpt {
+        Some(c) if c.count() > 0 => fs::metadata(cpt_path(idx)).is_ok_and(|m| m.len() == c.len()),
+        _ => true,
+    }
+}
+
+/// The checkpoints a head names (of a stream of `tar_size` bytes): none, none at all (a short
+/// layer), or deferred: the file beside the index, checked against the head when first needed,
+/// or, if it is not there (yet) or wrong, a pending fetch.
+fn checkpoints_of(
+    idx: &Path,
+    tar_size: u64,
+    cpt: Option<CptRef>,
+    label: String,
+) -> Option<Arc<Checkpoints>> {
+    let cpt = cpt?;
+    if cpt.count() == 0 {
+        return Checkpoints::new(Vec::new(), tar_size).map(Arc::new);
+    }
+    let file = cpt_path(idx);
+    let places = cpt.entries.iter().map(|e| e.place).collect();
+    let (f, c) = (file.clone(), cpt.clone());
+    // One window: from the local file, else (not there yet) by a range of the pending fetch.
+    let window = Box::new(move |i: usize| {
+        let (at, len) = c.frame(i)?;
+        let local = read_at(&f, at, len).and_then(|b| decode_frame(&b, &c.entries[i]));
+        local.or_else(|| {
+            let range = pending_map().get(&f).filter(|p| p.cpt == c)?.range.clone();
+            let b = range(at, at + len)
+                .inspect_err(|e| log::debug!("checkpoint {i} of {}: {e}", f.display()))
+                .ok()?;
+            decode_frame(&b, &c.entries[i])
+        })
+    });
+    let checkpoints = Checkpoints::lazy_placed(places, tar_size, window, move || {
+        let loaded = fs::read(&file)
+            .ok()
+            .and_then(|b| decode_checkpoints(&b, &cpt, tar_size))
+            .or_else(|| from_pending(&file, &cpt, &label));
+        if loaded.is_none() {
+            log::warn!(
+                "layer {label}: its checkpoints ({}) are missing, damaged or not those its \
+                 index names; reading the layer from its start instead",
+                file.display()
+            );
+        }
+        loaded
+    });
+    checkpoints.map(Arc::new)
+}
+
+/// `len` bytes at `at` of the file at `path`.
+fn read_at(path: &Path, at: u64, len: u64) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; usize::try_from(len).ok()?];
+    File::open(path).ok()?.read_exact_at(&mut buf, at).ok()?;
+    Some(buf)
 }
 
 fn is_hex64(s: &str) -> bool {
@@ -432,9 +735,117 @@ impl Enc {
     }
 }
 
-fn encode(index: &LayerIndex, stamp: [u64; 6], key: &str) -> Vec<u8> {
-    let windows = index.checkpoints.as_ref().map_or(0, |c| c.window_bytes());
-    let mut e = Enc(Vec::with_capacity(64 + index.entries.len() * 64 + windows));
+/// What an index head records of one checkpoint: where it is, and its window's zstd frame in
+/// the checkpoints file (the frames are back to back in checkpoint order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CptEntry {
+    place: Place,
+    frame_len: u32,
+    /// Of the frame: each is checked on its own, so one can be read (or fetched) alone.
+    sha256: [u8; 32],
+}
+
+/// What an index head records of its layer's checkpoints, which are in a file of their own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CptRef {
+    entries: Arc<[CptEntry]>,
+    /// Of the whole file: the digest of the index artifact's blob that carries it, so a host
+    /// whose file went missing can fetch it again without looking for the artifact.
+    sha256: [u8; 32],
+}
+
+impl CptRef {
+    /// How many (none: no file).
+    fn count(&self) -> u64 {
+        self.entries.len() as u64
+    }
+
+    /// The checkpoints file's length.
+    fn len(&self) -> u64 {
+        self.entries.iter().map(|e| u64::from(e.frame_len)).sum()
+    }
+
+    /// Where checkpoint `i`'s frame is in the file: offset and length.
+    fn frame(&self, i: usize) -> Option<(u64, u64)> {
+        let at = self.entries[..i]
+            .iter()
+            .map(|e| u64::from(e.frame_len))
+            .sum();
+        Some((at, u64::from(self.entries.get(i)?.frame_len)))
+    }
+}
+
+/// The index file and, if the layer has checkpoints, its checkpoints file.
+fn encode_both(index: &LayerIndex, stamp: [u64; 6], key: &str) -> (Vec<u8>, Option<Vec<u8>>) {
+    let cpt = index.checkpoints.as_deref().map(encode_checkpoints);
+    let idx = encode(index, cpt.as_ref().map(|c| &c.1), stamp, key);
+    (
+        idx,
+        cpt.and_then(|(bytes, r)| (r.count() > 0).then_some(bytes)),
+    )
+}
+
+/// A checkpoints file (each window as a zstd frame, back to back) and what the index head
+/// says of it.
+fn encode_checkpoints(c: &Checkpoints) -> (Vec<u8>, CptRef) {
+    let mut bytes = Vec::with_capacity(c.window_bytes() / 2);
+    let mut entries = Vec::with_capacity(c.len());
+    for p in c.points() {
+        // Compressing bytes held in memory into a Vec does not fail.
+        let frame = zstd::bulk::compress(&p.window, FRAME_LEVEL).unwrap_or_default();
+        entries.push(CptEntry {
+            place: Place {
+                input: p.input,
+                bits: p.bits,
+                output: p.output,
+                window_len: p.window.len() as u32,
+            },
+            frame_len: frame.len() as u32,
+            sha256: Sha256::digest(&frame).into(),
+        });
+        bytes.extend_from_slice(&frame);
+    }
+    let entries = entries.into();
+    let sha256 = Sha256::digest(&bytes).into();
+    (bytes, CptRef { entries, sha256 })
+}
+
+/// The window in `frame` if it is the frame `entry` names (sha256) and inflates to exactly its
+/// window's length.
+fn decode_frame(frame: &[u8], entry: &CptEntry) -> Option<Box<[u8]>> {
+    if <[u8; 32]>::from(Sha256::digest(frame)) != entry.sha256 {
+        return None;
+    }
+    let len = entry.place.window_len as usize;
+    let window = zstd::bulk::decompress(frame, len).ok()?;
+    (window.len() == len).then(|| window.into_boxed_slice())
+}
+
+/// The checkpoints in `bytes` if they are exactly the file `cpt` names (every frame's sha256)
+/// and pass [`Checkpoints::new`]'s range checks for a stream of `tar_size`.
+fn decode_checkpoints(bytes: &[u8], cpt: &CptRef, tar_size: u64) -> Option<Checkpoints> {
+    if bytes.len() as u64 != cpt.len() {
+        return None;
+    }
+    let mut at = 0usize;
+    let mut points = Vec::with_capacity(cpt.entries.len());
+    for e in cpt.entries.iter() {
+        let end = at.checked_add(e.frame_len as usize)?;
+        points.push(Checkpoint {
+            input: e.place.input,
+            bits: e.place.bits,
+            output: e.place.output,
+            window: decode_frame(bytes.get(at..end)?, e)?,
+        });
+        at = end;
+    }
+    // Checked like the rest: a checkpoint that lies would make reads return wrong data.
+    Checkpoints::new(points, tar_size)
+}
+
+/// An index file: the head (with `cpt`, what it says of the checkpoints file) and the body.
+fn encode(index: &LayerIndex, cpt: Option<&CptRef>, stamp: [u64; 6], key: &str) -> Vec<u8> {
+    let mut e = Enc(Vec::with_capacity(64 + index.entries.len() * 64));
     e.0.extend_from_slice(MAGIC);
     e.u32(VERSION);
     e.u64(0); // the head's length, set below
@@ -444,16 +855,19 @@ fn encode(index: &LayerIndex, stamp: [u64; 6], key: &str) -> Vec<u8> {
     }
     e.bytes(index.diff_id.as_bytes());
     e.u64(index.tar_size);
-    match &index.checkpoints {
+    match cpt {
         None => e.u8(0),
         Some(c) => {
             e.u8(1);
-            e.u64(c.len() as u64);
-            for p in c.points() {
-                e.u64(p.input);
-                e.u8(p.bits);
-                e.u64(p.output);
-                e.bytes(&p.window);
+            e.0.extend_from_slice(&c.sha256);
+            e.u64(c.count());
+            for x in c.entries.iter() {
+                e.u64(x.place.input);
+                e.u8(x.place.bits);
+                e.u64(x.place.output);
+                e.u32(x.place.window_len);
+                e.u32(x.frame_len);
+                e.0.extend_from_slice(&x.sha256);
             }
         }
     }
@@ -575,13 +989,13 @@ fn normalised(p: Vec<u8>) -> Option<Vec<u8>> {
     (crate::layer::path::normalise(&p).ok()? == p).then_some(p)
 }
 
-/// What a file's head says: which blob the index is of, and its checkpoints.
+/// What a file's head says: which blob the index is of, and of its checkpoints.
 struct Head {
     key: String,
     stamp: [u64; 6],
     diff_id: String,
     tar_size: u64,
-    checkpoints: Option<Arc<Checkpoints>>,
+    checkpoints: Option<CptRef>,
     spans: Option<Arc<SpanDigests>>,
 }
 
@@ -608,79 +1022,85 @@ pub(crate) fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize>
     Ok(n)
 }
 
-/// The identity fields at the start of an index file, before any checksum is checked: the
-/// key, stamp, diff_id and whether checkpoints follow. Only fit to be compared with the values
-/// they must have.
-fn head_start(bytes: &[u8]) -> Option<(&str, [u64; 6], &str, bool)> {
-    head_end(bytes)?;
-    let mut d = Dec(bytes.get(PREFIX..)?);
-    let key = d.text()?;
+/// Reads and checks the head of the index file at `path` (not its body).
+fn read_head_file(path: &Path) -> Option<Head> {
+    let mut file = File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let mut prefix = [0u8; PREFIX];
+    file.read_exact(&mut prefix).ok()?;
+    let total = head_end(&prefix)?.checked_add(SUM)?;
+    // Bounded by the file before allocating: a corrupt length cannot ask for more.
+    if total as u64 > len {
+        return None;
+    }
+    let mut head = vec![0u8; total];
+    head[..PREFIX].copy_from_slice(&prefix);
+    file.read_exact(&mut head[PREFIX..]).ok()?;
+    parse_head(&head)
+}
+
+/// The checked head of an index file whose first bytes are `bytes`.
+fn parse_head(bytes: &[u8]) -> Option<Head> {
+    let end = head_end(bytes)?;
+    let (head, sum) = (bytes.get(..end)?, bytes.get(end..end.checked_add(SUM)?)?);
+    if checksum(head) != sum {
+        return None;
+    }
+    let mut d = Dec(&head[PREFIX..]);
+    let key = d.text()?.to_owned();
     let mut stamp = [0u64; 6];
     for s in &mut stamp {
         *s = d.u64()?;
     }
-    let diff_id = d.text()?;
-    d.u64()?; // the tar's size
-    let has = match d.u8()? {
-        0 => false,
-        1 => true,
-        _ => return None,
-    };
-    Some((key, stamp, diff_id, has))
-}
-
-/// Reads and checks the head of a file of `len` bytes from its start.
-fn read_head(r: impl Read, len: u64) -> Option<Head> {
-    let mut r = SumReader::new(r, PREFIX);
-    let prefix = r.take(PREFIX)?;
-    let end = head_end(&prefix)?;
-    if end as u64 + SUM as u64 > len {
-        return None;
-    }
-    r.left = end - PREFIX;
-    let key = String::from_utf8(r.bytes()?).ok()?;
-    let mut stamp = [0u64; 6];
-    for s in &mut stamp {
-        *s = r.u64()?;
-    }
-    let diff_id = String::from_utf8(r.bytes()?).ok()?;
-    let tar_size = r.u64()?;
-    let checkpoints = match r.u8()? {
+    let diff_id = d.text()?.to_owned();
+    let tar_size = d.u64()?;
+    let checkpoints = match d.u8()? {
         0 => None,
         1 => {
-            let n = r.count(25)?;
-            let mut points = Vec::with_capacity(n);
-            for _ in 0..n {
-                points.push(Checkpoint {
-                    input: r.u64()?,
-                    bits: r.u8()?,
-                    output: r.u64()?,
-                    window: r.bytes()?.into_boxed_slice(),
-                });
+            let sha256 = d.take(32)?.try_into().ok()?;
+            let n = d.count(ENTRY)?;
+            let entries = (0..n)
+                .map(|_| {
+                    let e = CptEntry {
+                        place: Place {
+                            input: d.u64()?,
+                            bits: d.u8()?,
+                            output: d.u64()?,
+                            window_len: d.u32()?,
+                        },
+                        frame_len: d.u32()?,
+                        sha256: d.take(32)?.try_into().ok()?,
+                    };
+                    (e.frame_len > 0 && e.frame_len <= MAX_FRAME).then_some(e)
+                })
+                .collect::<Option<Vec<_>>>()?;
+            // Checked now, without a window: places that lie would make reads go wrong.
+            if !crate::zran::places_are_sane(entries.iter().map(|e| e.place), tar_size) {
+                return None;
             }
-            Some(points)
+            Some(CptRef {
+                entries: entries.into(),
+                sha256,
+            })
         }
         _ => return None,
     };
-    let spans = match r.u8()? {
+    let spans = match d.u8()? {
         0 => None,
         1 => {
-            let blob_len = r.u64()?;
-            let n = r.count(32)?;
+            let blob_len = d.u64()?;
+            let n = d.count(32)?;
             let digests = (0..n)
-                .map(|_| r.array::<32>())
-                .collect::<Option<Vec<_>>>()?;
+                .map(|_| d.take(32)?.try_into().ok())
+                .collect::<Option<Vec<[u8; 32]>>>()?;
             // One digest per span of the blob, or the file lies.
             Some(Arc::new(SpanDigests::new(blob_len, digests)?))
         }
         _ => return None,
     };
-    r.finish()?;
-    // Checked like the rest: a checkpoint that lies would make reads return wrong data.
-    let checkpoints = match checkpoints {
-        Some(points) => Some(Arc::new(Checkpoints::new(points, tar_size)?)),
-        None => None,
-    };
+    if !d.0.is_empty() {
+        return None;
+    }
     Some(Head {
         key,
         stamp,
@@ -691,67 +1111,9 @@ fn read_head(r: impl Read, len: u64) -> Option<Head> {
     })
 }
 
-/// Fields read from a stream: at most `left` more bytes, all of them checksummed, then the
-/// checksum itself. Decoding as the bytes arrive spares a file-sized buffer.
-struct SumReader<R> {
-    inner: R,
-    crc: crc32fast::Hasher,
-    left: usize,
-}
-
-impl<R: Read> SumReader<R> {
-    fn new(inner: R, left: usize) -> Self {
-        SumReader {
-            inner,
-            crc: crc32fast::Hasher::new(),
-            left,
-        }
-    }
-    fn fill(&mut self, buf: &mut [u8]) -> Option<()> {
-        self.left = self.left.checked_sub(buf.len())?;
-        self.inner.read_exact(buf).ok()?;
-        self.crc.update(buf);
-        Some(())
-    }
-    fn take(&mut self, n: usize) -> Option<Vec<u8>> {
-        // Bounded before allocating: a corrupt length cannot ask for more than the file holds.
-        if n > self.left {
-            return None;
-        }
-        let mut buf = vec![0u8; n];
-        self.fill(&mut buf)?;
-        Some(buf)
-    }
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let mut buf = [0u8; N];
-        self.fill(&mut buf)?;
-        Some(buf)
-    }
-    /// Ends the stream: nothing may be left before the checksum, which must match.
-    fn finish(mut self) -> Option<()> {
-        let mut saved = [0u8; SUM];
-        self.inner.read_exact(&mut saved).ok()?;
-        (self.left == 0 && self.crc.finalize().to_le_bytes() == saved).then_some(())
-    }
-    fn u8(&mut self) -> Option<u8> {
-        Some(self.array::<1>()?[0])
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.array()?))
-    }
-    fn bytes(&mut self) -> Option<Vec<u8>> {
-        let n = usize::try_from(self.u64()?).ok()?;
-        self.take(n)
-    }
-    /// A count of items each at least `min` bytes long, bounded by what is left.
-    fn count(&mut self, min: usize) -> Option<usize> {
-        let n = usize::try_from(self.u64()?).ok()?;
-        (n <= self.left / min.max(1)).then_some(n)
-    }
-}
-
-fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
-    let head = read_head(bytes, bytes.len() as u64)?;
+/// An index file's entries and head; its checkpoints are the caller's (`checkpoints_of`).
+fn decode(bytes: &[u8]) -> Option<Decoded> {
+    let head = parse_head(bytes)?;
     let body_start = head_end(bytes)? + SUM;
     let body_end = bytes.len().checked_sub(SUM)?;
     let (body, sum) = (bytes.get(body_start..body_end)?, &bytes[body_end..]);
@@ -837,9 +1199,10 @@ fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
             diff_id: head.diff_id,
             tar_size: head.tar_size,
             decompressed: None,
-            checkpoints: head.checkpoints,
+            checkpoints: None,
             spans: head.spans,
         },
+        head.checkpoints,
         head.stamp,
         head.key,
     ))
@@ -946,6 +1309,16 @@ mod tests {
         Checkpoints::new(points, 4096).expect("valid checkpoints")
     }
 
+    /// The index file alone (its checkpoints, if any, go to a file of their own).
+    fn encode(index: &LayerIndex, stamp: [u64; 6], key: &str) -> Vec<u8> {
+        encode_both(index, stamp, key).0
+    }
+
+    /// An index file decoded, without what it says of its checkpoints.
+    fn decode(bytes: &[u8]) -> Option<(LayerIndex, [u64; 6], String)> {
+        super::decode(bytes).map(|(i, _, s, k)| (i, s, k))
+    }
+
     #[test]
     fn round_trip() {
         let bytes = encode(&sample(), [1, 2, 3, 4, 5, 6], "sha256:ab");
@@ -958,15 +1331,36 @@ mod tests {
             ("sha256:00", 4096)
         );
         assert_eq!((stamp, key.as_str()), ([1, 2, 3, 4, 5, 6], "sha256:ab"));
-        assert_eq!(index.checkpoints, sample().checkpoints);
         assert_eq!(index.spans, sample().spans);
+        // The checkpoints are in their own file, which the head names.
+        let (bytes, cpt) = encode_both(&sample(), [0; 6], "sha256:ab");
+        let (_, named, _, _) = super::decode(&bytes).expect("decodes");
+        let named = named.expect("names checkpoints");
+        let cpt = cpt.expect("a checkpoints file");
+        assert_eq!(named.count(), 2);
+        assert_eq!(named.entries[0].place.output, 1500);
+        let loaded = decode_checkpoints(&cpt, &named, 4096).expect("checkpoints decode");
+        assert_eq!(Some(&loaded), sample().checkpoints.as_deref());
+        // Not for another stream length or another file.
+        assert!(decode_checkpoints(&cpt, &named, 3000).is_none());
+        assert!(decode_checkpoints(&cpt[..cpt.len() - 1], &named, 4096).is_none());
 
         let plain = LayerIndex {
             checkpoints: None,
             ..sample()
         };
-        let (index, _, _) = decode(&encode(&plain, [0; 6], "sha256:ab")).expect("decodes");
-        assert_eq!(index.checkpoints, None);
+        let (bytes, cpt) = encode_both(&plain, [0; 6], "sha256:ab");
+        assert!(cpt.is_none());
+        assert_eq!(super::decode(&bytes).expect("decodes").1, None);
+        // A layer shorter than a span has checkpoints, none of them: no file either.
+        let short = LayerIndex {
+            checkpoints: Some(Arc::new(Checkpoints::new(Vec::new(), 4096).unwrap())),
+            ..sample()
+        };
+        let (bytes, cpt) = encode_both(&short, [0; 6], "sha256:ab");
+        assert!(cpt.is_none());
+        let named = super::decode(&bytes).expect("decodes").1.expect("named");
+        assert_eq!((named.count(), named.len()), (0, 0));
     }
 
     #[test]
@@ -1022,9 +1416,13 @@ mod tests {
 
     #[test]
     fn lying_checkpoints_are_rejected_despite_a_good_checksum() {
-        // A file from a buggy writer has valid checksums; its checkpoints are checked anyway.
-        let bytes = encode(&sample(), [0; 6], "sha256:ab");
-        let good = sample_checkpoints(3);
+        // A file from a buggy writer, with valid checksums: the places its head records are
+        // range checked anyway.
+        let (bytes, cpt) = encode_both(&sample(), [0; 6], "sha256:ab");
+        let (cpt, named) = (
+            cpt.expect("a file"),
+            super::decode(&bytes).unwrap().1.unwrap(),
+        );
         // The first checkpoint's `bits` byte follows its u64 input (100) in the head.
         let needle: Vec<u8> = [&100u64.to_le_bytes()[..], &[3]].concat();
         let at = bytes
@@ -1036,16 +1434,33 @@ mod tests {
             let mut bad = bytes.clone();
             bad[at] = bits;
             reseal(&mut bad);
-            assert!(decode(&bad).is_none(), "bits {bits} accepted");
+            assert!(super::decode(&bad).is_none(), "bits {bits} accepted");
             assert!(
-                read_head(&bad[..], bad.len() as u64).is_none(),
+                parse_head(&bad).is_none(),
                 "bits {bits} accepted in the head"
             );
         }
-        let mut same = bytes.clone();
-        reseal(&mut same);
-        let (index, _, _) = decode(&same).expect("unchanged file decodes");
-        assert_eq!(index.checkpoints.as_deref(), Some(&good));
+        // A frame that is not the one its digest names; one whose digest was redone but
+        // which inflates to another length than its window's.
+        let mut bad = cpt.clone();
+        bad[3] ^= 1;
+        assert!(decode_checkpoints(&bad, &named, 4096).is_none());
+        let mut entries = named.entries.to_vec();
+        entries[0].place.window_len -= 1;
+        let short = CptRef {
+            entries: entries.into(),
+            ..named.clone()
+        };
+        assert!(decode_checkpoints(&cpt, &short, 4096).is_none());
+        assert!(
+            decode_frame(
+                &cpt[..named.entries[0].frame_len as usize],
+                &short.entries[0]
+            )
+            .is_none()
+        );
+        let good = decode_checkpoints(&cpt, &named, 4096).expect("unchanged file decodes");
+        assert_eq!(good, sample_checkpoints(3));
     }
 
     #[test]
@@ -1091,7 +1506,9 @@ mod tests {
         let cache = Cache::new(dir.path());
         let digest = format!("sha256:{}", "cd".repeat(32));
         let size = crate::blob::SPAN_BYTES + 1;
-        let bytes = Cache::portable(&sample(), &digest).expect("has span digests");
+        let bytes = Cache::portable(&sample(), &digest)
+            .expect("has span digests")
+            .index;
         let refused = |d: &str, size, diff_id, b: &[u8]| cache.import(d, size, diff_id, b).is_err();
         // Another layer's index, another size, another diff_id, damaged bytes.
         let other = format!("sha256:{}", "ef".repeat(32));
@@ -1116,11 +1533,30 @@ mod tests {
     }
 
     #[test]
-    fn the_head_alone_gives_the_checkpoints() {
-        let bytes = encode(&sample(), [1, 2, 3, 4, 5, 6], "sha256:ab");
+    fn the_head_alone_names_the_checkpoints_and_is_small() {
+        let mut index = sample();
+        index.checkpoints = Some(Arc::new(
+            Checkpoints::new(
+                (1..=20)
+                    .map(|i| Checkpoint {
+                        input: i * 100,
+                        bits: 0,
+                        output: i * 100_000,
+                        window: crate::zran::tests::sample(i, crate::zran::WINDOW)
+                            .into_boxed_slice(),
+                    })
+                    .collect(),
+                4 << 20,
+            )
+            .unwrap(),
+        ));
+        index.tar_size = 4 << 20;
+        let (bytes, cpt) = encode_both(&index, [1, 2, 3, 4, 5, 6], "sha256:ab");
         let end = head_end(&bytes).expect("prefix") + SUM;
-        let head = read_head(&bytes[..end], end as u64).expect("head decodes alone");
-        assert_eq!(head.checkpoints, sample().checkpoints);
+        assert!(end < 20 * 64 + 256, "head of {end} bytes");
+        assert!(cpt.expect("a file").len() > 4 * end);
+        let head = parse_head(&bytes[..end]).expect("head decodes alone");
+        assert_eq!(head.checkpoints.map(|c| c.count()), Some(20));
         assert_eq!(
             (head.key.as_str(), head.stamp),
             ("sha256:ab", [1, 2, 3, 4, 5, 6])
@@ -1129,7 +1565,7 @@ mod tests {
         let mut bad = bytes.clone();
         bad[end + 3] ^= 1;
         assert!(decode(&bad).is_none());
-        assert!(read_head(&bad[..], bad.len() as u64).is_some());
+        assert!(parse_head(&bad).is_some());
     }
 
     /// A layer whose blob is a temp file, keyed `sha256:` + 64 `a`s.
@@ -1159,37 +1595,55 @@ mod tests {
         let path = cache
             .path_for(Cache::key(&layer).expect("key"))
             .expect("path");
+        let cpt = cpt_path(&path);
 
         let good = cache.load_checkpoints(&layer).expect("fits").expect("has");
         assert!(!good.is_loaded(), "read at mount: {good:?}");
+        // What the head says is known without loading; a read in the first span needs none.
+        assert_eq!(good.output_len(), Some(4096));
+        assert!(!good.is_empty());
+        assert_eq!(good.at_or_before(1499), None);
+        assert!(!good.is_loaded());
         assert_eq!(Some(&*good), index.checkpoints.as_deref());
+        let loaded = cache.load(&layer, || Ok(false)).expect("loads");
+        assert_eq!(loaded.checkpoints, index.checkpoints);
 
-        // Damaged after the mount checked its first fields: a window byte, then the head's
-        // checksum, each caught when the checkpoints are first used.
-        let bytes = fs::read(&path).expect("read");
-        let end = head_end(&bytes).expect("head");
-        for at in [end - 100, end + 1] {
-            fs::write(&path, &bytes).expect("restore");
+        // The checkpoints file damaged (a window byte), replaced by another layer's or
+        // removed after the mount read the head: caught when the checkpoints are first used.
+        let bytes = fs::read(&cpt).expect("read");
+        let other = {
+            let mut points = sample_checkpoints(3).points().to_vec();
+            points[0].window.reverse();
+            let mut i = sample();
+            i.checkpoints = Some(Arc::new(Checkpoints::new(points, 4096).unwrap()));
+            encode_both(&i, [0; 6], "sha256:ab").1.expect("a file")
+        };
+        let mut damaged = bytes.clone();
+        damaged[5] ^= 0x10;
+        for bad in [Some(damaged), Some(other), None] {
+            fs::write(&cpt, &bytes).expect("restore");
             let lazy = cache.load_checkpoints(&layer).expect("fits").expect("has");
-            let mut bad = bytes.clone();
-            bad[at] ^= 0x10;
-            fs::write(&path, &bad).expect("damage");
-            assert!(lazy.is_empty(), "byte {at}: {lazy:?}");
+            match &bad {
+                Some(b) => fs::write(&cpt, b).expect("damage"),
+                None => fs::remove_file(&cpt).expect("remove"),
+            }
+            assert!(lazy.points().is_empty(), "{lazy:?}");
             assert_eq!(lazy.at_or_before(4000), None);
         }
-
-        // Replaced by the index of another copy of the blob (another stamp), or another layer.
-        let mut other = bytes.clone();
-        other[PREFIX + 8 + 71] ^= 1; // the stamp's first word
-        fs::write(&path, &other).expect("write");
+        // Without its checkpoints file a local layer's index is a miss (indexed again); a
+        // lazy one's would be read from its start.
         assert!(cache.load_checkpoints(&layer).is_none());
-        fs::write(&path, &bytes).expect("restore");
-        let lazy = cache.load_checkpoints(&layer).expect("fits").expect("has");
-        let mut other = bytes.clone();
-        other[PREFIX + 8 + 71] ^= 1;
+        assert!(cache.load(&layer, || Ok(true)).is_none());
+        assert_eq!(cache.needs(Cache::key(&layer).unwrap(), 4096), Need::Index);
+
+        // Replaced by the index of another copy of the blob (another stamp).
+        cache.store(&layer, &index).expect("store");
+        let idx = fs::read(&path).expect("read");
+        let mut other = idx.clone();
+        other[PREFIX + 8 + 71] ^= 1; // the stamp's first word
         reseal(&mut other);
         fs::write(&path, &other).expect("write");
-        assert!(lazy.is_empty(), "another stamp was used: {lazy:?}");
+        assert!(cache.load_checkpoints(&layer).is_none());
 
         // A layer without checkpoints says so without a lazy load.
         index.checkpoints = None;
@@ -1198,8 +1652,172 @@ mod tests {
     }
 
     #[test]
+    fn expected_checkpoints_are_fetched_once_when_needed_and_checked() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new(dir.path());
+        let digest = format!("sha256:{}", "cd".repeat(32));
+        let size = crate::blob::SPAN_BYTES + 1;
+        let files = Cache::portable(&sample(), &digest).expect("portable");
+        let good = files.checkpoints.clone().expect("checkpoints");
+        cache
+            .import(&digest, size, None, &files.index)
+            .expect("import");
+        assert_eq!(cache.needs(&digest, size), Need::Checkpoints);
+        let (lazy_layer, _blob) = lazy_layer(&digest, size);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut tampered = good.clone();
+        tampered[5] ^= 1;
+        // Ranges of the good file, or of none.
+        let ranges = |of: Option<Vec<u8>>| -> RangeFetch {
+            Arc::new(move |a, b| match &of {
+                Some(f) => Ok(f[a as usize..b as usize].to_vec()),
+                None => Err("registry gone".into()),
+            })
+        };
+        // A tampered blob, a failed fetch, then the right one: only the last is kept.
+        for (bytes, ok) in [
+            (Ok(tampered), false),
+            (Err("registry gone".to_string()), false),
+            (Ok(good.clone()), true),
+        ] {
+            let c = calls.clone();
+            let want = good.len() as u64;
+            assert!(cache.expect_checkpoints(
+                &digest,
+                Box::new(move |len| {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    assert_eq!(len, want);
+                    bytes
+                }),
+                ranges(None),
+            ));
+            let before = calls.load(Ordering::SeqCst);
+            let lazy = cache
+                .load_checkpoints(&lazy_layer)
+                .expect("fits")
+                .expect("has");
+            // Not fetched for what the head answers, nor for a read in the first span.
+            assert_eq!(lazy.output_len(), Some(4096));
+            assert_eq!(lazy.at_or_before(100), None);
+            assert_eq!(calls.load(Ordering::SeqCst), before);
+            assert_eq!(!lazy.points().is_empty(), ok);
+            assert_eq!(calls.load(Ordering::SeqCst), before + 1);
+            if ok {
+                assert_eq!(&*lazy, &sample_checkpoints(3));
+            }
+        }
+        // Saved: the next load reads the file, and fetches nothing.
+        assert_eq!(cache.needs(&digest, size), Need::Nothing);
+        let file = dir.path().join(format!("{}.cpt", "cd".repeat(32)));
+        assert_eq!(fs::read(&file).unwrap(), good);
+        let never = || -> CheckpointsFetch { Box::new(|_| panic!("fetched")) };
+        assert!(cache.expect_checkpoints(&digest, never(), ranges(None)));
+        let lazy = cache.load_checkpoints(&lazy_layer).unwrap().unwrap();
+        assert_eq!(&*lazy, &sample_checkpoints(3));
+
+        // Before the whole file is here, a read gets the one checkpoint it needs by its
+        // range (checked), and the whole set is not loaded for it; a tampered range is not
+        // used (the whole set is waited for then: here, it fails, so none).
+        fs::remove_file(&file).unwrap();
+        for (of, ok) in [
+            (Some(good.clone()), true),
+            (Some(tampered_copy(&good)), false),
+        ] {
+            assert!(cache.expect_checkpoints(&digest, never(), ranges(of)) || !ok);
+            let lazy = cache.load_checkpoints(&lazy_layer).unwrap().unwrap();
+            if ok {
+                let c = lazy.at_or_before(2000).expect("the first checkpoint");
+                assert_eq!(c, &sample_checkpoints(3).points()[0]);
+                assert!(!lazy.is_loaded());
+            }
+        }
+        let c = calls.clone();
+        assert!(cache.expect_checkpoints(
+            &digest,
+            Box::new(move |_| {
+                c.fetch_add(1, Ordering::SeqCst);
+                Err("gone".into())
+            }),
+            ranges(Some(tampered_copy(&good))),
+        ));
+        let lazy = cache.load_checkpoints(&lazy_layer).unwrap().unwrap();
+        let before = calls.load(Ordering::SeqCst);
+        assert_eq!(lazy.at_or_before(2000), None);
+        assert!(lazy.is_loaded());
+        assert_eq!(calls.load(Ordering::SeqCst), before + 1);
+
+        cache.forget(&digest).unwrap();
+        assert_eq!(cache.needs(&digest, size), Need::Index);
+    }
+
+    #[test]
+    fn an_imported_index_is_loaded_without_decoding_it_again_unless_the_file_changed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new(dir.path());
+        let digest = format!("sha256:{}", "ef".repeat(32));
+        let size = crate::blob::SPAN_BYTES + 1;
+        let (layer, _blob) = lazy_layer(&digest, size);
+        let files = Cache::portable(&sample(), &digest).expect("portable");
+        let path = cache.path_for(&digest).unwrap();
+        fs::write(cpt_path(&path), files.checkpoints.unwrap()).unwrap();
+        cache.import(&digest, size, None, &files.index).unwrap();
+        assert!(imported_map().contains_key(&path));
+        let loaded = cache.load(&layer, || Ok(false)).expect("loads");
+        assert_eq!(loaded.entries, sample().entries);
+        assert!(!imported_map().contains_key(&path), "taken once");
+        // Replaced after the import by another index of the layer: that one is loaded.
+        cache.import(&digest, size, None, &files.index).unwrap();
+        let mut other = sample();
+        other.entries.truncate(1);
+        let other = Cache::portable(&other, &digest).unwrap().index;
+        let tmp = dir.path().join("other");
+        fs::write(&tmp, &other).unwrap();
+        fs::rename(&tmp, &path).unwrap();
+        let loaded = cache.load(&layer, || Ok(false)).expect("loads");
+        assert_eq!(loaded.entries.len(), 1);
+    }
+
+    /// `bytes` with one byte of its first frame flipped.
+    fn tampered_copy(bytes: &[u8]) -> Vec<u8> {
+        let mut b = bytes.to_vec();
+        b[5] ^= 1;
+        b
+    }
+
+    /// A lazy layer of blob `digest` (`size` bytes, never read).
+    fn lazy_layer(digest: &str, size: u64) -> (Layer, tempfile::NamedTempFile) {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        file.as_file().set_len(size).expect("size");
+        let spans = sample().spans.map(Arc::unwrap_or_clone).expect("spans");
+        let lazy = crate::blob::Lazy::new(
+            file.reopen().expect("reopen"),
+            spans,
+            "t",
+            Box::new(|_, _| Err(io::Error::other("no registry"))),
+        );
+        let blob = crate::blob::Blob::new(Arc::new(file.reopen().expect("reopen")), 0, size, "b")
+            .lazy(Arc::new(lazy));
+        let layer = Layer {
+            number: 1,
+            blob,
+            compression: crate::blob::Compression::Gzip,
+            digest: Some(digest.to_string()),
+            diff_id: None,
+            descriptor: None,
+        };
+        (layer, file)
+    }
+
+    #[test]
     fn any_corruption_is_rejected() {
-        let bytes = encode(&sample(), [0; 6], "sha256:ab");
+        let (bytes, cpt) = encode_both(&sample(), [0; 6], "sha256:ab");
+        let (cpt, named) = (cpt.unwrap(), super::decode(&bytes).unwrap().1.unwrap());
+        for i in 0..cpt.len() {
+            let mut b = cpt.clone();
+            b[i] ^= 0x40;
+            assert!(decode_checkpoints(&b, &named, 4096).is_none(), "byte {i}");
+        }
         for i in (0..bytes.len()).step_by(7) {
             let mut b = bytes.clone();
             b[i] ^= 0x40;
@@ -1232,7 +1850,7 @@ mod containment_tests {
                 }],
                 ..LayerIndex::default()
             };
-            let bytes = encode(&index, [0; 6], "sha256:ab");
+            let bytes = encode_both(&index, [0; 6], "sha256:ab").0;
             assert!(
                 decode(&bytes).is_none(),
                 "{:?} accepted",

@@ -89,14 +89,6 @@ impl Checkpoint {
     pub fn read_from(&self) -> u64 {
         self.input - u64::from(self.bits > 0)
     }
-
-    /// The position in bits, for ordering.
-    fn bit(&self) -> u64 {
-        // Saturating: a checkpoint read from a file is ordered by this before it is checked.
-        self.input
-            .saturating_mul(8)
-            .saturating_sub(u64::from(self.bits))
-    }
 }
 
 /// The checkpoints of one gzip stream, ordered by offset. Those of a cached index may be
@@ -105,6 +97,55 @@ impl Checkpoint {
 pub struct Checkpoints {
     points: OnceLock<(Vec<Checkpoint>, Option<u64>)>,
     load: Mutex<Option<Loader>>,
+    /// Where deferred points are, from a checked index head: a read that needs one before
+    /// all are loaded gets that one alone.
+    table: Option<Table>,
+}
+
+/// Where a checkpoint is, without its window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Place {
+    /// As [`Checkpoint::input`].
+    pub input: u64,
+    /// As [`Checkpoint::bits`].
+    pub bits: u8,
+    /// As [`Checkpoint::output`].
+    pub output: u64,
+    /// The window's length.
+    pub window_len: u32,
+}
+
+/// Gets the window of the checkpoint at an index of the table, checked; `None` if it can't.
+pub type WindowFetch = Box<dyn Fn(usize) -> Option<Box<[u8]>> + Send + Sync>;
+
+/// The places of deferred checkpoints, and how to get one window alone.
+struct Table {
+    output_len: u64,
+    places: Vec<Place>,
+    window: WindowFetch,
+    /// Points got alone, by index (`None`: that failed; the whole set is then waited for).
+    alone: Box<[OnceLock<Option<Checkpoint>>]>,
+}
+
+/// True when `places` could be the checkpoints of a stream of `output_len` bytes: every field
+/// in range, in stream order (what [`Checkpoints::new`] checks, windows aside).
+pub fn places_are_sane(places: impl IntoIterator<Item = Place>, output_len: u64) -> bool {
+    let mut last: Option<Place> = None;
+    // The position in bits, for ordering; saturating, as it is computed before the checks.
+    let bit = |p: &Place| p.input.saturating_mul(8).saturating_sub(u64::from(p.bits));
+    for p in places {
+        let sane = p.bits <= 7
+            && (p.bits == 0 || p.input > 0)
+            && p.window_len as usize <= WINDOW
+            && u64::from(p.window_len) <= p.output
+            && p.output <= output_len;
+        let ordered = last.is_none_or(|l| p.output > l.output && bit(&p) > bit(&l));
+        if !sane || !ordered {
+            return false;
+        }
+        last = Some(p);
+    }
+    true
 }
 
 /// Reads and checks deferred checkpoints; `None` if they turned out unusable.
@@ -115,6 +156,7 @@ impl Default for Checkpoints {
         Checkpoints {
             points: OnceLock::from((Vec::new(), Some(0))),
             load: Mutex::new(None),
+            table: None,
         }
     }
 }
@@ -124,6 +166,7 @@ impl Clone for Checkpoints {
         Checkpoints {
             points: OnceLock::from((self.points().to_vec(), self.output_len())),
             load: Mutex::new(None),
+            table: None,
         }
     }
 }
@@ -149,22 +192,19 @@ impl Checkpoints {
     /// Checkpoints of a stream of `output_len` decompressed bytes; `None` unless they are in
     /// stream order and every field is in range (they may come from a file).
     pub fn new(points: Vec<Checkpoint>, output_len: u64) -> Option<Self> {
-        let mut last: Option<&Checkpoint> = None;
-        for p in &points {
-            let sane = p.bits <= 7
-                && (p.bits == 0 || p.input > 0)
-                && p.window.len() <= WINDOW
-                && p.window.len() as u64 <= p.output
-                && p.output <= output_len;
-            let ordered = last.is_none_or(|l| p.output > l.output && p.bit() > l.bit());
-            if !sane || !ordered {
-                return None;
-            }
-            last = Some(p);
+        let places = points.iter().map(|p| Place {
+            input: p.input,
+            bits: p.bits,
+            output: p.output,
+            window_len: u32::try_from(p.window.len()).unwrap_or(u32::MAX),
+        });
+        if !places_are_sane(places, output_len) {
+            return None;
         }
         Some(Checkpoints {
             points: OnceLock::from((points, Some(output_len))),
             load: Mutex::new(None),
+            table: None,
         })
     }
 
@@ -175,7 +215,34 @@ impl Checkpoints {
         Checkpoints {
             points: OnceLock::new(),
             load: Mutex::new(Some(Box::new(load))),
+            table: None,
         }
+    }
+
+    /// [`Checkpoints::lazy`], with their `places` (checked with [`places_are_sane`]; `None`
+    /// if they are not) in a stream of `output_len` bytes: until all are loaded, a read gets
+    /// the one checkpoint it needs from `window` alone (the whole set may be waiting for the
+    /// network), and none before the first. The loader must refuse points at other places;
+    /// a window of another length is refused here.
+    pub fn lazy_placed(
+        places: Vec<Place>,
+        output_len: u64,
+        window: WindowFetch,
+        load: impl FnOnce() -> Option<Checkpoints> + Send + 'static,
+    ) -> Option<Self> {
+        if !places_are_sane(places.iter().copied(), output_len) {
+            return None;
+        }
+        let alone = places.iter().map(|_| OnceLock::new()).collect();
+        Some(Checkpoints {
+            table: Some(Table {
+                output_len,
+                places,
+                window,
+                alone,
+            }),
+            ..Checkpoints::lazy(load)
+        })
     }
 
     /// True once the points are in memory (always, unless made [`Checkpoints::lazy`]).
@@ -186,7 +253,10 @@ impl Checkpoints {
     /// The length of the decompressed stream, if known (loads deferred points; `None` if
     /// they failed their checks).
     pub fn output_len(&self) -> Option<u64> {
-        self.loaded().1
+        match &self.table {
+            Some(t) if !self.is_loaded() => Some(t.output_len),
+            _ => self.loaded().1,
+        }
     }
 
     /// All checkpoints, in stream order.
@@ -206,6 +276,13 @@ impl Checkpoints {
         })
     }
 
+    /// Loads deferred points; false if they were placed (their head said how many) and the
+    /// load failed, so that there are none.
+    pub fn is_complete(&self) -> bool {
+        let n = self.points().len();
+        self.table.as_ref().is_none_or(|t| t.places.len() == n)
+    }
+
     /// How many there are.
     pub fn len(&self) -> usize {
         self.points().len()
@@ -213,11 +290,34 @@ impl Checkpoints {
 
     /// True when the stream has none (it is shorter than a span).
     pub fn is_empty(&self) -> bool {
-        self.points().is_empty()
+        match &self.table {
+            Some(t) if !self.is_loaded() => t.places.is_empty(),
+            _ => self.points().is_empty(),
+        }
     }
 
     /// The last checkpoint at or before decompressed offset `pos`.
     pub fn at_or_before(&self, pos: u64) -> Option<&Checkpoint> {
+        if let Some(t) = self.table.as_ref().filter(|_| !self.is_loaded()) {
+            // The place is known; its window alone, unless that fails.
+            let i = t
+                .places
+                .partition_point(|p| p.output <= pos)
+                .checked_sub(1)?;
+            let alone = t.alone[i].get_or_init(|| {
+                let place = t.places[i];
+                let window = (t.window)(i).filter(|w| w.len() == place.window_len as usize)?;
+                Some(Checkpoint {
+                    input: place.input,
+                    bits: place.bits,
+                    output: place.output,
+                    window,
+                })
+            });
+            if let Some(c) = alone {
+                return Some(c);
+            }
+        }
         let points = self.points();
         let i = points.partition_point(|p| p.output <= pos);
         i.checked_sub(1).map(|i| &points[i])

@@ -45,6 +45,7 @@ pub fn run(quiet: bool, args: CacheArgs) -> Result<()> {
             for e in &entries {
                 let what = match e.kind {
                     CacheKind::LayerIndex => "entries",
+                    CacheKind::Checkpoints => "",
                     CacheKind::MergedTree => "nodes (merged tree)",
                     CacheKind::Blob | CacheKind::PartialBlob | CacheKind::Content => "",
                 };
@@ -54,6 +55,9 @@ pub fn run(quiet: bool, args: CacheArgs) -> Result<()> {
                         "blob (partial: spans a lazy mount read)".to_string()
                     }
                     (CacheKind::Content, _) => "decompressed layer".to_string(),
+                    (CacheKind::Checkpoints, _) => {
+                        "gzip checkpoint windows (of the layer index)".to_string()
+                    }
                     (_, Some(n)) => format!("{n} {what}"),
                     (_, None) => "unreadable".to_string(),
                 };

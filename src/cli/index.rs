@@ -130,7 +130,7 @@ fn push(ui: &Ui, args: &PushArgs) -> Result<()> {
         digest: m.digest,
         size: m.bytes.len() as u64,
     };
-    let mut layers: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut layers: Vec<(String, crate::cache::Portable)> = Vec::new();
     for (layer, index) in img.layers.iter().zip(&indexes) {
         let digest = layer
             .digest
@@ -140,7 +140,7 @@ fn push(ui: &Ui, args: &PushArgs) -> Result<()> {
             continue;
         }
         let bytes = Cache::portable(index, &digest)
-            .with_context(|| format!("layer {}: its index has no span digests", layer.label()))?;
+            .map_err(|e| anyhow::anyhow!("layer {}: {e}", layer.label()))?;
         layers.push((digest, bytes));
     }
     let pushed = artifact::push(&client, repo, &subject, &layers)

@@ -123,12 +123,22 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
         .with_disk_cache(&img.layers, ui.cache.as_ref().map(|c| c.dir()));
     let mut fs = FlatFs::new(tree, content);
     // Checkpoints from the cache are read when first used: once the mount is live, read them
-    // in the background, so that a first read does not wait for its layer's.
+    // in the background, so that a first read does not wait for its layer's. Side by side:
+    // on a lazy mount some come from the registry (an index artifact's checkpoints blobs).
     let warm: Vec<_> = checkpoints.iter().flatten().cloned().collect();
     let load = move || {
-        for c in &warm {
-            c.points();
-        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..warm.len().min(4) {
+                s.spawn(|| {
+                    while let Some(c) =
+                        warm.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                    {
+                        c.points();
+                    }
+                });
+            }
+        });
     };
     // On a lazy registry mount a push would fetch every listed small file from the network:
     // there, only what is read is fetched.

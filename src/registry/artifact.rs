@@ -5,21 +5,31 @@
 //! (distribution 2.8) through the `sha256-HEX` tag the OCI 1.1 fallback defines.
 //! See: <https://github.com/opencontainers/distribution-spec/blob/main/spec.md#listing-referrers>
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
 
 use super::client::{Client, pull_scope, push_scope};
-use crate::cache::Cache;
+use crate::cache::{Cache, Need, Portable};
 use crate::error::{Error, Result};
 
 /// The artifact's `artifactType`.
 pub const ARTIFACT_TYPE: &str = "application/vnd.flatfs.index.v1";
-/// Media type of one layer's index: a flatfs index cache file, zstd-compressed.
-pub const LAYER_MEDIA_TYPE: &str = "application/vnd.flatfs.index.layer.v1+zstd";
-/// Annotation of an index blob: the digest of the layer it indexes.
+/// Media type of one layer's index: a flatfs index cache file (`HEX.idx`: head and entries,
+/// no checkpoint windows), zstd-compressed.
+pub const LAYER_MEDIA_TYPE: &str = "application/vnd.flatfs.index.layer.v2+zstd";
+/// Media type of one layer's gzip checkpoints: a flatfs checkpoints file (`HEX.cpt`: each
+/// window a zstd frame, which its index's head names by offset and sha256), as it is, so that
+/// one window can be fetched by a range request. A mount is live without them; they are
+/// fetched behind it, and a read that needs one before they are here fetches its frame.
+pub const CHECKPOINTS_MEDIA_TYPE: &str = "application/vnd.flatfs.index.checkpoints.v2";
+/// Annotation of an index or checkpoints blob: the digest of the layer it belongs to.
 pub const LAYER_ANNOTATION: &str = "dev.flatfs.layer.digest";
+/// Index blobs fetched at once.
+const PARALLEL: usize = 8;
 /// Annotation of the artifact: the cache-file format its blobs hold. An artifact of another
 /// format is skipped, not fetched: this flatfs could not read it.
 pub const FORMAT_ANNOTATION: &str = "dev.flatfs.index.format";
@@ -86,13 +96,13 @@ pub fn fallback_tag(subject: &str) -> String {
     subject.replacen(':', "-", 1)
 }
 
-/// Pushes the indexes `layers` (layer digest, portable cache file, see [`Cache::portable`])
+/// Pushes the indexes `layers` (layer digest, portable cache files, see [`Cache::portable`])
 /// of the image `subject` in `repo` as one artifact, by digest, then makes it findable.
 pub fn push(
     client: &Client,
     repo: &str,
     subject: &Subject,
-    layers: &[(String, Vec<u8>)],
+    layers: &[(String, Portable)],
 ) -> Result<Pushed> {
     let dir = tempfile::tempdir().map_err(|e| Error::io("temp dir", e))?;
     let put_blob = |name: &str, bytes: &[u8]| -> Result<(String, u64)> {
@@ -105,17 +115,25 @@ pub fn push(
     let (empty, _) = put_blob("empty", EMPTY_JSON)?;
     let mut descs = Vec::new();
     let mut total = 0;
-    for (i, (layer, index)) in layers.iter().enumerate() {
-        let packed = zstd::bulk::compress(index, LEVEL)
+    for (i, (layer, files)) in layers.iter().enumerate() {
+        let packed = zstd::bulk::compress(&files.index, LEVEL)
             .map_err(|e| Error::io(format!("compressing the index of {layer}"), e))?;
-        let (digest, size) = put_blob(&format!("{i}"), &packed)?;
-        total += size;
-        descs.push(json!({
-            "mediaType": LAYER_MEDIA_TYPE,
-            "digest": digest,
-            "size": size,
-            "annotations": {LAYER_ANNOTATION: layer},
-        }));
+        let blobs = [
+            (LAYER_MEDIA_TYPE, Some(&packed)),
+            // Its frames are compressed already, and must stay reachable by range.
+            (CHECKPOINTS_MEDIA_TYPE, files.checkpoints.as_ref()),
+        ];
+        for (j, (media_type, bytes)) in blobs.into_iter().enumerate() {
+            let Some(bytes) = bytes else { continue };
+            let (digest, size) = put_blob(&format!("{i}.{j}"), bytes)?;
+            total += size;
+            descs.push(json!({
+                "mediaType": media_type,
+                "digest": digest,
+                "size": size,
+                "annotations": {LAYER_ANNOTATION: layer},
+            }));
+        }
     }
     let annotations = json!({FORMAT_ANNOTATION: crate::cache::VERSION.to_string()});
     let manifest = json!({
@@ -208,22 +226,42 @@ fn ours(entry: &Value) -> bool {
         && entry["mediaType"].as_str() == Some(OCI_MANIFEST)
 }
 
-/// A layer whose index is wanted: digest, blob size, diff_id from the config.
-pub type Wanted = (String, u64, Option<String>);
+/// A layer whose index is wanted: digest, blob size.
+pub type Wanted = (String, u64);
+
+/// Says, for a layer (digest, size) whose index is about to be fetched, how many of its
+/// first bytes to fetch beside it (the first span a lazy open checks), if any.
+pub type FirstSpan<'a> = &'a (dyn Fn(&str, u64) -> Option<u64> + Sync);
+
+/// What a lazy open takes from an index artifact ([`fill_cache`]).
+#[derive(Debug, Default)]
+pub struct Filled {
+    /// The layers whose index was imported.
+    pub imported: Vec<String>,
+    /// The first bytes of some of them, fetched beside their indexes: unverified (the lazy
+    /// blob checks them against the span digests, as any fetched span).
+    pub starts: HashMap<String, Vec<u8>>,
+}
 
 /// Looks for an index artifact of image `subject` in `repo` (referrers API, then the
-/// fallback tag) and imports the indexes of `wanted` layers from it into `cache`, each blob
-/// checked against its digest and decoded with every check of a cache file. Returns the
-/// layers imported; a layer it cannot import is an error naming it (the others imported
-/// before it stay: each was checked on its own).
-pub fn import(
-    client: &Client,
+/// fallback tag) and imports into `cache` what `wanted` layers need from it: the index blobs,
+/// fetched in parallel, each checked against its digest and decoded with every check of a
+/// cache file (its diff_id against `diff_ids()`, the config's, asked for only then), and for
+/// each the fetch of its checkpoints blob, set up for when they are first loaded
+/// ([`Cache::expect_checkpoints`]). Returns the layers whose index was imported; a layer it
+/// cannot import is an error naming it (the others stay: each was checked on its own).
+#[allow(clippy::too_many_arguments)]
+fn import(
+    client: &Arc<Client>,
     repo: &str,
     subject: &str,
-    wanted: &[Wanted],
+    wanted: &[(Wanted, Need)],
     cache: &Cache,
-    imported: &mut Vec<String>,
+    diff_ids: &mut dyn FnMut() -> Vec<(String, String)>,
+    first_span: FirstSpan,
+    filled: &mut Filled,
 ) -> Result<()> {
+    let imported = &mut filled.imported;
     let Some(entry) = find(client, repo, subject)? else {
         return Ok(());
     };
@@ -245,28 +283,157 @@ pub fn import(
         ));
     }
     let blobs = manifest["layers"].as_array().map_or(&[][..], Vec::as_slice);
-    for (layer, size, diff_id) in wanted {
+    let blob_of = |layer: &str, media_type: &str| -> Result<Option<(String, u64)>> {
         let Some(desc) = blobs.iter().find(|d| {
             d["annotations"][LAYER_ANNOTATION].as_str() == Some(layer)
-                && d["mediaType"].as_str() == Some(LAYER_MEDIA_TYPE)
+                && d["mediaType"].as_str() == Some(media_type)
         }) else {
-            log::info!("{what}: no index of layer {layer}");
-            continue;
+            return Ok(None);
         };
-        let (Some(blob), Some(blob_size)) = (desc["digest"].as_str(), desc["size"].as_u64()) else {
-            return Err(Error::invalid(
+        match (desc["digest"].as_str(), desc["size"].as_u64()) {
+            (Some(d), Some(s)) => Ok(Some((d.to_string(), s))),
+            _ => Err(Error::invalid(
                 &what,
                 format!("bad descriptor for layer {layer}"),
-            ));
-        };
-        let index = fetch_index(client, repo, blob, blob_size, index_limit(*size))
-            .map_err(|e| Error::invalid(&what, format!("index of layer {layer}: {e}")))?;
-        cache
-            .import(layer, *size, diff_id.as_deref(), &index)
-            .map_err(|e| Error::invalid(&what, format!("index of layer {layer}: {e}")))?;
-        imported.push(layer.clone());
+            )),
+        }
+    };
+    // The index blobs, all at once: each costs a round trip, and they are small.
+    let mut jobs = Vec::new();
+    for ((layer, size), need) in wanted {
+        if *need != Need::Index {
+            continue;
+        }
+        match blob_of(layer, LAYER_MEDIA_TYPE)? {
+            Some((blob, blob_size)) => jobs.push((layer.clone(), *size, blob, blob_size)),
+            None => log::info!("{what}: no index of layer {layer}"),
+        }
     }
-    Ok(())
+    // Beside them, the first span of each of those layers, which the open checks next.
+    let starts: Vec<(String, u64)> = jobs
+        .iter()
+        .filter_map(|(layer, size, _, _)| Some((layer.clone(), first_span(layer, *size)?)))
+        .collect();
+    let mut work: Vec<Job> = Vec::new();
+    for (_, size, blob, blob_size) in &jobs {
+        work.push(Box::new(move || {
+            fetch_blob(client, repo, blob, *blob_size, index_limit(*size))
+        }));
+    }
+    for (layer, end) in &starts {
+        work.push(Box::new(move || {
+            client
+                .fetch_range(repo, layer, 0, *end)
+                .map_err(|e| e.to_string())
+        }));
+    }
+    let mut fetched = run_all(work);
+    for ((layer, _), bytes) in starts.iter().zip(fetched.split_off(jobs.len())) {
+        if let Ok(b) = bytes {
+            filled.starts.insert(layer.clone(), b);
+        }
+    }
+    let diff_ids = if jobs.is_empty() {
+        Vec::new()
+    } else {
+        diff_ids()
+    };
+    let mut first_error = None;
+    for ((layer, size, _, _), index) in jobs.iter().zip(fetched) {
+        let diff_id = diff_ids
+            .iter()
+            .find(|(d, _)| d == layer)
+            .map(|(_, i)| i.as_str());
+        let r = index.and_then(|index| cache.import(layer, *size, diff_id, &index));
+        match r {
+            Ok(()) => imported.push(layer.clone()),
+            Err(e) => {
+                first_error.get_or_insert_with(|| {
+                    Error::invalid(&what, format!("index of layer {layer}: {e}"))
+                });
+            }
+        }
+    }
+    for ((layer, _), need) in wanted {
+        if *need == Need::Index && !imported.contains(layer) {
+            continue;
+        }
+        let Some((blob, blob_size)) = blob_of(layer, CHECKPOINTS_MEDIA_TYPE)? else {
+            continue;
+        };
+        expect_checkpoints(client, repo, cache, layer, blob, blob_size);
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Sets up the fetch of the checkpoints of layer `layer` from blob `blob` (`blob_size` bytes)
+/// of `repo`, for when they are first needed ([`Cache::expect_checkpoints`]).
+fn expect_checkpoints(
+    client: &Arc<Client>,
+    repo: &str,
+    cache: &Cache,
+    layer: &str,
+    blob: String,
+    blob_size: u64,
+) -> bool {
+    {
+        let (c, r, b) = (client.clone(), repo.to_string(), blob.clone());
+        let fetch = Box::new(move |len: u64| {
+            if len != blob_size {
+                return Err(format!(
+                    "blob {b} has {blob_size} bytes, the index names {len}"
+                ));
+            }
+            let bytes = c.fetch_range(&r, &b, 0, len).map_err(|e| e.to_string())?;
+            let found = crate::blob::sha256_of(&bytes);
+            if found != b {
+                return Err(format!("blob {b}: digest mismatch (found {found})"));
+            }
+            Ok(bytes)
+        });
+        let (c, r) = (client.clone(), repo.to_string());
+        let range = Arc::new(move |start: u64, end: u64| {
+            if end > blob_size || start >= end {
+                return Err(format!("blob {blob}: no bytes {start}..{end}"));
+            }
+            c.fetch_range(&r, &blob, start, end)
+                .map_err(|e| e.to_string())
+        });
+        cache.expect_checkpoints(layer, fetch, range)
+    }
+}
+
+/// A fetch [`run_all`] runs.
+type Job<'a> = Box<dyn FnOnce() -> Result<Vec<u8>, String> + Send + 'a>;
+
+/// Runs `jobs` on a few threads; their results in the order of `jobs`.
+fn run_all(jobs: Vec<Job>) -> Vec<Result<Vec<u8>, String>> {
+    let n = jobs.len();
+    let queue = Mutex::new(jobs.into_iter().enumerate().collect::<Vec<_>>());
+    let results = Mutex::new((0..n).map(|_| None).collect::<Vec<_>>());
+    std::thread::scope(|s| {
+        for _ in 0..PARALLEL.min(n) {
+            s.spawn(|| {
+                loop {
+                    // Taken from the end: the first spans, then the index blobs, largest
+                    // last; they all go out at once anyway.
+                    let job = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                    let Some((i, job)) = job else { break };
+                    let r = job();
+                    results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err("not fetched".into())))
+        .collect()
 }
 
 /// The newest readable flatfs index artifact listed for `subject`, if any.
@@ -302,14 +469,15 @@ fn find(client: &Client, repo: &str, subject: &str) -> Result<Option<Value>> {
 
 /// Blob `digest` (`size` bytes, compressed) checked against its digest, inflated to at most
 /// `limit` bytes.
-fn fetch_index(
+fn fetch_blob(
     client: &Client,
     repo: &str,
     digest: &str,
     size: u64,
     limit: u64,
 ) -> Result<Vec<u8>, String> {
-    if size == 0 || size > MAX_BLOB.min(limit) {
+    // zstd may make incompressible bytes (windows of a layer of random data) a little longer.
+    if size == 0 || size > MAX_BLOB.min(limit.saturating_add(limit / 64 + 4096)) {
         return Err(format!(
             "blob {digest}: {size} bytes is too big for an index"
         ));
@@ -339,35 +507,59 @@ fn inflate(bytes: &[u8], limit: u64) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// For a lazy open: imports from the image's index artifact the indexes of the layers
-/// `wanted` that the cache in `dir` lacks. Best effort: a missing or bad artifact is a
-/// warning, and those layers are then read as without one. Returns the layers imported.
+/// For a lazy open: imports from the image's index artifact what the cache in `dir` lacks of
+/// the layers `wanted` (indexes, and the fetch of their checkpoints, see `import`).
+/// `diff_ids` gives the config's (layer, diff_id) pairs, once an index needs them;
+/// `first_span` says how much of a layer to fetch beside its index. Best effort: a missing or
+/// bad artifact is a warning, and those layers are then read as without one.
 pub fn fill_cache(
-    client: &Client,
+    client: &Arc<Client>,
     repo: &str,
     subject: &str,
     wanted: &[Wanted],
     dir: &Path,
-) -> Vec<String> {
+    diff_ids: &mut dyn FnMut() -> Vec<(String, String)>,
+    first_span: FirstSpan,
+) -> Filled {
     let cache = Cache::new(dir);
-    let missing: Vec<Wanted> = wanted
-        .iter()
-        .filter(|(d, size, _)| cache.span_digests(d, *size).is_none())
-        .cloned()
-        .collect();
-    let mut imported = Vec::new();
-    if missing.is_empty() {
-        return imported;
+    let mut missing: Vec<(Wanted, Need)> = Vec::new();
+    for w in wanted {
+        let need = cache.needs(&w.0, w.1);
+        if need == Need::Checkpoints
+            && let Some((blob, size)) = cache.checkpoints_blob(&w.0)
+        {
+            // Cached index, checkpoints file gone (a mount that ended before they came):
+            // the index names their blob, which is then fetched as the artifact's would be.
+            expect_checkpoints(client, repo, &cache, &w.0, blob, size);
+            continue;
+        }
+        if need != Need::Nothing && !missing.iter().any(|(m, _)| m.0 == w.0) {
+            missing.push((w.clone(), need));
+        }
     }
-    match import(client, repo, subject, &missing, &cache, &mut imported) {
-        Ok(()) if imported.is_empty() => log::info!(
+    let mut filled = Filled::default();
+    if missing.is_empty() {
+        return filled;
+    }
+    let r = import(
+        client,
+        repo,
+        subject,
+        &missing,
+        &cache,
+        diff_ids,
+        first_span,
+        &mut filled,
+    );
+    match r {
+        Ok(()) if filled.imported.is_empty() => log::info!(
             "{}: no flatfs index artifact for {repo}@{subject}",
             client.host()
         ),
         Ok(()) => log::info!(
             "{}: {} of {} missing layer indexes from the index artifact",
             client.host(),
-            imported.len(),
+            filled.imported.len(),
             missing.len()
         ),
         Err(e) => log::warn!(
@@ -375,7 +567,7 @@ pub fn fill_cache(
             client.host()
         ),
     }
-    imported
+    filled
 }
 
 #[cfg(test)]

@@ -70,14 +70,53 @@ pub(super) fn open(
     }
     let config = manifest.config();
     let config_digest = config.digest().to_string();
-    let path = client.fetch_blob(repo, &config_digest, config.size(), &blobs, &|_| {})?;
+    // The config and the index artifact are fetched side by side: the artifact needs the
+    // config only to check the indexes' diff_ids, once they are here.
+    let (path, filled) = std::thread::scope(|s| {
+        let fetch_config =
+            s.spawn(|| client.fetch_blob(repo, &config_digest, config.size(), &blobs, &|_| {}));
+        let mut fetch_config = Some(fetch_config);
+        let mut fetched = None;
+        let mut diff_ids = || {
+            let r = join(fetch_config.take().expect("asked for once"));
+            let ids = r.as_ref().ok().map(|p| diff_ids(&manifest, p));
+            fetched = Some(r);
+            ids.unwrap_or_default()
+        };
+        let first_span =
+            |d: &str, size: u64| (!blobs.has(d, size)).then(|| crate::blob::SPAN_BYTES.min(size));
+        let filled = index_artifact(
+            &client,
+            repo,
+            desc.digest().as_ref(),
+            &manifest,
+            opts,
+            &mut diff_ids,
+            &first_span,
+        );
+        let path = match (fetched, fetch_config) {
+            (Some(r), _) => r,
+            (None, Some(h)) => join(h),
+            (None, None) => unreachable!("the config is fetched or being fetched"),
+        };
+        (path, filled)
+    });
+    let path = path?;
     link(&config_digest, &path)?;
-    let imported = index_artifact(
+    // The first span of each layer whose index came from the artifact is checked now (most
+    // were fetched beside the indexes), all at once: a lie is found while the layer can
+    // still be pulled whole (below).
+    let crate::registry::artifact::Filled {
+        imported,
+        mut starts,
+    } = filled;
+    let mut checked = check_starts(
         &client,
         repo,
-        desc.digest().as_ref(),
         &manifest,
-        &path,
+        (&imported, &mut starts),
+        &layout,
+        &blobs,
         opts,
     );
 
@@ -105,7 +144,11 @@ pub(super) fn open(
         if let Some(spans) = lazy_spans(opts, &digest, layer.size()) {
             let path = layout_path(layout.path(), &digest)?;
             let check = imported.contains(&digest);
-            match open_lazy(&client, repo, &digest, &path, spans, &blobs, check) {
+            let opened = match checked.remove(&digest) {
+                Some(r) => r,
+                None => open_lazy(&client, repo, &digest, &path, spans, &blobs, check, None),
+            };
+            match opened {
                 Ok(Some(l)) => {
                     lazy.insert(digest.clone(), l);
                     continue;
@@ -259,37 +302,98 @@ fn open_toc(client: &Arc<Client>, repo: &str, layer: &Descriptor) -> Option<crat
 
 /// For a lazy open: layer indexes the cache lacks, from the image's flatfs index artifact in
 /// the registry, if it has one (`registry/artifact.rs`), so those layers are read by ranges
-/// with no pass over them. Each is checked as a cache file is, then is one.
+/// with no pass over them. Each is checked as a cache file is, then is one. `diff_ids` gives
+/// the config's, which the indexes must agree with.
 fn index_artifact(
-    client: &Client,
+    client: &Arc<Client>,
     repo: &str,
     subject: &str,
     manifest: &ImageManifest,
-    config: &Path,
     opts: &Options,
-) -> Vec<String> {
+    diff_ids: &mut dyn FnMut() -> Vec<(String, String)>,
+    first_span: crate::registry::artifact::FirstSpan,
+) -> crate::registry::artifact::Filled {
     let Some(dir) = opts
         .cache_dir
         .as_ref()
         .filter(|_| opts.lazy && !opts.no_index_artifact)
     else {
-        return Vec::new();
+        return Default::default();
     };
-    // The diff_ids the indexes must agree with (a config that does not parse fails later).
+    let wanted: Vec<_> = manifest
+        .layers()
+        .iter()
+        .map(|l| (l.digest().to_string(), l.size()))
+        .collect();
+    crate::registry::artifact::fill_cache(client, repo, subject, &wanted, dir, diff_ids, first_span)
+}
+
+/// The (layer digest, diff_id) pairs of a manifest's layers by the config at `config` (a
+/// config that does not parse fails later, when the image opens).
+fn diff_ids(manifest: &ImageManifest, config: &Path) -> Vec<(String, String)> {
     let config: serde_json::Value = std::fs::read(config)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
-    let wanted: Vec<_> = manifest
+    manifest
         .layers()
         .iter()
         .enumerate()
-        .map(|(i, l)| {
-            let diff_id = config["rootfs"]["diff_ids"][i].as_str().map(str::to_string);
-            (l.digest().to_string(), l.size(), diff_id)
+        .filter_map(|(i, l)| {
+            let diff_id = config["rootfs"]["diff_ids"][i].as_str()?;
+            Some((l.digest().to_string(), diff_id.to_string()))
         })
-        .collect();
-    crate::registry::artifact::fill_cache(client, repo, subject, &wanted, dir)
+        .collect()
+}
+
+/// A scoped thread's result, its panic passed on.
+fn join<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// Opens for reads by ranges each layer of `manifest` whose index was `imported` from an
+/// artifact (and is not whole in the store), fetching their first spans in parallel (unless
+/// in `starts`, fetched already): what [`open_lazy`] with `check_start` gives, by layer
+/// digest.
+fn check_starts(
+    client: &Arc<Client>,
+    repo: &str,
+    manifest: &ImageManifest,
+    (imported, starts): (&[String], &mut HashMap<String, Vec<u8>>),
+    layout: &tempfile::TempDir,
+    blobs: &BlobStore,
+    opts: &Options,
+) -> HashMap<String, Result<Option<Arc<Lazy>>>> {
+    let mut todo: Vec<(String, PathBuf, SpanDigests, Option<Vec<u8>>)> = Vec::new();
+    for layer in manifest.layers() {
+        let digest = layer.digest().to_string();
+        if !imported.contains(&digest)
+            || todo.iter().any(|(d, ..)| *d == digest)
+            || blobs.has(&digest, layer.size())
+        {
+            continue;
+        }
+        let (Some(spans), Ok(path)) = (
+            lazy_spans(opts, &digest, layer.size()),
+            layout_path(layout.path(), &digest),
+        ) else {
+            continue;
+        };
+        let start = starts.remove(&digest);
+        todo.push((digest, path, spans, start));
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = todo
+            .into_iter()
+            .map(|(digest, path, spans, start)| {
+                s.spawn(move || {
+                    let r = open_lazy(client, repo, &digest, &path, spans, blobs, true, start);
+                    (digest, r)
+                })
+            })
+            .collect();
+        handles.into_iter().map(join).collect()
+    })
 }
 
 /// Drops the cached index of layer `digest`, imported from an artifact that proved wrong.
@@ -324,8 +428,10 @@ fn compression_of(media_type: &str) -> Option<Compression> {
 }
 
 /// Opens layer `digest` for reads by ranges. With `check_start` (an index imported from an
-/// artifact, which may lie) its first span is fetched now, so a lie is found while the layer
-/// can still be pulled whole; with an index this host made, nothing is fetched until read.
+/// artifact, which may lie) its first span is fetched now (or taken from `first`, its first
+/// bytes fetched already, checked as fetched ones), so a lie is found while the layer can
+/// still be pulled whole; with an index this host made, nothing is fetched until read.
+#[allow(clippy::too_many_arguments)]
 fn open_lazy(
     client: &Arc<Client>,
     repo: &str,
@@ -334,12 +440,22 @@ fn open_lazy(
     spans: SpanDigests,
     blobs: &BlobStore,
     check_start: bool,
+    first: Option<Vec<u8>>,
 ) -> Result<Option<Arc<Lazy>>> {
     let Some((file, map, partial)) = link_partial(blobs, digest, &spans, path, &|| {})? else {
         return Ok(None);
     };
     let (c, r, d) = (client.clone(), repo.to_string(), digest.to_string());
+    let first = Mutex::new(first);
     let fetch = Box::new(move |start, end| {
+        // Taken once, by the request it answers.
+        let mut got = first.lock().unwrap_or_else(|e| e.into_inner());
+        if start == 0 && got.as_ref().is_some_and(|b| b.len() as u64 >= end) {
+            let mut b = got.take().unwrap_or_default();
+            b.truncate(end as usize);
+            return Ok(b);
+        }
+        drop(got);
         c.fetch_range(&r, &d, start, end)
             .map_err(|e| std::io::Error::other(e.to_string()))
     });

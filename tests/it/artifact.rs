@@ -14,6 +14,39 @@ use crate::util::*;
 
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const INDEX_BLOB: &str = "application/vnd.flatfs.index.layer.v2+zstd";
+const CHECKPOINTS_BLOB: &str = "application/vnd.flatfs.index.checkpoints.v2";
+
+/// Where the artifact `manifest` lists the blob of `media_type` for layer `digest`.
+fn blob_at(manifest: &Value, media_type: &str, digest: &str) -> Option<usize> {
+    manifest["layers"].as_array().unwrap().iter().position(|b| {
+        b["mediaType"] == media_type && b["annotations"]["dev.flatfs.layer.digest"] == digest
+    })
+}
+
+/// Puts `manifest` (an edited artifact, with `blobs`) in the registry in place of the one the
+/// fallback tag lists.
+fn replace_artifact(reg: &Registry, manifest: &Value, blobs: Vec<Vec<u8>>) {
+    let bytes = serde_json::to_vec(manifest).unwrap();
+    let digest = format!("sha256:{}", sha256_hex(&bytes));
+    let (tag, mut list) = fallback(reg, "app");
+    list[0]["digest"] = Value::from(digest.clone());
+    list[0]["size"] = Value::from(bytes.len());
+    list[0]["annotations"] = manifest["annotations"].clone();
+    let index = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list});
+    reg.put_raw(
+        "app",
+        &blobs,
+        &[
+            (digest, OCI_MANIFEST.to_string(), bytes),
+            (
+                tag,
+                OCI_INDEX.to_string(),
+                serde_json::to_vec(&index).unwrap(),
+            ),
+        ],
+    );
+}
 
 /// A 12 MiB layer of noise (gzip stores it: every byte fetched is a byte of the blob) with
 /// a small file after it, and a small layer on top; returns the layout and the noise.
@@ -168,6 +201,7 @@ fn artifact_pushed_by_one_host_makes_a_mount_on_another_lazy_at_once() {
     let blobs = manifest["layers"].as_array().unwrap();
     let indexed: Vec<&str> = blobs
         .iter()
+        .filter(|b| b["mediaType"] == INDEX_BLOB)
         .map(|b| {
             b["annotations"]["dev.flatfs.layer.digest"]
                 .as_str()
@@ -178,6 +212,11 @@ fn artifact_pushed_by_one_host_makes_a_mount_on_another_lazy_at_once() {
         indexed,
         digests.iter().map(String::as_str).collect::<Vec<_>>()
     );
+    // The big layer's gzip checkpoints travel in a blob of their own; the small layer has
+    // none (it is shorter than a checkpoint span).
+    assert!(blob_at(&manifest, CHECKPOINTS_BLOB, &digests[0]).is_some());
+    assert!(blob_at(&manifest, CHECKPOINTS_BLOB, &digests[1]).is_none());
+    assert_eq!(manifest["annotations"]["dev.flatfs.index.format"], "7");
 
     // From the local copy, on a host that never pulled it (`--to`): the same indexes, so
     // the same artifact, listed once; no layer downloaded.
@@ -240,6 +279,10 @@ fn artifact_pushed_by_one_host_makes_a_mount_on_another_lazy_at_once() {
     assert!(
         host_b.join(format!("{}.idx", &digests[0][7..])).exists(),
         "the imported index is cached"
+    );
+    assert!(
+        host_b.join(format!("{}.cpt", &digests[0][7..])).exists(),
+        "the imported checkpoints are cached"
     );
     assert!(!log.contains("warning"), "{log}");
     // A part of the noise reads right, fetched by ranges.
@@ -307,7 +350,8 @@ fn artifact_tampered_or_lying_is_refused_and_the_mount_reads_the_layers() {
     );
     let artifact = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let manifest = get_doc(&reg, "app", &artifact, OCI_MANIFEST);
-    let first_blob = manifest["layers"][0]["digest"]
+    let first = blob_at(&manifest, INDEX_BLOB, &digests[0]).unwrap();
+    let first_blob = manifest["layers"][first]["digest"]
         .as_str()
         .unwrap()
         .to_string();
@@ -332,30 +376,14 @@ fn artifact_tampered_or_lying_is_refused_and_the_mount_reads_the_layers() {
 
     // A well-formed artifact whose indexes do not fit: each blob claims the other layer.
     let mut lying = manifest.clone();
+    let second = blob_at(&manifest, INDEX_BLOB, &digests[1]).unwrap();
     let (a, b) = (
-        lying["layers"][0]["annotations"].clone(),
-        lying["layers"][1]["annotations"].clone(),
+        lying["layers"][first]["annotations"].clone(),
+        lying["layers"][second]["annotations"].clone(),
     );
-    lying["layers"][0]["annotations"] = b;
-    lying["layers"][1]["annotations"] = a;
-    let bytes = serde_json::to_vec(&lying).unwrap();
-    let lying_digest = format!("sha256:{}", sha256_hex(&bytes));
-    let (tag, mut list) = fallback(&reg, "app");
-    list[0]["digest"] = Value::from(lying_digest.clone());
-    list[0]["size"] = Value::from(bytes.len());
-    let index = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list});
-    reg.put_raw(
-        "app",
-        &[],
-        &[
-            (lying_digest, OCI_MANIFEST.to_string(), bytes),
-            (
-                tag,
-                OCI_INDEX.to_string(),
-                serde_json::to_vec(&index).unwrap(),
-            ),
-        ],
-    );
+    lying["layers"][first]["annotations"] = b;
+    lying["layers"][second]["annotations"] = a;
+    replace_artifact(&reg, &lying, Vec::new());
     let host_d = tmp.path().join("host-d");
     let (log, read) = mount_and_read(&host_d, &reg.url("app:1"), &mnt);
     assert_eq!(read, want(), "{log}");
@@ -391,26 +419,9 @@ fn artifact_tampered_or_lying_is_refused_and_the_mount_reads_the_layers() {
     index[end..].copy_from_slice(&sum);
     let forged_blob = zstd::bulk::compress(&index, 3).unwrap();
     let mut forged = manifest.clone();
-    forged["layers"][0]["digest"] = Value::from(format!("sha256:{}", sha256_hex(&forged_blob)));
-    forged["layers"][0]["size"] = Value::from(forged_blob.len());
-    let bytes = serde_json::to_vec(&forged).unwrap();
-    let forged_digest = format!("sha256:{}", sha256_hex(&bytes));
-    let (tag, mut list) = fallback(&reg, "app");
-    list[0]["digest"] = Value::from(forged_digest.clone());
-    list[0]["size"] = Value::from(bytes.len());
-    let index = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list});
-    reg.put_raw(
-        "app",
-        &[forged_blob],
-        &[
-            (forged_digest, OCI_MANIFEST.to_string(), bytes),
-            (
-                tag,
-                OCI_INDEX.to_string(),
-                serde_json::to_vec(&index).unwrap(),
-            ),
-        ],
-    );
+    forged["layers"][first]["digest"] = Value::from(format!("sha256:{}", sha256_hex(&forged_blob)));
+    forged["layers"][first]["size"] = Value::from(forged_blob.len());
+    replace_artifact(&reg, &forged, vec![forged_blob]);
     let host_e = tmp.path().join("host-e");
     let (log, read) = mount_and_read(&host_e, &reg.url("app:1"), &mnt);
     assert_eq!(read, want(), "{log}");
@@ -642,4 +653,152 @@ fn index_push_to_warns_when_the_local_copy_is_not_the_registry_image() {
         err.contains("1 of") && err.contains("layers are not in it"),
         "{err}"
     );
+}
+
+/// The checkpoints of a layer come after the mount: a read that needs one before they are
+/// here gets its window alone; a checkpoints blob that is tampered with (in transit, or
+/// forged with a digest of its own) is refused and the layer read from its start, right; an
+/// artifact of another format is not used at all.
+#[test]
+fn artifact_checkpoints_come_after_the_mount_checked_and_an_old_format_is_ignored() {
+    registry_tools(&[]);
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, _, digests) = image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "app:1");
+    let big_size = std::fs::metadata(img.join("blobs/sha256").join(&digests[0][7..]))
+        .unwrap()
+        .len();
+    let out = ok(
+        &tmp.path().join("host-a"),
+        &["index", "push", &reg.url("app:1"), "--tls-verify=false"],
+    );
+    let artifact = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let manifest = get_doc(&reg, "app", &artifact, OCI_MANIFEST);
+    let at = blob_at(&manifest, CHECKPOINTS_BLOB, &digests[0]).expect("a checkpoints blob");
+    let cpt_blob = manifest["layers"][at]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cpt_size = manifest["layers"][at]["size"].as_u64().unwrap();
+    if !fuse_available(
+        "artifact_checkpoints_come_after_the_mount_checked_and_an_old_format_is_ignored",
+    ) {
+        return;
+    }
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let cpt_file = |host: &Path| host.join(format!("{}.cpt", &digests[0][7..]));
+
+    // The whole checkpoints blob stalls for 6 s: a read at the end of the big layer gets
+    // the window it needs by a range of its own, and does not wait.
+    let proxy = FaultProxy::start(&reg.host);
+    proxy.inject(Fault::Stall {
+        path: format!("/blobs/{cpt_blob}"),
+        after: 0,
+        secs: 6,
+        times: 1,
+    });
+    let host = tmp.path().join("host-b");
+    let out = ok(
+        &host,
+        &[
+            "mount",
+            &proxy.url("app:1"),
+            mnt.to_str().unwrap(),
+            "--tls-verify=false",
+        ],
+    );
+    // Wait until the fetch of the whole blob (the stalled one) has gone out.
+    let asked = |proxy: &FaultProxy| {
+        proxy
+            .seen()
+            .iter()
+            .filter(|s| s.path.ends_with(&format!("/blobs/{cpt_blob}")))
+            .count()
+    };
+    let start = std::time::Instant::now();
+    while asked(&proxy) == 0 && start.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!cpt_file(&host).exists(), "the stalled blob arrived");
+    let start = std::time::Instant::now();
+    let read = std::fs::read(mnt.join("data/tail.txt"));
+    let took = start.elapsed();
+    let windows: Vec<u64> = proxy
+        .seen()
+        .iter()
+        .filter(|s| s.path.ends_with(&format!("/blobs/{cpt_blob}")))
+        .filter_map(|s| s.header("range").map(str::to_string))
+        .map(|r| {
+            let (a, b) = r.trim_start_matches("bytes=").split_once('-').unwrap();
+            b.parse::<u64>().unwrap() + 1 - a.parse::<u64>().unwrap()
+        })
+        .collect();
+    // Then the whole blob comes (asked again after the stall), is checked and kept.
+    let start_wait = std::time::Instant::now();
+    while !cpt_file(&host).exists() && start_wait.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let kept = cpt_file(&host).exists();
+    ok(&host, &["umount", mnt.to_str().unwrap()]);
+    assert_eq!(read.unwrap(), want()[0], "{}", stderr_of(&out));
+    assert!(took.as_secs() < 5, "the read waited {took:?}");
+    assert!(
+        windows.iter().any(|&n| n < cpt_size / 2),
+        "no window fetched alone: {windows:?} of {cpt_size}"
+    );
+    assert!(kept, "the checkpoints were not kept");
+    assert_eq!(
+        std::fs::read(cpt_file(&host)).unwrap().len() as u64,
+        cpt_size
+    );
+
+    // Every byte of the checkpoints blob flipped in transit: its digest (and each window's
+    // sha256) refuse it; the layer is read from its start, right, and nothing is kept.
+    let proxy = FaultProxy::start(&reg.host);
+    proxy.inject(Fault::Corrupt {
+        path: format!("/blobs/{cpt_blob}"),
+        times: 1000,
+    });
+    let host = tmp.path().join("host-c");
+    let (log, read) = mount_and_read(&host, &proxy.url("app:1"), &mnt);
+    assert_eq!(read, want(), "{log}");
+    assert!(!cpt_file(&host).exists());
+    assert!(fetched(&proxy, &digests[0], big_size) >= big_size / 2);
+
+    // A forged checkpoints blob that matches its own digest but not the sha256 digests the
+    // index names (a byte of every window's frame flipped: the noise's windows do not
+    // compress, so each frame is about 32 KiB): refused all the same, whole or a window alone.
+    let mut forged = std::fs::read(cpt_file(&tmp.path().join("host-b"))).unwrap();
+    for i in (10..forged.len()).step_by(512) {
+        forged[i] ^= 1;
+    }
+    let mut lying = manifest.clone();
+    lying["layers"][at]["digest"] = Value::from(format!("sha256:{}", sha256_hex(&forged)));
+    replace_artifact(&reg, &lying, vec![forged]);
+    let proxy = FaultProxy::start(&reg.host);
+    let host = tmp.path().join("host-d");
+    let (log, read) = mount_and_read(&host, &proxy.url("app:1"), &mnt);
+    assert_eq!(read, want(), "{log}");
+    assert!(!cpt_file(&host).exists());
+    assert!(fetched(&proxy, &digests[0], big_size) >= big_size / 2);
+
+    // An artifact of another format (an older flatfs's) is not even fetched: the layers
+    // are read as without one.
+    let mut old = manifest.clone();
+    old["annotations"]["dev.flatfs.index.format"] = Value::from("6");
+    replace_artifact(&reg, &old, Vec::new());
+    let proxy = FaultProxy::start(&reg.host);
+    let host = tmp.path().join("host-e");
+    let (log, read) = mount_and_read(&host, &proxy.url("app:1"), &mnt);
+    assert_eq!(read, want(), "{log}");
+    assert!(
+        proxy
+            .seen()
+            .iter()
+            .all(|s| !s.path.contains("/manifests/sha256:")),
+        "the old artifact was fetched"
+    );
+    assert!(fetched(&proxy, &digests[0], big_size) >= big_size);
 }

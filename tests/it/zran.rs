@@ -307,25 +307,34 @@ fn a_corrupt_or_stale_cache_file_is_rebuilt_with_the_same_checkpoints() {
     let cache = Cache::new(tmp.path().join("cache"));
     let first = checkpoints(&open(&image, &cache));
     let path = cache_file(&cache);
+    let cpt = path.with_extension("cpt");
     let good = fs::read(&path).expect("cache file");
-    // The windows make up most of the file: flip a byte in the middle of one.
-    assert!(good.len() as u64 > first.window_bytes() as u64);
+    let good_cpt = fs::read(&cpt).expect("checkpoints file");
+    // The windows, one zstd frame each, make up the checkpoints file; the index names them.
+    assert!(good_cpt.len() as u64 > first.window_bytes() as u64 / 8);
+    assert!((good.len() as u64) < first.window_bytes() as u64);
 
-    let mut flipped = good.clone();
-    let at = good.len() - first.points()[0].window.len() / 2 - 40;
-    flipped[at] ^= 0x01;
+    // In the middle of the first window's frame.
+    let mut flipped = good_cpt.clone();
+    flipped[good_cpt.len() / (2 * first.len())] ^= 0x01;
     // A file of an older format, with a checksum that holds: ignored all the same.
     let mut stale = good[..good.len() - 32].to_vec();
     stale[8..12].copy_from_slice(&1u32.to_le_bytes());
     stale.extend_from_slice(&Sha256::digest(&stale));
     let truncated = good[..good.len() - 1000].to_vec();
+    let truncated_cpt = good_cpt[..good_cpt.len() - 1000].to_vec();
 
-    for (what, bad) in [
-        ("flipped", flipped),
-        ("stale", stale),
-        ("truncated", truncated),
+    for (what, file, bad) in [
+        ("flipped window", &cpt, Some(flipped)),
+        ("stale", &path, Some(stale)),
+        ("truncated", &path, Some(truncated)),
+        ("truncated checkpoints", &cpt, Some(truncated_cpt)),
+        ("missing checkpoints", &cpt, None),
     ] {
-        fs::write(&path, &bad).expect("write bad cache file");
+        match bad {
+            Some(bad) => fs::write(file, &bad).expect("write bad cache file"),
+            None => fs::remove_file(file).expect("remove"),
+        }
         // Without its merged tree, so the layer's index is needed whole: a tree hit reads only
         // the index's head (tests/it/cache.rs), and a damaged body waits for the next miss.
         for e in fs::read_dir(cache.dir()).expect("cache dir").flatten() {
@@ -344,6 +353,11 @@ fn a_corrupt_or_stale_cache_file_is_rebuilt_with_the_same_checkpoints() {
             good,
             "{what}: the cache file was not rewritten"
         );
+        assert_eq!(
+            fs::read(&cpt).expect("checkpoints file"),
+            good_cpt,
+            "{what}: the checkpoints file was not rewritten"
+        );
         let content = opened.content();
         let tar_len = tar.len() as u64;
         for p in first.points() {
@@ -355,6 +369,20 @@ fn a_corrupt_or_stale_cache_file_is_rebuilt_with_the_same_checkpoints() {
             );
         }
     }
+    // `cache ls` lists the checkpoints file beside its index, `cache clear` removes both.
+    let run = |args: &[&str]| {
+        let out = flatfs()
+            .env("FLATFS_CACHE_DIR", cache.dir())
+            .args(args)
+            .output()
+            .expect("run flatfs");
+        assert_success(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ls = run(&["cache", "ls"]);
+    assert!(ls.contains("gzip checkpoint windows"), "{ls}");
+    run(&["cache", "clear"]);
+    assert!(!cpt.exists() && !path.exists());
 }
 
 // ---------------------------------------------------------------------------------------
