@@ -128,7 +128,11 @@ pub(super) fn open(
                 Err(e) => return Err(e),
             }
         }
-        if let Some(toc) = opts.lazy.then(|| open_toc(&client, repo, layer)).flatten() {
+        if let Some(toc) = opts
+            .lazy
+            .then(|| open_toc(&client, repo, layer, opts.cache_dir.as_deref()))
+            .flatten()
+        {
             // An empty file of the blob's size: the layout opens it, the TOC reads the bytes.
             let path = layout_path(layout.path(), &digest)?;
             let file =
@@ -226,27 +230,82 @@ fn lazy_spans(opts: &Options, digest: &str, size: u64) -> Option<SpanDigests> {
     Some(Arc::unwrap_or_clone(spans))
 }
 
-/// The verified TOC of a layer that carries one (eStargz, zstd:chunked), fetched by range; `None`
-/// (with a warning when the layer has a TOC that cannot be used) means a pass over the layer.
-fn open_toc(client: &Arc<Client>, repo: &str, layer: &Descriptor) -> Option<crate::toc::Toc> {
+/// The verified TOC of a layer that carries one (eStargz, zstd:chunked): from the bytes an
+/// earlier mount kept in the cache dir (`toc::kept`), else fetched by range (and then kept);
+/// either way checked against the digest the layer's annotations give. `None` (with a
+/// warning when the layer has a TOC that cannot be used) means a pass over the layer.
+fn open_toc(
+    client: &Arc<Client>,
+    repo: &str,
+    layer: &Descriptor,
+    cache_dir: Option<&Path>,
+) -> Option<crate::toc::Toc> {
+    use crate::toc::kept;
+    use std::sync::atomic::{AtomicBool, Ordering};
     let annotations = serde_json::to_value(layer.annotations().as_ref()?).ok()?;
     let digest = layer.digest().to_string();
     let name = format!("{repo}@{digest}");
     let (c, r, d) = (client.clone(), repo.to_string(), digest.clone());
-    let fetch = Box::new(move |start, end| {
+    let remote: Arc<crate::blob::FetchRange> = Arc::new(move |start, end| {
         c.fetch_range(&r, &d, start, end)
             .map_err(|e| std::io::Error::other(e.to_string()))
     });
-    if let Some(at) = crate::toc::estargz::locate(&annotations) {
-        let r = at.and_then(|d| crate::toc::estargz::open(d, layer.size(), &name, fetch));
-        return r
-            .inspect_err(|e| log::warn!("{name}: not using its eStargz TOC: {e}"))
-            .ok();
+    let estargz = crate::toc::estargz::locate(&annotations);
+    let zstd = || crate::toc::zstd_chunked::locate(&annotations);
+    if estargz.is_none() && zstd().is_none() {
+        return None;
     }
-    let r = crate::toc::zstd_chunked::locate(&annotations)?
-        .and_then(|at| crate::toc::zstd_chunked::open(at, layer.size(), &name, fetch));
-    r.inspect_err(|e| log::warn!("{name}: not using its zstd:chunked TOC: {e}"))
-        .ok()
+    let open = |fetch: Box<crate::blob::FetchRange>| match &estargz {
+        Some(at) => at
+            .clone()
+            .and_then(|d| crate::toc::estargz::open(d, layer.size(), &name, fetch))
+            .map_err(|e| format!("its eStargz TOC: {e}")),
+        None => zstd()
+            .unwrap_or_else(|| Err("no TOC".into()))
+            .and_then(|at| crate::toc::zstd_chunked::open(at, layer.size(), &name, fetch))
+            .map_err(|e| format!("its zstd:chunked TOC: {e}")),
+    };
+    let file = cache_dir.and_then(|dir| kept::path(dir, &digest));
+    if let Some(file) = &file {
+        let opened = Arc::new(AtomicBool::new(false));
+        let r = match kept::Kept::load(file, &digest, layer.size()) {
+            Ok(Some(k)) => Some(open(k.fetch(remote.clone(), opened.clone()))),
+            Ok(None) => None,
+            Err(e) => Some(Err(e.to_string())),
+        };
+        match r {
+            Some(Ok(toc)) => {
+                opened.store(true, Ordering::Relaxed);
+                toc.opened_from_kept();
+                log::info!("{name}: {} TOC kept on this host", toc.format);
+                return Some(toc);
+            }
+            Some(Err(e)) => {
+                log::warn!(
+                    "{name}: the TOC kept in {} does not hold ({e}); fetching it again",
+                    file.display()
+                );
+                kept::remove(file);
+            }
+            None => {}
+        }
+    }
+    let opened = Arc::new(AtomicBool::new(false));
+    let fetched = kept::record();
+    let fetch = kept::recording(remote, opened.clone(), fetched.clone());
+    match open(fetch) {
+        Ok(toc) => {
+            opened.store(true, Ordering::Relaxed);
+            if let Some(file) = &file {
+                kept::save(file, &digest, layer.size(), &fetched);
+            }
+            Some(toc)
+        }
+        Err(e) => {
+            log::warn!("{name}: not using {e}");
+            None
+        }
+    }
 }
 
 /// For a lazy open: layer indexes the cache lacks, from the image's flatfs index artifact in
@@ -280,6 +339,8 @@ fn index_artifact(
             let diff_id = config["rootfs"]["diff_ids"][i].as_str().map(str::to_string);
             (l.digest().to_string(), l.size(), diff_id)
         })
+        // A layer whose TOC this host keeps needs no index (issue 14: fastmount).
+        .filter(|(d, ..)| !crate::toc::kept::has(dir, d))
         .collect();
     crate::registry::artifact::fill_cache(client, repo, subject, &wanted, dir)
 }

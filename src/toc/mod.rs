@@ -9,6 +9,7 @@
 //! virtual offset to its chunk.
 
 pub mod estargz;
+pub mod kept;
 pub mod zstd_chunked;
 
 use std::collections::{BTreeMap, HashMap};
@@ -90,6 +91,12 @@ impl Toc {
             self.fetched.load(Ordering::Relaxed),
             self.requests.load(Ordering::Relaxed),
         )
+    }
+
+    /// Marks a TOC opened from bytes kept on the host: its open fetched nothing.
+    pub fn opened_from_kept(&self) {
+        self.fetched.store(0, Ordering::Relaxed);
+        self.requests.store(0, Ordering::Relaxed);
     }
 
     /// The blob's name in messages.

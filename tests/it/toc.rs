@@ -256,13 +256,44 @@ fn registry_zstd_chunked_lazy_mount_reads_through_the_verified_toc() {
         "{listing}"
     );
 
-    // Again on the same host: the TOC is fetched and verified again (nothing of it is cached,
-    // and the index built from it is not stored), and reads are right.
-    let (again, log) = mounted(&cache, &image, &mnt, || {
-        std::fs::read(mnt.join("data/tail.txt"))
+    // Again on the same host: the TOC kept by the first mount, verified again, no request
+    // for it; reads are right.
+    let n = proxy.seen().len();
+    let ((at_mount, again), log) = mounted(&cache, &image, &mnt, || {
+        (
+            fetched(&proxy, &big, n, size),
+            std::fs::read(mnt.join("data/tail.txt")),
+        )
     });
     assert!(log.contains("zstd:chunked TOC of 7 entries"), "{log}");
+    assert!(log.contains("TOC kept on this host"), "{log}");
+    assert_eq!(at_mount, (0, 0), "{log}");
     assert_eq!(again.unwrap(), b"the end of the big layer\n");
+    // A kept TOC tampered with: refused by its manifest-checksum, fetched again (and kept
+    // again), reads right.
+    let kept = cache.join("blobs/toc").join(&big[7..]);
+    tamper_tail(&kept);
+    let n = proxy.seen().len();
+    let ((at_mount, again), log) = mounted(&cache, &image, &mnt, || {
+        (
+            fetched(&proxy, &big, n, size),
+            std::fs::read(mnt.join("data/tail.txt")),
+        )
+    });
+    assert!(log.contains("does not hold"), "{log}");
+    assert_eq!(at_mount.1, 1, "{log}");
+    assert_eq!(again.unwrap(), b"the end of the big layer\n");
+    let n = proxy.seen().len();
+    let (_, log) = mounted(&cache, &image, &mnt, || ());
+    assert!(log.contains("TOC kept on this host"), "{log}");
+    assert_eq!(fetched(&proxy, &big, n, size), (0, 0));
+    let out = flatfs()
+        .env("FLATFS_CACHE_DIR", &cache)
+        .args(["cache", "clear"])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    assert!(!kept.exists(), "cache clear removes kept TOCs");
 
     // A TOC that does not match its manifest-checksum: refused, the layer read the ordinary
     // way (downloaded whole and indexed), and the files are right.
@@ -488,6 +519,32 @@ fn registry_estargz_lazy_mount_reads_through_the_verified_toc() {
         "{listing}"
     );
 
+    // Again on the same host: the footer and TOC kept, no request for them at mount.
+    let kept = cache.join("blobs/toc").join(&big[7..]);
+    assert!(kept.is_file());
+    let n = proxy.seen().len();
+    let ((at_mount, again), log) = mounted(&cache, &image, &mnt, || {
+        (
+            fetched(&proxy, &big, n, size),
+            std::fs::read(mnt.join("data/tail.txt")),
+        )
+    });
+    assert!(log.contains("eStargz TOC kept on this host"), "{log}");
+    assert_eq!(at_mount, (0, 0), "{log}");
+    assert_eq!(again.unwrap(), b"the end of the big layer\n");
+    // Tampered with: refused (it no longer matches toc.digest), fetched again, reads right.
+    tamper_tail(&kept);
+    let n = proxy.seen().len();
+    let ((at_mount, again), log) = mounted(&cache, &image, &mnt, || {
+        (
+            fetched(&proxy, &big, n, size),
+            std::fs::read(mnt.join("data/tail.txt")),
+        )
+    });
+    assert!(log.contains("does not hold"), "{log}");
+    assert_eq!(at_mount.1, 2, "{log}");
+    assert_eq!(again.unwrap(), b"the end of the big layer\n");
+
     // A manifest whose toc.digest does not match the TOC: refused, the layer read the
     // ordinary way, and the files are right.
     let (mut manifest, old) = layout_manifest(&esgz);
@@ -503,17 +560,19 @@ fn registry_estargz_lazy_mount_reads_through_the_verified_toc() {
     );
     std::fs::write(esgz.join("index.json"), index).unwrap();
     copy(&esgz, "esgz:bad");
-    let (tail, log) = mounted(
-        &tmp.path().join("cache2"),
-        &proxy.url("esgz:bad"),
-        &mnt,
-        || std::fs::read(mnt.join("data/tail.txt")),
-    );
-    assert!(
-        log.contains("not using its eStargz TOC") && log.contains("does not match"),
-        "{log}"
-    );
-    assert_eq!(tail.unwrap(), b"the end of the big layer\n");
+    // On a host that keeps the layer's (right) TOC too: the kept TOC is checked against this
+    // manifest's annotation as a fetched one is, and refused alike.
+    for cache in [tmp.path().join("cache2"), cache] {
+        let (tail, log) = mounted(&cache, &proxy.url("esgz:bad"), &mnt, || {
+            std::fs::read(mnt.join("data/tail.txt"))
+        });
+        assert!(
+            log.contains("not using its eStargz TOC") && log.contains("does not match"),
+            "{log}"
+        );
+        assert_eq!(tail.unwrap(), b"the end of the big layer\n");
+    }
+    assert!(!kept.exists(), "the kept TOC that did not hold is gone");
 }
 
 /// The size of blob `digest` in a layout.
@@ -521,4 +580,12 @@ fn manifest_len(layout: &Path, digest: &str) -> u64 {
     std::fs::metadata(layout.join("blobs/sha256").join(&digest[7..]))
         .unwrap()
         .len()
+}
+
+/// Flips a byte near the end of a file (a kept TOC's bytes).
+fn tamper_tail(file: &Path) {
+    let mut b = std::fs::read(file).unwrap();
+    let n = b.len();
+    b[n - 100] ^= 0x20;
+    std::fs::write(file, b).unwrap();
 }
