@@ -68,6 +68,12 @@ pub struct Toc {
     cache: Mutex<ChunkCache>,
     fetched: AtomicU64,
     requests: AtomicU64,
+    /// eStargz's prefetch landmark: the chunks that start before this blob offset are the
+    /// ones the layer's author wants fetched at once (`None`: no landmark, or
+    /// `.no.prefetch.landmark`).
+    prefetch_end: Option<u64>,
+    /// Of `fetched`, by [`Toc::prefetch_landmark`].
+    prefetched: AtomicU64,
 }
 
 impl std::fmt::Debug for Toc {
@@ -91,6 +97,94 @@ impl Toc {
             self.fetched.load(Ordering::Relaxed),
             self.requests.load(Ordering::Relaxed),
         )
+    }
+
+    /// Bytes fetched by the landmark prefetch so far.
+    pub fn prefetched(&self) -> u64 {
+        self.prefetched.load(Ordering::Relaxed)
+    }
+
+    /// Compressed bytes before the prefetch landmark (0 without one).
+    pub fn landmark_bytes(&self) -> u64 {
+        let end = self.prefetch_end.unwrap_or(0);
+        self.chunks
+            .iter()
+            .filter(|c| c.start < end)
+            .map(|c| c.end - c.start)
+            .sum()
+    }
+
+    /// Fetches, in blob order, the chunks before the layer's prefetch landmark (eStargz: the
+    /// files its author expects to be read first) that are not cached yet, each checked as a
+    /// read's, into the chunk cache; a request at a time, holding back while a foreground
+    /// read waits for the network. The chunks live in the in-memory cache, so at most half of
+    /// it is prefetched (the reads need room too). A failing request is tried again after a
+    /// pause that grows; a chunk that keeps failing its check is left to its reads.
+    pub fn prefetch_landmark(&self) {
+        let Some(end) = self.prefetch_end else {
+            return;
+        };
+        let n = self.chunks.partition_point(|c| c.start < end);
+        let (mut i, mut failures, mut decoded) = (0, 0u32, 0u64);
+        while i < n {
+            while crate::blob::foreground_waiting() {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            if decoded > (CACHED_BYTES / 2) as u64 {
+                log::info!(
+                    "{}: landmark prefetch stopped after {decoded} bytes (the chunk cache \
+                     holds {CACHED_BYTES}); the rest is fetched when read",
+                    self.name
+                );
+                return;
+            }
+            let run_end = {
+                let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                if cache.has(i) {
+                    i += 1;
+                    continue;
+                }
+                self.run_end(i, n, READ_AHEAD, &cache)
+            };
+            match self.fetch_run(i, run_end, true) {
+                Ok(_) => {
+                    decoded += self.chunks[i..run_end].iter().map(|c| c.size).sum::<u64>();
+                    i = run_end;
+                    failures = 0;
+                }
+                Err(e) if e.kind() == io::ErrorKind::InvalidData && failures >= 3 => {
+                    log::warn!("landmark prefetch: {e}; skipped");
+                    i += 1;
+                    failures = 0;
+                }
+                Err(e) => {
+                    failures += 1;
+                    let wait = std::time::Duration::from_secs(1 << failures.min(5));
+                    log::warn!("landmark prefetch: {e}; trying again in {wait:?}");
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        log::info!(
+            "{}: landmark prefetch done ({} bytes fetched)",
+            self.name,
+            self.prefetched()
+        );
+    }
+
+    /// The end of the run of chunks from `i` (before `limit`) one request fetches: neighbours
+    /// in the blob, not cached, within `window` compressed bytes.
+    fn run_end(&self, i: usize, limit: usize, window: u64, cache: &ChunkCache) -> usize {
+        let first = &self.chunks[i];
+        let mut end = i + 1;
+        while let (Some(prev), Some(c)) = (self.chunks.get(end - 1), self.chunks.get(end)) {
+            let near = c.start >= prev.end && c.start - prev.end <= GAP;
+            if end >= limit || !near || c.end - first.start > window || cache.has(end) {
+                break;
+            }
+            end += 1;
+        }
+        end
     }
 
     /// Marks a TOC opened from bytes kept on the host: its open fetched nothing.
@@ -137,22 +231,26 @@ impl Toc {
             } else {
                 0
             };
-            let first = &self.chunks[i];
-            let mut end = i + 1;
-            while let (Some(prev), Some(c)) = (self.chunks.get(end - 1), self.chunks.get(end)) {
-                let near = c.start >= prev.end && c.start - prev.end <= GAP;
-                if !near || c.end - first.start > cache.window || cache.has(end) {
-                    break;
-                }
-                end += 1;
-            }
+            let end = self.run_end(i, self.chunks.len(), cache.window, &cache);
             cache.next = end;
             end
         };
+        // A reader waits: background prefetches give way meanwhile.
+        let _waiting = crate::blob::ForegroundWait::new();
+        self.fetch_run(i, end, false)
+    }
+
+    /// Fetches chunks `i..end` (neighbours in the blob) by one request and checks each; those
+    /// that verify go into the cache. Chunk `i`'s bytes, or its error.
+    fn fetch_run(&self, i: usize, end: usize, prefetch: bool) -> io::Result<Arc<[u8]>> {
         let (from, to) = (self.chunks[i].start, self.chunks[end - 1].end);
         self.requests.fetch_add(1, Ordering::Relaxed);
         let raw = (self.fetch)(from, to)?;
         self.fetched.fetch_add(raw.len() as u64, Ordering::Relaxed);
+        if prefetch {
+            self.prefetched
+                .fetch_add(raw.len() as u64, Ordering::Relaxed);
+        }
         if raw.len() as u64 != to - from {
             return Err(invalid(format!(
                 "{}: chunk at {from}: asked for {} bytes, got {}",

@@ -87,6 +87,8 @@ pub fn open(
         cache: Default::default(),
         fetched: (len).into(),
         requests: 1.into(),
+        prefetch_end: None,
+        prefetched: 0.into(),
     })
 }
 
@@ -135,12 +137,18 @@ pub fn parse(json: &[u8], blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), Str
 /// An eStargz TOC (the same JSON, see `estargz.rs`) whose TOC member starts at `toc_offset`:
 /// its entries say where a chunk's gzip member starts but not where it ends (where the next
 /// member holding a chunk, or the TOC's, starts), nor a last chunk's size (the file's rest);
-/// its prefetch landmarks are markers, not files.
+/// its prefetch landmarks are markers, not files. Also returns where `.prefetch.landmark`
+/// starts, if the TOC has it: the files before it are the ones to prefetch.
 pub(super) fn parse_estargz(
     json: &[u8],
     toc_offset: u64,
-) -> Result<(LayerIndex, Vec<Chunk>), String> {
+) -> Result<(LayerIndex, Vec<Chunk>, Option<u64>), String> {
     let mut m: Manifest = serde_json::from_slice(json).map_err(|e| format!("TOC JSON: {e}"))?;
+    let landmark = m
+        .entries
+        .iter()
+        .find(|e| super::estargz::is_prefetch_landmark(e.name.as_bytes()))
+        .map(|e| e.offset);
     m.entries
         .retain(|e| !super::estargz::is_special(e.name.as_bytes()));
     let holds = |e: &TocEntry| e.kind == "chunk" || (e.kind == "reg" && e.size > 0);
@@ -177,7 +185,8 @@ pub(super) fn parse_estargz(
             }
         }
     }
-    build(m, toc_offset)
+    let (index, chunks) = build(m, toc_offset)?;
+    Ok((index, chunks, landmark))
 }
 
 fn build(m: Manifest, blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), String> {
@@ -492,21 +501,37 @@ pub(crate) mod tests {
         assert_eq!(chunks.len(), 3);
         assert!(chunks.windows(2).all(|w| w[0].end == w[1].start));
         assert_eq!(chunks[2].end, blob.len() as u64);
+        let (fetch, asked) = fetcher(blob, Default::default());
+        // A landmark (eStargz's; any TOC reads the same way) after the first two chunks.
+        let landmark = chunks[2].start;
         let toc = Toc {
             format: "zstd:chunked",
             digest: [0; 32],
             index: idx,
             chunks,
             name: "t".into(),
-            fetch: fetcher(blob, Default::default()).0,
+            fetch,
             decode: decode_frame,
             cache: Default::default(),
             fetched: 0.into(),
             requests: 0.into(),
+            prefetch_end: Some(landmark),
+            prefetched: 0.into(),
         };
+        // The prefetch fetches the chunks before it in one request, checked; a read of
+        // them then fetches nothing, and one after it fetches its own chunk.
+        toc.prefetch_landmark();
+        assert_eq!(asked.lock().unwrap().len(), 1);
+        assert_eq!(toc.prefetched(), toc.landmark_bytes());
+        let mut buf = vec![0; 30_001];
+        toc.read(0, &mut buf).unwrap();
+        assert!(buf == data[..30_001]);
+        assert_eq!(asked.lock().unwrap().len(), 1);
         let mut buf = vec![0; 5000];
         toc.read(28_000, &mut buf).unwrap();
         assert!(buf == data[28_000..33_000]);
+        assert_eq!(asked.lock().unwrap().len(), 2);
+        assert_eq!(toc.stats().1, 2);
         // A chunk offset that skips bytes is refused.
         let bad = json.replace("\"chunkOffset\":30001", "\"chunkOffset\":30002");
         assert_ne!(bad, json);
