@@ -86,6 +86,9 @@ pub struct Client {
     /// Set when a remembered plain HTTP failed and HTTPS is being tried: forgotten once it
     /// answers.
     moved: AtomicBool,
+    /// Set when a request could not reach the registry at all (refused, no route, DNS):
+    /// what a mount from what this host resolved before goes by.
+    unreachable: AtomicBool,
     /// Where this cache dir remembers that the registry speaks plain HTTP (only with
     /// `--tls-verify=false` and a cache dir).
     plain_http: Option<PlainHttp>,
@@ -149,6 +152,7 @@ impl Client {
             settled: AtomicBool::new(!opts.insecure),
             fell_back: AtomicBool::new(false),
             moved: AtomicBool::new(false),
+            unreachable: AtomicBool::new(false),
             plain_http: memory,
             authority,
             agent: agent(host, opts)?,
@@ -204,6 +208,11 @@ impl Client {
         }
     }
 
+    /// True once a request could not connect to the registry (refused, DNS, no route).
+    pub fn unreachable(&self) -> bool {
+        self.unreachable.load(Ordering::Relaxed)
+    }
+
     /// The host as the reference names it.
     pub fn host(&self) -> &str {
         &self.host
@@ -220,6 +229,14 @@ impl Client {
     /// GETs the manifest or index `reference` (a tag or a digest) of `repo`, checking it
     /// against the digest when the reference is one.
     pub fn manifest(&self, repo: &str, reference: &str) -> Result<Manifest> {
+        // A digest names the same bytes forever: the store's copy (checked) serves.
+        if let Some(m) = self.stored_manifest(reference) {
+            log::debug!(
+                "{}: manifest {repo}@{reference} from the blob store",
+                self.host
+            );
+            return Ok(m);
+        }
         let what = format!("GET manifest {repo}{}{reference}", sep(reference));
         let scopes = [pull_scope(repo)];
         let resp = self.send(&Req {
@@ -262,6 +279,30 @@ impl Client {
             bytes,
             media_type,
             digest,
+        })
+    }
+
+    /// Manifest `digest` as the cache dir's blob store holds it, if it does (its bytes
+    /// checked against the digest), with the media type it names itself.
+    pub fn stored_manifest(&self, digest: &str) -> Option<Manifest> {
+        let dir = self.opts.cache_dir.as_ref()?;
+        let path = BlobStore::in_cache(dir).path(digest)?;
+        let bytes = std::fs::read(path).ok()?;
+        if crate::blob::sha256_of(&bytes) != digest {
+            return None;
+        }
+        let doc = serde_json::from_slice::<serde_json::Value>(&bytes).ok()?;
+        let media_type = match doc.get("mediaType").and_then(|m| m.as_str()) {
+            Some(t) => t.to_string(),
+            None if doc.get("manifests").is_some() => {
+                "application/vnd.oci.image.index.v1+json".to_string()
+            }
+            None => "application/vnd.oci.image.manifest.v1+json".to_string(),
+        };
+        Some(Manifest {
+            bytes,
+            media_type,
+            digest: digest.to_string(),
         })
     }
 
@@ -781,7 +822,12 @@ impl Client {
                     std::thread::sleep(wait);
                     continue;
                 }
-                Err(e) => return Err(self.error(format!("{}: {}", req.what, transport(&e)))),
+                Err(e) => {
+                    if cannot_connect(&e) {
+                        self.unreachable.store(true, Ordering::Relaxed);
+                    }
+                    return Err(self.error(format!("{}: {}", req.what, transport(&e))));
+                }
             };
             let status = resp.status().as_u16();
             match status {
@@ -1285,6 +1331,22 @@ fn content_range_start(resp: &Response<Body>) -> Option<u64> {
     let v = header(resp, "content-range")?;
     let v = v.trim().strip_prefix("bytes")?.trim();
     v.split('-').next()?.trim().parse().ok()
+}
+
+/// Transport failures that mean the registry was not reached at all.
+fn cannot_connect(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => true,
+        ureq::Error::Io(io) => matches!(
+            io.kind(),
+            io::ErrorKind::ConnectionRefused
+                | io::ErrorKind::HostUnreachable
+                | io::ErrorKind::NetworkUnreachable
+                | io::ErrorKind::AddrNotAvailable
+        ),
+        ureq::Error::Timeout(t) => matches!(t, ureq::Timeout::Connect | ureq::Timeout::Resolve),
+        _ => false,
+    }
 }
 
 /// Transport failures worth another try: the connection dropped or stalled. A refused

@@ -568,7 +568,27 @@ fn open_top(reference: &Reference, opts: &Options) -> Result<Top> {
             store
         }
     };
-    let top = client.manifest(repo, wanted)?;
+    let top = match client.manifest(repo, wanted) {
+        Ok(m) => {
+            resolved::record(opts, reference, wanted, &m);
+            m
+        }
+        // A mount on a host that resolved this tag before goes on from that while the
+        // registry cannot be reached; reads of what is not here fail until it is back.
+        Err(e) if opts.lazy && client.unreachable() => {
+            let Some((m, age)) = resolved::lookup(&client, opts, reference, wanted) else {
+                return Err(e);
+            };
+            log::warn!(
+                "{e}; mounting {repo}:{wanted} as this host resolved it {} ago ({}): \
+                 reads of what is not cached here fail until the registry is back",
+                resolved::human_age(age),
+                m.digest
+            );
+            m
+        }
+        Err(e) => return Err(e),
+    };
     blobs
         .put_bytes(&top.digest, &top.bytes)
         .map_err(|e| Error::io(blobs.root().display(), e))?;
@@ -615,6 +635,77 @@ fn open_top(reference: &Reference, opts: &Options) -> Result<Top> {
         documents,
         layout,
     })
+}
+
+/// What this cache dir last resolved each tag to (`registries/refs/HEX`, HEX the sha256 of
+/// `HOST/REPO:TAG`; the file's time is when): a mount while the registry is unreachable goes
+/// on from that, if the manifest is still in the blob store.
+mod resolved {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use crate::reference::Reference;
+    use crate::registry::client::Manifest;
+    use crate::registry::{Client, Options};
+
+    fn path(opts: &Options, reference: &Reference, tag: &str) -> Option<(PathBuf, String)> {
+        let dir = opts.cache_dir.as_ref()?;
+        let name = format!("{}/{}:{tag}", reference.domain(), reference.path());
+        let hex = crate::blob::sha256_of(name.as_bytes())[7..].to_string();
+        Some((dir.join("registries/refs").join(hex), name))
+    }
+
+    /// Records that `tag` resolved to `m` (mounts only, and only for tags: a digest is its
+    /// own record). Best effort.
+    pub(super) fn record(opts: &Options, reference: &Reference, tag: &str, m: &Manifest) {
+        if !opts.lazy || tag.starts_with("sha256:") {
+            return;
+        }
+        let Some((file, name)) = path(opts, reference, tag) else {
+            return;
+        };
+        let line = format!("{name} {}\n", m.digest);
+        let write = || -> std::io::Result<()> {
+            let dir = file
+                .parent()
+                .ok_or_else(|| std::io::Error::other("no parent"))?;
+            std::fs::create_dir_all(dir)?;
+            let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+            std::io::Write::write_all(&mut tmp, line.as_bytes())?;
+            tmp.persist(&file).map_err(|e| e.error)?;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            log::debug!("cannot record {name} in {}: {e}", file.display());
+        }
+    }
+
+    /// The manifest `tag` last resolved to on this host, from the blob store, and how long
+    /// ago that was.
+    pub(super) fn lookup(
+        client: &Client,
+        opts: &Options,
+        reference: &Reference,
+        tag: &str,
+    ) -> Option<(Manifest, Duration)> {
+        let (file, name) = path(opts, reference, tag)?;
+        let text = std::fs::read_to_string(&file).ok()?;
+        let digest = text.strip_prefix(&name)?.strip_prefix(' ')?.trim_end();
+        let m = client.stored_manifest(digest)?;
+        let when = std::fs::metadata(&file).and_then(|m| m.modified()).ok()?;
+        Some((m, when.elapsed().unwrap_or_default()))
+    }
+
+    /// "3 min", "2 h", "5 days".
+    pub(super) fn human_age(age: Duration) -> String {
+        let s = age.as_secs();
+        match s {
+            0..120 => format!("{s} s"),
+            120..7200 => format!("{} min", s / 60),
+            7200..172_800 => format!("{} h", s / 3600),
+            _ => format!("{} days", s / 86_400),
+        }
+    }
 }
 
 /// A descriptor for a document fetched by reference.

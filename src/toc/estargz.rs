@@ -105,7 +105,7 @@ pub fn open(
     // A landmark past the TOC, or at the start, prefetches nothing.
     let prefetch_end = landmark.filter(|&l| l > 0 && l <= toc_at);
     log::info!(
-        "{name}: eStargz TOC of {} entries ({} bytes fetched)",
+        "{name}: eStargz TOC of {} entries ({} bytes of TOC and footer)",
         index.entries.len(),
         raw.len() + ESTARGZ_FOOTER
     );

@@ -73,7 +73,7 @@ pub fn open(
         .map_err(|e| format!("decompressing the TOC: {e}"))?;
     let (index, chunks) = parse(&json, blob_len)?;
     log::info!(
-        "{name}: zstd:chunked TOC of {} entries ({len} bytes fetched)",
+        "{name}: zstd:chunked TOC of {} entries ({len} bytes of TOC)",
         index.entries.len()
     );
     Ok(Toc {
