@@ -169,8 +169,10 @@ impl Reporter {
             .create(&dir)?;
         private(&dir)?;
         let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir)?;
-        serde_json::to_writer_pretty(&mut tmp, v)?;
-        tmp.write_all(b"\n")?;
+        // One write, not one per JSON token.
+        let mut bytes = serde_json::to_vec_pretty(v)?;
+        bytes.push(b'\n');
+        tmp.write_all(&bytes)?;
         tmp.persist(&self.path).map_err(|e| e.error)?;
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! checked by `…zstd-chunked.manifest-checksum`. Read from the containers/storage format docs
 //! and from layers written by `skopeo copy --dest-compress-format zstd:chunked`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io;
 
@@ -97,34 +98,43 @@ fn decode_frame(raw: &[u8], size: u64) -> io::Result<Vec<u8>> {
     zstd::bulk::decompress(raw, size as usize)
 }
 
+// Strings borrow from the JSON where they hold no escapes: a big layer's TOC has tens of
+// thousands of entries, and an allocation per string was most of its parse.
 #[derive(Deserialize)]
-struct Manifest {
+struct Manifest<'a> {
     version: u32,
-    entries: Vec<TocEntry>,
+    #[serde(borrow)]
+    entries: Vec<TocEntry<'a>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(default, rename_all = "camelCase")]
-struct TocEntry {
-    #[serde(rename = "type")]
-    kind: String,
-    name: String,
-    link_name: String,
+struct TocEntry<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    #[serde(borrow)]
+    link_name: Cow<'a, str>,
     mode: u32,
     size: u64,
     uid: u64,
     gid: u64,
-    modtime: Option<String>,
+    #[serde(borrow)]
+    modtime: Option<Cow<'a, str>>,
     dev_major: u32,
     dev_minor: u32,
     xattrs: BTreeMap<String, String>,
-    digest: String,
+    #[serde(borrow)]
+    digest: Cow<'a, str>,
     offset: u64,
     end_offset: u64,
     chunk_size: u64,
     chunk_offset: u64,
-    chunk_digest: String,
-    chunk_type: String,
+    #[serde(borrow)]
+    chunk_digest: Cow<'a, str>,
+    #[serde(borrow)]
+    chunk_type: Cow<'a, str>,
 }
 
 /// The index and chunk table a TOC describes, under the same name and entry rules as a tar
@@ -250,13 +260,13 @@ fn build(m: Manifest, blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), String>
             }
             Class::Entry(p) => p,
         };
-        let kind = match e.kind.as_str() {
+        let kind = match e.kind.as_ref() {
             "reg" => Kind::File,
             "dir" => Kind::Dir,
             "symlink" if e.link_name.contains('\0') => {
                 return Err(bad("symlink target contains a NUL byte"));
             }
-            "symlink" => Kind::Symlink(e.link_name.clone().into_bytes()),
+            "symlink" => Kind::Symlink(e.link_name.as_bytes().to_vec()),
             "hardlink" => {
                 let target = path::normalise(e.link_name.as_bytes()).map_err(&bad)?;
                 if target.is_empty() {
@@ -299,7 +309,7 @@ fn build(m: Manifest, blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), String>
                 return Err(bad("a chunk larger than its file"));
             }
             chunks.push(chunk(e, virt, first, digest).map_err(|m| bad(&m))?);
-            open_file = Some((e.name.clone(), virt, size, e.end_offset));
+            open_file = Some((e.name.to_string(), virt, size, e.end_offset));
         }
         index.entries.push(Entry {
             path,
@@ -335,7 +345,7 @@ fn build(m: Manifest, blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), String>
 /// A chunk of `size` bytes at `virt`, its compressed bytes from `e.offset` (their end is
 /// checked once known).
 fn chunk(e: &TocEntry, virt: u64, size: u64, digest: &str) -> Result<Chunk, String> {
-    if !matches!(e.chunk_type.as_str(), "" | "data") {
+    if !matches!(e.chunk_type.as_ref(), "" | "data") {
         return Err(format!("chunk type {:?} is not supported", e.chunk_type));
     }
     let digest = parse_digest(digest).ok_or("no usable chunk digest")?;
