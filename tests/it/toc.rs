@@ -544,6 +544,12 @@ fn registry_estargz_lazy_mount_reads_through_the_verified_toc() {
     assert!(log.contains("eStargz TOC kept on this host"), "{log}");
     assert_eq!(at_mount, (0, 0), "{log}");
     assert_eq!(again.unwrap(), b"the end of the big layer\n");
+    // No merged tree is cached for it: it could never be used (no layer index file).
+    let trees = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("tree".as_ref()))
+        .count();
+    assert_eq!(trees, 0);
     // Tampered with: refused (it no longer matches toc.digest), fetched again, reads right.
     tamper_tail(&kept);
     let n = proxy.seen().len();
