@@ -756,6 +756,27 @@ fn fetch_run(spans: &[Span], a: usize, last: usize, min_spans: usize) -> usize {
     }
 }
 
+/// True while some foreground read waits for the network: background prefetches (also a TOC
+/// layer's landmark prefetch) hold back meanwhile.
+pub(crate) fn foreground_waiting() -> bool {
+    FOREGROUND.load(Ordering::Relaxed) > 0
+}
+
+/// A foreground read of a TOC layer waiting for the network, counted in [`FOREGROUND`] while
+/// it lives (as a lazy blob's reads are), so that prefetches give way to it.
+pub(crate) struct ForegroundWait {
+    _waiting: Waiting,
+}
+
+impl ForegroundWait {
+    /// Counts one waiting read until dropped.
+    pub(crate) fn new() -> Self {
+        ForegroundWait {
+            _waiting: Waiting::new(Who::Reader),
+        }
+    }
+}
+
 /// A read waiting for the network: since when, and (for a foreground read) counted in
 /// [`FOREGROUND`] while it lives, so the prefetch gives way.
 struct Waiting {

@@ -86,20 +86,20 @@ pub struct Reporter {
     content: Arc<Content>,
     mountpoint: PathBuf,
     image: String,
-    prefetch: bool,
+    prefetch: String,
     path: PathBuf,
 }
 
 impl Reporter {
     /// A reporter for the mount of `image` on `mountpoint` (canonical) reading through
-    /// `content`; `prefetch` says whether `--prefetch all` is on.
-    pub fn new(content: Arc<Content>, mountpoint: PathBuf, image: &str, prefetch: bool) -> Self {
+    /// `content`; `prefetch` is the `--prefetch` mode (`all`, `landmark`, `none`).
+    pub fn new(content: Arc<Content>, mountpoint: PathBuf, image: &str, prefetch: &str) -> Self {
         let path = path_for(&mountpoint);
         Reporter {
             content,
             mountpoint,
             image: image.to_string(),
-            prefetch,
+            prefetch: prefetch.to_string(),
             path,
         }
     }
@@ -111,6 +111,23 @@ impl Reporter {
             .blobs()
             .enumerate()
             .map(|(i, b)| match b.lazy_handle() {
+                // A layer read through its TOC: chunks fetched as read (and prefetched).
+                None if b.toc().is_some() => {
+                    let t = b.toc().expect("checked");
+                    let (fetched, requests) = t.stats();
+                    json!({
+                        "layer": i + 1,
+                        "name": t.name(),
+                        "lazy": true,
+                        "toc": t.format,
+                        "blob_bytes": b.len(),
+                        "local_bytes": 0,
+                        "fetched_bytes": fetched,
+                        "prefetched_bytes": t.prefetched(),
+                        "landmark_bytes": t.landmark_bytes(),
+                        "requests": requests,
+                    })
+                }
                 Some(l) => {
                     let mut v = serde_json::to_value(l.full_stats()).unwrap_or(Value::Null);
                     v["layer"] = json!(i + 1);
@@ -132,7 +149,7 @@ impl Reporter {
             "mountpoint": self.mountpoint,
             "image": self.image,
             "pid": std::process::id(),
-            "prefetch": if self.prefetch { "all" } else { "none" },
+            "prefetch": self.prefetch,
             "layers": layers,
             "content": {
                 "read_bytes": c.read_bytes.load(Relaxed),
@@ -152,8 +169,10 @@ impl Reporter {
             .create(&dir)?;
         private(&dir)?;
         let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir)?;
-        serde_json::to_writer_pretty(&mut tmp, v)?;
-        tmp.write_all(b"\n")?;
+        // One write, not one per JSON token.
+        let mut bytes = serde_json::to_vec_pretty(v)?;
+        bytes.push(b'\n');
+        tmp.write_all(&bytes)?;
         tmp.persist(&self.path).map_err(|e| e.error)?;
         Ok(())
     }

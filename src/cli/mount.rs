@@ -60,11 +60,15 @@ pub struct MountArgs {
     #[arg(long)]
     no_prefetch: bool,
     /// On a lazy registry mount, what to download in the background besides what is read:
-    /// `all` fetches the rest of every layer, in layer order, one request at a time, giving
-    /// way to reads that wait, until the mount is fully local; `none` fetches only what is
-    /// read. Every span is checked as a read's would be. Watch it with `flatfs stats
-    /// MOUNTPOINT`.
-    #[arg(long, value_name = "WHAT", value_parser = ["all", "none"], default_value = "none")]
+    /// `landmark` (the default) fetches the files an eStargz layer's author put before its
+    /// `.prefetch.landmark` (those the image is expected to read first; a layer with
+    /// `.no.prefetch.landmark` or no landmark has none), kept in memory (up to 16 MiB a
+    /// layer) for the reads; `all` does that, then fetches the rest of every layer read by
+    /// index spans, in layer order, until the mount is fully local (eStargz and zstd:chunked
+    /// layers beyond their landmark are fetched when read); `none` fetches only what is read.
+    /// Either prefetch goes one request at a time, giving way to reads that wait, and every
+    /// byte is checked as a read's would be. Watch it with `flatfs stats MOUNTPOINT`.
+    #[arg(long, value_name = "WHAT", value_parser = ["all", "landmark", "none"], default_value = "landmark")]
     prefetch: String,
     /// On a lazy registry mount, do not use index artifacts from the registry (`flatfs index
     /// push`): a layer whose index is not cached is read once to build it. For a repository
@@ -162,13 +166,21 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
         };
         eprintln!("flatfs: warning: --prefetch all: {why}; nothing to prefetch");
     }
-    if fetch_all && !lazies.is_empty() {
-        fs.on_start(Box::new(move || prefetch_all(lazies)));
+    // eStargz layers with a prefetch landmark: their first files, unless told not to.
+    let landmarks: Vec<_> = img
+        .layers
+        .iter()
+        .filter_map(|l| l.blob.toc().cloned())
+        .filter(|t| prefetch != "none" && t.landmark_bytes() > 0)
+        .collect();
+    let lazies = if fetch_all { lazies } else { Vec::new() };
+    if !landmarks.is_empty() || !lazies.is_empty() {
+        fs.on_start(Box::new(move || prefetch_all(landmarks, lazies)));
     }
     // Stats for `flatfs stats`, keyed by the mountpoint's canonical path.
     match std::fs::canonicalize(&mountpoint) {
         Ok(canon) => {
-            let reporter = stats::Reporter::new(fs.content(), canon, &image, fetch_all);
+            let reporter = stats::Reporter::new(fs.content(), canon, &image, &prefetch);
             let file = std::sync::Arc::new(std::sync::Mutex::new(None));
             let keep = file.clone();
             fs.on_start(Box::new(move || match reporter.start() {
@@ -188,11 +200,21 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
     Ok(())
 }
 
-/// Fetches the rest of every lazy layer, in layer order, on a thread of its own.
-fn prefetch_all(lazies: Vec<std::sync::Arc<crate::blob::Lazy>>) {
+/// On a thread of its own: the files before each eStargz layer's prefetch landmark, then
+/// (`--prefetch all`) the rest of every lazy layer, in layer order.
+fn prefetch_all(
+    landmarks: Vec<std::sync::Arc<crate::toc::Toc>>,
+    lazies: Vec<std::sync::Arc<crate::blob::Lazy>>,
+) {
     let spawned = std::thread::Builder::new()
         .name("flatfs-fetch-all".into())
         .spawn(move || {
+            for t in &landmarks {
+                t.prefetch_landmark();
+            }
+            if lazies.is_empty() {
+                return;
+            }
             let start = std::time::Instant::now();
             for l in &lazies {
                 l.prefetch_all();

@@ -46,10 +46,9 @@ pub fn run(args: StatsArgs) -> Result<()> {
         v["mountpoint"].as_str().unwrap_or("?"),
         n(&v, "pid"),
         v["image"].as_str().unwrap_or("?"),
-        if v["prefetch"] == "all" {
-            ", --prefetch all"
-        } else {
-            ""
+        match v["prefetch"].as_str() {
+            Some(p @ ("all" | "landmark")) => format!(", --prefetch {p}"),
+            _ => String::new(),
         }
     )?;
     let layers = v["layers"].as_array().cloned().unwrap_or_default();

@@ -1,4 +1,4 @@
-//! The distribution protocol by hand over blocking HTTP (`ureq`): ping, auth, manifests,
+//! The distribution protocol by hand over blocking HTTP (`ureq`): auth, manifests,
 //! blobs (ranged, resumed), uploads and mounts, with retries. One [`Client`] per registry host;
 //! it is `Sync`, so layer downloads can share it across threads.
 //! See: <https://github.com/opencontainers/distribution-spec/blob/main/spec.md>
@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use ureq::http::{self, Response};
@@ -76,7 +77,21 @@ pub struct Client {
     /// picks credentials.
     host: String,
     /// `https://HOST` or, with `--tls-verify=false` and no TLS there, `http://HOST`.
-    base: String,
+    base: RwLock<String>,
+    /// True once the scheme is known: TLS is required, or the registry answered, or the first
+    /// request tried the other scheme already.
+    settled: AtomicBool,
+    /// Set when HTTPS failed and plain HTTP is being tried: remembered once it answers.
+    fell_back: AtomicBool,
+    /// Set when a remembered plain HTTP failed and HTTPS is being tried: forgotten once it
+    /// answers.
+    moved: AtomicBool,
+    /// Set when a request could not reach the registry at all (refused, no route, DNS):
+    /// what a mount from what this host resolved before goes by.
+    unreachable: AtomicBool,
+    /// Where this cache dir remembers that the registry speaks plain HTTP (only with
+    /// `--tls-verify=false` and a cache dir).
+    plain_http: Option<PlainHttp>,
     /// The authority requests go to; Authorization is only ever sent there.
     authority: String,
     agent: ureq::Agent,
@@ -89,7 +104,7 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Client({})", self.base)
+        write!(f, "Client({})", self.base())
     }
 }
 
@@ -108,8 +123,11 @@ struct Req<'a> {
 }
 
 impl Client {
-    /// Connects to `host` (`/v2/` ping): HTTPS, or with `--tls-verify=false` plain HTTP when
-    /// HTTPS does not answer; learns how the registry wants to be authenticated.
+    /// A client for `host`. Nothing is sent yet: the first request learns how the registry
+    /// wants to be authenticated (its 401 and challenge, as containerd does) rather than a
+    /// `/v2/` ping costing a round trip of its own. With `--tls-verify=false`, that first
+    /// request also settles the scheme: HTTPS, or plain HTTP when HTTPS fails (remembered in
+    /// the cache dir, so the next run goes to plain HTTP at once).
     pub fn connect(host: &str, opts: &Options) -> Result<Client> {
         // Docker Hub's API lives on another name than the one references use.
         let authority = if host == crate::reference::DOCKER_HUB {
@@ -117,48 +135,82 @@ impl Client {
         } else {
             host.to_string()
         };
-        let mut client = Client {
+        let memory = opts
+            .cache_dir
+            .as_deref()
+            .filter(|_| opts.insecure)
+            .and_then(|d| PlainHttp::new(d, &authority));
+        let http = memory.as_ref().is_some_and(|m| m.remembered);
+        if http {
+            log::debug!("{host}: answered on plain HTTP before; trying that first");
+        }
+        let scheme = if http { "http" } else { "https" };
+        Ok(Client {
             host: host.to_string(),
-            base: format!("https://{authority}"),
+            base: RwLock::new(format!("{scheme}://{authority}")),
+            // Only --tls-verify=false lets the scheme change; with TLS required it is settled.
+            settled: AtomicBool::new(!opts.insecure),
+            fell_back: AtomicBool::new(false),
+            moved: AtomicBool::new(false),
+            unreachable: AtomicBool::new(false),
+            plain_http: memory,
             authority,
             agent: agent(host, opts)?,
             opts: opts.clone(),
             challenge: Mutex::new(None),
             creds: OnceLock::new(),
             tokens: Mutex::new(HashMap::new()),
-        };
-        // With --tls-verify=false a failed HTTPS probe is not retried: it means plain HTTP.
-        let resp = match client.ping(if opts.insecure { 1 } else { ATTEMPTS }) {
-            Ok(r) => r,
-            Err(e) if opts.insecure => {
-                log::info!("{host}: HTTPS failed ({e}); trying plain HTTP (--tls-verify=false)");
-                client.base = format!("http://{}", client.authority);
-                client.ping(ATTEMPTS)?
-            }
-            Err(e) => return Err(e),
-        };
-        match resp.status().as_u16() {
-            200..=299 => {}
-            401 => {
-                let ch = challenge_of(&resp);
-                log::debug!("{host}: challenge {ch:?}");
-                *client.challenge.lock().unwrap_or_else(|e| e.into_inner()) = ch;
-            }
-            s => return Err(client.status_error("ping /v2/", s, resp)),
-        }
-        Ok(client)
+        })
     }
 
-    fn ping(&self, attempts: u32) -> Result<Response<Body>> {
-        self.send(&Req {
-            method: "GET",
-            url: format!("{}/v2/", self.base),
-            scopes: &[],
-            headers: Vec::new(),
-            body: Payload::Empty,
-            what: "ping /v2/",
-            attempts,
-        })
+    /// `https://AUTHORITY` or `http://AUTHORITY`: where requests go.
+    fn base(&self) -> String {
+        self.base.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The first request's failure with the scheme not yet settled (`--tls-verify=false`):
+    /// switches to the other scheme and returns the new base, or `None` if it switched once
+    /// already. HTTPS that fails means plain HTTP; a remembered plain HTTP that fails means
+    /// the registry may have moved to HTTPS (forgotten once HTTPS answers).
+    fn switch_scheme(&self, why: &str) -> Option<String> {
+        if self.settled.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        let mut base = self.base.write().unwrap_or_else(|e| e.into_inner());
+        if base.starts_with("https://") {
+            log::info!(
+                "{}: HTTPS failed ({why}); trying plain HTTP (--tls-verify=false)",
+                self.host
+            );
+            *base = format!("http://{}", self.authority);
+            self.fell_back.store(true, Ordering::Relaxed);
+        } else {
+            log::info!(
+                "{}: plain HTTP failed ({why}); trying HTTPS, and forgetting plain HTTP",
+                self.host
+            );
+            self.moved.store(true, Ordering::Relaxed);
+            *base = format!("https://{}", self.authority);
+        }
+        Some(base.clone())
+    }
+
+    /// An answer came: the scheme is settled; plain HTTP that answered after HTTPS failed is
+    /// remembered, HTTPS that answered after a remembered plain HTTP failed replaces it.
+    fn settle(&self) {
+        self.settled.store(true, Ordering::Relaxed);
+        let Some(m) = &self.plain_http else { return };
+        if self.fell_back.swap(false, Ordering::Relaxed) {
+            m.remember();
+        }
+        if self.moved.swap(false, Ordering::Relaxed) {
+            m.forget();
+        }
+    }
+
+    /// True once a request could not connect to the registry (refused, DNS, no route).
+    pub fn unreachable(&self) -> bool {
+        self.unreachable.load(Ordering::Relaxed)
     }
 
     /// The host as the reference names it.
@@ -177,11 +229,19 @@ impl Client {
     /// GETs the manifest or index `reference` (a tag or a digest) of `repo`, checking it
     /// against the digest when the reference is one.
     pub fn manifest(&self, repo: &str, reference: &str) -> Result<Manifest> {
+        // A digest names the same bytes forever: the store's copy (checked) serves.
+        if let Some(m) = self.stored_manifest(reference) {
+            log::debug!(
+                "{}: manifest {repo}@{reference} from the blob store",
+                self.host
+            );
+            return Ok(m);
+        }
         let what = format!("GET manifest {repo}{}{reference}", sep(reference));
         let scopes = [pull_scope(repo)];
         let resp = self.send(&Req {
             method: "GET",
-            url: format!("{}/v2/{repo}/manifests/{reference}", self.base),
+            url: format!("{}/v2/{repo}/manifests/{reference}", self.base()),
             scopes: &scopes,
             headers: vec![("accept", MANIFEST_ACCEPT.to_string())],
             body: Payload::Empty,
@@ -219,6 +279,30 @@ impl Client {
             bytes,
             media_type,
             digest,
+        })
+    }
+
+    /// Manifest `digest` as the cache dir's blob store holds it, if it does (its bytes
+    /// checked against the digest), with the media type it names itself.
+    pub fn stored_manifest(&self, digest: &str) -> Option<Manifest> {
+        let dir = self.opts.cache_dir.as_ref()?;
+        let path = BlobStore::in_cache(dir).path(digest)?;
+        let bytes = std::fs::read(path).ok()?;
+        if crate::blob::sha256_of(&bytes) != digest {
+            return None;
+        }
+        let doc = serde_json::from_slice::<serde_json::Value>(&bytes).ok()?;
+        let media_type = match doc.get("mediaType").and_then(|m| m.as_str()) {
+            Some(t) => t.to_string(),
+            None if doc.get("manifests").is_some() => {
+                "application/vnd.oci.image.index.v1+json".to_string()
+            }
+            None => "application/vnd.oci.image.manifest.v1+json".to_string(),
+        };
+        Some(Manifest {
+            bytes,
+            media_type,
+            digest: digest.to_string(),
         })
     }
 
@@ -290,7 +374,7 @@ impl Client {
             }
             let resp = self.send(&Req {
                 method: "GET",
-                url: format!("{}/v2/{repo}/blobs/{digest}", self.base),
+                url: format!("{}/v2/{repo}/blobs/{digest}", self.base()),
                 scopes: &scopes,
                 headers,
                 body: Payload::Empty,
@@ -361,7 +445,7 @@ impl Client {
             let resp = self.send_timed(
                 &Req {
                     method: "GET",
-                    url: format!("{}/v2/{repo}/blobs/{digest}", self.base),
+                    url: format!("{}/v2/{repo}/blobs/{digest}", self.base()),
                     scopes: &scopes,
                     headers: vec![("range", format!("bytes={start}-{}", end - 1))],
                     body: Payload::Empty,
@@ -405,7 +489,7 @@ impl Client {
         let what = format!("HEAD blob {repo}@{digest}");
         let resp = self.send(&Req {
             method: "HEAD",
-            url: format!("{}/v2/{repo}/blobs/{digest}", self.base),
+            url: format!("{}/v2/{repo}/blobs/{digest}", self.base()),
             scopes,
             headers: Vec::new(),
             body: Payload::Empty,
@@ -475,7 +559,7 @@ impl Client {
     ) -> std::result::Result<Pushed, (bool, Error)> {
         let fatal = |e| (false, e);
         let again = |e| (true, e);
-        let mut url = format!("{}/v2/{repo}/blobs/uploads/", self.base);
+        let mut url = format!("{}/v2/{repo}/blobs/uploads/", self.base());
         if let Some(from) = mount_from.filter(|f| *f != repo) {
             url = format!("{url}?mount={digest}&from={from}");
         }
@@ -519,7 +603,7 @@ impl Client {
         let resp = self
             .send(&Req {
                 method: "POST",
-                url: format!("{}/v2/{repo}/blobs/uploads/", self.base),
+                url: format!("{}/v2/{repo}/blobs/uploads/", self.base()),
                 scopes,
                 headers: vec![("content-length", "0".to_string())],
                 body: Payload::Empty,
@@ -594,7 +678,7 @@ impl Client {
         let scopes = [push_scope(repo)];
         let resp = self.send(&Req {
             method: "PUT",
-            url: format!("{}/v2/{repo}/manifests/{reference}", self.base),
+            url: format!("{}/v2/{repo}/manifests/{reference}", self.base()),
             scopes: &scopes,
             headers: vec![
                 ("content-type", media_type.to_string()),
@@ -627,7 +711,7 @@ impl Client {
         let what = format!("GET {repo}/{path}");
         let resp = self.send(&Req {
             method: "GET",
-            url: format!("{}/v2/{repo}/{path}", self.base),
+            url: format!("{}/v2/{repo}/{path}", self.base()),
             scopes,
             headers: vec![("accept", accept.to_string())],
             body: Payload::Empty,
@@ -662,9 +746,9 @@ impl Client {
         if loc.starts_with("http://") || loc.starts_with("https://") {
             loc.to_string()
         } else if loc.starts_with('/') {
-            format!("{}{loc}", self.base)
+            format!("{}{loc}", self.base())
         } else {
-            format!("{}/{loc}", self.base)
+            format!("{}/{loc}", self.base())
         }
     }
 
@@ -683,7 +767,8 @@ impl Client {
         let mut redirects = 0;
         loop {
             tries += 1;
-            let own = same_origin(&url, &self.base);
+            let base = self.base();
+            let own = same_origin(&url, &base);
             let auth = if own && !req.scopes.is_empty() {
                 self.authorization(req.scopes)?
             } else {
@@ -695,8 +780,37 @@ impl Client {
                 if auth.is_some() { " (authorized)" } else { "" }
             );
             let result = self.send_once(req, &url, auth.as_deref(), timeout);
+            // The first request with --tls-verify=false: the other scheme on a failure.
+            let other_scheme = |why: &str, url: &mut String| {
+                let unsettled = own && !self.settled.load(Ordering::Relaxed);
+                let to = unsettled.then(|| self.switch_scheme(why)).flatten()?;
+                let path = url
+                    .split_once("://")
+                    .map_or("", |(_, r)| r.find(['/', '?']).map_or("", |i| &r[i..]));
+                *url = format!("{to}{path}");
+                Some(())
+            };
             let resp = match result {
-                Ok(r) => r,
+                Err(e) if other_scheme(&transport(&e), &mut url).is_some() => {
+                    tries -= 1;
+                    continue;
+                }
+                // A Go TLS server's answer to plain HTTP: a bare 400, no headers.
+                Ok(r)
+                    if r.status() == 400
+                        && header(&r, "content-type").is_none()
+                        && base.starts_with("http://")
+                        && other_scheme("400 without a body type", &mut url).is_some() =>
+                {
+                    tries -= 1;
+                    continue;
+                }
+                Ok(r) => {
+                    if own {
+                        self.settle();
+                    }
+                    r
+                }
                 Err(e) if tries < req.attempts && retryable(&e) => {
                     let wait = backoff(tries, None);
                     log::warn!(
@@ -708,7 +822,12 @@ impl Client {
                     std::thread::sleep(wait);
                     continue;
                 }
-                Err(e) => return Err(self.error(format!("{}: {}", req.what, transport(&e)))),
+                Err(e) => {
+                    if cannot_connect(&e) {
+                        self.unreachable.store(true, Ordering::Relaxed);
+                    }
+                    return Err(self.error(format!("{}: {}", req.what, transport(&e))));
+                }
             };
             let status = resp.status().as_u16();
             match status {
@@ -969,6 +1088,55 @@ impl Client {
     }
 }
 
+/// This cache dir's memory that a registry answered on plain HTTP (`registries/AUTHORITY.http`,
+/// empty): with `--tls-verify=false` the next run goes there at once instead of first failing
+/// over HTTPS, a round trip each time. Never read when TLS is required.
+#[derive(Debug)]
+struct PlainHttp {
+    path: PathBuf,
+    /// The file was there when the client was made.
+    remembered: bool,
+}
+
+impl PlainHttp {
+    /// The memory for `authority` under `cache_dir`; `None` for a name that is no file name.
+    fn new(cache_dir: &Path, authority: &str) -> Option<PlainHttp> {
+        let ok = |b: u8| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b);
+        if authority.is_empty() || authority.starts_with('.') || !authority.bytes().all(ok) {
+            return None;
+        }
+        let path = cache_dir
+            .join("registries")
+            .join(format!("{authority}.http"));
+        let remembered = path.is_file();
+        Some(PlainHttp { path, remembered })
+    }
+
+    fn remember(&self) {
+        if self.remembered {
+            return;
+        }
+        let made = self
+            .path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&self.path, b""));
+        match made {
+            Ok(()) => log::debug!("remembering plain HTTP in {}", self.path.display()),
+            // Only a round trip is lost next time.
+            Err(e) => log::debug!("cannot write {}: {e}", self.path.display()),
+        }
+    }
+
+    fn forget(&self) {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => log::debug!("forgot plain HTTP: removed {}", self.path.display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("cannot remove {}: {e}", self.path.display()),
+        }
+    }
+}
+
 /// How a blob got into the target repository.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -999,17 +1167,23 @@ fn agent(host: &str, opts: &Options) -> Result<ureq::Agent> {
 }
 
 /// System roots (`rustls-native-certs`), plus `*.crt` CAs and a `*.cert`/`*.key` client
-/// certificate from `--cert-dir` or the host's `certs.d` directory.
+/// certificate from `--cert-dir` or the host's `certs.d` directory. With `--tls-verify=false`
+/// no root is loaded: nothing is verified against them, and reading every file of
+/// `/etc/ssl/certs` took a few milliseconds of each run.
 fn tls_config(host: &str, opts: &Options) -> Result<TlsConfig> {
-    let native = rustls_native_certs::load_native_certs();
-    for e in &native.errors {
-        log::debug!("system certificates: {e}");
+    let mut roots: Vec<Certificate<'static>> = Vec::new();
+    if !opts.insecure {
+        let native = rustls_native_certs::load_native_certs();
+        for e in &native.errors {
+            log::debug!("system certificates: {e}");
+        }
+        roots.extend(
+            native
+                .certs
+                .iter()
+                .map(|c| Certificate::from_der(c.as_ref()).to_owned()),
+        );
     }
-    let mut roots: Vec<Certificate<'static>> = native
-        .certs
-        .iter()
-        .map(|c| Certificate::from_der(c.as_ref()).to_owned())
-        .collect();
     let mut client_cert = None;
     if let Some(dir) = cert_dir(host, opts) {
         let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -1157,6 +1331,22 @@ fn content_range_start(resp: &Response<Body>) -> Option<u64> {
     let v = header(resp, "content-range")?;
     let v = v.trim().strip_prefix("bytes")?.trim();
     v.split('-').next()?.trim().parse().ok()
+}
+
+/// Transport failures that mean the registry was not reached at all.
+fn cannot_connect(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => true,
+        ureq::Error::Io(io) => matches!(
+            io.kind(),
+            io::ErrorKind::ConnectionRefused
+                | io::ErrorKind::HostUnreachable
+                | io::ErrorKind::NetworkUnreachable
+                | io::ErrorKind::AddrNotAvailable
+        ),
+        ureq::Error::Timeout(t) => matches!(t, ureq::Timeout::Connect | ureq::Timeout::Resolve),
+        _ => false,
+    }
 }
 
 /// Transport failures worth another try: the connection dropped or stalled. A refused

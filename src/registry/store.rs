@@ -154,6 +154,13 @@ impl BlobStore {
     /// Removes every blob and leftover temp file; returns the bytes freed.
     pub fn clear(&self) -> io::Result<u64> {
         let mut freed = 0;
+        // The TOCs lazy mounts keep (`toc::kept`).
+        if let Ok(rd) = fs::read_dir(self.root.join("toc")) {
+            for e in rd.flatten() {
+                freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(e.path())?;
+            }
+        }
         for b in self.list_partial()? {
             self.remove_partial(&b.digest)?;
             freed += b.size;

@@ -171,7 +171,11 @@ pub(super) fn open(
                 Err(e) => return Err(e),
             }
         }
-        if let Some(toc) = opts.lazy.then(|| open_toc(&client, repo, layer)).flatten() {
+        if let Some(toc) = opts
+            .lazy
+            .then(|| open_toc(&client, repo, layer, opts.cache_dir.as_deref()))
+            .flatten()
+        {
             // An empty file of the blob's size: the layout opens it, the TOC reads the bytes.
             let path = layout_path(layout.path(), &digest)?;
             let file =
@@ -277,27 +281,82 @@ fn lazy_spans(opts: &Options, digest: &str, size: u64) -> Option<SpanDigests> {
     Some(Arc::unwrap_or_clone(spans))
 }
 
-/// The verified TOC of a layer that carries one (eStargz, zstd:chunked), fetched by range; `None`
-/// (with a warning when the layer has a TOC that cannot be used) means a pass over the layer.
-fn open_toc(client: &Arc<Client>, repo: &str, layer: &Descriptor) -> Option<crate::toc::Toc> {
+/// The verified TOC of a layer that carries one (eStargz, zstd:chunked): from the bytes an
+/// earlier mount kept in the cache dir (`toc::kept`), else fetched by range (and then kept);
+/// either way checked against the digest the layer's annotations give. `None` (with a
+/// warning when the layer has a TOC that cannot be used) means a pass over the layer.
+fn open_toc(
+    client: &Arc<Client>,
+    repo: &str,
+    layer: &Descriptor,
+    cache_dir: Option<&Path>,
+) -> Option<crate::toc::Toc> {
+    use crate::toc::kept;
+    use std::sync::atomic::{AtomicBool, Ordering};
     let annotations = serde_json::to_value(layer.annotations().as_ref()?).ok()?;
     let digest = layer.digest().to_string();
     let name = format!("{repo}@{digest}");
     let (c, r, d) = (client.clone(), repo.to_string(), digest.clone());
-    let fetch = Box::new(move |start, end| {
+    let remote: Arc<crate::blob::FetchRange> = Arc::new(move |start, end| {
         c.fetch_range(&r, &d, start, end)
             .map_err(|e| std::io::Error::other(e.to_string()))
     });
-    if let Some(at) = crate::toc::estargz::locate(&annotations) {
-        let r = at.and_then(|d| crate::toc::estargz::open(d, layer.size(), &name, fetch));
-        return r
-            .inspect_err(|e| log::warn!("{name}: not using its eStargz TOC: {e}"))
-            .ok();
+    let estargz = crate::toc::estargz::locate(&annotations);
+    let zstd = || crate::toc::zstd_chunked::locate(&annotations);
+    if estargz.is_none() && zstd().is_none() {
+        return None;
     }
-    let r = crate::toc::zstd_chunked::locate(&annotations)?
-        .and_then(|at| crate::toc::zstd_chunked::open(at, layer.size(), &name, fetch));
-    r.inspect_err(|e| log::warn!("{name}: not using its zstd:chunked TOC: {e}"))
-        .ok()
+    let open = |fetch: Box<crate::blob::FetchRange>| match &estargz {
+        Some(at) => at
+            .clone()
+            .and_then(|d| crate::toc::estargz::open(d, layer.size(), &name, fetch))
+            .map_err(|e| format!("its eStargz TOC: {e}")),
+        None => zstd()
+            .unwrap_or_else(|| Err("no TOC".into()))
+            .and_then(|at| crate::toc::zstd_chunked::open(at, layer.size(), &name, fetch))
+            .map_err(|e| format!("its zstd:chunked TOC: {e}")),
+    };
+    let file = cache_dir.and_then(|dir| kept::path(dir, &digest));
+    if let Some(file) = &file {
+        let opened = Arc::new(AtomicBool::new(false));
+        let r = match kept::Kept::load(file, &digest, layer.size()) {
+            Ok(Some(k)) => Some(open(k.fetch(remote.clone(), opened.clone()))),
+            Ok(None) => None,
+            Err(e) => Some(Err(e.to_string())),
+        };
+        match r {
+            Some(Ok(toc)) => {
+                opened.store(true, Ordering::Relaxed);
+                toc.opened_from_kept();
+                log::info!("{name}: {} TOC kept on this host", toc.format);
+                return Some(toc);
+            }
+            Some(Err(e)) => {
+                log::warn!(
+                    "{name}: the TOC kept in {} does not hold ({e}); fetching it again",
+                    file.display()
+                );
+                kept::remove(file);
+            }
+            None => {}
+        }
+    }
+    let opened = Arc::new(AtomicBool::new(false));
+    let fetched = kept::record();
+    let fetch = kept::recording(remote, opened.clone(), fetched.clone());
+    match open(fetch) {
+        Ok(toc) => {
+            opened.store(true, Ordering::Relaxed);
+            if let Some(file) = &file {
+                kept::save(file, &digest, layer.size(), &fetched);
+            }
+            Some(toc)
+        }
+        Err(e) => {
+            log::warn!("{name}: not using {e}");
+            None
+        }
+    }
 }
 
 /// For a lazy open: layer indexes the cache lacks, from the image's flatfs index artifact in
@@ -324,6 +383,8 @@ fn index_artifact(
         .layers()
         .iter()
         .map(|l| (l.digest().to_string(), l.size()))
+        // A layer whose TOC this host keeps needs no index.
+        .filter(|(d, _)| !crate::toc::kept::has(dir, d))
         .collect();
     crate::registry::artifact::fill_cache(client, repo, subject, &wanted, dir, diff_ids, first_span)
 }
@@ -632,7 +693,27 @@ fn open_top(reference: &Reference, opts: &Options) -> Result<Top> {
             store
         }
     };
-    let top = client.manifest(repo, wanted)?;
+    let top = match client.manifest(repo, wanted) {
+        Ok(m) => {
+            resolved::record(opts, reference, wanted, &m);
+            m
+        }
+        // A mount on a host that resolved this tag before goes on from that while the
+        // registry cannot be reached; reads of what is not here fail until it is back.
+        Err(e) if opts.lazy && client.unreachable() => {
+            let Some((m, age)) = resolved::lookup(&client, opts, reference, wanted) else {
+                return Err(e);
+            };
+            log::warn!(
+                "{e}; mounting {repo}:{wanted} as this host resolved it {} ago ({}): \
+                 reads of what is not cached here fail until the registry is back",
+                resolved::human_age(age),
+                m.digest
+            );
+            m
+        }
+        Err(e) => return Err(e),
+    };
     blobs
         .put_bytes(&top.digest, &top.bytes)
         .map_err(|e| Error::io(blobs.root().display(), e))?;
@@ -679,6 +760,77 @@ fn open_top(reference: &Reference, opts: &Options) -> Result<Top> {
         documents,
         layout,
     })
+}
+
+/// What this cache dir last resolved each tag to (`registries/refs/HEX`, HEX the sha256 of
+/// `HOST/REPO:TAG`; the file's time is when): a mount while the registry is unreachable goes
+/// on from that, if the manifest is still in the blob store.
+mod resolved {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use crate::reference::Reference;
+    use crate::registry::client::Manifest;
+    use crate::registry::{Client, Options};
+
+    fn path(opts: &Options, reference: &Reference, tag: &str) -> Option<(PathBuf, String)> {
+        let dir = opts.cache_dir.as_ref()?;
+        let name = format!("{}/{}:{tag}", reference.domain(), reference.path());
+        let hex = crate::blob::sha256_of(name.as_bytes())[7..].to_string();
+        Some((dir.join("registries/refs").join(hex), name))
+    }
+
+    /// Records that `tag` resolved to `m` (mounts only, and only for tags: a digest is its
+    /// own record). Best effort.
+    pub(super) fn record(opts: &Options, reference: &Reference, tag: &str, m: &Manifest) {
+        if !opts.lazy || tag.starts_with("sha256:") {
+            return;
+        }
+        let Some((file, name)) = path(opts, reference, tag) else {
+            return;
+        };
+        let line = format!("{name} {}\n", m.digest);
+        let write = || -> std::io::Result<()> {
+            let dir = file
+                .parent()
+                .ok_or_else(|| std::io::Error::other("no parent"))?;
+            std::fs::create_dir_all(dir)?;
+            let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+            std::io::Write::write_all(&mut tmp, line.as_bytes())?;
+            tmp.persist(&file).map_err(|e| e.error)?;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            log::debug!("cannot record {name} in {}: {e}", file.display());
+        }
+    }
+
+    /// The manifest `tag` last resolved to on this host, from the blob store, and how long
+    /// ago that was.
+    pub(super) fn lookup(
+        client: &Client,
+        opts: &Options,
+        reference: &Reference,
+        tag: &str,
+    ) -> Option<(Manifest, Duration)> {
+        let (file, name) = path(opts, reference, tag)?;
+        let text = std::fs::read_to_string(&file).ok()?;
+        let digest = text.strip_prefix(&name)?.strip_prefix(' ')?.trim_end();
+        let m = client.stored_manifest(digest)?;
+        let when = std::fs::metadata(&file).and_then(|m| m.modified()).ok()?;
+        Some((m, when.elapsed().unwrap_or_default()))
+    }
+
+    /// "3 min", "2 h", "5 days".
+    pub(super) fn human_age(age: Duration) -> String {
+        let s = age.as_secs();
+        match s {
+            0..120 => format!("{s} s"),
+            120..7200 => format!("{} min", s / 60),
+            7200..172_800 => format!("{} h", s / 3600),
+            _ => format!("{} days", s / 86_400),
+        }
+    }
 }
 
 /// A descriptor for a document fetched by reference.

@@ -31,6 +31,15 @@ pub fn is_special(name: &[u8]) -> bool {
     SPECIAL.iter().any(|s| s.as_bytes() == n)
 }
 
+/// True for `.prefetch.landmark` (as a TOC names it): the end of the files to prefetch.
+pub fn is_prefetch_landmark(name: &[u8]) -> bool {
+    let mut n = name;
+    while let Some(rest) = n.strip_prefix(b"./").or_else(|| n.strip_prefix(b"/")) {
+        n = rest;
+    }
+    n == SPECIAL[1].as_bytes()
+}
+
 /// True when a layer descriptor (JSON) marks the layer as eStargz.
 pub fn is_estargz(descriptor: &serde_json::Value) -> bool {
     descriptor
@@ -92,9 +101,11 @@ pub fn open(
             "the TOC does not match its {TOC_DIGEST} annotation"
         ));
     }
-    let (index, chunks) = parse_estargz(&json, toc_at)?;
+    let (index, chunks, landmark) = parse_estargz(&json, toc_at)?;
+    // A landmark past the TOC, or at the start, prefetches nothing.
+    let prefetch_end = landmark.filter(|&l| l > 0 && l <= toc_at);
     log::info!(
-        "{name}: eStargz TOC of {} entries ({} bytes fetched)",
+        "{name}: eStargz TOC of {} entries ({} bytes of TOC and footer)",
         index.entries.len(),
         raw.len() + ESTARGZ_FOOTER
     );
@@ -109,6 +120,8 @@ pub fn open(
         cache: Default::default(),
         fetched: ((raw.len() + ESTARGZ_FOOTER) as u64).into(),
         requests: 2.into(),
+        prefetch_end,
+        prefetched: 0.into(),
     })
 }
 

@@ -9,6 +9,7 @@
 //! virtual offset to its chunk.
 
 pub mod estargz;
+pub mod kept;
 pub mod zstd_chunked;
 
 use std::collections::{BTreeMap, HashMap};
@@ -87,6 +88,12 @@ pub struct Toc {
     cache: Chunks,
     fetched: AtomicU64,
     requests: AtomicU64,
+    /// eStargz's prefetch landmark: the chunks that start before this blob offset are the
+    /// ones the layer's author wants fetched at once (`None`: no landmark, or
+    /// `.no.prefetch.landmark`).
+    prefetch_end: Option<u64>,
+    /// Of `fetched`, by [`Toc::prefetch_landmark`].
+    prefetched: AtomicU64,
 }
 
 impl std::fmt::Debug for Toc {
@@ -125,6 +132,125 @@ impl Toc {
     /// Of the range requests, those made ahead of the reads, in the background.
     pub fn requests_ahead(&self) -> u64 {
         self.cache.ahead_requests.load(Ordering::Relaxed)
+    }
+
+    /// Bytes fetched by the landmark prefetch so far.
+    pub fn prefetched(&self) -> u64 {
+        self.prefetched.load(Ordering::Relaxed)
+    }
+
+    /// Compressed bytes before the prefetch landmark (0 without one).
+    pub fn landmark_bytes(&self) -> u64 {
+        let end = self.prefetch_end.unwrap_or(0);
+        self.chunks
+            .iter()
+            .filter(|c| c.start < end)
+            .map(|c| c.end - c.start)
+            .sum()
+    }
+
+    /// Fetches, in blob order, the chunks before the layer's prefetch landmark (eStargz: the
+    /// files its author expects to be read first) that are not cached yet, each checked as a
+    /// read's, into the chunk cache; a request at a time, holding back while a foreground
+    /// read waits for the network. The chunks live in the in-memory cache, so at most half of
+    /// it is prefetched (the reads need room too). A failing request is tried again after a
+    /// pause that grows; a chunk that keeps failing its check is left to its reads.
+    pub fn prefetch_landmark(&self) {
+        let Some(end) = self.prefetch_end else {
+            return;
+        };
+        let n = self.chunks.partition_point(|c| c.start < end);
+        let (mut i, mut failures, mut decoded) = (0, 0u32, 0u64);
+        while i < n {
+            while crate::blob::foreground_waiting() {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            // Without a chunk store, the chunks fetched live only in the cache.
+            if self.cache.store.get().is_none() && decoded > (CACHED_BYTES / 2) as u64 {
+                log::info!(
+                    "{}: landmark prefetch stopped after {decoded} bytes (the chunk cache \
+                     holds {CACHED_BYTES}); the rest is fetched when read",
+                    self.name
+                );
+                return;
+            }
+            let run_end = {
+                let mut cache = self.cache.lock();
+                if cache.has(i) || cache.fetching(i) || self.stored(&self.chunks[i]) {
+                    i += 1;
+                    continue;
+                }
+                let end = self.run_end(i, n, READ_AHEAD, &cache);
+                cache.in_flight.insert(i, end);
+                end
+            };
+            let fetched = {
+                let _done = InFlight {
+                    chunks: &self.cache,
+                    start: i,
+                };
+                self.fetch_run(i, run_end, true)
+            };
+            match fetched {
+                Ok(_) => {
+                    decoded += self.chunks[i..run_end].iter().map(|c| c.size).sum::<u64>();
+                    i = run_end;
+                    failures = 0;
+                }
+                Err(e) if e.kind() == io::ErrorKind::InvalidData && failures >= 3 => {
+                    log::warn!("landmark prefetch: {e}; skipped");
+                    i += 1;
+                    failures = 0;
+                }
+                Err(e) => {
+                    failures += 1;
+                    let wait = std::time::Duration::from_secs(1 << failures.min(5));
+                    log::warn!("landmark prefetch: {e}; trying again in {wait:?}");
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        log::info!(
+            "{}: landmark prefetch done ({} bytes fetched)",
+            self.name,
+            self.prefetched()
+        );
+    }
+
+    /// True if chunk `c`'s compressed bytes are in the [`ChunkStore`].
+    fn stored(&self, c: &Chunk) -> bool {
+        self.cache
+            .store
+            .get()
+            .is_some_and(|s| s.has(c.start, c.end))
+    }
+
+    /// The end of the run of chunks from `i` (before `limit`) one request fetches: neighbours
+    /// in the blob, not cached, stored, nor being fetched, within `window` compressed bytes.
+    fn run_end(&self, i: usize, limit: usize, window: u64, cache: &ChunkCache) -> usize {
+        let first = &self.chunks[i];
+        let mut end = i + 1;
+        while let (Some(prev), Some(c)) = (self.chunks.get(end - 1), self.chunks.get(end)) {
+            let near = c.start >= prev.end && c.start - prev.end <= GAP;
+            if end >= limit
+                || !near
+                || c.end - first.start > window
+                || cache.has(end)
+                || cache.raw.contains_key(&end)
+                || cache.fetching(end)
+                || self.stored(c)
+            {
+                break;
+            }
+            end += 1;
+        }
+        end
+    }
+
+    /// Marks a TOC opened from bytes kept on the host: its open fetched nothing.
+    pub fn opened_from_kept(&self) {
+        self.fetched.store(0, Ordering::Relaxed);
+        self.requests.store(0, Ordering::Relaxed);
     }
 
     /// The blob's name in messages.
@@ -234,7 +360,6 @@ impl Toc {
     /// chunks wait, unchecked, for the reader to decode and check them (and return nothing).
     fn load(&self, i: usize, ahead: bool) -> io::Result<Arc<[u8]>> {
         let store = self.cache.store.get();
-        let stored = |c: &Chunk| store.is_some_and(|s| s.has(c.start, c.end));
         let (end, local) = {
             let mut cache = self.cache.lock();
             // Another reader fetching this chunk (the kernel's readahead and the read it runs
@@ -299,23 +424,12 @@ impl Toc {
             } else {
                 0
             };
-            let first = &self.chunks[i];
-            let local = stored(first);
-            let mut end = i + 1;
-            while let (Some(prev), Some(c)) = (self.chunks.get(end - 1), self.chunks.get(end)) {
-                let near = c.start >= prev.end && c.start - prev.end <= GAP;
-                if local
-                    || !near
-                    || c.end - first.start > cache.window
-                    || cache.has(end)
-                    || cache.raw.contains_key(&end)
-                    || cache.fetching(end)
-                    || stored(c)
-                {
-                    break;
-                }
-                end += 1;
-            }
+            let local = self.stored(&self.chunks[i]);
+            let end = if local {
+                i + 1
+            } else {
+                self.run_end(i, self.chunks.len(), cache.window, &cache)
+            };
             cache.next = end;
             cache.in_flight.insert(i, end);
             if ahead {
@@ -336,21 +450,30 @@ impl Toc {
             chunks: &self.cache,
             start: i,
         };
-        let (from, to) = (self.chunks[i].start, self.chunks[end - 1].end);
         if local {
             // Damaged or replaced stored bytes fail their digest and are fetched instead.
             let c = &self.chunks[i];
-            let found = store.and_then(|s| s.get(from, to));
+            let found = store.and_then(|s| s.get(c.start, c.end));
             if let Some(data) = found.and_then(|raw| self.verified(c, &raw).ok()) {
-                self.cache.local.fetch_add(to - from, Ordering::Relaxed);
+                self.cache
+                    .local
+                    .fetch_add(c.end - c.start, Ordering::Relaxed);
                 self.cache.lock().put(i, data.clone());
                 return Ok(data);
             }
         }
-        self.requests.fetch_add(1, Ordering::Relaxed);
         if ahead {
-            self.cache.ahead_requests.fetch_add(1, Ordering::Relaxed);
+            return self.fetch_ahead(i, end);
         }
+        // A reader waits: background prefetches give way meanwhile.
+        let _waiting = crate::blob::ForegroundWait::new();
+        self.fetch_run(i, end, false)
+    }
+
+    /// The compressed bytes of chunks `i..end` (neighbours in the blob), by one request.
+    fn fetch_raw(&self, i: usize, end: usize) -> io::Result<(u64, Vec<u8>)> {
+        let (from, to) = (self.chunks[i].start, self.chunks[end - 1].end);
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let raw = (self.fetch)(from, to)?;
         self.fetched.fetch_add(raw.len() as u64, Ordering::Relaxed);
         if raw.len() as u64 != to - from {
@@ -361,25 +484,41 @@ impl Toc {
                 raw.len()
             )));
         }
-        if ahead {
-            let mut cache = self.cache.lock();
-            for (k, c) in self.chunks[i..end].iter().enumerate() {
-                let bytes = &raw[(c.start - from) as usize..(c.end - from) as usize];
-                cache.raw_bytes += bytes.len();
-                if let Some(old) = cache.raw.insert(i + k, bytes.into()) {
-                    cache.raw_bytes -= old.len();
-                }
+        Ok((from, raw))
+    }
+
+    /// The read-ahead thread's fetch of chunks `i..end`: kept compressed and unchecked until a
+    /// reader takes them (an empty result).
+    fn fetch_ahead(&self, i: usize, end: usize) -> io::Result<Arc<[u8]>> {
+        self.cache.ahead_requests.fetch_add(1, Ordering::Relaxed);
+        let (from, raw) = self.fetch_raw(i, end)?;
+        let mut cache = self.cache.lock();
+        for (k, c) in self.chunks[i..end].iter().enumerate() {
+            let bytes = &raw[(c.start - from) as usize..(c.end - from) as usize];
+            cache.raw_bytes += bytes.len();
+            if let Some(old) = cache.raw.insert(i + k, bytes.into()) {
+                cache.raw_bytes -= old.len();
             }
-            // Chunks fetched ahead that no read took (the reader went elsewhere) go, oldest
-            // first.
-            while cache.raw_bytes > 2 * RUNS_AHEAD * AHEAD_RUN as usize {
-                match cache.raw.pop_first() {
-                    Some((_, old)) => cache.raw_bytes -= old.len(),
-                    None => break,
-                }
-            }
-            return Ok(Arc::from(&[][..]));
         }
+        // Chunks fetched ahead that no read took (the reader went elsewhere) go, oldest first.
+        while cache.raw_bytes > 2 * RUNS_AHEAD * AHEAD_RUN as usize {
+            match cache.raw.pop_first() {
+                Some((_, old)) => cache.raw_bytes -= old.len(),
+                None => break,
+            }
+        }
+        Ok(Arc::from(&[][..]))
+    }
+
+    /// Fetches chunks `i..end` (neighbours in the blob) by one request and checks each; those
+    /// that verify go into the cache and the chunk store. Chunk `i`'s bytes, or its error.
+    fn fetch_run(&self, i: usize, end: usize, prefetch: bool) -> io::Result<Arc<[u8]>> {
+        let (from, raw) = self.fetch_raw(i, end)?;
+        if prefetch {
+            self.prefetched
+                .fetch_add(raw.len() as u64, Ordering::Relaxed);
+        }
+        let store = self.cache.store.get();
         let mut wanted = None;
         for (k, c) in self.chunks[i..end].iter().enumerate() {
             let bytes = &raw[(c.start - from) as usize..(c.end - from) as usize];

@@ -4,6 +4,7 @@
 //! checked by `…zstd-chunked.manifest-checksum`. Read from the containers/storage format docs
 //! and from layers written by `skopeo copy --dest-compress-format zstd:chunked`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io;
 
@@ -73,7 +74,7 @@ pub fn open(
         .map_err(|e| format!("decompressing the TOC: {e}"))?;
     let (index, chunks) = parse(&json, blob_len)?;
     log::info!(
-        "{name}: zstd:chunked TOC of {} entries ({len} bytes fetched)",
+        "{name}: zstd:chunked TOC of {} entries ({len} bytes of TOC)",
         index.entries.len()
     );
     Ok(Toc {
@@ -87,6 +88,8 @@ pub fn open(
         cache: Default::default(),
         fetched: (len).into(),
         requests: 1.into(),
+        prefetch_end: None,
+        prefetched: 0.into(),
     })
 }
 
@@ -95,34 +98,43 @@ fn decode_frame(raw: &[u8], size: u64) -> io::Result<Vec<u8>> {
     zstd::bulk::decompress(raw, size as usize)
 }
 
+// Strings borrow from the JSON where they hold no escapes: a big layer's TOC has tens of
+// thousands of entries, and an allocation per string was most of its parse.
 #[derive(Deserialize)]
-struct Manifest {
+struct Manifest<'a> {
     version: u32,
-    entries: Vec<TocEntry>,
+    #[serde(borrow)]
+    entries: Vec<TocEntry<'a>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(default, rename_all = "camelCase")]
-struct TocEntry {
-    #[serde(rename = "type")]
-    kind: String,
-    name: String,
-    link_name: String,
+struct TocEntry<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    #[serde(borrow)]
+    link_name: Cow<'a, str>,
     mode: u32,
     size: u64,
     uid: u64,
     gid: u64,
-    modtime: Option<String>,
+    #[serde(borrow)]
+    modtime: Option<Cow<'a, str>>,
     dev_major: u32,
     dev_minor: u32,
     xattrs: BTreeMap<String, String>,
-    digest: String,
+    #[serde(borrow)]
+    digest: Cow<'a, str>,
     offset: u64,
     end_offset: u64,
     chunk_size: u64,
     chunk_offset: u64,
-    chunk_digest: String,
-    chunk_type: String,
+    #[serde(borrow)]
+    chunk_digest: Cow<'a, str>,
+    #[serde(borrow)]
+    chunk_type: Cow<'a, str>,
 }
 
 /// The index and chunk table a TOC describes, under the same name and entry rules as a tar
@@ -135,12 +147,18 @@ pub fn parse(json: &[u8], blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), Str
 /// An eStargz TOC (the same JSON, see `estargz.rs`) whose TOC member starts at `toc_offset`:
 /// its entries say where a chunk's gzip member starts but not where it ends (where the next
 /// member holding a chunk, or the TOC's, starts), nor a last chunk's size (the file's rest);
-/// its prefetch landmarks are markers, not files.
+/// its prefetch landmarks are markers, not files. Also returns where `.prefetch.landmark`
+/// starts, if the TOC has it: the files before it are the ones to prefetch.
 pub(super) fn parse_estargz(
     json: &[u8],
     toc_offset: u64,
-) -> Result<(LayerIndex, Vec<Chunk>), String> {
+) -> Result<(LayerIndex, Vec<Chunk>, Option<u64>), String> {
     let mut m: Manifest = serde_json::from_slice(json).map_err(|e| format!("TOC JSON: {e}"))?;
+    let landmark = m
+        .entries
+        .iter()
+        .find(|e| super::estargz::is_prefetch_landmark(e.name.as_bytes()))
+        .map(|e| e.offset);
     m.entries
         .retain(|e| !super::estargz::is_special(e.name.as_bytes()));
     let holds = |e: &TocEntry| e.kind == "chunk" || (e.kind == "reg" && e.size > 0);
@@ -177,7 +195,8 @@ pub(super) fn parse_estargz(
             }
         }
     }
-    build(m, toc_offset)
+    let (index, chunks) = build(m, toc_offset)?;
+    Ok((index, chunks, landmark))
 }
 
 fn build(m: Manifest, blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), String> {
@@ -241,13 +260,13 @@ fn build(m: Manifest, blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), String>
             }
             Class::Entry(p) => p,
         };
-        let kind = match e.kind.as_str() {
+        let kind = match e.kind.as_ref() {
             "reg" => Kind::File,
             "dir" => Kind::Dir,
             "symlink" if e.link_name.contains('\0') => {
                 return Err(bad("symlink target contains a NUL byte"));
             }
-            "symlink" => Kind::Symlink(e.link_name.clone().into_bytes()),
+            "symlink" => Kind::Symlink(e.link_name.as_bytes().to_vec()),
             "hardlink" => {
                 let target = path::normalise(e.link_name.as_bytes()).map_err(&bad)?;
                 if target.is_empty() {
@@ -290,7 +309,7 @@ fn build(m: Manifest, blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), String>
                 return Err(bad("a chunk larger than its file"));
             }
             chunks.push(chunk(e, virt, first, digest).map_err(|m| bad(&m))?);
-            open_file = Some((e.name.clone(), virt, size, e.end_offset));
+            open_file = Some((e.name.to_string(), virt, size, e.end_offset));
         }
         index.entries.push(Entry {
             path,
@@ -326,7 +345,7 @@ fn build(m: Manifest, blob_len: u64) -> Result<(LayerIndex, Vec<Chunk>), String>
 /// A chunk of `size` bytes at `virt`, its compressed bytes from `e.offset` (their end is
 /// checked once known).
 fn chunk(e: &TocEntry, virt: u64, size: u64, digest: &str) -> Result<Chunk, String> {
-    if !matches!(e.chunk_type.as_str(), "" | "data") {
+    if !matches!(e.chunk_type.as_ref(), "" | "data") {
         return Err(format!("chunk type {:?} is not supported", e.chunk_type));
     }
     let digest = parse_digest(digest).ok_or("no usable chunk digest")?;
@@ -492,21 +511,37 @@ pub(crate) mod tests {
         assert_eq!(chunks.len(), 3);
         assert!(chunks.windows(2).all(|w| w[0].end == w[1].start));
         assert_eq!(chunks[2].end, blob.len() as u64);
+        let (fetch, asked) = fetcher(blob, Default::default());
+        // A landmark (eStargz's; any TOC reads the same way) after the first two chunks.
+        let landmark = chunks[2].start;
         let toc = Toc {
             format: "zstd:chunked",
             digest: [0; 32],
             index: idx,
             chunks,
             name: "t".into(),
-            fetch: fetcher(blob, Default::default()).0,
+            fetch,
             decode: decode_frame,
             cache: Default::default(),
             fetched: 0.into(),
             requests: 0.into(),
+            prefetch_end: Some(landmark),
+            prefetched: 0.into(),
         };
+        // The prefetch fetches the chunks before it in one request, checked; a read of
+        // them then fetches nothing, and one after it fetches its own chunk.
+        toc.prefetch_landmark();
+        assert_eq!(asked.lock().unwrap().len(), 1);
+        assert_eq!(toc.prefetched(), toc.landmark_bytes());
+        let mut buf = vec![0; 30_001];
+        toc.read(0, &mut buf).unwrap();
+        assert!(buf == data[..30_001]);
+        assert_eq!(asked.lock().unwrap().len(), 1);
         let mut buf = vec![0; 5000];
         toc.read(28_000, &mut buf).unwrap();
         assert!(buf == data[28_000..33_000]);
+        assert_eq!(asked.lock().unwrap().len(), 2);
+        assert_eq!(toc.stats().1, 2);
         // A chunk offset that skips bytes is refused.
         let bad = json.replace("\"chunkOffset\":30001", "\"chunkOffset\":30002");
         assert_ne!(bad, json);

@@ -635,3 +635,72 @@ fn lazy_reads_in_order_find_the_next_mibs_fetched_ahead_by_the_daemon() {
         s.blob.len()
     );
 }
+
+#[test]
+fn lazy_mount_while_the_registry_is_down_goes_on_from_what_this_host_resolved() {
+    registry_tools(&[]);
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, _, _, _) = lazy_image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "lazy:1");
+    reg.push(&format!("oci:{}:latest", img.display()), "lazy:2");
+    let host = Host::new(tmp.path());
+    host.ok(&["ls", "-R", &reg.url("lazy:1"), "--tls-verify=false"]);
+    std::fs::remove_dir_all(host.cache.join("blobs")).unwrap();
+    if !fuse_available("lazy_mount_while_the_registry_is_down_goes_on_from_what_this_host_resolved")
+    {
+        return;
+    }
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let image = reg.url("lazy:1");
+    // A mount while the registry is up: resolves the tag, reads the tail.
+    host.mount(&image, &mnt, &[]);
+    assert_eq!(
+        std::fs::read(mnt.join("data/tail.txt")).unwrap(),
+        b"the end of the big layer\n"
+    );
+    host.umount(&mnt);
+    let unresolved = reg.url("lazy:2");
+    drop(reg);
+
+    // Down (the port refuses): the mount goes on from the manifest this host resolved, says
+    // so, and reads what is here; what is not fails with EIO.
+    let out = host.run(&["mount", &image, mnt.to_str().unwrap(), "--tls-verify=false"]);
+    assert_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot connect")
+            && err.contains("as this host resolved it")
+            && err.contains(" s ago (sha256:"),
+        "{err}"
+    );
+    let tail = std::fs::read(mnt.join("data/tail.txt"));
+    let f = std::fs::File::open(mnt.join("data/noise.bin")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let middle = f.read_exact_at(&mut buf, MIDDLE);
+    let listing = std::fs::read_dir(mnt.join("data")).map(|d| d.count());
+    drop(f);
+    host.umount(&mnt);
+    assert_eq!(tail.unwrap(), b"the end of the big layer\n");
+    let e = middle.expect_err("a span nobody fetched, with the registry down");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert_eq!(listing.unwrap(), 3);
+
+    // A tag this host never resolved: the registry's error, as before.
+    let out = host.run(&[
+        "mount",
+        &unresolved,
+        mnt.to_str().unwrap(),
+        "--tls-verify=false",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("GET manifest lazy:2: cannot connect") && !err.contains("resolved"),
+        "{err}"
+    );
+    // Not a mount: no going on from an old answer.
+    let out = host.run(&["ls", &image, "--tls-verify=false"]);
+    assert!(!out.status.success());
+}

@@ -910,6 +910,8 @@ fn registry_bearer_tokens_scopes_refresh_and_redirects_keep_credentials_home() {
     assert!(tokens.iter().all(|s| s.path.contains("service=flatfs-test")
         && s.path.contains("scope=repository:team/app:pull")));
     let gateway = gw.gateway_seen.lock().unwrap().clone();
+    // No /v2/ ping: the manifest's own 401 started the token flow.
+    assert!(gateway.iter().all(|s| s.path != "/v2/"), "{gateway:#?}");
     assert!(
         gateway.iter().all(|s| s
             .header("authorization")
@@ -1514,4 +1516,120 @@ fn registry_index_naming_a_nested_index_twice_opens() {
         "--tls-verify=false",
     ]);
     assert_eq!(String::from_utf8_lossy(&out), "arm64\n");
+}
+
+/// The URLs a run asked for (its debug log's request lines).
+fn requested(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| l.split_once("] ").map_or(l, |(_, r)| r).split_once(' '))
+        .filter(|(m, u)| matches!(*m, "GET" | "HEAD") && u.contains("://"))
+        .map(|(m, u)| format!("{m} {}", u.split(' ').next().unwrap_or(u)))
+        .collect()
+}
+
+#[test]
+fn registry_no_ping_and_plain_http_is_remembered_only_where_tls_is_not_required() {
+    registry_tools(&["htpasswd", "openssl"]);
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "team/app:1.0");
+    let proxy = FaultProxy::start(&reg.host);
+    let r = Runner::new(tmp.path());
+    let want = r.ok(&["ls", "-R", img.to_str().unwrap()]);
+    let debug = [("RUST_LOG", std::ffi::OsStr::new("flatfs=debug"))];
+    let url = proxy.url("team/app:1.0");
+    let ls = |r: &Runner| {
+        let out = r.run_env(&["ls", "-R", &url, "--tls-verify=false"], &debug);
+        assert_success(&out);
+        assert_eq!(out.stdout, want);
+        requested(&out)
+    };
+    let memory = r.cache.join(format!("registries/{}.http", proxy.host));
+
+    // First run: HTTPS fails, plain HTTP answers and is remembered; no /v2/ ping.
+    let first = ls(&r);
+    let manifest = format!("GET https://{}/v2/team/app/manifests/1.0", proxy.host);
+    assert_eq!(first.first(), Some(&manifest), "{first:#?}");
+    assert_eq!(first[1], manifest.replace("https", "http"), "{first:#?}");
+    assert!(memory.is_file(), "plain HTTP remembered");
+    let pings = |seen: &[Seen]| seen.iter().filter(|s| s.path == "/v2/").count();
+    assert_eq!(pings(&proxy.seen()), 0);
+    // Second run: straight to plain HTTP, no HTTPS attempt, no ping.
+    let second = ls(&r);
+    assert!(
+        second.iter().all(|u| u.contains("GET http://")),
+        "{second:#?}"
+    );
+    assert_eq!(second.first(), first.get(1));
+    assert_eq!(pings(&proxy.seen()), 0);
+    // TLS required: the memory is not used; the handshake fails as before (the registry
+    // itself: the proxy drops a TLS hello, a retried dropped connection).
+    let direct = r.cache.join(format!("registries/{}.http", reg.host));
+    std::fs::write(&direct, b"").unwrap();
+    let err = r.fails(&["ls", &reg.url("team/app:1.0")]);
+    assert!(
+        err.contains("TLS") && err.contains("--tls-verify=false"),
+        "{err}"
+    );
+    assert!(memory.is_file() && direct.is_file());
+
+    // Nobody listening, with plain HTTP remembered: both schemes tried, a clear error, and
+    // the memory kept (the registry may come back as it was).
+    let port = free_port();
+    let gone = r.cache.join(format!("registries/127.0.0.1:{port}.http"));
+    std::fs::write(&gone, b"").unwrap();
+    let out = r.run_env(
+        &[
+            "ls",
+            &format!("docker://127.0.0.1:{port}/a:1"),
+            "--tls-verify=false",
+        ],
+        &debug,
+    );
+    assert!(!out.status.success());
+    let asked = requested(&out);
+    assert_eq!(asked.len(), 2, "{asked:#?}");
+    assert!(asked[0].starts_with("GET http://") && asked[1].starts_with("GET https://"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&format!(
+            "registry 127.0.0.1:{port}: GET manifest a:1: cannot connect"
+        )),
+        "{err}"
+    );
+    assert!(gone.is_file());
+
+    // A host remembered as plain HTTP that now speaks only HTTPS (with basic auth): its
+    // bare 400 to plain HTTP sends the client to HTTPS, where the 401 challenge starts the
+    // login; the memory is dropped.
+    let sec = Registry::start_secured();
+    sec.push(&format!("oci:{}:latest", img.display()), "team/app:1.0");
+    let s = sec.secured.as_ref().unwrap();
+    let creds = tmp.path().join("creds");
+    std::fs::write(&creds, format!("{}:{}\n", s.user, s.password)).unwrap();
+    let moved = r.cache.join(format!("registries/{}.http", sec.host));
+    std::fs::write(&moved, b"").unwrap();
+    let out = r.run_env(
+        &[
+            "ls",
+            "-R",
+            &sec.url("team/app:1.0"),
+            "--tls-verify=false",
+            "--creds-file",
+            creds.to_str().unwrap(),
+        ],
+        &debug,
+    );
+    assert_success(&out);
+    assert_eq!(out.stdout, want);
+    let asked = requested(&out);
+    assert!(asked[0].starts_with("GET http://"), "{asked:#?}");
+    assert!(
+        asked[1..].iter().all(|u| u.starts_with("GET https://")),
+        "{asked:#?}"
+    );
+    assert!(!moved.exists(), "plain HTTP forgotten");
 }

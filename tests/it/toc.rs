@@ -105,12 +105,24 @@ fn fetched(proxy: &FaultProxy, digest: &str, from: usize, size: u64) -> (u64, us
 /// `flatfs mount -f -v IMAGE MNT` in the background, and once it serves, `then`; returns
 /// what `then` returned and the server's log.
 fn mounted<T>(cache: &Path, image: &str, mnt: &Path, then: impl FnOnce() -> T) -> (T, String) {
+    mounted_with(cache, image, mnt, &[], then)
+}
+
+/// [`mounted`], with more mount options.
+fn mounted_with<T>(
+    cache: &Path,
+    image: &str,
+    mnt: &Path,
+    extra: &[&str],
+    then: impl FnOnce() -> T,
+) -> (T, String) {
     let server = flatfs()
         .env("FLATFS_CACHE_DIR", cache)
         .env("HOME", cache)
         .args(["mount", "-f", "-v", image])
         .arg(mnt)
         .arg("--tls-verify=false")
+        .args(extra)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -256,13 +268,44 @@ fn registry_zstd_chunked_lazy_mount_reads_through_the_verified_toc() {
         "{listing}"
     );
 
-    // Again on the same host: the TOC is fetched and verified again (nothing of it is cached,
-    // and the index built from it is not stored), and reads are right.
-    let (again, log) = mounted(&cache, &image, &mnt, || {
-        std::fs::read(mnt.join("data/tail.txt"))
+    // Again on the same host: the TOC kept by the first mount, verified again, no request
+    // for it; reads are right.
+    let n = proxy.seen().len();
+    let ((at_mount, again), log) = mounted(&cache, &image, &mnt, || {
+        (
+            fetched(&proxy, &big, n, size),
+            std::fs::read(mnt.join("data/tail.txt")),
+        )
     });
     assert!(log.contains("zstd:chunked TOC of 7 entries"), "{log}");
+    assert!(log.contains("TOC kept on this host"), "{log}");
+    assert_eq!(at_mount, (0, 0), "{log}");
     assert_eq!(again.unwrap(), b"the end of the big layer\n");
+    // A kept TOC tampered with: refused by its manifest-checksum, fetched again (and kept
+    // again), reads right.
+    let kept = cache.join("blobs/toc").join(&big[7..]);
+    tamper_tail(&kept);
+    let n = proxy.seen().len();
+    let ((at_mount, again), log) = mounted(&cache, &image, &mnt, || {
+        (
+            fetched(&proxy, &big, n, size),
+            std::fs::read(mnt.join("data/tail.txt")),
+        )
+    });
+    assert!(log.contains("does not hold"), "{log}");
+    assert_eq!(at_mount.1, 1, "{log}");
+    assert_eq!(again.unwrap(), b"the end of the big layer\n");
+    let n = proxy.seen().len();
+    let (_, log) = mounted(&cache, &image, &mnt, || ());
+    assert!(log.contains("TOC kept on this host"), "{log}");
+    assert_eq!(fetched(&proxy, &big, n, size), (0, 0));
+    let out = flatfs()
+        .env("FLATFS_CACHE_DIR", &cache)
+        .args(["cache", "clear"])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    assert!(!kept.exists(), "cache clear removes kept TOCs");
 
     // A TOC that does not match its manifest-checksum: refused, the layer read the ordinary
     // way (downloaded whole and indexed), and the files are right.
@@ -488,6 +531,38 @@ fn registry_estargz_lazy_mount_reads_through_the_verified_toc() {
         "{listing}"
     );
 
+    // Again on the same host: the footer and TOC kept, no request for them at mount.
+    let kept = cache.join("blobs/toc").join(&big[7..]);
+    assert!(kept.is_file());
+    let n = proxy.seen().len();
+    let ((at_mount, again), log) = mounted(&cache, &image, &mnt, || {
+        (
+            fetched(&proxy, &big, n, size),
+            std::fs::read(mnt.join("data/tail.txt")),
+        )
+    });
+    assert!(log.contains("eStargz TOC kept on this host"), "{log}");
+    assert_eq!(at_mount, (0, 0), "{log}");
+    assert_eq!(again.unwrap(), b"the end of the big layer\n");
+    // No merged tree is cached for it: it could never be used (no layer index file).
+    let trees = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("tree".as_ref()))
+        .count();
+    assert_eq!(trees, 0);
+    // Tampered with: refused (it no longer matches toc.digest), fetched again, reads right.
+    tamper_tail(&kept);
+    let n = proxy.seen().len();
+    let ((at_mount, again), log) = mounted(&cache, &image, &mnt, || {
+        (
+            fetched(&proxy, &big, n, size),
+            std::fs::read(mnt.join("data/tail.txt")),
+        )
+    });
+    assert!(log.contains("does not hold"), "{log}");
+    assert_eq!(at_mount.1, 2, "{log}");
+    assert_eq!(again.unwrap(), b"the end of the big layer\n");
+
     // A manifest whose toc.digest does not match the TOC: refused, the layer read the
     // ordinary way, and the files are right.
     let (mut manifest, old) = layout_manifest(&esgz);
@@ -503,17 +578,19 @@ fn registry_estargz_lazy_mount_reads_through_the_verified_toc() {
     );
     std::fs::write(esgz.join("index.json"), index).unwrap();
     copy(&esgz, "esgz:bad");
-    let (tail, log) = mounted(
-        &tmp.path().join("cache2"),
-        &proxy.url("esgz:bad"),
-        &mnt,
-        || std::fs::read(mnt.join("data/tail.txt")),
-    );
-    assert!(
-        log.contains("not using its eStargz TOC") && log.contains("does not match"),
-        "{log}"
-    );
-    assert_eq!(tail.unwrap(), b"the end of the big layer\n");
+    // On a host that keeps the layer's (right) TOC too: the kept TOC is checked against this
+    // manifest's annotation as a fetched one is, and refused alike.
+    for cache in [tmp.path().join("cache2"), cache] {
+        let (tail, log) = mounted(&cache, &proxy.url("esgz:bad"), &mnt, || {
+            std::fs::read(mnt.join("data/tail.txt"))
+        });
+        assert!(
+            log.contains("not using its eStargz TOC") && log.contains("does not match"),
+            "{log}"
+        );
+        assert_eq!(tail.unwrap(), b"the end of the big layer\n");
+    }
+    assert!(!kept.exists(), "the kept TOC that did not hold is gone");
 }
 
 /// The size of blob `digest` in a layout.
@@ -588,4 +665,219 @@ fn an_estargz_layers_verified_chunks_are_kept_so_the_next_mount_reads_them_local
     );
     // (noise.bin is one chunk: fetched again whole; tail.txt is still read locally.)
     assert_eq!(third.1, 1, "only the damaged chunk fetched: {third:?}");
+}
+
+/// Flips a byte near the end of a file (a kept TOC's bytes).
+fn tamper_tail(file: &Path) {
+    let mut b = std::fs::read(file).unwrap();
+    let n = b.len();
+    b[n - 100] ^= 0x20;
+    std::fs::write(file, b).unwrap();
+}
+
+/// An eStargz layer written here from the format's description (containerd/stargz-snapshotter
+/// `docs/estargz.md`), not by flatfs's writer: each regular file's contents a gzip member of
+/// their own, tar headers and padding in the members between, the TOC (`stargz.index.json`,
+/// with the end of the archive) in a member of its own, then the 51-byte footer naming its
+/// offset. `files` in blob order, `None` contents for a directory. Returns the blob, the TOC
+/// digest, the diff_id, and the member of each regular file as `(name, start, end)`.
+#[allow(clippy::type_complexity)]
+fn handmade_estargz(
+    files: &[(&str, Option<&[u8]>)],
+) -> (Vec<u8>, String, String, Vec<(String, u64, u64)>) {
+    use std::io::Write as _;
+    let gz = |b: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        e.write_all(b).unwrap();
+        e.finish().unwrap()
+    };
+    let (mut blob, mut plain, mut pending) = (Vec::new(), Vec::new(), Vec::new());
+    let mut entries = Vec::new();
+    let mut members = Vec::new();
+    let header = |name: &str, size: u64, dir: bool| {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_size(size);
+        h.set_mode(if dir { 0o755 } else { 0o644 });
+        h.set_mtime(1_700_000_000);
+        h.set_entry_type(if dir {
+            tar::EntryType::Directory
+        } else {
+            tar::EntryType::Regular
+        });
+        h.set_cksum();
+        h.as_bytes().to_vec()
+    };
+    for (name, data) in files {
+        let h = header(name, data.map_or(0, |d| d.len() as u64), data.is_none());
+        pending.extend_from_slice(&h);
+        plain.extend_from_slice(&h);
+        let Some(data) = data else {
+            entries.push(
+                serde_json::json!({"name": name, "type": "dir", "mode": 0o755,
+                "modtime": "2023-11-14T22:13:20Z"}),
+            );
+            continue;
+        };
+        blob.extend(gz(&pending));
+        pending.clear();
+        let start = blob.len() as u64;
+        blob.extend(gz(data));
+        members.push((name.to_string(), start, blob.len() as u64));
+        plain.extend_from_slice(data);
+        let pad = vec![0u8; (512 - data.len() % 512) % 512];
+        pending.extend_from_slice(&pad);
+        plain.extend_from_slice(&pad);
+        let d = digest_of(data);
+        entries.push(
+            serde_json::json!({"name": name, "type": "reg", "size": data.len(),
+            "mode": 0o644, "modtime": "2023-11-14T22:13:20Z", "offset": start,
+            "digest": d, "chunkDigest": d}),
+        );
+    }
+    let json = serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries})).unwrap();
+    // The padding after the last file closes the member before the TOC's.
+    blob.extend(gz(&pending));
+    let toc_at = blob.len() as u64;
+    let mut toc = header("stargz.index.json", json.len() as u64, false);
+    toc.extend_from_slice(&json);
+    toc.resize(toc.len() + (512 - json.len() % 512) % 512 + 1024, 0);
+    plain.extend_from_slice(&toc);
+    blob.extend(gz(&toc));
+    // The footer: an empty gzip member whose extra field holds subfield "SG" with the TOC
+    // offset in 16 hex digits and "STARGZ".
+    let mut footer = vec![
+        0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0,
+    ];
+    footer.extend_from_slice(format!("{toc_at:016x}STARGZ").as_bytes());
+    footer.extend_from_slice(&[1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(footer.len(), 51);
+    blob.extend(footer);
+    (blob, digest_of(&json), digest_of(&plain), members)
+}
+
+#[test]
+fn registry_estargz_prefetch_landmark_fetches_the_first_files_before_any_read() {
+    registry_tools(&[]);
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let first = noise(0x5eed_0001, 300_000);
+    let later = noise(0x5eed_0002, 300_000);
+    let files: [(&str, Option<&[u8]>); 6] = [
+        ("data/", None),
+        ("data/first.bin", Some(&first)),
+        ("data/second.txt", Some(b"read at start\n")),
+        (".prefetch.landmark", Some(&[0xf])),
+        ("data/later.bin", Some(&later)),
+        ("data/last.txt", Some(b"read later\n")),
+    ];
+    let (blob, toc_digest, diff_id, members) = handmade_estargz(&files);
+    // An independent reader: GNU tar takes the blob as the ordinary gzip'd tar it also is.
+    let file = tmp.path().join("layer.tar.gz");
+    std::fs::write(&file, &blob).unwrap();
+    let out = Command::new("tar").arg("-tzf").arg(&file).output().unwrap();
+    assert_success(&out);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "data/\ndata/first.bin\ndata/second.txt\n.prefetch.landmark\ndata/later.bin\n\
+         data/last.txt\nstargz.index.json\n"
+    );
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": host_arch(), "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    }))
+    .unwrap();
+    let layer = digest_of(&blob);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": digest_of(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": layer, "size": blob.len(),
+            "annotations": {"containerd.io/snapshot/stargz/toc.digest": toc_digest}}],
+    }))
+    .unwrap();
+    reg.put_raw(
+        "landmark",
+        &[blob.clone(), config],
+        &[(
+            "1".into(),
+            "application/vnd.oci.image.manifest.v1+json".into(),
+            manifest,
+        )],
+    );
+    if !fuse_available("registry_estargz_prefetch_landmark_fetches_the_first_files_before_any_read")
+    {
+        return;
+    }
+    let proxy = FaultProxy::start(&reg.host);
+    let image = proxy.url("landmark:1");
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let cache = tmp.path().join("cache");
+    // What the landmark asks for: the blob from the first file's member to the next file's
+    // (a chunk runs to the next member holding a file's chunk: the padding, headers and the
+    // landmark's own member between go along).
+    let before = members[3].1 - members[0].1;
+    let stats = || -> serde_json::Value {
+        let out = flatfs()
+            .args(["stats", "--json"])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        assert_success(&out);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let gets = |from: usize| fetched(&proxy, &layer, from, blob.len() as u64);
+
+    // The default: the files before the landmark are fetched with no read, then read locally.
+    let ((prefetched, fg, read_first, read_later), log) = mounted(&cache, &image, &mnt, || {
+        let start = std::time::Instant::now();
+        let mut v = stats();
+        while v["layers"][0]["prefetched_bytes"].as_u64() != Some(before)
+            && start.elapsed().as_secs() < 30
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            v = stats();
+        }
+        let n = proxy.seen().len();
+        let fg = (
+            std::fs::read(mnt.join("data/first.bin")).unwrap(),
+            std::fs::read(mnt.join("data/second.txt")).unwrap(),
+        );
+        let read_first = gets(n);
+        let later = std::fs::read(mnt.join("data/later.bin")).unwrap();
+        let read_later = gets(n);
+        (v, fg, read_first, (later, read_later))
+    });
+    let layer_stats = &prefetched["layers"][0];
+    assert_eq!(prefetched["prefetch"], "landmark", "{prefetched}");
+    assert_eq!(layer_stats["toc"], "eStargz", "{prefetched}");
+    assert_eq!(
+        layer_stats["prefetched_bytes"], before,
+        "{prefetched}\n{log}"
+    );
+    assert_eq!(layer_stats["landmark_bytes"], before, "{prefetched}");
+    assert_eq!(prefetched["content"]["read_bytes"], 0, "no read did it");
+    assert!(log.contains("landmark prefetch done"), "{log}");
+    // Prefetched bytes, checked, served with no request; after the landmark, fetched on read.
+    assert!(fg.0 == first, "data/first.bin differs");
+    assert_eq!(fg.1, b"read at start\n");
+    assert_eq!(read_first, (0, 0), "{log}");
+    assert!(read_later.0 == later, "data/later.bin differs");
+    assert_eq!(read_later.1.1, 1, "{log}");
+    assert!(
+        read_later.1.0 >= members[3].2 - members[3].1,
+        "{read_later:?}"
+    );
+
+    // `--prefetch none`: nothing but what is read (the TOC is kept from the first mount).
+    let n = proxy.seen().len();
+    let (v, _) = mounted_with(&cache, &image, &mnt, &["--prefetch", "none"], || {
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        stats()
+    });
+    assert_eq!(v["layers"][0]["prefetched_bytes"], 0, "{v}");
+    assert_eq!(gets(n), (0, 0));
 }
