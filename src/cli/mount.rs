@@ -62,8 +62,8 @@ pub struct MountArgs {
     /// On a lazy registry mount, what to download in the background besides what is read:
     /// `landmark` (the default) fetches the files an eStargz layer's author put before its
     /// `.prefetch.landmark` (those the image is expected to read first; a layer with
-    /// `.no.prefetch.landmark` or no landmark has none), kept in memory (up to 16 MiB a
-    /// layer) for the reads; `all` does that, then fetches the rest of every layer read by
+    /// `.no.prefetch.landmark` or no landmark has none), kept in the cache dir for the reads
+    /// of this mount and the next; `all` does that, then fetches the rest of every layer read by
     /// index spans, in layer order, until the mount is fully local (eStargz and zstd:chunked
     /// layers beyond their landmark are fetched when read); `none` fetches only what is read.
     /// Either prefetch goes one request at a time, giving way to reads that wait, and every
