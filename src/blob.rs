@@ -108,10 +108,10 @@ const READAHEAD_SHIFT: u32 = 2;
 
 /// Bytes beyond a reader going through a blob in order that the read-ahead thread keeps
 /// fetched ([`Lazy::read_ahead_in_background`]).
-const AHEAD_BYTES: u64 = 4 << 20;
+const AHEAD_BYTES: u64 = 12 << 20;
 
 /// Bytes the read-ahead thread asks for in one request.
-const AHEAD_RUN: u64 = 1 << 20;
+const AHEAD_RUN: u64 = 4 << 20;
 
 /// Spans a background prefetch asks for in one request: small enough that a foreground read
 /// arriving meanwhile waits for at most this much of someone else's transfer.
