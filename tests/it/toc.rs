@@ -278,7 +278,8 @@ fn registry_zstd_chunked_lazy_mount_reads_through_the_verified_toc() {
         )
     });
     assert!(
-        log.contains("parsed zstd:chunked TOC kept on this host"),
+        log.contains("parsed zstd:chunked TOC kept on this host")
+            && log.contains("merged tree of 2 layers from cache"),
         "{log}"
     );
     assert_eq!(at_mount, (0, 0), "{log}");
@@ -555,12 +556,13 @@ fn registry_estargz_lazy_mount_reads_through_the_verified_toc() {
     assert_eq!(at_mount, (0, 0), "{log}");
     assert_eq!(again.unwrap(), b"the end of the big layer\n");
     check_parsed_toc_refused_when_tampered(&cache, &image, &mnt, &proxy, &big, size);
-    // No merged tree is cached for it: it could never be used (no layer index file).
+    // Its merged tree is cached (tied to the TOC's digest) and used.
     let trees = std::fs::read_dir(&cache)
         .unwrap()
         .filter(|e| e.as_ref().unwrap().path().extension() == Some("tree".as_ref()))
         .count();
-    assert_eq!(trees, 0);
+    assert_eq!(trees, 1);
+    assert!(log.contains("merged tree of 1 layers from cache"), "{log}");
     // Tampered with (and no parsed TOC): refused (it no longer matches toc.digest), fetched
     // again, reads right.
     parsed_tocs(&cache)
