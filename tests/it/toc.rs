@@ -597,7 +597,7 @@ fn registry_estargz_lazy_mount_reads_through_the_verified_toc() {
     copy(&esgz, "esgz:bad");
     // On a host that keeps the layer's (right) TOC too: the kept TOC is checked against this
     // manifest's annotation as a fetched one is, and refused alike.
-    for cache in [tmp.path().join("cache2"), cache] {
+    for cache in [tmp.path().join("cache2"), cache.clone()] {
         let (tail, log) = mounted(&cache, &proxy.url("esgz:bad"), &mnt, || {
             std::fs::read(mnt.join("data/tail.txt"))
         });
@@ -608,6 +608,20 @@ fn registry_estargz_lazy_mount_reads_through_the_verified_toc() {
         assert_eq!(tail.unwrap(), b"the end of the big layer\n");
     }
     assert!(!kept.exists(), "the kept TOC that did not hold is gone");
+    assert!(!parsed_tocs(&cache).is_empty());
+    // The same layer read as a tar (`cat` downloads it) on this host, which keeps its parsed TOC: a real tar index of its
+    // own, by layer digest, used again the second time; never the parsed TOC's virtual offsets.
+    for _ in 0..2 {
+        let out = flatfs()
+            .env("FLATFS_CACHE_DIR", &cache)
+            .env("HOME", &cache)
+            .args(["cat", &image, "data/noise.bin", "--tls-verify=false"])
+            .output()
+            .unwrap();
+        assert_success(&out);
+        assert!(out.stdout == noise, "noise.bin differs");
+    }
+    assert!(cache.join(format!("{}.idx", &big[7..])).is_file());
 }
 
 /// The size of blob `digest` in a layout.
