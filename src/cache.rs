@@ -1208,6 +1208,19 @@ fn decode(bytes: &[u8]) -> Option<Decoded> {
     ))
 }
 
+/// An index file's bytes for an index of no tar (a TOC layer's, at virtual offsets): `key`
+/// says what it is of, and no stamp or checkpoints tie it to a blob.
+pub(crate) fn encode_unstamped(index: &LayerIndex, key: &str) -> Vec<u8> {
+    encode(index, None, [0; 6], key)
+}
+
+/// The index in `bytes` from [`encode_unstamped`] with this `key`, checked like any index file
+/// (checksums, normal paths, offsets inside `tar_size`); `None` for anything else.
+pub(crate) fn decode_unstamped(bytes: &[u8], key: &str) -> Option<LayerIndex> {
+    let (index, cpt, stamp, k) = decode(bytes)?;
+    (k == key && cpt.is_none() && stamp == [0; 6]).then_some(index)
+}
+
 /// sha256 of a blob's bytes, for re-verifying a cached index against another copy.
 pub fn blob_digest(layer: &Layer) -> io::Result<String> {
     let mut h = Sha256::new();

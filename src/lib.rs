@@ -212,10 +212,9 @@ pub fn open_tree<E: From<Error>>(
         .layers
         .unwrap_or(image.layers.len())
         .min(image.layers.len());
-    // A layer read through its TOC has no index file, which a merged-tree cache hit needs:
-    // such a tree would be decoded and written on every mount and never used.
-    let toc = image.layers[..limit].iter().any(|l| l.blob.toc().is_some());
-    let cache = opts.cache.filter(|_| opts.spool_dir.is_none() && !toc);
+    // A layer read through its TOC is in the key by its TOC's digest (the tree's offsets in
+    // it are virtual), not by an index file.
+    let cache = opts.cache.filter(|_| opts.spool_dir.is_none());
     if let Some((tree, checkpoints)) = cache.and_then(|c| c.load_tree(&image.layers[..limit])) {
         log::info!("merged tree of {limit} layers from cache");
         return Ok(Opened {

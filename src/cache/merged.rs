@@ -86,9 +86,14 @@ impl Cache {
         let tree = decode(&map, &key, &stamps)?;
         // Whatever checkpoints indexing recorded for a layer (gzip's, say) live in its index
         // file's head: taken from there for every layer, a hit gives what a merge would.
+        // A layer read through its TOC has none, and no index file: its stamp (the TOC's
+        // digest) is what ties the tree to it.
         let checkpoints = layers
             .iter()
-            .map(|l| self.load_checkpoints(l))
+            .map(|l| match l.blob.toc() {
+                Some(_) => Some(None),
+                None => self.load_checkpoints(l),
+            })
             .collect::<Option<Vec<_>>>()?;
         Some((tree, checkpoints))
     }

@@ -316,6 +316,29 @@ fn open_toc(
             .and_then(|at| crate::toc::zstd_chunked::open(at, layer.size(), &name, fetch))
             .map_err(|e| format!("its zstd:chunked TOC: {e}")),
     };
+    // The parsed TOC an earlier mount kept: no TOC to read, inflate, hash or parse.
+    let (format, toc_digest) = match &estargz {
+        Some(at) => ("eStargz", at.clone().ok()),
+        None => ("zstd:chunked", zstd().and_then(|r| r.ok()).map(|p| p.3)),
+    };
+    let parsed_file = cache_dir
+        .zip(toc_digest)
+        .map(|(dir, d)| crate::toc::parsed::path(dir, &d));
+    if let Some((file, d)) = parsed_file.as_ref().zip(toc_digest) {
+        let fetch: Box<crate::blob::FetchRange> = {
+            let remote = remote.clone();
+            Box::new(move |start, end| remote(start, end))
+        };
+        if let Some(toc) = crate::toc::parsed::load(file, format, d, layer.size(), &name, fetch) {
+            log::info!("{name}: parsed {format} TOC kept on this host");
+            return Some(toc);
+        }
+    }
+    let keep_parsed = |toc: &crate::toc::Toc| {
+        if let Some(file) = &parsed_file {
+            crate::toc::parsed::save(file, toc, layer.size());
+        }
+    };
     let file = cache_dir.and_then(|dir| kept::path(dir, &digest));
     if let Some(file) = &file {
         let opened = Arc::new(AtomicBool::new(false));
@@ -329,6 +352,7 @@ fn open_toc(
                 opened.store(true, Ordering::Relaxed);
                 toc.opened_from_kept();
                 log::info!("{name}: {} TOC kept on this host", toc.format);
+                keep_parsed(&toc);
                 return Some(toc);
             }
             Some(Err(e)) => {
@@ -350,6 +374,7 @@ fn open_toc(
             if let Some(file) = &file {
                 kept::save(file, &digest, layer.size(), &fetched);
             }
+            keep_parsed(&toc);
             Some(toc)
         }
         Err(e) => {

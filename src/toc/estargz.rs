@@ -153,7 +153,7 @@ fn toc_json(raw: &[u8]) -> Result<Vec<u8>, String> {
 
 /// A chunk's gzip member, decoded to its first `size` bytes (the rest is the padding and
 /// headers that follow the chunk in the tar).
-fn decode_member(raw: &[u8], size: u64) -> io::Result<Vec<u8>> {
+pub(super) fn decode_member(raw: &[u8], size: u64) -> io::Result<Vec<u8>> {
     let mut out = Vec::with_capacity(size.min(MAX_CHUNK) as usize);
     flate2::read::GzDecoder::new(raw)
         .take(size)

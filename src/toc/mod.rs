@@ -10,6 +10,7 @@
 
 pub mod estargz;
 pub mod kept;
+pub mod parsed;
 pub mod zstd_chunked;
 
 use std::collections::{BTreeMap, HashMap};

@@ -94,7 +94,7 @@ pub fn open(
 }
 
 /// A chunk's frame(s), decoded to at most `size` bytes.
-fn decode_frame(raw: &[u8], size: u64) -> io::Result<Vec<u8>> {
+pub(super) fn decode_frame(raw: &[u8], size: u64) -> io::Result<Vec<u8>> {
     zstd::bulk::decompress(raw, size as usize)
 }
 

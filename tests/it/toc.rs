@@ -277,13 +277,20 @@ fn registry_zstd_chunked_lazy_mount_reads_through_the_verified_toc() {
             std::fs::read(mnt.join("data/tail.txt")),
         )
     });
-    assert!(log.contains("zstd:chunked TOC of 7 entries"), "{log}");
-    assert!(log.contains("TOC kept on this host"), "{log}");
+    assert!(
+        log.contains("parsed zstd:chunked TOC kept on this host")
+            && log.contains("merged tree of 2 layers from cache"),
+        "{log}"
+    );
     assert_eq!(at_mount, (0, 0), "{log}");
     assert_eq!(again.unwrap(), b"the end of the big layer\n");
-    // A kept TOC tampered with: refused by its manifest-checksum, fetched again (and kept
-    // again), reads right.
+    check_parsed_toc_refused_when_tampered(&cache, &image, &mnt, &proxy, &big, size);
+    // A kept TOC tampered with (and no parsed one): refused by its manifest-checksum,
+    // fetched again (and kept again), reads right.
     let kept = cache.join("blobs/toc").join(&big[7..]);
+    parsed_tocs(&cache)
+        .iter()
+        .for_each(|p| std::fs::remove_file(p).unwrap());
     tamper_tail(&kept);
     let n = proxy.seen().len();
     let ((at_mount, again), log) = mounted(&cache, &image, &mnt, || {
@@ -306,6 +313,7 @@ fn registry_zstd_chunked_lazy_mount_reads_through_the_verified_toc() {
         .unwrap();
     assert_success(&out);
     assert!(!kept.exists(), "cache clear removes kept TOCs");
+    assert!(parsed_tocs(&cache).is_empty(), "and parsed ones");
 
     // A TOC that does not match its manifest-checksum: refused, the layer read the ordinary
     // way (downloaded whole and indexed), and the files are right.
@@ -541,16 +549,25 @@ fn registry_estargz_lazy_mount_reads_through_the_verified_toc() {
             std::fs::read(mnt.join("data/tail.txt")),
         )
     });
-    assert!(log.contains("eStargz TOC kept on this host"), "{log}");
+    assert!(
+        log.contains("parsed eStargz TOC kept on this host"),
+        "{log}"
+    );
     assert_eq!(at_mount, (0, 0), "{log}");
     assert_eq!(again.unwrap(), b"the end of the big layer\n");
-    // No merged tree is cached for it: it could never be used (no layer index file).
+    check_parsed_toc_refused_when_tampered(&cache, &image, &mnt, &proxy, &big, size);
+    // Its merged tree is cached (tied to the TOC's digest) and used.
     let trees = std::fs::read_dir(&cache)
         .unwrap()
         .filter(|e| e.as_ref().unwrap().path().extension() == Some("tree".as_ref()))
         .count();
-    assert_eq!(trees, 0);
-    // Tampered with: refused (it no longer matches toc.digest), fetched again, reads right.
+    assert_eq!(trees, 1);
+    assert!(log.contains("merged tree of 1 layers from cache"), "{log}");
+    // Tampered with (and no parsed TOC): refused (it no longer matches toc.digest), fetched
+    // again, reads right.
+    parsed_tocs(&cache)
+        .iter()
+        .for_each(|p| std::fs::remove_file(p).unwrap());
     tamper_tail(&kept);
     let n = proxy.seen().len();
     let ((at_mount, again), log) = mounted(&cache, &image, &mnt, || {
@@ -580,7 +597,7 @@ fn registry_estargz_lazy_mount_reads_through_the_verified_toc() {
     copy(&esgz, "esgz:bad");
     // On a host that keeps the layer's (right) TOC too: the kept TOC is checked against this
     // manifest's annotation as a fetched one is, and refused alike.
-    for cache in [tmp.path().join("cache2"), cache] {
+    for cache in [tmp.path().join("cache2"), cache.clone()] {
         let (tail, log) = mounted(&cache, &proxy.url("esgz:bad"), &mnt, || {
             std::fs::read(mnt.join("data/tail.txt"))
         });
@@ -591,6 +608,20 @@ fn registry_estargz_lazy_mount_reads_through_the_verified_toc() {
         assert_eq!(tail.unwrap(), b"the end of the big layer\n");
     }
     assert!(!kept.exists(), "the kept TOC that did not hold is gone");
+    assert!(!parsed_tocs(&cache).is_empty());
+    // The same layer read as a tar (`cat` downloads it) on this host, which keeps its parsed TOC: a real tar index of its
+    // own, by layer digest, used again the second time; never the parsed TOC's virtual offsets.
+    for _ in 0..2 {
+        let out = flatfs()
+            .env("FLATFS_CACHE_DIR", &cache)
+            .env("HOME", &cache)
+            .args(["cat", &image, "data/noise.bin", "--tls-verify=false"])
+            .output()
+            .unwrap();
+        assert_success(&out);
+        assert!(out.stdout == noise, "noise.bin differs");
+    }
+    assert!(cache.join(format!("{}.idx", &big[7..])).is_file());
 }
 
 /// The size of blob `digest` in a layout.
@@ -665,6 +696,54 @@ fn an_estargz_layers_verified_chunks_are_kept_so_the_next_mount_reads_them_local
     );
     // (noise.bin is one chunk: fetched again whole; tail.txt is still read locally.)
     assert_eq!(third.1, 1, "only the damaged chunk fetched: {third:?}");
+}
+
+/// The parsed TOCs lazy mounts kept in `cache`.
+fn parsed_tocs(cache: &Path) -> Vec<std::path::PathBuf> {
+    let Ok(rd) = std::fs::read_dir(cache.join("blobs/toc")) else {
+        return Vec::new();
+    };
+    rd.map(|e| e.unwrap().path())
+        .filter(|p| p.extension() == Some("parsed".as_ref()))
+        .collect()
+}
+
+/// On a host with the image's parsed TOCs (kept by an earlier mount of `image`): those files
+/// tampered with are refused, the mount opens the kept TOCs instead (no request for layer
+/// `big`), reads right, and writes the parsed TOCs again.
+fn check_parsed_toc_refused_when_tampered(
+    cache: &Path,
+    image: &str,
+    mnt: &Path,
+    proxy: &FaultProxy,
+    big: &str,
+    size: u64,
+) {
+    let parsed = parsed_tocs(cache);
+    assert!(!parsed.is_empty());
+    let good: Vec<_> = parsed.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    parsed.iter().for_each(|p| tamper_tail(p));
+    let n = proxy.seen().len();
+    let ((at_mount, again), log) = mounted(cache, image, mnt, || {
+        (
+            fetched(proxy, big, n, size),
+            std::fs::read(mnt.join("data/tail.txt")),
+        )
+    });
+    assert!(
+        log.contains("parsed TOC in") && log.contains("does not hold"),
+        "{log}"
+    );
+    assert!(log.contains("TOC kept on this host"), "{log}");
+    assert_eq!(at_mount, (0, 0), "{log}");
+    assert_eq!(again.unwrap(), b"the end of the big layer\n");
+    for (p, good) in parsed.iter().zip(good) {
+        assert!(
+            std::fs::read(p).unwrap() == good,
+            "{} written again",
+            p.display()
+        );
+    }
 }
 
 /// Flips a byte near the end of a file (a kept TOC's bytes).
