@@ -222,7 +222,7 @@ struct SpanTable {
 /// new request. The kernel retries a failed read (its readahead, then the page itself), which
 /// would otherwise double a reader's wait on a silent registry; after this, a read asks again,
 /// so the mount recovers when the registry is back.
-const FAIL_FAST: Duration = Duration::from_secs(2);
+pub(crate) const FAIL_FAST: Duration = Duration::from_secs(2);
 
 impl fmt::Debug for Lazy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -121,7 +121,7 @@ impl Reporter {
                         "lazy": true,
                         "toc": t.format,
                         "blob_bytes": b.len(),
-                        "local_bytes": 0,
+                        "local_bytes": t.stored_bytes(),
                         "fetched_bytes": fetched,
                         "prefetched_bytes": t.prefetched(),
                         "landmark_bytes": t.landmark_bytes(),

@@ -63,11 +63,11 @@ pub struct MountArgs {
     /// `landmark` (the default) fetches the files an eStargz layer's author put before its
     /// `.prefetch.landmark` (those the image is expected to read first; a layer with
     /// `.no.prefetch.landmark` or no landmark has none), kept in the cache dir for the reads
-    /// of this mount and the next; `all` does that, then fetches the rest of every layer read by
-    /// index spans, in layer order, until the mount is fully local (eStargz and zstd:chunked
-    /// layers beyond their landmark are fetched when read); `none` fetches only what is read.
-    /// Either prefetch goes one request at a time, giving way to reads that wait, and every
-    /// byte is checked as a read's would be. Watch it with `flatfs stats MOUNTPOINT`.
+    /// of this mount and the next; `all` does that, then fetches the rest of every layer, in
+    /// layer order, until the mount is fully local; `none` fetches only what is read (and, for
+    /// a reader going through a layer in order, the next few MiB ahead of it). Either prefetch
+    /// goes one request at a time, giving way to reads that wait, and every byte is checked as
+    /// a read's would be. Watch it with `flatfs stats MOUNTPOINT`.
     #[arg(long, value_name = "WHAT", value_parser = ["all", "landmark", "none"], default_value = "landmark")]
     prefetch: String,
     /// On a lazy registry mount, do not use index artifacts from the registry (`flatfs index
@@ -156,7 +156,14 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
         .iter()
         .filter_map(|l| l.blob.lazy_handle().cloned())
         .collect();
-    if fetch_all && lazies.is_empty() {
+    // TOC layers (eStargz, zstd:chunked) whose chunks are not all local yet.
+    let tocs: Vec<_> = img
+        .layers
+        .iter()
+        .filter_map(|l| l.blob.toc().cloned())
+        .filter(|t| fetch_all && !t.all_stored())
+        .collect();
+    if fetch_all && lazies.is_empty() && tocs.is_empty() {
         // Not an error (a script may pass it for every image), but not silent either: the
         // user asked for something that will not happen.
         let why = if img.name.starts_with("docker://") {
@@ -174,8 +181,8 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
         .filter(|t| prefetch != "none" && t.landmark_bytes() > 0)
         .collect();
     let lazies = if fetch_all { lazies } else { Vec::new() };
-    if !landmarks.is_empty() || !lazies.is_empty() {
-        fs.on_start(Box::new(move || prefetch_all(landmarks, lazies)));
+    if !landmarks.is_empty() || !lazies.is_empty() || !tocs.is_empty() {
+        fs.on_start(Box::new(move || prefetch_all(landmarks, tocs, lazies)));
     }
     // Stats for `flatfs stats`, keyed by the mountpoint's canonical path.
     match std::fs::canonicalize(&mountpoint) {
@@ -201,9 +208,10 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
 }
 
 /// On a thread of its own: the files before each eStargz layer's prefetch landmark, then
-/// (`--prefetch all`) the rest of every lazy layer, in layer order.
+/// (`--prefetch all`) the rest of every TOC layer and every lazy layer, in layer order.
 fn prefetch_all(
     landmarks: Vec<std::sync::Arc<crate::toc::Toc>>,
+    tocs: Vec<std::sync::Arc<crate::toc::Toc>>,
     lazies: Vec<std::sync::Arc<crate::blob::Lazy>>,
 ) {
     let spawned = std::thread::Builder::new()
@@ -211,6 +219,9 @@ fn prefetch_all(
         .spawn(move || {
             for t in &landmarks {
                 t.prefetch_landmark();
+            }
+            for t in &tocs {
+                t.prefetch_all();
             }
             if lazies.is_empty() {
                 return;

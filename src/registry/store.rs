@@ -624,11 +624,15 @@ impl crate::toc::ChunkStore for PartialRanges {
     fn put(&self, from: u64, bytes: &[u8]) {
         PartialRanges::put(self, from, bytes)
     }
+
+    fn stored_bytes(&self) -> u64 {
+        self.lock().1.1
+    }
 }
 
-/// Disjoint byte ranges, start → end, merged as they are added.
+/// Disjoint byte ranges, start → end, merged as they are added, and the bytes they cover.
 #[derive(Debug, Default)]
-struct RangeSet(std::collections::BTreeMap<u64, u64>);
+struct RangeSet(std::collections::BTreeMap<u64, u64>, u64);
 
 impl RangeSet {
     fn insert(&mut self, mut from: u64, mut to: u64) {
@@ -638,10 +642,12 @@ impl RangeSet {
                 break;
             }
             self.0.remove(&s);
+            self.1 -= e - s;
             from = from.min(s);
             to = to.max(e);
         }
         self.0.insert(from, to);
+        self.1 += to - from;
     }
 
     fn covers(&self, from: u64, to: u64) -> bool {
@@ -813,8 +819,10 @@ mod tests {
         r.insert(20, 30);
         assert_eq!(r.0.len(), 1);
         assert!(r.covers(10, 40) && !r.covers(10, 41));
+        assert_eq!(r.1, 30);
         r.insert(0, 100);
         assert_eq!(r.0.iter().collect::<Vec<_>>(), [(&0, &100)]);
+        assert_eq!(r.1, 100);
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub trait ChunkStore: Send + Sync {
     fn get(&self, from: u64, to: u64) -> Option<Vec<u8>>;
     /// Keeps verified bytes found at `from` in the blob (best effort).
     fn put(&self, from: u64, bytes: &[u8]);
+    /// Bytes of the blob stored.
+    fn stored_bytes(&self) -> u64;
 }
 
 /// A verified TOC: the layer's entries and the chunks their contents are read from.
@@ -161,6 +163,33 @@ impl Toc {
             return;
         };
         let n = self.chunks.partition_point(|c| c.start < end);
+        self.prefetch_chunks(n, "landmark prefetch");
+    }
+
+    /// `mount --prefetch all`: fetches every chunk not yet local into the chunk store, in blob
+    /// order, as [`Toc::prefetch_landmark`] does for the first ones, so that the mount, and the
+    /// next, need the registry no more. Without a chunk store (nowhere to keep them) only the
+    /// landmark's are fetched.
+    pub fn prefetch_all(&self) {
+        if self.cache.store.get().is_none() {
+            self.prefetch_landmark();
+            return;
+        }
+        self.prefetch_chunks(self.chunks.len(), "prefetch");
+    }
+
+    /// Compressed bytes of this layer in the chunk store (0 without one).
+    pub fn stored_bytes(&self) -> u64 {
+        self.cache.store.get().map_or(0, |s| s.stored_bytes())
+    }
+
+    /// Whether every chunk is in the chunk store.
+    pub fn all_stored(&self) -> bool {
+        self.chunks.iter().all(|c| self.stored(c))
+    }
+
+    /// Fetches chunks `0..n` that are not cached nor stored, for a prefetch called `what`.
+    fn prefetch_chunks(&self, n: usize, what: &str) {
         let (mut i, mut failures, mut decoded) = (0, 0u32, 0u64);
         while i < n {
             while crate::blob::foreground_waiting() {
@@ -169,8 +198,8 @@ impl Toc {
             // Without a chunk store, the chunks fetched live only in the cache.
             if self.cache.store.get().is_none() && decoded > (CACHED_BYTES / 2) as u64 {
                 log::info!(
-                    "{}: landmark prefetch stopped after {decoded} bytes (the chunk cache \
-                     holds {CACHED_BYTES}); the rest is fetched when read",
+                    "{}: {what} stopped after {decoded} bytes (the chunk cache holds \
+                     {CACHED_BYTES}); the rest is fetched when read",
                     self.name
                 );
                 return;
@@ -190,7 +219,9 @@ impl Toc {
                     chunks: &self.cache,
                     start: i,
                 };
-                self.fetch_run(i, run_end, true)
+                let r = self.fetch_run(i, run_end, true);
+                self.note(i, run_end, &r);
+                r
             };
             match fetched {
                 Ok(_) => {
@@ -199,20 +230,20 @@ impl Toc {
                     failures = 0;
                 }
                 Err(e) if e.kind() == io::ErrorKind::InvalidData && failures >= 3 => {
-                    log::warn!("landmark prefetch: {e}; skipped");
+                    log::warn!("{what}: {e}; skipped");
                     i += 1;
                     failures = 0;
                 }
                 Err(e) => {
                     failures += 1;
                     let wait = std::time::Duration::from_secs(1 << failures.min(5));
-                    log::warn!("landmark prefetch: {e}; trying again in {wait:?}");
+                    log::warn!("{what}: {e}; trying again in {wait:?}");
                     std::thread::sleep(wait);
                 }
             }
         }
         log::info!(
-            "{}: landmark prefetch done ({} bytes fetched)",
+            "{}: {what} done ({} bytes fetched)",
             self.name,
             self.prefetched()
         );
@@ -417,6 +448,16 @@ impl Toc {
                     .wait(cache)
                     .unwrap_or_else(|e| e.into_inner());
             }
+            // A chunk whose fetch failed for want of the registry just now fails again at
+            // once: the kernel retries a failed read, which would otherwise wait as long again.
+            if let Some((at, why)) = cache.failed.get(&i).filter(|_| !ahead)
+                && at.elapsed() < crate::blob::FAIL_FAST
+            {
+                return Err(io::Error::other(format!(
+                    "{why} (less than {:?} ago; not asking again yet)",
+                    crate::blob::FAIL_FAST
+                )));
+            }
             let in_order = i > 0 && i == cache.next;
             cache.window = if ahead {
                 AHEAD_RUN
@@ -463,12 +504,35 @@ impl Toc {
                 return Ok(data);
             }
         }
-        if ahead {
-            return self.fetch_ahead(i, end);
+        let r = if ahead {
+            self.fetch_ahead(i, end)
+        } else {
+            // A reader waits: background prefetches give way meanwhile.
+            let _waiting = crate::blob::ForegroundWait::new();
+            self.fetch_run(i, end, false)
+        };
+        self.note(i, end, &r);
+        r
+    }
+
+    /// Records how a fetch of chunks `i..end` went: a failure for want of the registry (not
+    /// a bad check) is remembered for [`crate::blob::FAIL_FAST`].
+    fn note<T>(&self, i: usize, end: usize, r: &io::Result<T>) {
+        let mut cache = self.cache.lock();
+        match r {
+            Err(e) if e.kind() != io::ErrorKind::InvalidData => {
+                let now = std::time::Instant::now();
+                for k in i..end {
+                    cache.failed.insert(k, (now, e.to_string()));
+                }
+            }
+            _ if !cache.failed.is_empty() => {
+                for k in i..end {
+                    cache.failed.remove(&k);
+                }
+            }
+            _ => {}
         }
-        // A reader waits: background prefetches give way meanwhile.
-        let _waiting = crate::blob::ForegroundWait::new();
-        self.fetch_run(i, end, false)
     }
 
     /// The compressed bytes of chunks `i..end` (neighbours in the blob), by one request.
@@ -614,6 +678,8 @@ struct ChunkCache {
     raw: BTreeMap<usize, Box<[u8]>>,
     /// Their size.
     raw_bytes: usize,
+    /// Chunks whose last fetch failed for want of the registry: when, and the error.
+    failed: HashMap<usize, (std::time::Instant, String)>,
 }
 
 impl ChunkCache {

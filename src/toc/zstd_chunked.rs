@@ -585,6 +585,17 @@ pub(crate) mod tests {
         assert!(locate(&serde_json::json!({})).is_none());
     }
 
+    /// A layer of files `d/f000`, `d/f001`, … holding `bodies`, in that order.
+    fn build_numbered(bodies: &[Vec<u8>]) -> (Vec<u8>, serde_json::Value) {
+        let names: Vec<String> = (0..bodies.len()).map(|i| format!("d/f{i:03}")).collect();
+        let files: Vec<(&str, &[u8])> = names
+            .iter()
+            .zip(bodies)
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        build(&files, &[])
+    }
+
     #[test]
     fn reads_in_order_fetch_chunks_ahead_and_a_lone_read_only_its_own() {
         // 200 small files, each its own frame, read in TOC order: far fewer requests than
@@ -597,13 +608,7 @@ pub(crate) mod tests {
                     .into_bytes()
             })
             .collect();
-        let names: Vec<String> = (0..200).map(|i| format!("d/f{i:03}")).collect();
-        let files: Vec<(&str, &[u8])> = names
-            .iter()
-            .zip(&bodies)
-            .map(|(n, b)| (n.as_str(), b.as_slice()))
-            .collect();
-        let (blob, ann) = build(&files, &[]);
+        let (blob, ann) = build_numbered(&bodies);
         let open_toc = || {
             let (fetch, asked) = fetcher(blob.clone(), Default::default());
             let at = locate(&ann).unwrap().unwrap();
@@ -696,13 +701,7 @@ pub(crate) mod tests {
                     .collect()
             })
             .collect();
-        let names: Vec<String> = (0..48).map(|i| format!("d/f{i:02}")).collect();
-        let files: Vec<(&str, &[u8])> = names
-            .iter()
-            .zip(&bodies)
-            .map(|(n, b)| (n.as_str(), b.as_slice()))
-            .collect();
-        let (blob, ann) = build(&files, &[]);
+        let (blob, ann) = build_numbered(&bodies);
         let (inner, asked) = fetcher(blob.clone(), Default::default());
         let behind = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let b = behind.clone();
@@ -749,5 +748,45 @@ pub(crate) mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn a_chunk_whose_fetch_failed_fails_again_at_once_for_a_moment() {
+        let (blob, ann) = build_numbered(&[b"one".to_vec(), b"two".to_vec()]);
+        let (inner, asked) = fetcher(blob.clone(), Default::default());
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = down.clone();
+        let fetch = Box::new(move |s: u64, e: u64| {
+            if d.load(Ordering::Relaxed) {
+                asked.lock().unwrap().push((s, e));
+                return Err(io::Error::other("registry away"));
+            }
+            inner(s, e)
+        });
+        let toc = open(
+            locate(&ann).unwrap().unwrap(),
+            blob.len() as u64,
+            "t",
+            fetch,
+        )
+        .unwrap();
+        let e = toc.layer_index("t".into()).entries[1].clone();
+        assert_eq!(&*e.path, b"d/f000");
+        let (requests, _) = (toc.stats().1, ());
+        down.store(true, Ordering::Relaxed);
+        let mut buf = vec![0; 3];
+        assert!(toc.read(e.offset, &mut buf).is_err());
+        // The kernel's retry of the failed read: answered at once, no request.
+        let again = toc.read(e.offset, &mut buf).unwrap_err();
+        assert!(
+            again.to_string().contains("not asking again yet"),
+            "{again}"
+        );
+        assert_eq!(toc.stats().1, requests + 1);
+        // The registry is back, and after the moment the read asks again.
+        down.store(false, Ordering::Relaxed);
+        std::thread::sleep(crate::blob::FAIL_FAST + std::time::Duration::from_millis(100));
+        toc.read(e.offset, &mut buf).unwrap();
+        assert_eq!(buf, b"one");
     }
 }

@@ -464,33 +464,36 @@ fn estargz_export_is_a_gzip_tar_any_tool_unpacks_like_the_gzip_export() {
     );
 }
 
+/// The test image (`source_image`) exported as eStargz into a layout under `at`: the layout,
+/// noise.bin's contents, and the one layer's digest and size.
+fn estargz_image(at: &Path) -> (std::path::PathBuf, Vec<u8>, String, u64) {
+    let (src, noise) = source_image(at);
+    let esgz = at.join("esgz");
+    export(&at.join("export-cache"), &src, "estargz", &esgz);
+    let (manifest, _) = layout_manifest(&esgz);
+    let layer = &manifest["layers"][0];
+    let digest = layer["digest"].as_str().unwrap().to_string();
+    (esgz, noise, digest, layer["size"].as_u64().unwrap())
+}
+
+/// `skopeo copy` of layout `layout` (tag latest) to `to` (bounded: a hung copy fails the test).
+fn push_layout(layout: &Path, to: &str) {
+    let out = Command::new("timeout")
+        .args(["300", "skopeo", "copy", "-q", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:latest", layout.display()))
+        .arg(to)
+        .output()
+        .expect("run skopeo");
+    assert_success(&out);
+}
+
 #[test]
 fn registry_estargz_lazy_mount_reads_through_the_verified_toc() {
     registry_tools(&[]);
     let reg = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
-    let (src, noise) = source_image(tmp.path());
-    let esgz = tmp.path().join("esgz");
-    export(&tmp.path().join("export-cache"), &src, "estargz", &esgz);
-    let (manifest, _) = layout_manifest(&esgz);
-    let big = manifest["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let size = manifest["layers"][0]["size"].as_u64().unwrap();
-    let copy = |layout: &Path, to: &str| {
-        let out = Command::new("timeout")
-            .args(["300", "skopeo", "copy", "-q", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:latest", layout.display()))
-            .arg(reg.url(to))
-            .output()
-            .expect("run skopeo");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let (esgz, noise, big, size) = estargz_image(tmp.path());
+    let copy = |layout: &Path, to: &str| push_layout(layout, &reg.url(to));
     copy(&esgz, "esgz:1");
     let want = ls(&tmp.path().join("stream"), &reg.url("esgz:1"));
     assert!(!want.contains("stargz.index.json"), "{want}");
@@ -636,22 +639,8 @@ fn an_estargz_layers_verified_chunks_are_kept_so_the_next_mount_reads_them_local
     registry_tools(&[]);
     let reg = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
-    let (src, noise) = source_image(tmp.path());
-    let esgz = tmp.path().join("esgz");
-    export(&tmp.path().join("export-cache"), &src, "estargz", &esgz);
-    let (manifest, _) = layout_manifest(&esgz);
-    let big = manifest["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let size = manifest["layers"][0]["size"].as_u64().unwrap();
-    let out = Command::new("timeout")
-        .args(["300", "skopeo", "copy", "-q", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:latest", esgz.display()))
-        .arg(reg.url("esgz:1"))
-        .output()
-        .expect("run skopeo");
-    assert_success(&out);
+    let (esgz, noise, big, size) = estargz_image(tmp.path());
+    push_layout(&esgz, &reg.url("esgz:1"));
     if !fuse_available(
         "an_estargz_layers_verified_chunks_are_kept_so_the_next_mount_reads_them_locally",
     ) {
@@ -959,4 +948,61 @@ fn registry_estargz_prefetch_landmark_fetches_the_first_files_before_any_read() 
     });
     assert_eq!(v["layers"][0]["prefetched_bytes"], 0, "{v}");
     assert_eq!(gets(n), (0, 0));
+}
+
+#[test]
+fn prefetch_all_makes_an_estargz_layer_local_for_this_mount_and_the_next() {
+    registry_tools(&[]);
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (esgz, noise, big, size) = estargz_image(tmp.path());
+    push_layout(&esgz, &reg.url("esgz:1"));
+    if !fuse_available("prefetch_all_makes_an_estargz_layer_local_for_this_mount_and_the_next") {
+        return;
+    }
+    let proxy = FaultProxy::start(&reg.host);
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let cache = tmp.path().join("cache");
+    let image = proxy.url("esgz:1");
+    let stats = |mnt: &Path| -> serde_json::Value {
+        let out = flatfs()
+            .env("FLATFS_CACHE_DIR", &cache)
+            .env("HOME", &cache)
+            .args(["stats", "--json"])
+            .arg(mnt)
+            .output()
+            .unwrap();
+        assert_success(&out);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (layer, log) = mounted_with(&cache, &image, &mnt, &["--prefetch", "all"], || {
+        // No read: the prefetch alone brings the layer's chunks.
+        let t = std::time::Instant::now();
+        loop {
+            let st = stats(&mnt);
+            let l = st["layers"][0].clone();
+            if l["local_bytes"].as_u64().unwrap() >= size - 64 * 1024 || t.elapsed().as_secs() > 60
+            {
+                break l;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    assert!(
+        layer["local_bytes"].as_u64().unwrap() >= size - 64 * 1024,
+        "not all local after the prefetch: {layer}\n{log}"
+    );
+    assert!(layer["prefetched_bytes"].as_u64().unwrap() > 0, "{layer}");
+    assert!(!log.contains("nothing to prefetch"), "{log}");
+    // The next mount reads every file with no request for the layer.
+    let seen = proxy.seen().len();
+    let ((whole, tail), _) = mounted(&cache, &image, &mnt, || {
+        (
+            std::fs::read(mnt.join("data/noise.bin")).unwrap(),
+            std::fs::read(mnt.join("data/tail.txt")).unwrap(),
+        )
+    });
+    assert!(whole == noise && tail == b"the end of the big layer\n");
+    assert_eq!(fetched(&proxy, &big, seen, size), (0, 0));
 }
