@@ -16,8 +16,9 @@ use crate::inspect::human;
 ///
 /// The serving process keeps the numbers current (within a quarter of a second) while the
 /// mount is up. LOCAL is how much of a layer is on this host, FETCHED what this mount
-/// downloaded (of it, by `--prefetch all`: pre), HITS the reads served with no wait for the
-/// network, BLOCKED the time reads waited for it.
+/// downloaded (of it, pre: fetched before any read asked for it, by `--prefetch` or by the
+/// read-ahead of a reader going through a layer in order), HITS the reads served with no wait
+/// for the network, BLOCKED the time reads waited for it.
 #[derive(Args, Debug)]
 #[command(
     after_help = "Examples:\n  flatfs stats /mnt/app\n  flatfs stats --json /mnt/app | jq '.layers[].fetched_bytes'"
