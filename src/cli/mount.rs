@@ -130,7 +130,17 @@ pub fn run(ui: &Ui, args: MountArgs) -> Result<()> {
     // in the background, so that a first read does not wait for its layer's. Side by side:
     // on a lazy mount some come from the registry (an index artifact's checkpoints blobs).
     let warm: Vec<_> = checkpoints.iter().flatten().cloned().collect();
+    // On a lazy mount those are an index artifact's checkpoints blobs (megabytes) when this
+    // host has not got them yet: fetched only once the mount has been up a moment, so that a
+    // mount that is only glanced at (or a script's mount, read, unmount) does not pay for
+    // them; a read meanwhile fetches the one window it needs.
+    let warm_after = if img.layers.iter().any(|l| l.blob.is_lazy()) {
+        std::time::Duration::from_secs(2)
+    } else {
+        std::time::Duration::ZERO
+    };
     let load = move || {
+        std::thread::sleep(warm_after);
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
             for _ in 0..warm.len().min(4) {
