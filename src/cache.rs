@@ -698,7 +698,9 @@ fn is_hex64(s: &str) -> bool {
 
 /// Writes `bytes` to `path` through a temp file in the same directory and a rename, so a reader
 /// sees the old file or the new one, never part of one.
-fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Writes `bytes` to `path` through a temp file in `dir` (created if need be), renamed over it:
+/// a reader sees the old file or the new one, never a torn one.
+pub(crate) fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
     tmp.write_all(bytes)?;

@@ -819,11 +819,7 @@ mod resolved {
             let dir = file
                 .parent()
                 .ok_or_else(|| std::io::Error::other("no parent"))?;
-            std::fs::create_dir_all(dir)?;
-            let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
-            std::io::Write::write_all(&mut tmp, line.as_bytes())?;
-            tmp.persist(&file).map_err(|e| e.error)?;
-            Ok(())
+            crate::cache::write_atomically(dir, &file, line.as_bytes())
         };
         if let Err(e) = write() {
             log::debug!("cannot record {name} in {}: {e}", file.display());

@@ -10,7 +10,6 @@
 //! checked against their digests. A file that fails anything is ignored (and rewritten from
 //! the kept or fetched TOC, which is verified again).
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::{Chunk, MAX_CHUNK, Toc};
@@ -43,11 +42,7 @@ pub fn save(file: &Path, toc: &Toc, blob_len: u64) {
         let dir = file
             .parent()
             .ok_or_else(|| std::io::Error::other("no parent"))?;
-        std::fs::create_dir_all(dir)?;
-        let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
-        tmp.write_all(&bytes)?;
-        tmp.persist(file).map_err(|e| e.error)?;
-        Ok(())
+        crate::cache::write_atomically(dir, file, &bytes)
     };
     match write() {
         Ok(()) => log::debug!("{}: parsed TOC kept in {}", toc.name, file.display()),

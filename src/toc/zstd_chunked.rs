@@ -433,13 +433,7 @@ pub(crate) mod tests {
         );
         let lie = Arc::new(AtomicBool::new(false));
         let (fetch, asked) = fetcher(blob.clone(), lie.clone());
-        let toc = open(
-            locate(&ann).unwrap().unwrap(),
-            blob.len() as u64,
-            "t",
-            fetch,
-        )
-        .unwrap();
+        let toc = open_on(&blob, &ann, fetch);
         let idx = toc.layer_index("1".into());
         let names: Vec<&[u8]> = idx.entries.iter().map(|e| e.path.as_slice()).collect();
         assert_eq!(names, [&b"d"[..], b"d/a", b"d/big", b"d/l"]);
@@ -465,13 +459,7 @@ pub(crate) mod tests {
         assert_eq!(asked.lock().unwrap().len(), 3);
         // A lying server: the chunk does not verify, and nothing wrong is served or kept.
         let (fetch, _) = fetcher(blob.clone(), lie.clone());
-        let toc = open(
-            locate(&ann).unwrap().unwrap(),
-            blob.len() as u64,
-            "t",
-            fetch,
-        )
-        .unwrap();
+        let toc = open_on(&blob, &ann, fetch);
         lie.store(true, Ordering::Relaxed);
         let e = toc.read(b.offset, &mut buf).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
@@ -585,6 +573,11 @@ pub(crate) mod tests {
         assert!(locate(&serde_json::json!({})).is_none());
     }
 
+    /// The TOC of layer `blob` (annotations `ann`), its chunks fetched by `fetch`.
+    fn open_on(blob: &[u8], ann: &serde_json::Value, fetch: Box<FetchRange>) -> Toc {
+        open(locate(ann).unwrap().unwrap(), blob.len() as u64, "t", fetch).unwrap()
+    }
+
     /// A layer of files `d/f000`, `d/f001`, … holding `bodies`, in that order.
     fn build_numbered(bodies: &[Vec<u8>]) -> (Vec<u8>, serde_json::Value) {
         let names: Vec<String> = (0..bodies.len()).map(|i| format!("d/f{i:03}")).collect();
@@ -653,13 +646,7 @@ pub(crate) mod tests {
             std::thread::sleep(std::time::Duration::from_millis(200));
             inner(s, e)
         });
-        let toc = open(
-            locate(&ann).unwrap().unwrap(),
-            blob.len() as u64,
-            "t",
-            fetch,
-        )
-        .unwrap();
+        let toc = open_on(&blob, &ann, fetch);
         let before = asked.lock().unwrap().len();
         let offset = toc.layer_index("t".into()).entries[0].offset;
         std::thread::scope(|scope| {
@@ -763,13 +750,7 @@ pub(crate) mod tests {
             }
             inner(s, e)
         });
-        let toc = open(
-            locate(&ann).unwrap().unwrap(),
-            blob.len() as u64,
-            "t",
-            fetch,
-        )
-        .unwrap();
+        let toc = open_on(&blob, &ann, fetch);
         let e = toc.layer_index("t".into()).entries[1].clone();
         assert_eq!(&*e.path, b"d/f000");
         let (requests, _) = (toc.stats().1, ());
