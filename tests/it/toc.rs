@@ -270,13 +270,7 @@ fn registry_zstd_chunked_lazy_mount_reads_through_the_verified_toc() {
 
     // Again on the same host: the TOC kept by the first mount, verified again, no request
     // for it; reads are right.
-    let n = proxy.seen().len();
-    let ((at_mount, again), log) = mounted(&cache, &image, &mnt, || {
-        (
-            fetched(&proxy, &big, n, size),
-            std::fs::read(mnt.join("data/tail.txt")),
-        )
-    });
+    let (at_mount, again, log) = mount_reading_tail(&cache, &image, &mnt, &proxy, &big, size);
     assert!(
         log.contains("parsed zstd:chunked TOC kept on this host")
             && log.contains("merged tree of 2 layers from cache"),
@@ -288,17 +282,8 @@ fn registry_zstd_chunked_lazy_mount_reads_through_the_verified_toc() {
     // A kept TOC tampered with (and no parsed one): refused by its manifest-checksum,
     // fetched again (and kept again), reads right.
     let kept = cache.join("blobs/toc").join(&big[7..]);
-    parsed_tocs(&cache)
-        .iter()
-        .for_each(|p| std::fs::remove_file(p).unwrap());
-    tamper_tail(&kept);
-    let n = proxy.seen().len();
-    let ((at_mount, again), log) = mounted(&cache, &image, &mnt, || {
-        (
-            fetched(&proxy, &big, n, size),
-            std::fs::read(mnt.join("data/tail.txt")),
-        )
-    });
+    tamper_kept_toc(&cache, &kept);
+    let (at_mount, again, log) = mount_reading_tail(&cache, &image, &mnt, &proxy, &big, size);
     assert!(log.contains("does not hold"), "{log}");
     assert_eq!(at_mount.1, 1, "{log}");
     assert_eq!(again.unwrap(), b"the end of the big layer\n");
@@ -545,13 +530,7 @@ fn registry_estargz_lazy_mount_reads_through_the_verified_toc() {
     // Again on the same host: the footer and TOC kept, no request for them at mount.
     let kept = cache.join("blobs/toc").join(&big[7..]);
     assert!(kept.is_file());
-    let n = proxy.seen().len();
-    let ((at_mount, again), log) = mounted(&cache, &image, &mnt, || {
-        (
-            fetched(&proxy, &big, n, size),
-            std::fs::read(mnt.join("data/tail.txt")),
-        )
-    });
+    let (at_mount, again, log) = mount_reading_tail(&cache, &image, &mnt, &proxy, &big, size);
     assert!(
         log.contains("parsed eStargz TOC kept on this host"),
         "{log}"
@@ -568,17 +547,8 @@ fn registry_estargz_lazy_mount_reads_through_the_verified_toc() {
     assert!(log.contains("merged tree of 1 layers from cache"), "{log}");
     // Tampered with (and no parsed TOC): refused (it no longer matches toc.digest), fetched
     // again, reads right.
-    parsed_tocs(&cache)
-        .iter()
-        .for_each(|p| std::fs::remove_file(p).unwrap());
-    tamper_tail(&kept);
-    let n = proxy.seen().len();
-    let ((at_mount, again), log) = mounted(&cache, &image, &mnt, || {
-        (
-            fetched(&proxy, &big, n, size),
-            std::fs::read(mnt.join("data/tail.txt")),
-        )
-    });
+    tamper_kept_toc(&cache, &kept);
+    let (at_mount, again, log) = mount_reading_tail(&cache, &image, &mnt, &proxy, &big, size);
     assert!(log.contains("does not hold"), "{log}");
     assert_eq!(at_mount.1, 2, "{log}");
     assert_eq!(again.unwrap(), b"the end of the big layer\n");
@@ -700,6 +670,34 @@ fn parsed_tocs(cache: &Path) -> Vec<std::path::PathBuf> {
 /// On a host with the image's parsed TOCs (kept by an earlier mount of `image`): those files
 /// tampered with are refused, the mount opens the kept TOCs instead (no request for layer
 /// `big`), reads right, and writes the parsed TOCs again.
+/// A mount on `cache` that reads data/tail.txt: the bytes and requests of blob `big` (`size`
+/// bytes) the proxy saw meanwhile, what the read gave, and the server's log.
+fn mount_reading_tail(
+    cache: &Path,
+    image: &str,
+    mnt: &Path,
+    proxy: &FaultProxy,
+    big: &str,
+    size: u64,
+) -> ((u64, usize), std::io::Result<Vec<u8>>, String) {
+    let n = proxy.seen().len();
+    let ((at_mount, tail), log) = mounted(cache, image, mnt, || {
+        (
+            fetched(proxy, big, n, size),
+            std::fs::read(mnt.join("data/tail.txt")),
+        )
+    });
+    (at_mount, tail, log)
+}
+
+/// Damages the kept TOC `kept` and removes the parsed ones, so a mount must check `kept`.
+fn tamper_kept_toc(cache: &Path, kept: &Path) {
+    parsed_tocs(cache)
+        .iter()
+        .for_each(|p| std::fs::remove_file(p).unwrap());
+    tamper_tail(kept);
+}
+
 fn check_parsed_toc_refused_when_tampered(
     cache: &Path,
     image: &str,
@@ -712,13 +710,7 @@ fn check_parsed_toc_refused_when_tampered(
     assert!(!parsed.is_empty());
     let good: Vec<_> = parsed.iter().map(|p| std::fs::read(p).unwrap()).collect();
     parsed.iter().for_each(|p| tamper_tail(p));
-    let n = proxy.seen().len();
-    let ((at_mount, again), log) = mounted(cache, image, mnt, || {
-        (
-            fetched(proxy, big, n, size),
-            std::fs::read(mnt.join("data/tail.txt")),
-        )
-    });
+    let (at_mount, again, log) = mount_reading_tail(cache, image, mnt, proxy, big, size);
     assert!(
         log.contains("parsed TOC in") && log.contains("does not hold"),
         "{log}"
