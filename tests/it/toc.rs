@@ -960,3 +960,50 @@ fn registry_estargz_prefetch_landmark_fetches_the_first_files_before_any_read() 
     assert_eq!(v["layers"][0]["prefetched_bytes"], 0, "{v}");
     assert_eq!(gets(n), (0, 0));
 }
+
+#[test]
+fn index_push_of_an_estargz_image_skips_its_toc_layer_and_pushes_nothing() {
+    registry_tools(&[]);
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, _) = source_image(tmp.path());
+    let esgz = tmp.path().join("esgz");
+    export(&tmp.path().join("export-cache"), &src, "estargz", &esgz);
+    let (manifest, _) = layout_manifest(&esgz);
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    reg.push(&format!("oci:{}:latest", esgz.display()), "esgz:1");
+    let cache = tmp.path().join("cache");
+    let run = |args: &[&str]| {
+        flatfs()
+            .env("FLATFS_CACHE_DIR", &cache)
+            .args(args)
+            .output()
+            .expect("run flatfs")
+    };
+    // The trial: "layer 1 (sha256:…): its index has no span digests", exit 1, and a 0-byte
+    // partial blob in `cache ls`.
+    let out = run(&["index", "push", &reg.url("esgz:1"), "--tls-verify=false"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_success(&out);
+    assert!(
+        err.contains(&format!(
+            "layer 1 ({}) carries its own eStargz TOC; a lazy mount needs no index for it",
+            &layer[..19]
+        )) && err.contains("no layer needs an index: nothing pushed"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let tags = reg.tags("esgz");
+    assert_eq!(tags, vec!["1".to_string()], "an artifact was pushed");
+    let ls = run(&["cache", "ls"]);
+    assert_success(&ls);
+    let listing = String::from_utf8_lossy(&ls.stdout);
+    assert!(!listing.contains("partial"), "{listing}");
+}
