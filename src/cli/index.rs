@@ -9,6 +9,7 @@ use crate::cache::Cache;
 use crate::reference::Reference;
 use crate::registry::artifact::{self, Listed, Subject};
 use crate::registry::client::Client;
+use crate::registry::store::BlobStore;
 use crate::source::Platform;
 
 /// Share layer indexes through a registry, so that lazy mounts skip the indexing pass.
@@ -122,6 +123,34 @@ fn push(ui: &Ui, args: &PushArgs) -> Result<()> {
         }
     }
     let indexes = ui.index(&img, None, None)?;
+    // A layer that carries its own TOC (eStargz, zstd:chunked) is mounted through that: an
+    // index for it would go unused, and its TOC-made index has no span digests to push.
+    let mut skipped = 0;
+    for layer in &img.layers {
+        if let Some(toc) = layer.blob.toc() {
+            skipped += 1;
+            // Opening it made a partial blob to keep the chunks a mount reads; nothing read
+            // any here, so an empty one would only be junk in `cache ls`.
+            if let (Some(dir), Some(d)) = (&ui.registry.cache_dir, &layer.digest)
+                && let Err(e) = BlobStore::in_cache(dir).remove_partial_if_unused(d)
+            {
+                log::warn!("cannot remove the empty partial blob {d}: {e}");
+            }
+            if !ui.quiet {
+                eprintln!(
+                    "flatfs: layer {} carries its own {} TOC; a lazy mount needs no index for it",
+                    layer.label(),
+                    toc.format
+                );
+            }
+        }
+    }
+    if skipped == img.layers.len() {
+        if !ui.quiet {
+            eprintln!("flatfs: {target}: no layer needs an index: nothing pushed");
+        }
+        return Ok(());
+    }
     let client = Client::connect(reference.domain(), &ui.registry)?;
     let repo = reference.path();
     let m = client.manifest(repo, &img.manifest_digest)?;
@@ -132,6 +161,9 @@ fn push(ui: &Ui, args: &PushArgs) -> Result<()> {
     };
     let mut layers: Vec<(String, crate::cache::Portable)> = Vec::new();
     for (layer, index) in img.layers.iter().zip(&indexes) {
+        if layer.blob.toc().is_some() {
+            continue;
+        }
         let digest = layer
             .digest
             .clone()

@@ -86,8 +86,8 @@ pub struct Client {
     /// Set when a remembered plain HTTP failed and HTTPS is being tried: forgotten once it
     /// answers.
     moved: AtomicBool,
-    /// Set when a request could not reach the registry at all (refused, no route, DNS):
-    /// what a mount from what this host resolved before goes by.
+    /// Set when a request could not reach the registry at all (refused, no route, DNS) or got
+    /// no answer in time: what a mount from what this host resolved before goes by.
     unreachable: AtomicBool,
     /// Where this cache dir remembers that the registry speaks plain HTTP (only with
     /// `--tls-verify=false` and a cache dir).
@@ -208,7 +208,8 @@ impl Client {
         }
     }
 
-    /// True once a request could not connect to the registry (refused, DNS, no route).
+    /// True once a request could not reach the registry (refused, DNS, no route) or got no
+    /// answer in time.
     pub fn unreachable(&self) -> bool {
         self.unreachable.load(Ordering::Relaxed)
     }
@@ -229,6 +230,33 @@ impl Client {
     /// GETs the manifest or index `reference` (a tag or a digest) of `repo`, checking it
     /// against the digest when the reference is one.
     pub fn manifest(&self, repo: &str, reference: &str) -> Result<Manifest> {
+        self.manifest_within(repo, reference, None)
+    }
+
+    /// [`Client::manifest`] bounded as a span read is ([`RANGE_ATTEMPTS`] tries of
+    /// [`range_timeout`]): for a mount that has what this host resolved before to go on from,
+    /// so a registry that accepts and never answers holds it up for under a minute, not
+    /// minutes. The first retry's warning says how long it keeps trying.
+    pub fn manifest_or_give_up(&self, repo: &str, reference: &str) -> Result<Manifest> {
+        let each = range_timeout();
+        let pauses: Duration = (1..RANGE_ATTEMPTS).map(|t| backoff(t, None)).sum();
+        let note = format!(
+            " (trying {RANGE_ATTEMPTS} times, {} s each, about {} s in all, then mounting \
+             from what this host resolved before)",
+            each.as_secs(),
+            (each * RANGE_ATTEMPTS + pauses).as_secs()
+        );
+        self.manifest_within(repo, reference, Some((each, &note)))
+    }
+
+    /// The manifest request, each try bounded by the timeout given (with the note its first
+    /// retry warning carries), else as any request.
+    fn manifest_within(
+        &self,
+        repo: &str,
+        reference: &str,
+        bound: Option<(Duration, &str)>,
+    ) -> Result<Manifest> {
         // A digest names the same bytes forever: the store's copy (checked) serves.
         if let Some(m) = self.stored_manifest(reference) {
             log::debug!(
@@ -239,15 +267,23 @@ impl Client {
         }
         let what = format!("GET manifest {repo}{}{reference}", sep(reference));
         let scopes = [pull_scope(repo)];
-        let resp = self.send(&Req {
-            method: "GET",
-            url: format!("{}/v2/{repo}/manifests/{reference}", self.base()),
-            scopes: &scopes,
-            headers: vec![("accept", MANIFEST_ACCEPT.to_string())],
-            body: Payload::Empty,
-            what: &what,
-            attempts: ATTEMPTS,
-        })?;
+        let resp = self.send_timed(
+            &Req {
+                method: "GET",
+                url: format!("{}/v2/{repo}/manifests/{reference}", self.base()),
+                scopes: &scopes,
+                headers: vec![("accept", MANIFEST_ACCEPT.to_string())],
+                body: Payload::Empty,
+                what: &what,
+                attempts: if bound.is_some() {
+                    RANGE_ATTEMPTS
+                } else {
+                    ATTEMPTS
+                },
+            },
+            bound.map(|b| b.0),
+            bound.map_or("", |b| b.1),
+        )?;
         let status = resp.status().as_u16();
         if status != 200 {
             return Err(self.status_error(&what, status, resp));
@@ -453,6 +489,7 @@ impl Client {
                     attempts: RANGE_ATTEMPTS,
                 },
                 Some(range_timeout()),
+                "",
             )?;
             let skip = match resp.status().as_u16() {
                 200 => start,
@@ -756,11 +793,17 @@ impl Client {
     /// answers an auth challenge once, follows redirects, and retries 5xx, 429 and dropped
     /// connections with bounded backoff (honouring `Retry-After`). Returns every other answer.
     fn send(&self, req: &Req) -> Result<Response<Body>> {
-        self.send_timed(req, None)
+        self.send_timed(req, None, "")
     }
 
-    /// [`Client::send`], each try (answer and body) bounded by `timeout` when given.
-    fn send_timed(&self, req: &Req, timeout: Option<Duration>) -> Result<Response<Body>> {
+    /// [`Client::send`], each try (answer and body) bounded by `timeout` when given; `note`
+    /// ends the first retry's warning.
+    fn send_timed(
+        &self,
+        req: &Req,
+        timeout: Option<Duration>,
+        note: &str,
+    ) -> Result<Response<Body>> {
         let mut url = req.url.clone();
         let mut tries = 0;
         let mut reauthed = false;
@@ -814,16 +857,19 @@ impl Client {
                 Err(e) if tries < req.attempts && retryable(&e) => {
                     let wait = backoff(tries, None);
                     log::warn!(
-                        "{}: {}: {}; retrying in {wait:.1?}",
+                        "{}: {}: {}; retrying in {wait:.1?}{}",
                         self.host,
                         req.what,
-                        transport(&e)
+                        transport(&e),
+                        if tries == 1 { note } else { "" }
                     );
                     std::thread::sleep(wait);
                     continue;
                 }
                 Err(e) => {
-                    if cannot_connect(&e) {
+                    // A registry that accepts and never answers is as away as one that
+                    // refuses.
+                    if cannot_connect(&e) || matches!(e, ureq::Error::Timeout(_)) {
                         self.unreachable.store(true, Ordering::Relaxed);
                     }
                     return Err(self.error(format!("{}: {}", req.what, transport(&e))));
@@ -848,9 +894,10 @@ impl Client {
                 429 | 500 | 502 | 503 | 504 if tries < req.attempts => {
                     let wait = backoff(tries, header(&resp, "retry-after").as_deref());
                     log::warn!(
-                        "{}: {}: {status}; retrying in {wait:.1?}",
+                        "{}: {}: {status}; retrying in {wait:.1?}{}",
                         self.host,
-                        req.what
+                        req.what,
+                        if tries == 1 { note } else { "" }
                     );
                     std::thread::sleep(wait);
                     continue;
@@ -1381,8 +1428,23 @@ pub fn transport(e: &ureq::Error) -> String {
         }
         ureq::Error::Tls(m) => format!("TLS: {m}"),
         ureq::Error::Rustls(e) => format!("TLS: {e}"),
-        ureq::Error::Timeout(t) => format!("timed out ({t})"),
+        ureq::Error::Timeout(t) => timed_out(*t).to_string(),
         e => e.to_string(),
+    }
+}
+
+/// Which phase a timeout hit, in words. ureq's `connect` phase includes the TLS handshake, so
+/// a registry that accepts the TCP connection and then says nothing times out "in connect":
+/// saying so sent a user looking at the network rather than at a hung registry.
+fn timed_out(t: ureq::Timeout) -> &'static str {
+    use ureq::Timeout as T;
+    match t {
+        T::Resolve => "timed out resolving the host name",
+        T::Connect => "timed out opening the TCP/TLS session (no answer to it)",
+        T::SendRequest | T::SendBody | T::PerWrite => "timed out sending the request",
+        T::RecvBody => "timed out reading the answer's body",
+        T::PerRead | T::RecvResponse => "timed out waiting for an answer",
+        _ => "timed out: no whole answer within the request's time limit",
     }
 }
 

@@ -393,6 +393,21 @@ impl BlobStore {
         Ok(())
     }
 
+    /// Removes the partial blob `digest` of a layer read through its TOC if it keeps no byte
+    /// (its ranges map is empty): what opening the layer made, when nothing read it. True if
+    /// removed.
+    pub fn remove_partial_if_unused(&self, digest: &str) -> io::Result<bool> {
+        let Some((data, _)) = self.partial_paths(digest) else {
+            return Ok(false);
+        };
+        match fs::metadata(data.with_extension("ranges")) {
+            Ok(m) if m.len() == 0 => self.remove_partial(digest).map(|()| true),
+            Ok(_) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The partial blobs, sized by the space their spans (and map) take on disk.
     fn list_partial(&self) -> io::Result<Vec<StoredBlob>> {
         let rd = match fs::read_dir(self.root.join("partial")) {

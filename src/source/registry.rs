@@ -718,7 +718,15 @@ fn open_top(reference: &Reference, opts: &Options) -> Result<Top> {
             store
         }
     };
-    let top = match client.manifest(repo, wanted) {
+    // With something to fall back on, a silent registry must not hold the mount up for
+    // minutes: the manifest request is bounded as a span read is.
+    let fallback = opts.lazy && resolved::lookup(&client, opts, reference, wanted).is_some();
+    let got = if fallback {
+        client.manifest_or_give_up(repo, wanted)
+    } else {
+        client.manifest(repo, wanted)
+    };
+    let top = match got {
         Ok(m) => {
             resolved::record(opts, reference, wanted, &m);
             m

@@ -704,3 +704,62 @@ fn lazy_mount_while_the_registry_is_down_goes_on_from_what_this_host_resolved() 
     let out = host.run(&["ls", &image, "--tls-verify=false"]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn lazy_mount_of_a_silent_registry_goes_on_from_what_this_host_resolved_in_seconds() {
+    registry_tools(&[]);
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, _, _, _) = lazy_image(tmp.path());
+    reg.push(&format!("oci:{}:latest", img.display()), "lazy:1");
+    let mut host = Host::new(tmp.path());
+    if !fuse_available("lazy_mount_of_a_silent_registry_goes_on_from_what_this_host_resolved") {
+        return;
+    }
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let image = reg.url("lazy:1");
+    host.mount(&image, &mnt, &[]);
+    std::fs::read(mnt.join("data/tail.txt")).unwrap();
+    host.umount(&mnt);
+    let addr = image["docker://".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    drop(reg);
+
+    // The registry's port accepts and never answers (the trial: 3 min 43 s, each try
+    // "timed out (connect)" although the TCP connection was made).
+    let silent = std::net::TcpListener::bind(&addr).unwrap();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for c in silent.incoming() {
+            conns.push(c);
+            if conns.len() > 20 {
+                break;
+            }
+        }
+    });
+    host.timeout = "1";
+    let t = Instant::now();
+    let out = host.run(&["mount", &image, mnt.to_str().unwrap(), "--tls-verify=false"]);
+    let took = t.elapsed();
+    assert_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("silent registry: mounted after {took:?}\n{err}");
+    let tail = std::fs::read(mnt.join("data/tail.txt"));
+    host.umount(&mnt);
+    assert_eq!(tail.unwrap(), b"the end of the big layer\n");
+    assert!(
+        err.contains("GET manifest lazy:1: timed out")
+            && err.contains("trying 3 times, 1 s each")
+            && err.contains("as this host resolved it")
+            && !err.contains("connect"),
+        "{err}"
+    );
+    // 3 tries of 1 s (one more when the remembered plain HTTP gives way to HTTPS) and the
+    // pauses: well under the 5 tries of 10 s a command without a fallback takes.
+    assert!(took < Duration::from_secs(12), "{took:?}");
+    drop(held);
+}

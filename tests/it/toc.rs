@@ -998,3 +998,43 @@ fn prefetch_all_makes_an_estargz_layer_local_for_this_mount_and_the_next() {
     assert!(whole == noise && tail == b"the end of the big layer\n");
     assert_eq!(fetched(&proxy, &big, seen, size), (0, 0));
 }
+
+#[test]
+fn index_push_of_an_estargz_image_skips_its_toc_layer_and_pushes_nothing() {
+    registry_tools(&[]);
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (esgz, _, layer, _) = estargz_image(tmp.path());
+    reg.push(&format!("oci:{}:latest", esgz.display()), "esgz:1");
+    let cache = tmp.path().join("cache");
+    let run = |args: &[&str]| {
+        flatfs()
+            .env("FLATFS_CACHE_DIR", &cache)
+            .args(args)
+            .output()
+            .expect("run flatfs")
+    };
+    // The trial: "layer 1 (sha256:…): its index has no span digests", exit 1, and a 0-byte
+    // partial blob in `cache ls`.
+    let out = run(&["index", "push", &reg.url("esgz:1"), "--tls-verify=false"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_success(&out);
+    assert!(
+        err.contains(&format!(
+            "layer 1 ({}) carries its own eStargz TOC; a lazy mount needs no index for it",
+            &layer[..19]
+        )) && err.contains("no layer needs an index: nothing pushed"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let tags = reg.tags("esgz");
+    assert_eq!(tags, vec!["1".to_string()], "an artifact was pushed");
+    let ls = run(&["cache", "ls"]);
+    assert_success(&ls);
+    let listing = String::from_utf8_lossy(&ls.stdout);
+    assert!(!listing.contains("partial"), "{listing}");
+}
