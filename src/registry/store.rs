@@ -606,10 +606,14 @@ impl PartialRanges {
     /// are fetched again).
     pub fn put(&self, from: u64, bytes: &[u8]) {
         let to = from + bytes.len() as u64;
-        if bytes.is_empty() || to > self.len || self.has(from, to) {
+        if bytes.is_empty() || to > self.len {
             return;
         }
-        if std::os::unix::fs::FileExt::write_all_at(&self.data, bytes, from).is_err() {
+        // Written even where the map already has them: a reader puts only bytes it fetched,
+        // which it does for stored ones only when those failed their check, so this mends them.
+        if std::os::unix::fs::FileExt::write_all_at(&self.data, bytes, from).is_err()
+            || self.has(from, to)
+        {
             return;
         }
         let mut rec = [0u8; 16];

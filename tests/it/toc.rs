@@ -655,6 +655,10 @@ fn an_estargz_layers_verified_chunks_are_kept_so_the_next_mount_reads_them_local
     );
     // (noise.bin is one chunk: fetched again whole; tail.txt is still read locally.)
     assert_eq!(third.1, 1, "only the damaged chunk fetched: {third:?}");
+    // And the fetched bytes mended the stored ones: the next mount reads all locally.
+    let ((n4, t4, fourth), _) = mounted(&cache, &image, &mnt, read);
+    assert!(n4 == noise && t4 == b"the end of the big layer\n");
+    assert_eq!(fourth, (0, 0), "the damaged chunk is stored right now");
 }
 
 /// The parsed TOCs lazy mounts kept in `cache`.
