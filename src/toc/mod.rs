@@ -137,7 +137,7 @@ impl Toc {
         self.cache.ahead_requests.load(Ordering::Relaxed)
     }
 
-    /// Bytes fetched by the landmark prefetch so far.
+    /// Bytes fetched by the landmark prefetch and `--prefetch all` so far.
     pub fn prefetched(&self) -> u64 {
         self.prefetched.load(Ordering::Relaxed)
     }
@@ -154,10 +154,11 @@ impl Toc {
 
     /// Fetches, in blob order, the chunks before the layer's prefetch landmark (eStargz: the
     /// files its author expects to be read first) that are not cached yet, each checked as a
-    /// read's, into the chunk cache; a request at a time, holding back while a foreground
-    /// read waits for the network. The chunks live in the in-memory cache, so at most half of
-    /// it is prefetched (the reads need room too). A failing request is tried again after a
-    /// pause that grows; a chunk that keeps failing its check is left to its reads.
+    /// read's, into the chunk cache and the chunk store; a request at a time, holding back
+    /// while a foreground read waits for the network. Without a chunk store they live only in
+    /// the in-memory cache, so at most half of it is prefetched then (the reads need room
+    /// too). A failing request is tried again after a pause that grows; a chunk that keeps
+    /// failing its check is left to its reads.
     pub fn prefetch_landmark(&self) {
         let Some(end) = self.prefetch_end else {
             return;
@@ -394,12 +395,14 @@ impl Toc {
         let store = self.cache.store.get();
         let (end, local) = {
             let mut cache = self.cache.lock();
+            // The reader has reached a run fetched ahead: time for another one (kept across
+            // waits: the run may still be arriving).
+            let mut reached = false;
             // Another reader fetching this chunk (the kernel's readahead and the read it runs
             // ahead of often want the same one) is waited for, not raced: one request, not two.
             loop {
-                // The reader has reached a run fetched ahead: time for another one.
-                let reached = !ahead && cache.ahead.contains(&i);
-                if reached {
+                if !ahead && cache.ahead.contains(&i) {
+                    reached = true;
                     cache.ahead.retain(|&start| start > i);
                 }
                 if let Some(data) = cache.get(i) {
